@@ -1,0 +1,98 @@
+"""FastMETRO-S/M/L (`FastMETRO_Body_Network`, released layout), in Flax.
+
+Forward pass of the released PyTorch code (FastMETRO reference §1.2):
+backbone -> conv_1x1 -> 49 image tokens; transformer_1 (width 512) over
+[cam; image] and [14 joints; 431 vertices] with the adjacency mask ->
+dim_reduce_* to 128 -> transformer_2 -> cam_predictor / xyz_regressor ->
+learned 431 -> 1723 (`coarse2intermediate_upsample`) -> fixed 1723 -> 6890.
+S/M/L differ only in layers per transformer (1/2/3).
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from coarsemetro_jax import mesh_topology
+from coarsemetro_jax.models import transformer as tfm
+
+EMBED_INIT = nn.initializers.normal(1.0)   # torch nn.Embedding: N(0, 1)
+
+
+def conv_1x1(features, fan_in, dtype, name='conv_1x1'):
+  """Conv2d(C -> D, k=1, bias) with PyTorch's default init."""
+  init = tfm.torch_linear_init(fan_in)
+  return nn.Conv(features, (1, 1), kernel_init=init, bias_init=init, dtype=dtype, name=name)
+
+
+def token_embedding(num, dim, name):
+  return nn.Embed(num, dim, embedding_init=EMBED_INIT, name=name).embedding  # [num, dim]
+
+
+def image_tokens(features, dim, dtype):
+  """conv_1x1 on backbone features, flattened row-major. [B,h,w,C] -> [B,h*w,D]."""
+  b, h, w, c = features.shape
+  x = conv_1x1(dim, c, dtype)(features)
+  return x.reshape(b, h * w, dim), (h, w)
+
+
+class FastMETRO(nn.Module):
+  """FastMETRO body network. `num_layers` = 1/2/3 for S/M/L."""
+  backbone: nn.Module
+  topology: mesh_topology.MeshTopology
+  num_layers: int = 1
+  dims: tuple[int, int] = (512, 128)
+  ffn_dims: tuple[int, int] = (2048, 512)
+  num_heads: int = 8
+  dropout: float = 0.1
+  num_joints: int = 14
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    # images [B, H, W, 3] ImageNet-normalised.
+    deterministic = not train
+    d1, d2 = self.dims
+    features = self.backbone(images, train)                      # [B, h, w, C]
+    b = features.shape[0]
+    img, (h, w) = image_tokens(features, d1, self.dtype)   # [B, N, D1]
+    num_coarse = self.topology.num_vertices[-1]
+    cam = jnp.broadcast_to(token_embedding(1, d1, 'cam_token_embed'), (b, 1, d1))
+    jv = jnp.concatenate([token_embedding(self.num_joints, d1, 'joint_token_embed'),
+                          token_embedding(num_coarse, d1, 'vertex_token_embed')], 0)
+    jv = jnp.broadcast_to(jv, (b,) + jv.shape)                   # [B, J+V, D1]
+    mask = self.topology.decoder_attention_mask(self.num_joints)  # [J+V, J+V]
+
+    def transformer(name, ffn_dim):
+      return tfm.Transformer(self.num_layers, self.num_heads, ffn_dim, self.dropout,
+                             dtype=self.dtype, name=name)
+
+    cam, img, jv = transformer('transformer_1', self.ffn_dims[0])(
+        img, cam, jv, tfm.sine_position_encoding(h, w, d1), mask,
+        deterministic=deterministic)
+    cam = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_enc_cam')(cam)
+    img = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_enc_img')(img)
+    jv = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_dec')(jv)
+    cam, _, jv = transformer('transformer_2', self.ffn_dims[1])(
+        img, cam, jv, tfm.sine_position_encoding(h, w, d2), mask,
+        deterministic=deterministic)
+    pred_cam = tfm.TorchDense(3, dtype=self.dtype, name='cam_predictor')(cam)[:, 0]   # [B, 3]
+    xyz = tfm.TorchDense(3, dtype=self.dtype, name='xyz_regressor')(jv)                # [B, J+V, 3]
+    return mesh_outputs(self.topology, pred_cam, xyz[:, :self.num_joints],
+                        xyz[:, self.num_joints:], self.dtype)
+
+
+def mesh_outputs(topology, pred_cam, joints, coarse, dtype):
+  """Learned coarse -> intermediate up-sampling, fixed gather to the full mesh.
+
+  Must be called inside a compact method (creates `coarse2intermediate_upsample`).
+  """
+  intermediate = tfm.TokenLinear(topology.num_vertices[1], dtype=dtype,
+                                 name='coarse2intermediate_upsample')(coarse)  # [B, 1723, 3]
+  fine = topology.upsample(intermediate.astype(jnp.float32), from_level=1)    # [B, 6890, 3]
+  f32 = lambda x: x.astype(jnp.float32)
+  return {
+      'pred_cam': f32(pred_cam),
+      'pred_3d_joints': f32(joints),
+      'pred_3d_vertices_coarse': f32(coarse),
+      'pred_3d_vertices_intermediate': f32(intermediate),
+      'pred_3d_vertices_fine': fine,
+  }
