@@ -66,4 +66,50 @@ def get_config():
   # ------------------------------------------------------------- training
   config.init_from = ''                    # converted checkpoint dir ('' = scratch)
   config.num_epochs = 60
+
+  # ----------------------------------------------------------------- loss
+  # L_total of the paper (Sec. 3.3) with FastMETRO's weights and
+  # normalisations (coarsemetro_jax/losses.py); `--vertices_*_loss_weight`,
+  # `--joints_*_loss_weight`, `--edge_*_loss_weight` of FastMETRO.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.joints_3d = 1000.0           # token + mesh J14, L1
+  config.loss.vertices = 100.0
+  config.loss.vertices_coarse = 0.25       # 431
+  config.loss.vertices_intermediate = 0.5  # 1723
+  config.loss.vertices_fine = 0.25         # 6890
+  config.loss.joints_2d = 100.0            # token + mesh J14 re-projection, L1
+  config.loss.use_has_2d_joints = False    # FastMETRO gates 2D by visibility only
+  # Edge-length/normal terms on the 1723 mesh: in FastMETRO's code, not in
+  # either paper (FastMETRO issue #7); True for FastMETRO recipes.
+  config.loss.use_edge_normal = False
+  config.loss.edge_normal = 100.0
+  config.loss.edge_gt = 5.0
+  config.loss.edge_self = 1e-4
+  config.loss.normal = 0.1
+
+  # ------------------------------------------------------------ optimiser
+  # AdamW + global-norm clipping (paper Sec. 4; coarsemetro_jax/steps.py).
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-4
+  config.optim.backbone_lr_mult = 1.0      # FastMETRO: one group, same lr
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 1e-4         # decoupled, on every parameter
+  config.optim.grad_clip_norm = 0.3
+  # Step decay every N epochs (0 = constant lr). FastMETRO's StepLR(100) never
+  # fires in its 60 epochs, so the paper's lr is constant.
+  config.optim.lr_drop_epochs = 0
+  config.optim.lr_drop_factor = 0.1
+
+  # ----------------------------------------------------- train-step layout
+  # BatchNorm statistics over groups of this many examples (0 = the global
+  # batch, i.e. SyncBN). 16 = PyTorch DDP without SyncBN at 16 images per GPU,
+  # the paper's training; independent of how many devices run it.
+  config.bn_group_size = 16
+  # 'replicated' or 'fsdp' (arrays of >= fsdp_min_size elements, params and
+  # optimiser state, sharded over the 'data' axis on their largest divisible
+  # dimension).
+  config.param_sharding = 'replicated'
+  config.fsdp_min_size = 2**18
   return config
