@@ -312,7 +312,9 @@ def tiny_model(topology):
   images = jax.random.normal(jax.random.key(0), (8, 64, 64, 3))
   variables = jax.jit(lambda x: model.init(
       {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x))(images)
-  return model, variables, images
+  # One compilation of each forward, shared by the tests below.
+  forward = {train: jax.jit(_forward(model, train)) for train in (False, True)}
+  return model, variables, images, forward
 
 
 def _forward(model, train):
@@ -327,8 +329,8 @@ def _forward(model, train):
 
 
 def test_eval_is_deterministic_and_train_is_random_given_rng(tiny_model):
-  model, variables, images = tiny_model
-  eval_fn, train_fn = jax.jit(_forward(model, False)), jax.jit(_forward(model, True))
+  _, variables, images, forward = tiny_model
+  eval_fn, train_fn = forward[False], forward[True]
   a = eval_fn(variables, images, jax.random.key(1))
   b = eval_fn(variables, images, jax.random.key(2))
   for k in a:
@@ -343,8 +345,8 @@ def test_eval_is_deterministic_and_train_is_random_given_rng(tiny_model):
 
 
 def test_fine_mesh_is_fixed_upsampling_of_intermediate(tiny_model, topology):
-  model, variables, images = tiny_model
-  out = jax.jit(_forward(model, False))(variables, images, jax.random.key(0))
+  _, variables, images, forward = tiny_model
+  out = forward[False](variables, images, jax.random.key(0))
   dense = topology.upsample_matrix(0)
   np.testing.assert_allclose(
       out['pred_3d_vertices_fine'],
@@ -354,9 +356,9 @@ def test_fine_mesh_is_fixed_upsampling_of_intermediate(tiny_model, topology):
 
 def test_sharded_over_8_devices_equals_single_device(tiny_model):
   assert jax.device_count() == 8
-  model, variables, images = tiny_model
+  model, variables, images, forward = tiny_model
   fn = _forward(model, False)
-  single = jax.jit(fn)(variables, images, jax.random.key(0))
+  single = forward[False](variables, images, jax.random.key(0))
   device_mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   batch = jax.sharding.NamedSharding(device_mesh, jax.P('data'))
   replicated = jax.sharding.NamedSharding(device_mesh, jax.P())
