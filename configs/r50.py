@@ -64,12 +64,28 @@ def get_config():
   config.body_model.h36m_regressor = ''    # J_regressor_h36m_correct.npy
 
   # ----------------------------------------------------------------- data
+  # data_pipelines/input_pipeline.py; reference §4 (format, augmentation).
   config.data = ml_collections.ConfigDict()
+  config.data.source = 'tsv'               # 'tsv' (METRO yamls) | 'tfds'
   config.data.train_yaml = ''
   config.data.eval_yaml = ''
+  # source='tfds': a build of data_pipelines/tfds_metro.py (may be gs://).
+  config.data.tfds_data_dir = ''
+  config.data.tfds_train_split = 'train'
+  config.data.tfds_eval_split = 'validation'
   config.data.image_size = 224
+  config.data.image_dtype = 'float32'      # 'float32' | 'bfloat16'
   config.data.batch_size = 64              # global: 16 per GPU x 4 in the paper
-  config.data.eval_batch_size = 64
+  config.data.eval_batch_size = 64         # global; padded with mask=0
+  # METRO/GraphCMR augmentation: sc ~ clip(N(1, f), 1 +- f), rotation
+  # clip(N(0, f), +-2f) degrees (0 with p=0.6), colour noise U[1 +- f].
+  config.data.scale_factor = 0.25
+  config.data.rot_factor = 30.0
+  config.data.noise_factor = 0.4
+  config.data.num_parallel_calls = -1      # decode/augment threads; -1 = auto
+  config.data.shuffle_buffer = 10_000      # tfds only (tsv shuffles all rows)
+  config.data.prefetch = 2                 # batches
+  config.data.max_bad_fraction = 0.01      # skipped rows before failing
 
   # ------------------------------------------------------------- training
   config.init_from = ''                    # converted checkpoint dir ('' = scratch)
