@@ -86,10 +86,26 @@ def get_config():
   config.data.shuffle_buffer = 10_000      # tfds only (tsv shuffles all rows)
   config.data.prefetch = 2                 # batches
   config.data.max_bad_fraction = 0.01      # skipped rows before failing
+  # The embedded dataset (data_pipelines/synthetic), used when no train_yaml
+  # is given; generated into `dir` on first use and cached there.
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.dir = 'data/embedded'
+  config.data.synthetic.num_train = 10_000
+  config.data.synthetic.num_test = 1_000
+  config.data.synthetic.seed = 0
+  config.data.synthetic.image_size = 256
+  config.data.synthetic.workers = 0        # 0 = all cores
 
   # ------------------------------------------------------------- training
   config.init_from = ''                    # converted checkpoint dir ('' = scratch)
   config.num_epochs = 60
+  config.num_train_steps = -1              # > 0 overrides num_epochs
+  config.log_every_steps = 100
+  config.eval_every_steps = -1             # -1 = every epoch (FastMETRO)
+  config.eval_max_batches = 0              # periodic evals only; 0 = whole set
+  config.checkpoint_every_steps = 2_000
+  config.keep_checkpoints = 3
+  config.num_eval_images = 8               # predicted meshes in the picture
 
   # ----------------------------------------------------------------- loss
   # L_total of the paper (Sec. 3.3) with FastMETRO's weights and

@@ -1,0 +1,259 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+Order of initialisation (idempotent restarts, as big_vision):
+  1. the latest checkpoint in `workdir/checkpoints` (preemption-safe resume);
+  2. else `config.init_from` (a converted PyTorch checkpoint: whole model, or
+     backbone-only ImageNet weights);
+  3. else scratch.
+Data: `config.data.train_yaml` / `eval_yaml` (METRO TSV) or TFDS; with neither
+set, the embedded synthetic dataset in `config.data.synthetic.dir` is used and
+generated first if absent (same on-disk format and pipeline as real data).
+The data order is a function of the step, so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+import json
+import os
+import signal
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import numpy as np
+
+from coarsemetro_jax import body_model as body_model_lib
+from coarsemetro_jax import checkpoints
+from coarsemetro_jax import mesh_topology
+from coarsemetro_jax import models
+from coarsemetro_jax import steps
+from coarsemetro_jax.convert import checkpoint as convert_checkpoint
+from data_pipelines import datasets
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (e.g. a cluster preemption notice) into a save-and-exit."""
+
+  def __init__(self):
+    self.raised = False
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:   # not the main thread
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: checkpointing and stopping.')
+    self.raised = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def build(config):
+  """Topology, body model and model for `config`."""
+  topology = mesh_topology.load_topology(config.topology.hierarchy,
+                                         config.topology.adjmat_prefix)
+  body = body_model_lib.load_body_model(config.body_model.path,
+                                        config.body_model.h36m_regressor)
+  model = models.build_model(config.model, topology)
+  return topology, body, model
+
+
+def initial_state(config, workdir, model, steps_per_epoch, device_mesh, manager):
+  """TrainState from the workdir's latest checkpoint, `init_from`, or scratch."""
+  image_shape = (config.data.image_size, config.data.image_size, 3)
+  state, state_sharding = steps.create_train_state(
+      config, model, jax.random.key(config.seed), device_mesh, image_shape,
+      steps_per_epoch=steps_per_epoch)
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info('Resuming from %s step %d', manager.directory, latest)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+    restored = manager.restore(latest, args=checkpoints.restore_args(abstract))
+    return restored[checkpoints.STATE_ITEM], state_sharding, 'resumed'
+  if config.init_from:
+    logging.info('Initialising from converted checkpoint %s', config.init_from)
+    variables = convert_checkpoint.restore_into(
+        config.init_from, {'params': state.params, 'batch_stats': state.batch_stats})
+    state = state.replace(params=variables['params'],
+                          batch_stats=variables.get('batch_stats', state.batch_stats))
+    return state, state_sharding, 'init_from'
+  return state, state_sharding, 'scratch'
+
+
+def _check_finite(metrics, step):
+  bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    raise NonFiniteLossError(
+        f'non-finite training values at step {step}: {bad}. Stopping; the last '
+        'good checkpoint is kept. Check the input batch for NaN/Inf labels or '
+        'images and lower config.optim.lr.')
+
+
+def evaluate(eval_step, state, data, batch_sharding, max_batches=None):
+  """Runs the eval set; returns (metrics dict in mm with counts, first predictions)."""
+  collection, first = None, None
+  for i, batch in enumerate(data.eval_batches(batch_sharding)):
+    if max_batches is not None and i >= max_batches:
+      break
+    update, predictions = eval_step(state, batch)
+    collection = update if collection is None else collection.merge(update)
+    if first is None:
+      first = jax.device_get({'batch': batch, 'predictions': predictions})
+  result = {k: float(v) for k, v in collection.compute().items()}
+  result.update({f'{k}_count': int(getattr(collection, k).count)
+                 for k in ('mpjpe', 'mpve')})
+  return result, first
+
+
+def metrics_table(results, baseline=None):
+  """Markdown table of eval metrics (mm), with the mean-pose baseline if given."""
+  lines = ['| model | MPJPE (mm) | PA-MPJPE (mm) | MPVE (mm) | examples |',
+           '|---|---|---|---|---|']
+  for name, r in results:
+    lines.append(f"| {name} | {r['mpjpe']:.1f} | {r['pa_mpjpe']:.1f} | "
+                 f"{r['mpve']:.1f} | {r['mpjpe_count']} |")
+  if baseline is not None:
+    lines.append(f"| mean-pose baseline | {baseline['mpjpe']:.1f} | "
+                 f"{baseline['pa_mpjpe']:.1f} | - | {baseline['count']} |")
+  return '\n'.join(lines)
+
+
+def _write_pictures(writer, step, first, topology, workdir, num_images):
+  """Image summary and PNG of predicted meshes over eval images."""
+  from coarsemetro_jax import visualize  # pylint: disable=g-import-not-at-top
+  batch, pred = first['batch'], first['predictions']
+  keep = np.flatnonzero(batch['mask'] > 0)[:num_images]
+  grid = visualize.prediction_grid(
+      visualize.denormalize(batch['image'][keep]), pred['pred_vertices'][keep],
+      pred['pred_cam'][keep], topology.faces[0])
+  writer.write_images(step, {'eval/predictions': grid[None]})
+  path = os.path.join(workdir, f'predictions_step{step}.png')
+  visualize.save_png(path, grid)
+  return path
+
+
+def train_and_evaluate(config, workdir, mode='train'):
+  """Trains (mode 'train') or evaluates a checkpoint (mode 'eval')."""
+  if mode not in ('train', 'eval'):
+    raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  topology, body, model = build(config)
+  data = datasets.Datasets.create(config)
+  device_mesh = steps.make_device_mesh()
+  batch_sharding = steps.batch_sharding(device_mesh)
+  steps_per_epoch = data.steps_per_epoch
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else config.num_epochs * steps_per_epoch)
+  manager = checkpoints.make_manager(workdir, config.checkpoint_every_steps,
+                                     config.keep_checkpoints)
+  state, state_sharding, origin = initial_state(
+      config, workdir, model, steps_per_epoch, device_mesh, manager)
+  start_step = int(jax.device_get(state.step))
+  eval_step = steps.make_eval_step(config, model, body, topology, state_sharding,
+                                   batch_sharding)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if mode == 'eval':
+    if origin == 'scratch':
+      raise checkpoints.CheckpointError(
+          f'--mode=eval needs a checkpoint in {workdir} or config.init_from')
+    return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
+                       topology, start_step)
+
+  logging.info('Training %s from step %d (%s) to %d; %d steps per epoch',
+               config.model.name, start_step, origin, num_steps, steps_per_epoch)
+  writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
+                        if not isinstance(v, dict)})
+  train_step = steps.make_train_step(config, model, body, topology, state_sharding,
+                                     batch_sharding)
+  rng = jax.random.key(config.seed + 1)
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  sigterm = _SigtermFlag()
+  meta = lambda step: {'step': step, 'epoch': step / steps_per_epoch,
+                       'model': config.model.to_dict()}
+  pending = None
+  batches = data.train_batches(batch_sharding, start_step)
+  try:
+    with metric_writers.ensure_flushes(writer):
+      for step in range(start_step + 1, num_steps + 1):
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          batch = next(batches)
+          state, metrics = train_step(state, batch, rng)
+        # Fetch the previous step's metrics after dispatching this one, so the
+        # host never waits on the device (nanodo).
+        if pending is not None:
+          _log_train(writer, *pending, config)
+        pending = (step, metrics)
+        report(step)
+        is_last = step == num_steps
+        stop = sigterm.raised or manager.reached_preemption(step)
+        if step % config.checkpoint_every_steps == 0 or is_last or stop:
+          # Never checkpoint a non-finite state: check this step first.
+          _check_finite(jax.device_get(metrics), step)
+          manager.save(step, args=checkpoints.save_args(state, meta(step)),
+                       force=is_last or stop)
+        if stop:
+          logging.warning('Stopping at step %d for preemption.', step)
+          break
+        if step % eval_every == 0 and not is_last:
+          with report.timed('eval'):
+            result, _ = evaluate(eval_step, state, data, batch_sharding,
+                                 config.eval_max_batches or None)
+          writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+      if pending is not None:
+        _log_train(writer, *pending, config, force=True)
+    manager.wait_until_finished()
+  finally:
+    sigterm.restore()
+  if sigterm.raised:
+    manager.close()
+    return None
+  result = _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
+                       topology, int(jax.device_get(state.step)))
+  manager.close()
+  return result
+
+
+def _log_train(writer, step, metrics, config, force=False):
+  """Writes train scalars every `log_every_steps` (after the NaN/Inf guard)."""
+  if step % config.log_every_steps and not force:
+    return
+  values = jax.device_get(metrics)
+  _check_finite(values, step)
+  writer.write_scalars(step, {f'train/{k}': float(v) for k, v in values.items()})
+
+
+def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
+                topology, step):
+  """Full evaluation, metrics table (+ mean-pose baseline) and the picture."""
+  result, first = evaluate(eval_step, state, data, batch_sharding)
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+  baseline = data.mean_pose_baseline() if data.is_embedded else None
+  table = metrics_table([(f'{config.model.name} step {step}', result)], baseline)
+  summary = {'step': step, 'eval': result, 'mean_pose_baseline': baseline}
+  if jax.process_index() == 0:
+    try:
+      summary['picture'] = _write_pictures(writer, step, first, topology, workdir,
+                                           config.num_eval_images)
+    except ImportError as e:   # visualize needs the optional rasterizer deps
+      logging.warning('No prediction picture: %s', e)
+    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    with open(os.path.join(workdir, 'eval_results.md'), 'w') as f:
+      f.write(table + '\n')
+    print(table, flush=True)
+    if 'picture' in summary:
+      print(f"Predicted meshes over test images: {summary['picture']}", flush=True)
+  return summary
+
