@@ -1,0 +1,31 @@
+"""Input data for CoarseMETRO / FastMETRO: METRO TSV datasets -> global batches.
+
+Modules (this package imports none of them, so `metro_tsv` and `augment` stay
+usable without TensorFlow):
+  metro_tsv       METRO TSV/yaml/.lineidx writer and reader, label parsing (NumPy).
+  augment         METRO/GraphCMR crop, scale, rotation, flip, colour parameters
+                  and the joint/pose transforms (NumPy + OpenCV).
+  input_pipeline  tf.data per host: create_train_dataset, create_eval_dataset,
+                  to_global_batch, global_batches.
+  tfds_metro      TFDS builder (`Metro`) that stores a METRO dataset as
+                  TFRecord shards; config.data.source = 'tfds' reads it.
+  synthetic/      embedded-body synthetic dataset writer (same TSV format).
+
+Batch dict (every pipeline, every source; B = host-local batch until
+`to_global_batch` makes it global; S = config.data.image_size):
+  image          [B, S, S, 3] float32 (bfloat16 with config.data.image_dtype):
+                 RGB crop, ImageNet-normalised ((x / 255 - mean) / std).
+  joints_2d      [B, 24, 3] float32, J24 order: x, y normalised to [-1, 1] in
+                 the crop (2 * px / S - 1, px the continuous crop coordinate, so
+                 the crop borders are -1 and 1), then visibility.
+  joints_3d      [B, 24, 4] float32, J24 order: x, y, z metres in the camera
+                 frame (x right, y down, z away), root-centred at the J24 pelvis
+                 (index 14), then confidence.
+  pose           [B, 72] float32 SMPL axis-angle; global orientation in the
+                 camera frame (turned and flipped with the image).
+  betas          [B, 10] float32 SMPL shape.
+  has_2d_joints, has_3d_joints, has_smpl
+                 [B] float32 in {0, 1}: which supervision the example carries.
+  mask           [B] float32: 1 for real examples, 0 for eval padding (all 1 in
+                 training).
+"""

@@ -1,0 +1,363 @@
+"""tf.data input pipelines for METRO-format data (TSV yamls or the TFDS build).
+
+  train_ds = create_train_dataset(config.data, seed=config.seed)  # endless
+  eval_ds = create_eval_dataset(config.data)        # finite; len() = batches
+  for batch in global_batches(train_ds, batch_sharding):  # jax.Arrays
+    ...
+
+Each host reads a contiguous 1/process_count slice of the dataset's rows (the
+linelist order), decodes and augments examples in a parallel `map` (one
+`tf.numpy_function` per example: read the row, cv2 JPEG decode, one
+`cv2.warpAffine`, label transforms; OpenCV releases the GIL), batches
+host-local `batch_size / process_count` examples, applies the colour noise and
+ImageNet normalisation on the whole batch in TF, and `to_global_batch` turns
+the host batch into global arrays with `jax.make_array_from_process_local_data`.
+
+Training: the host's rows are reshuffled every epoch (the full index for TSV;
+shuffled files plus a `shuffle_buffer` for TFDS), augmented with the §4.3
+parameters drawn from `np.random.default_rng((seed, epoch, row))`, where row is
+the example's position in the dataset (linelist order), and batched with
+drop_remainder. Keying the parameters on the row rather than the stream
+position keeps them independent of read order, parallelism, skipped bad rows
+and the source, so the TSV and TFDS sources yield the same batches.
+Evaluation: no augmentation (sc=1, r=0, no flip: the crop box is 200 * scale
+around the centre, §6); every example is seen once across hosts; each host pads
+its stream with `mask`=0 examples up to the same number of batches.
+
+Bad rows (corrupt base64/JPEG, unusable label, NaNs, truncated rows; see
+`metro_tsv`) are skipped, counted and logged with their file and row by a
+`BadRows` object; past `max_bad_fraction` of the host's rows the pipeline
+fails. Missing files and malformed yamls fail when the dataset is created.
+"""
+
+import collections
+import functools
+import threading
+
+from absl import logging
+import jax
+import numpy as np
+# TensorFlow is imported only by the tf.data code in data_pipelines (the
+# jit-compiled core stays TF-free for accelerator hosts without it).
+import tensorflow as tf
+
+from data_pipelines import augment
+from data_pipelines import metro_tsv
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def example_spec(size):
+  """Per-example fields before batching: name -> (shape, dtype)."""
+  return {
+      'image': ((size, size, 3), tf.uint8),
+      'pn': ((3,), tf.float32),  # colour noise, applied per batch
+      'joints_2d': ((metro_tsv.NUM_J24, 3), tf.float32),
+      'joints_3d': ((metro_tsv.NUM_J24, 4), tf.float32),
+      'pose': ((metro_tsv.NUM_POSE,), tf.float32),
+      'betas': ((metro_tsv.NUM_BETAS,), tf.float32),
+      'has_2d_joints': ((), tf.float32),
+      'has_3d_joints': ((), tf.float32),
+      'has_smpl': ((), tf.float32),
+      'mask': ((), tf.float32),  # 0: bad row (dropped) or eval padding
+  }
+
+
+def empty_example(size):
+  """All-zero example with mask 0 (bad rows and eval padding)."""
+  out = {name: np.zeros(shape, dtype.as_numpy_dtype)
+         for name, (shape, dtype) in example_spec(size).items()}
+  out['pn'] = np.ones(3, np.float32)
+  return out
+
+
+class BadRows:
+  """Counts and logs skipped rows; fails once too many distinct rows are bad.
+
+  Shared by the parallel map's threads. `count` counts every skip (a bad row
+  is skipped again in each epoch); `rows` holds the distinct bad rows.
+  """
+
+  def __init__(self, num_rows, max_fraction):
+    self.limit = max(10, int(max_fraction * num_rows))
+    self.count = 0
+    self.rows = set()
+    self.messages = collections.deque(maxlen=20)
+    self._lock = threading.Lock()
+
+  def record(self, row_id, message):
+    with self._lock:
+      self.count += 1
+      first = row_id not in self.rows
+      self.rows.add(row_id)
+      self.messages.append(message)
+      num_rows = len(self.rows)
+    if first:
+      logging.warning('input pipeline: skipping bad row (%d distinct so far): '
+                      '%s', num_rows, message)
+    if num_rows > self.limit:
+      raise RuntimeError(
+          f'input pipeline: {num_rows} distinct bad rows exceed the limit of '
+          f'{self.limit} (config.data.max_bad_fraction); last: {message}')
+
+
+def _process(jpeg, label, params, size, where):
+  """Decodes and augments one example; raises BadRowError naming `where`."""
+  image = augment.decode_jpeg(jpeg)
+  if image is None:
+    raise metro_tsv.BadRowError(f'{where}: JPEG does not decode')
+  out = augment.process_example(image, label, params, size)
+  out['mask'] = np.float32(1)
+  return out
+
+
+def _params_fn(data_config, seed, train):
+  """(epoch, row) -> AugParams: METRO sampling (train) or identity (eval)."""
+  if not train:
+    return lambda epoch, row: augment.AugParams()
+  return lambda epoch, row: augment.sample_params(
+      np.random.default_rng((seed, int(epoch), int(row))),
+      scale_factor=data_config.scale_factor,
+      rot_factor=data_config.rot_factor,
+      noise_factor=data_config.noise_factor)
+
+
+def _as_dict(values, size):
+  out = {}
+  for value, (name, (shape, _)) in zip(values, example_spec(size).items()):
+    value.set_shape(shape)
+    out[name] = value
+  return out
+
+
+def _tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
+  """(counter, row index) -> example dict, through one tf.numpy_function."""
+  spec = example_spec(size)
+
+  def load(counter, index):
+    index = int(index)
+    path, row = dataset.location(index)
+    try:
+      ex = dataset.read(index)
+      out = _process(ex['jpeg'], ex['label'],
+                     params_fn(counter // epoch_length, index), size,
+                     f'{path} row {row}')
+    except Exception as e:  # pylint: disable=broad-except
+      # One bad row must not end a long run; BadRows bounds systematic errors.
+      message = str(e) if isinstance(e, metro_tsv.BadRowError) else (
+          f'{path} row {row}: {type(e).__name__}: {e}')
+      bad_rows.record((path, row), message)
+      out = empty_example(size)
+    return tuple(out[name] for name in spec)
+
+  def fn(counter, index):
+    values = tf.numpy_function(load, [counter, index],
+                               [dtype for _, dtype in spec.values()])
+    return _as_dict(values, size)
+  return fn
+
+
+def _tfds_loader(bad_rows, params_fn, size, split, epoch_length):
+  """(counter, TFDS example) -> example dict, through one tf.numpy_function."""
+  spec = example_spec(size)
+  label_names = ('center', 'scale', 'joints_2d', 'joints_3d', 'pose', 'betas',
+                 'has_2d_joints', 'has_3d_joints', 'has_smpl')
+
+  def load(counter, index, key, jpeg, *label_values):
+    key = key.decode('utf-8', 'replace')
+    label = dict(zip(label_names, label_values))
+    try:
+      out = _process(jpeg, label, params_fn(counter // epoch_length, index),
+                     size, f'{split} key {key}')
+    except Exception as e:  # pylint: disable=broad-except
+      bad_rows.record((split, key), f'{split} key {key}: {e}')
+      out = empty_example(size)
+    return tuple(out[name] for name in spec)
+
+  def fn(counter, ex):
+    inputs = [counter, ex['index'], ex['key'], ex['image']]
+    inputs += [ex[n] for n in label_names]
+    values = tf.numpy_function(load, inputs,
+                               [dtype for _, dtype in spec.values()])
+    return _as_dict(values, size)
+  return fn
+
+
+def normalize_batch(batch, dtype=tf.float32):
+  """Colour noise (clip to [0, 255]) and ImageNet normalisation of a batch."""
+  batch = dict(batch)
+  image = tf.cast(batch.pop('image'), tf.float32)         # [B, S, S, 3]
+  pn = batch.pop('pn')                                    # [B, 3]
+  image = tf.clip_by_value(image * pn[:, None, None, :], 0.0, 255.0)
+  image = (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  batch['image'] = tf.cast(image, dtype)
+  return batch
+
+
+def host_range(num_rows, process_index, process_count):
+  """The contiguous rows [start, end) that one host reads."""
+  return (num_rows * process_index // process_count,
+          num_rows * (process_index + 1) // process_count)
+
+
+def _process_args(process_index, process_count):
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in '
+                     f'[0, {process_count})')
+  return process_index, process_count
+
+
+def _local_batch_size(global_batch_size, process_count, name):
+  if global_batch_size % process_count:
+    raise ValueError(f'config.data.{name}={global_batch_size} is not divisible '
+                     f'by the number of hosts ({process_count})')
+  return global_batch_size // process_count
+
+
+def _hide_accelerators_from_tf():
+  # tf.data runs on the host; a GPU build of TF would otherwise claim the
+  # accelerator memory that JAX needs.
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # devices already initialised; nothing to do
+    pass
+
+
+def _dtype(data_config):
+  dtypes = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
+  if data_config.image_dtype not in dtypes:
+    raise ValueError(f'config.data.image_dtype must be one of {list(dtypes)}, '
+                     f'got {data_config.image_dtype!r}')
+  return dtypes[data_config.image_dtype]
+
+
+def _examples(data_config, *, yaml_path, tfds_split, train, seed,
+              process_index, process_count, shuffle, bad_rows):
+  """Host-local stream of processed examples (and its source size)."""
+  size = data_config.image_size
+  params_fn = _params_fn(data_config, seed, train)
+  parallel = data_config.num_parallel_calls
+  parallel = tf.data.AUTOTUNE if parallel < 0 else parallel
+  if data_config.source == 'tsv':
+    dataset = metro_tsv.MetroDataset(yaml_path)
+    num_rows = len(dataset)
+    start, end = host_range(num_rows, process_index, process_count)
+    if bad_rows is None:
+      bad_rows = BadRows(end - start, data_config.max_bad_fraction)
+    ds = tf.data.Dataset.range(start, end)
+    if shuffle:  # the whole index: an exact permutation every epoch
+      ds = ds.shuffle(end - start, seed=seed, reshuffle_each_iteration=True)
+    loader = _tsv_loader(dataset, bad_rows, params_fn, size, end - start)
+  elif data_config.source == 'tfds':
+    # Imported here: TFDS is needed only for this source.
+    from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
+    num_rows = tfds_metro.num_examples(data_config.tfds_data_dir, tfds_split)
+    start, end = host_range(num_rows, process_index, process_count)
+    if bad_rows is None:
+      bad_rows = BadRows(end - start, data_config.max_bad_fraction)
+    ds = tfds_metro.read_split(data_config.tfds_data_dir, tfds_split,
+                               start=start, end=end, shuffle_files=shuffle,
+                               seed=seed)
+    if shuffle:
+      ds = ds.shuffle(data_config.shuffle_buffer, seed=seed,
+                      reshuffle_each_iteration=True)
+    loader = _tfds_loader(bad_rows, params_fn, size, tfds_split, end - start)
+  else:
+    raise ValueError(f"config.data.source must be 'tsv' or 'tfds', got "
+                     f'{data_config.source!r}')
+  if train:
+    ds = ds.repeat()
+  # Counting before the bad rows are dropped: element k is in epoch k // n.
+  ds = ds.enumerate().map(loader, num_parallel_calls=parallel)
+  return ds.filter(lambda ex: ex['mask'] > 0), num_rows
+
+
+def create_train_dataset(data_config, *, seed=0, process_index=None,
+                         process_count=None, shuffle=True, bad_rows=None):
+  """Endless host-local training batches (batch keys: data_pipelines).
+
+  Args:
+    data_config: config.data (source, train_yaml or tfds fields, image_size,
+      batch_size (global), augmentation factors, image_dtype, ...).
+    seed: shuffling and augmentation seed.
+    process_index, process_count: this host and the number of hosts
+      (default: jax.process_index(), jax.process_count()).
+    shuffle: reshuffle every epoch (False: rows in order, for tests).
+    bad_rows: optional BadRows to inspect the skipped rows.
+
+  Returns:
+    tf.data.Dataset of dicts of [batch_size / process_count, ...] tensors.
+  """
+  _hide_accelerators_from_tf()
+  process_index, process_count = _process_args(process_index, process_count)
+  local = _local_batch_size(data_config.batch_size, process_count,
+                            'batch_size')
+  ds, _ = _examples(data_config, yaml_path=data_config.train_yaml,
+                    tfds_split=data_config.tfds_train_split, train=True,
+                    seed=seed, process_index=process_index,
+                    process_count=process_count, shuffle=shuffle,
+                    bad_rows=bad_rows)
+  ds = ds.batch(local, drop_remainder=True)  # static shapes for jit
+  ds = ds.map(functools.partial(normalize_batch, dtype=_dtype(data_config)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(data_config.prefetch)
+
+
+def create_eval_dataset(data_config, *, yaml_path=None, tfds_split=None,
+                        process_index=None, process_count=None,
+                        bad_rows=None):
+  """Finite host-local eval batches; `mask` = 0 marks padding.
+
+  Every example is in exactly one host's batches; all hosts yield the same
+  number of batches (`len(dataset)`), as jitted steps over global arrays need.
+
+  Args:
+    data_config: config.data.
+    yaml_path: dataset yaml (default data_config.eval_yaml; tsv source).
+    tfds_split: split name (default data_config.tfds_eval_split; tfds).
+    process_index, process_count: as in create_train_dataset.
+    bad_rows: optional BadRows.
+
+  Returns:
+    tf.data.Dataset of dicts of [eval_batch_size / process_count, ...].
+  """
+  _hide_accelerators_from_tf()
+  process_index, process_count = _process_args(process_index, process_count)
+  local = _local_batch_size(data_config.eval_batch_size, process_count,
+                            'eval_batch_size')
+  ds, num_rows = _examples(
+      data_config, yaml_path=yaml_path or data_config.eval_yaml,
+      tfds_split=tfds_split or data_config.tfds_eval_split, train=False,
+      seed=0, process_index=process_index, process_count=process_count,
+      shuffle=False, bad_rows=bad_rows)
+  largest = max(end - start for start, end in (
+      host_range(num_rows, p, process_count) for p in range(process_count)))
+  num_batches = -(-largest // local)
+  # Endless mask-0 padding, cut at the same length on every host (bad rows
+  # that were dropped are replaced by padding too).
+  padding = tf.data.Dataset.from_tensors(
+      empty_example(data_config.image_size)).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local)
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.map(functools.partial(normalize_batch, dtype=_dtype(data_config)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
+  return ds.prefetch(data_config.prefetch)
+
+
+def to_global_batch(batch, sharding):
+  """Host-local numpy batch -> global jax.Arrays laid out by `sharding`."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      batch)
+
+
+def global_batches(dataset, sharding):
+  """Iterates a host-local tf.data.Dataset as global batches."""
+  for batch in dataset.as_numpy_iterator():
+    yield to_global_batch(batch, sharding)

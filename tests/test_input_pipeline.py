@@ -1,0 +1,242 @@
+"""tf.data pipelines: batch contract, NumPy reference, multi-host eval, bad rows."""
+
+import base64
+import re
+
+import cv2
+import jax
+import numpy as np
+import pytest
+
+from configs import r50
+from data_pipelines import augment
+from data_pipelines import input_pipeline
+from data_pipelines import metro_tsv
+
+S = 32
+BATCH_KEYS = {'image', 'joints_2d', 'joints_3d', 'pose', 'betas',
+              'has_2d_joints', 'has_3d_joints', 'has_smpl', 'mask'}
+
+
+def _examples(n, seed=0):
+  """Examples whose betas[0] is their row: the id survives augmentation."""
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    h, w = rng.integers(40, 60, 2)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), np.uint8), (0, 0),
+                           1.5)
+    center = [w / 2 + rng.uniform(-3, 3), h / 2 + rng.uniform(-3, 3)]
+    label = {
+        'center': center, 'scale': float(rng.uniform(0.15, 0.25)),
+        '2d_joints': np.c_[rng.uniform(5, 35, (24, 2)), np.ones(24)],
+        'has_2d_joints': 1,
+        '3d_joints': np.c_[rng.normal(0, .3, (24, 3)), np.ones(24)],
+        'has_3d_joints': int(i % 3 != 0),
+        'pose': rng.normal(0, .3, 72), 'betas': np.r_[i, rng.normal(size=9)],
+        'has_smpl': int(i % 2 == 0),
+    }
+    yield {'key': f'ex{i:02d}', 'jpeg': cv2.imencode('.jpg', img)[1].tobytes(),
+           'height': int(h), 'width': int(w), 'label': label}
+
+
+def _config(yaml_path, batch_size=4, eval_batch_size=8):
+  data = r50.get_config().data
+  data.train_yaml = data.eval_yaml = yaml_path
+  data.image_size = S
+  data.batch_size = batch_size
+  data.eval_batch_size = eval_batch_size
+  data.num_parallel_calls = 2
+  return data
+
+
+@pytest.fixture(name='yaml_path', scope='module')
+def fixture_yaml_path(tmp_path_factory):
+  out = tmp_path_factory.mktemp('metro')
+  return metro_tsv.write_split(str(out), 'train', _examples(13))
+
+
+def _reference(dataset, index, params):
+  """NumPy reference of one batch row (decode, augment, noise, normalise)."""
+  ex = dataset.read(index)
+  image = cv2.cvtColor(cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8),
+                                    cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+  out = augment.process_example(image, ex['label'], params, S)
+  img = np.clip(out['image'] * np.float32(params.pn), 0, 255) / 255.0
+  out['image'] = (img - input_pipeline.IMAGENET_MEAN) / \
+      input_pipeline.IMAGENET_STD
+  return out
+
+
+def _ids(batch):
+  return np.round(batch['betas'][:, 0]).astype(int)
+
+
+def test_train_batches_match_numpy_reference(yaml_path):
+  data = _config(yaml_path)
+  seed = 7
+  ds = input_pipeline.create_train_dataset(data, seed=seed, process_index=1,
+                                           process_count=2)
+  dataset = metro_tsv.MetroDataset(yaml_path)
+  assert input_pipeline.host_range(13, 1, 2) == (6, 13)  # 2 per host batch
+  batches = list(ds.take(4).as_numpy_iterator())
+  for batch in batches:
+    assert set(batch) == BATCH_KEYS
+    assert batch['image'].shape == (2, S, S, 3)
+    assert batch['image'].dtype == np.float32
+    assert batch['joints_2d'].shape == (2, 24, 3)
+    assert batch['joints_3d'].shape == (2, 24, 4)
+    assert batch['pose'].shape == (2, 72) and batch['betas'].shape == (2, 10)
+    for name in ('has_2d_joints', 'has_3d_joints', 'has_smpl', 'mask'):
+      assert batch[name].shape == (2,) and batch[name].dtype == np.float32
+    np.testing.assert_array_equal(batch['mask'], 1)
+  ids = np.concatenate([_ids(b) for b in batches])
+  # Each epoch is a permutation of this host's rows.
+  assert sorted(ids[:7]) == list(range(6, 13))
+  assert set(ids[7:]) <= set(range(6, 13))
+  # Row r in epoch e used rng((seed, e, r)); 7 rows per epoch on this host.
+  flat = {k: np.concatenate([b[k] for b in batches]) for k in BATCH_KEYS}
+  for n in (0, 3, 7):
+    params = augment.sample_params(
+        np.random.default_rng((seed, n // 7, ids[n])))
+    ref = _reference(dataset, ids[n], params)
+    np.testing.assert_allclose(flat['image'][n], ref['image'], atol=1e-5)
+    for name in ('joints_2d', 'joints_3d', 'pose', 'betas', 'has_2d_joints',
+                 'has_3d_joints', 'has_smpl'):
+      np.testing.assert_allclose(flat[name][n], ref[name], atol=1e-6,
+                                 err_msg=name)
+
+
+def test_train_is_reproducible_and_bfloat16(yaml_path):
+  data = _config(yaml_path)
+  a = next(input_pipeline.create_train_dataset(
+      data, seed=3, process_index=0, process_count=1).as_numpy_iterator())
+  data.image_dtype = 'bfloat16'
+  b = next(input_pipeline.create_train_dataset(
+      data, seed=3, process_index=0, process_count=1).as_numpy_iterator())
+  assert b['image'].dtype == jax.numpy.bfloat16
+  np.testing.assert_allclose(b['image'].astype(np.float32), a['image'],
+                             atol=0.02)
+  np.testing.assert_array_equal(a['joints_2d'], b['joints_2d'])
+
+
+def test_eval_sees_every_example_once_across_hosts(yaml_path):
+  data = _config(yaml_path, eval_batch_size=8)
+  dataset = metro_tsv.MetroDataset(yaml_path)
+  hosts = []
+  for process_index in range(2):
+    ds = input_pipeline.create_eval_dataset(
+        data, process_index=process_index, process_count=2)
+    hosts.append(list(ds.as_numpy_iterator()))
+    assert len(ds) == 2  # ceil(7 rows / 4 per host batch) on both hosts
+  assert [len(h) for h in hosts] == [2, 2]
+  seen = []
+  for host in hosts:
+    for batch in host:
+      assert batch['image'].shape == (4, S, S, 3)
+      real = batch['mask'] == 1
+      # Padding only at the end of the host's stream, and fully zeroed.
+      assert np.all(np.diff(batch['mask']) <= 0)
+      for name in ('joints_2d', 'pose', 'betas', 'has_smpl', 'has_3d_joints'):
+        assert not batch[name][~real].any()
+      seen.extend(_ids(batch)[real])
+  assert sorted(seen) == list(range(13))  # each exactly once
+  # Eval rows are the un-augmented test-time crops.
+  batch = hosts[1][1]
+  for i, row in enumerate(_ids(batch)[batch['mask'] == 1]):
+    ref = _reference(dataset, row, augment.AugParams())
+    np.testing.assert_allclose(batch['image'][i], ref['image'], atol=1e-5)
+    np.testing.assert_allclose(batch['joints_2d'][i], ref['joints_2d'],
+                               atol=1e-6)
+
+  # The two hosts' batches form the global batch on 8 devices.
+  mesh = jax.make_mesh((8,), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.P('data'))
+  local = {k: np.concatenate([hosts[0][0][k], hosts[1][0][k]])
+           for k in hosts[0][0]}
+  glob = input_pipeline.to_global_batch(local, sharding)
+  assert glob['image'].shape == (8, S, S, 3)
+  assert glob['image'].sharding == sharding
+  assert len(glob['mask'].addressable_shards) == 8
+  for shard in glob['betas'].addressable_shards:
+    np.testing.assert_array_equal(shard.data, local['betas'][shard.index])
+
+
+def _write_with_bad_rows(out_dir, n=10):
+  """A dataset whose rows 1, 4, 6, 8 are damaged in different ways."""
+  yaml_path = metro_tsv.write_split(str(out_dir), 'train', _examples(n))
+  img_path = out_dir / 'train.img.tsv'
+  img_rows = [line.split('\t') for line in img_path.read_text().splitlines()]
+  img_rows[1][1] = img_rows[1][1][:10] + '!!' + img_rows[1][1][12:]  # base64
+  img_rows[4][1] = base64.b64encode(b'\xff\xd8 not a jpeg').decode()
+  metro_tsv.write_tsv(str(img_path), [tuple(r) for r in img_rows])
+  lab_path = out_dir / 'train.label.tsv'
+  lab_rows = [line.split('\t') for line in lab_path.read_text().splitlines()]
+  lab_rows[6][1] = re.sub(r'"3d_joints": \[\[[^,]+', '"3d_joints": [[NaN',
+                          lab_rows[6][1])
+  lab_rows[6][1] = lab_rows[6][1].replace('"has_3d_joints": 0',
+                                          '"has_3d_joints": 1')
+  lab_rows[8][1] = lab_rows[8][1].replace('"center"', '"centre"')
+  metro_tsv.write_tsv(str(lab_path), [tuple(r) for r in lab_rows])
+  return yaml_path
+
+
+def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
+  yaml_path = _write_with_bad_rows(tmp_path)
+  data = _config(yaml_path, batch_size=3, eval_batch_size=4)
+  bad = input_pipeline.BadRows(10, 0.01)
+  ds = input_pipeline.create_train_dataset(
+      data, process_index=0, process_count=1, shuffle=False, bad_rows=bad)
+  ids = np.concatenate([_ids(b) for b in ds.take(4).as_numpy_iterator()])
+  # Rows in order, the bad ones left out; the stream goes on into epoch 2.
+  np.testing.assert_array_equal(ids, [0, 2, 3, 5, 7, 9, 0, 2, 3, 5, 7, 9])
+  img, lab = str(tmp_path / 'train.img.tsv'), str(tmp_path / 'train.label.tsv')
+  assert bad.rows == {(img, 1), (img, 4), (img, 6), (img, 8)}
+  assert bad.count >= 8  # each skipped once per epoch (and on read-ahead)
+  text = caplog.text
+  assert f'{img} row 1: bad base64' in text
+  assert f'{img} row 4: JPEG does not decode' in text
+  assert f'{lab} row 6: 3d_joints has non-finite values' in text
+  assert f"{lab} row 8: label has no 'center'" in text
+
+  bad = input_pipeline.BadRows(10, 0.01)
+  ds = input_pipeline.create_eval_dataset(
+      data, process_index=1, process_count=2, bad_rows=bad)
+  batches = list(ds.as_numpy_iterator())
+  assert len(batches) == len(ds) == 3  # ceil(5 rows / 2 per batch)
+  mask = np.concatenate([b['mask'] for b in batches])
+  ids = np.concatenate([_ids(b) for b in batches])
+  np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(ids[:3], [5, 7, 9])  # rows 6 and 8 skipped
+  assert bad.count == 2
+
+
+def test_too_many_bad_rows_fail(tmp_path):
+  yaml_path = metro_tsv.write_split(str(tmp_path), 'train', _examples(12))
+  img_path = tmp_path / 'train.img.tsv'
+  rows = [(line.split('\t')[0], base64.b64encode(b'junk').decode())
+          for line in img_path.read_text().splitlines()]
+  metro_tsv.write_tsv(str(img_path), rows)
+  data = _config(yaml_path)
+  ds = input_pipeline.create_train_dataset(data, process_index=0,
+                                           process_count=1)
+  with pytest.raises(Exception,
+                     match=r'1\d distinct bad rows exceed the limit of 10'):
+    next(ds.as_numpy_iterator())
+
+
+def test_bad_files_fail_when_the_dataset_is_created(tmp_path, yaml_path):
+  data = _config(str(tmp_path / 'missing.yaml'))
+  with pytest.raises(FileNotFoundError, match='missing.yaml'):
+    input_pipeline.create_train_dataset(data, process_index=0,
+                                        process_count=1)
+  with pytest.raises(FileNotFoundError, match='missing.yaml'):
+    input_pipeline.create_eval_dataset(data, process_index=0,
+                                       process_count=1)
+  data = _config(yaml_path, batch_size=6)
+  with pytest.raises(ValueError, match='batch_size=6 is not divisible'):
+    input_pipeline.create_train_dataset(data, process_index=0,
+                                        process_count=4)
+  data.source = 'gcs'
+  with pytest.raises(ValueError, match="'tsv' or 'tfds'"):
+    input_pipeline.create_train_dataset(data, process_index=0,
+                                        process_count=1)
