@@ -1,0 +1,149 @@
+"""Reading PyTorch state dicts; writing/reading converted orbax checkpoints.
+
+A converted checkpoint is an orbax `StandardCheckpointer` directory holding
+{'params', 'batch_stats'} as numpy arrays, with custom metadata under
+`METADATA_KEY`:
+
+  kind    e.g. 'fastmetro-S-r50', 'resnet50-imagenet'
+  scope   'model'    - the whole model's variables;
+          'backbone' - only the backbone subtree ({'params': {'backbone': ...},
+                       'batch_stats': {'backbone': ...}}), e.g. ImageNet
+                       weights: `restore_into` merges it into a fresh model
+  model   config.model used for the conversion (for --to-torch)
+  source  the converted file
+
+`restore_into(directory, variables)` is what `config.init_from` uses.
+"""
+
+import collections
+import os
+
+import jax
+import numpy as np
+
+from coarsemetro_jax.convert import state_dict as state_dict_lib
+from coarsemetro_jax.convert import torch_file
+
+METADATA_KEY = 'coarsemetro_convert'
+# Containers other training scripts wrap a state dict in.
+WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
+
+
+def read_state_dict(path, progress=None):
+  """A PyTorch file -> (OrderedDict key -> np.ndarray, list of notes).
+
+  Unwraps {'state_dict': ...}-style containers and a DistributedDataParallel
+  'module.' prefix; refuses anything that is not a flat dict of tensors.
+  """
+  obj = torch_file.load(path, progress=progress)
+  notes = []
+  if isinstance(obj, dict) and not _is_state_dict(obj):
+    inner = [k for k in WRAPPER_KEYS if k in obj and _is_state_dict(obj[k])]
+    if len(inner) == 1:
+      notes.append(f'using the {inner[0]!r} entry of the file '
+                   f'(other entries: {sorted(k for k in obj if k != inner[0])})')
+      obj = obj[inner[0]]
+  if not isinstance(obj, dict) or not _is_state_dict(obj):
+    kinds = (sorted({type(v).__name__ for v in obj.values()}) if isinstance(obj, dict)
+             else type(obj).__name__)
+    raise torch_file.TorchFileError(
+        f'{path}: expected a state dict (name -> tensor), found {kinds}')
+  if obj and all(k.startswith('module.') for k in obj):
+    notes.append("stripped the DistributedDataParallel 'module.' prefix")
+    obj = collections.OrderedDict((k[len('module.'):], v) for k, v in obj.items())
+  return collections.OrderedDict(obj), notes
+
+
+def _is_state_dict(obj):
+  return (isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj)
+          and all(isinstance(v, np.ndarray) for v in obj.values()))
+
+
+def save_converted(directory, variables, metadata):
+  """Writes variables (numpy) with `metadata` to a new orbax directory."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory):
+    raise FileExistsError(f'{directory} already exists; choose a new --out directory')
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory, variables, custom_metadata={METADATA_KEY: metadata})
+    ckptr.wait_until_finished()
+
+
+def read_converted(directory):
+  """(variables as numpy, conversion metadata or {}) of an orbax directory.
+
+  Training checkpoints (a TrainState with `params`/`batch_stats` fields) are
+  accepted too; only those two entries are returned.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory}: no such checkpoint directory')
+  with ocp.StandardCheckpointer() as ckptr:
+    metadata = (ckptr.metadata(directory).custom_metadata or {}).get(METADATA_KEY, {})
+    tree = ckptr.restore(directory)
+  if not isinstance(tree, dict) or 'params' not in tree:
+    raise ValueError(f'{directory}: checkpoint has no top-level "params" entry '
+                     f'(found {sorted(tree) if isinstance(tree, dict) else type(tree)})')
+  variables = {c: jax.tree.map(np.asarray, tree[c]) for c in ('params', 'batch_stats')
+               if c in tree and tree[c]}
+  return variables, metadata
+
+
+def restore_into(directory, variables):
+  """Loads a converted checkpoint into `variables` (config.init_from).
+
+  Args:
+    directory: output of `python -m coarsemetro_jax.convert`.
+    variables: the model's {'params', 'batch_stats'} (arrays, possibly
+      sharded, or jax.ShapeDtypeStruct); defines the expected shapes and the
+      shardings of the result.
+  Returns:
+    New variables: the checkpoint's values; for a backbone-only checkpoint the
+    backbone subtree is replaced and everything else kept from `variables`.
+  Raises:
+    ValueError: listing missing, unexpected and mis-shaped leaves.
+  """
+  loaded, metadata = read_converted(directory)
+  scope = metadata.get('scope', 'model')
+  flat_want = {f'{c}/{p}': v for c in variables
+               for p, v in state_dict_lib.flatten(variables[c]).items()}
+  flat_got = {f'{c}/{p}': v for c in loaded
+              for p, v in state_dict_lib.flatten(loaded[c]).items()}
+  if scope == 'backbone':
+    want = {p: v for p, v in flat_want.items() if p.split('/')[1] == 'backbone'}
+  elif scope == 'model':
+    want = flat_want
+  else:
+    raise ValueError(f'{directory}: unknown conversion scope {scope!r}')
+  problems = []
+  missing = [p for p in want if p not in flat_got]
+  unexpected = [p for p in flat_got if p not in want]
+  bad = [f'{p}: checkpoint {list(np.shape(flat_got[p]))} {np.asarray(flat_got[p]).dtype}, '
+         f'model {list(want[p].shape)} {np.dtype(want[p].dtype)}'
+         for p in want if p in flat_got and (
+             tuple(np.shape(flat_got[p])) != tuple(want[p].shape)
+             or np.asarray(flat_got[p]).dtype != np.dtype(want[p].dtype))]
+  if missing:
+    problems.append(state_dict_lib.listing('missing in the checkpoint', missing))
+  if unexpected:
+    problems.append(state_dict_lib.listing('not in the model', unexpected))
+  if bad:
+    problems.append(state_dict_lib.listing('mis-shaped or mis-typed', bad))
+  if problems:
+    kind = metadata.get('kind', 'unknown kind')
+    raise ValueError(f'{directory} ({kind}, scope {scope}) does not fit the model:\n'
+                     + '\n'.join(problems))
+
+  def place(path, old):
+    if path not in want:
+      return old
+    sharding = getattr(old, 'sharding', None)
+    return jax.device_put(flat_got[path], sharding) if sharding is not None else jax.numpy.asarray(flat_got[path])
+
+  out = {}
+  for c in variables:
+    flat = {p: place(f'{c}/{p}', v) for p, v in state_dict_lib.flatten(variables[c]).items()}
+    out[c] = state_dict_lib.unflatten(flat)
+  return out

@@ -1,0 +1,227 @@
+"""Checkpoint kinds: which model a state dict belongs to, and its Flax shapes.
+
+Kind names:
+  resnet50-imagenet                torchvision ImageNet ResNet-50 (resnet50-0676ba61.pth);
+                                   backbone only, `fc` ignored
+  hrnet-w{32,48,64}-imagenet       HRNet classification file (needs hrnet_table.py)
+  resnet-imagenet                  torchvision-layout ResNet of config.model.resnet_*
+  fastmetro-{S,M,L}-{r50,h64,...}  FastMETRO_Body_Network state dict (1/2/3 layers)
+  coarsemetro-S-{r50,h64,...}      CoarseMETRO state dict (tables.py docstring)
+  ...-resnet                       either model on config.model.resnet_* (tests)
+
+A kind fixes config.model.{name, backbone, hrnet_width, fastmetro_layers};
+every other model field (widths, CoarseMETRO stages) comes from the config
+the conversion runs with (configs/r50.py unless --config is given).
+"""
+
+import contextlib
+import copy
+import importlib.util
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coarsemetro_jax import mesh_topology
+from coarsemetro_jax import models
+from coarsemetro_jax.convert import state_dict as state_dict_lib
+from coarsemetro_jax.convert import tables
+
+FASTMETRO_SIZES = {'S': 1, 'M': 2, 'L': 3}
+BACKBONE_TAGS = {'r50': ('resnet50', 64), 'h64': ('hrnet', 64), 'h48': ('hrnet', 48),
+                 'h32': ('hrnet', 32), 'resnet': ('resnet', 64)}
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs')
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+
+
+def load_config(spec=''):
+  """Loads `get_config([arg])` from 'path/to/config.py[:arg]'; '' = configs/r50.py."""
+  path, _, arg = (spec or os.path.join(REPO_CONFIGS, 'r50.py')).partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} not found (pass --config path/to/config.py)')
+  spec_ = importlib.util.spec_from_file_location(
+      f'_convert_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(spec_)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  added = root not in sys.path
+  if added:   # configs import each other as `from configs import r50`
+    sys.path.insert(0, root)
+  try:
+    spec_.loader.exec_module(module)
+  finally:
+    if added:
+      sys.path.remove(root)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _backbone_tag(model_config):
+  name = model_config.backbone
+  if name == 'resnet50':
+    return 'r50'
+  if name == 'hrnet':
+    return f'h{model_config.hrnet_width}'
+  return name
+
+
+def kind_of(model_config, scope='model'):
+  """Kind name of a model config (scope 'backbone': its ImageNet file)."""
+  if scope == 'backbone':
+    name = model_config.backbone
+    return ('resnet50-imagenet' if name == 'resnet50' else
+            f'hrnet-w{model_config.hrnet_width}-imagenet' if name == 'hrnet' else
+            f'{name}-imagenet')
+  size = ({v: k for k, v in FASTMETRO_SIZES.items()}.get(model_config.fastmetro_layers,
+                                                         str(model_config.fastmetro_layers))
+          if model_config.name == 'fastmetro' else 'S')
+  return f'{model_config.name}-{size}-{_backbone_tag(model_config)}'
+
+
+def parse_kind(kind):
+  """Kind -> (scope, overrides of config.model)."""
+  parts = kind.split('-')
+  if parts[-1] == 'imagenet':
+    bb = '-'.join(parts[:-1])
+    if bb == 'resnet50':
+      return 'backbone', {'backbone': 'resnet50'}
+    if bb == 'resnet':
+      return 'backbone', {'backbone': 'resnet'}
+    if bb.startswith('hrnet-w') and bb[7:].isdigit():
+      return 'backbone', {'backbone': 'hrnet', 'hrnet_width': int(bb[7:])}
+  elif len(parts) == 3 and parts[2] in BACKBONE_TAGS:
+    name, size, tag = parts
+    backbone, width = BACKBONE_TAGS[tag]
+    overrides = {'name': name, 'backbone': backbone}
+    if backbone == 'hrnet':
+      overrides['hrnet_width'] = width
+    if name == 'fastmetro' and size in FASTMETRO_SIZES:
+      return 'model', dict(overrides, fastmetro_layers=FASTMETRO_SIZES[size])
+    if name == 'coarsemetro' and size == 'S':
+      return 'model', overrides
+  raise ValueError(f'unknown checkpoint kind {kind!r}; kinds look like resnet50-imagenet, '
+                   'fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}')
+
+
+def apply_kind(kind, config):
+  """A copy of `config` whose model is that of `kind`; returns (config, scope)."""
+  scope, overrides = parse_kind(kind)
+  config = copy.deepcopy(config)
+  with config.unlocked() if hasattr(config, 'unlocked') else contextlib.nullcontext():
+    for k, v in overrides.items():
+      setattr(config.model, k, v)
+  return config, scope
+
+
+# ----------------------------------------------------------------------------
+# Detection.
+
+
+def candidate_kinds(config):
+  """Kinds a file may be, given the config's non-kind fields."""
+  tags = ['r50', 'h64']
+  if config.model.backbone == 'hrnet' and f'h{config.model.hrnet_width}' not in tags:
+    tags.append(f'h{config.model.hrnet_width}')
+  if config.model.backbone == 'resnet':
+    tags.append('resnet')
+  kinds = []
+  for tag in tags:
+    kinds += [f'fastmetro-{s}-{tag}' for s in FASTMETRO_SIZES] + [f'coarsemetro-S-{tag}']
+  kinds += ['resnet50-imagenet', 'hrnet-w64-imagenet']
+  if config.model.backbone == 'resnet':
+    kinds.append('resnet-imagenet')
+  return kinds
+
+
+def kind_table(kind, config):
+  kind_config, scope = apply_kind(kind, config)
+  return tables.model_table(kind_config.model, scope)
+
+
+def _mismatch(keys, table):
+  expected = set(tables.torch_keys(table))
+  _, ignorable = tables.expand(table)
+  missing = expected - keys
+  unexpected = {k for k in keys - expected - set(ignorable) if not tables.is_ignored(k, table)}
+  return missing, unexpected
+
+
+def detect_kind(keys, config):
+  """The kind whose table matches `keys` exactly; else a ValueError naming the closest."""
+  keys = set(keys)
+  scores, unavailable = [], []
+  for kind in candidate_kinds(config):
+    try:
+      table = kind_table(kind, config)
+    except NotImplementedError:
+      unavailable.append(kind)
+      continue
+    missing, unexpected = _mismatch(keys, table)
+    if not missing and not unexpected:
+      return kind
+    scores.append((len(missing) + len(unexpected), kind, missing, unexpected))
+  scores.sort(key=lambda s: s[0])
+  _, kind, missing, unexpected = scores[0]
+  note = (f'\n  (not tried, their tables are not available: {", ".join(unavailable)})'
+          if unavailable else '')
+  raise ValueError(
+      f'the checkpoint matches no known kind; closest is {kind} with '
+      f'{len(missing)} missing and {len(unexpected)} unexpected keys\n'
+      + state_dict_lib.listing('missing', missing) + '\n'
+      + state_dict_lib.listing('unexpected', unexpected)
+      + note + '\n  pass --kind to force one, or --config for a model with other '
+      'widths/stages')
+
+
+# ----------------------------------------------------------------------------
+# Flax shapes.
+
+
+def shape_topology(num_vertices=mesh_topology.SMPL_LEVELS):
+  """A MeshTopology with the right level sizes and placeholder arrays.
+
+  Parameter shapes depend only on the vertex counts, so `jax.eval_shape` of a
+  model needs no real mesh files.
+  """
+  nv = tuple(num_vertices)
+  up = len(nv) - 1
+  k = mesh_topology.UPSAMPLE_NNZ
+  return mesh_topology.MeshTopology(
+      num_vertices=nv,
+      faces=tuple(np.zeros((0, 3), np.int32) for _ in nv),
+      edges=tuple(np.zeros((0, 2), np.int32) for _ in nv),
+      down_indices=tuple(np.zeros(nv[l + 1], np.int32) for l in range(up)),
+      up_indices=tuple(np.zeros((nv[l], k), np.int32) for l in range(up)),
+      up_weights=tuple(np.zeros((nv[l], k), np.float32) for l in range(up)),
+      coarse_adjacency=np.eye(nv[-1], dtype=bool), source='shapes only')
+
+
+def config_topology(config):
+  """Level sizes of the config's hierarchy (placeholder arrays)."""
+  if config.topology.hierarchy:
+    return shape_topology(mesh_topology.load_topology(config.topology.hierarchy).num_vertices)
+  return shape_topology()
+
+
+def abstract_variables(config, scope='model', topology=None):
+  """`jax.eval_shape` of the model's (or its backbone's) init: {'params', 'batch_stats'}.
+
+  scope 'backbone' nests the backbone's variables under 'backbone', where they
+  sit in the full model.
+  """
+  size = config.data.image_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  if scope == 'backbone':
+    module = models.build_backbone(config.model)
+  else:
+    module = models.build_model(config.model, topology or config_topology(config))
+  variables = jax.eval_shape(
+      lambda x: module.init(jax.random.key(0), x, train=False), images)
+  variables = {c: dict(v) for c, v in variables.items() if c in ('params', 'batch_stats')}
+  if scope == 'backbone':
+    variables = {c: {'backbone': v} for c, v in variables.items()}
+  return variables
