@@ -147,6 +147,8 @@ def test_kind_names_round_trip():
                'hrnet-w64-imagenet'):
     config, scope = kinds.apply_kind(kind, r50.get_config())
     assert kinds.kind_of(config.model, scope) == kind
+  assert kinds.apply_kind('FastMETRO-L-H64', r50.get_config())[0].model.fastmetro_layers == 3
+  assert kinds.normalize_kind('FastMETRO-S-R50') == 'fastmetro-S-r50'
   with pytest.raises(ValueError, match='unknown checkpoint kind'):
     kinds.parse_kind('fastmetro-XL-r50')
 

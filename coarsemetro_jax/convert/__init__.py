@@ -1,5 +1,17 @@
-"""PyTorch checkpoints <-> Flax variables (FastMETRO, CoarseMETRO, ResNet-50).
+"""PyTorch checkpoints <-> Flax variables (ResNet-50, FastMETRO-S/M/L, CoarseMETRO).
 
-`torch_file` reads and writes PyTorch files without torch; the conversion
-tables and the command line (`python -m coarsemetro_jax.convert`) build on it.
+Modules:
+  torch_file   `load(path)` / `save(tree, path)`: PyTorch .pth/.bin/.pt files
+               (zip and legacy serialisations) without torch; restricted unpickler.
+  tables       explicit module tables (name map + layout per module kind) and
+               CoarseMETRO's PyTorch key layout (documented there).
+  state_dict   `to_flax(state_dict, table, target)` / `to_torch(variables, table)`
+               with strict accounting (`ConversionError`), `torch_shapes`.
+  kinds        checkpoint kinds, `detect_kind`, `apply_kind`, `abstract_variables`.
+  checkpoint   `read_state_dict`, orbax `save_converted` / `read_converted`, and
+               `restore_into(directory, variables)` for `config.init_from`.
+  __main__     `python -m coarsemetro_jax.convert --src FILE --out DIR [--kind K]
+               [--config configs/X.py[:arg]] [--to-torch]`.
+
+Nothing here imports TensorFlow or torch.
 """

@@ -60,7 +60,7 @@ def to_jax(src, out, kind='', config_spec=''):
   state, notes = checkpoint.read_state_dict(src, progress=_progress_printer(src))
   for note in notes:
     print(f'{src}: {note}')
-  kind = kind or kinds.detect_kind(state.keys(), config)
+  kind = kinds.normalize_kind(kind) if kind else kinds.detect_kind(state.keys(), config)
   kind_config, scope = kinds.apply_kind(kind, config)
   if config_spec:
     diff = _model_differences(kind_config.model, config.model)

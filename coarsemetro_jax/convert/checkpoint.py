@@ -74,12 +74,21 @@ def read_converted(directory):
   """(variables as numpy, conversion metadata or {}) of an orbax directory.
 
   Training checkpoints (a TrainState with `params`/`batch_stats` fields) are
-  accepted too; only those two entries are returned.
+  accepted too, given as the step directory of a CheckpointManager (its
+  single item folder, e.g. `default/` or `state/`, is found) or the item
+  folder itself; only `params` and `batch_stats` are returned.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{directory}: no such checkpoint directory')
+  if not os.path.exists(os.path.join(directory, '_METADATA')):
+    items = [d for d in ('default', 'state')
+             if os.path.exists(os.path.join(directory, d, '_METADATA'))]
+    if len(items) != 1:
+      raise FileNotFoundError(f'{directory}: not an orbax checkpoint (no _METADATA here or '
+                              'in a default/ or state/ item folder)')
+    directory = os.path.join(directory, items[0])
   with ocp.StandardCheckpointer() as ckptr:
     metadata = (ckptr.metadata(directory).custom_metadata or {}).get(METADATA_KEY, {})
     tree = ckptr.restore(directory)

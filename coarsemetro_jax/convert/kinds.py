@@ -82,9 +82,17 @@ def kind_of(model_config, scope='model'):
   return f'{model_config.name}-{size}-{_backbone_tag(model_config)}'
 
 
+def normalize_kind(kind):
+  """Accepts the release spelling: 'FastMETRO-S-R50' -> 'fastmetro-S-r50'."""
+  parts = kind.strip().split('-')
+  if len(parts) == 3 and parts[0].lower() in ('fastmetro', 'coarsemetro'):
+    return f'{parts[0].lower()}-{parts[1].upper()}-{parts[2].lower()}'
+  return kind.strip().lower()
+
+
 def parse_kind(kind):
   """Kind -> (scope, overrides of config.model)."""
-  parts = kind.split('-')
+  parts = normalize_kind(kind).split('-')
   if parts[-1] == 'imagenet':
     bb = '-'.join(parts[:-1])
     if bb == 'resnet50':
