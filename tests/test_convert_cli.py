@@ -20,6 +20,7 @@ from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 from coarsemetro_jax.convert import torch_file
+from coarsemetro_jax.convert import torch_writer
 
 TINY = os.path.join(kinds.REPO_CONFIGS, 'tiny.py')
 
@@ -96,7 +97,7 @@ def test_flax_torch_flax_bit_exact(tmp_path):
   variables = _random_variables(config)
   table = tables.model_table(config.model)
   state = state_dict_lib.to_torch(variables, table)
-  torch_file.save(state, tmp_path / 'model.pth')
+  torch_writer.save(state, tmp_path / 'model.pth')
   back, report = state_dict_lib.to_flax(torch_file.load(tmp_path / 'model.pth'), table,
                                         kinds.abstract_variables(config))
   assert not report.widened
@@ -156,7 +157,7 @@ def _fastmetro_file(tmp_path):
   config = tiny.get_config('fastmetro')
   state = state_dict_lib.to_torch(_random_variables(config), tables.model_table(config.model))
   path = tmp_path / 'fastmetro.pth'
-  torch_file.save(state, path)
+  torch_writer.save(state, path)
   return path, state
 
 
@@ -180,7 +181,7 @@ def _variant(tmp_path, state, name, edit):
   state = collections.OrderedDict(state)
   edit(state)
   path = tmp_path / f'{name}.pth'
-  torch_file.save(state, path)
+  torch_writer.save(state, path)
   return path
 
 

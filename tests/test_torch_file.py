@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from coarsemetro_jax.convert import torch_file
+from coarsemetro_jax.convert import torch_writer
 
 
 # ---------------------------------------------------------------- real files
@@ -161,7 +162,7 @@ def _random_state():
 def test_save_round_trip_without_torch(tmp_path):
   state = _random_state()
   path = tmp_path / 'out.pth'
-  torch_file.save(state, path)
+  torch_writer.save(state, path)
   back = torch_file.load(path)
   assert list(back) == list(state)
   for key, value in state.items():
@@ -179,7 +180,7 @@ def test_save_is_readable_by_torch(tmp_path):
   torch = pytest.importorskip('torch')
   state = _random_state()
   path = tmp_path / 'out.pth'
-  torch_file.save({'model': state, 'epoch': 3, 'note': 'x'}, path)
+  torch_writer.save({'model': state, 'epoch': 3, 'note': 'x'}, path)
   ref = torch.load(path, weights_only=True)
   assert ref['epoch'] == 3 and ref['note'] == 'x'
   for key, value in state.items():
@@ -195,7 +196,7 @@ def test_save_is_readable_by_torch(tmp_path):
 
 def test_truncated_zip_names_file(tmp_path):
   path = tmp_path / 'model.pth'
-  torch_file.save(_random_state(), path)
+  torch_writer.save(_random_state(), path)
   data = path.read_bytes()
   bad = tmp_path / 'cut.pth'
   bad.write_bytes(data[:len(data) // 2])
@@ -205,7 +206,7 @@ def test_truncated_zip_names_file(tmp_path):
 
 def test_corrupt_zip_storage(tmp_path):
   path = tmp_path / 'model.pth'
-  torch_file.save(_random_state(), path)
+  torch_writer.save(_random_state(), path)
   data = bytearray(path.read_bytes())
   with zipfile.ZipFile(path) as zf:
     info = zf.getinfo('archive/data/0')

@@ -1,8 +1,9 @@
 """PyTorch checkpoints <-> Flax variables (ResNet-50, FastMETRO-S/M/L, CoarseMETRO).
 
 Modules:
-  torch_file   `load(path)` / `save(tree, path)`: PyTorch .pth/.bin/.pt files
-               (zip and legacy serialisations) without torch; restricted unpickler.
+  torch_file   `load(path)`: PyTorch .pth/.bin/.pt files (zip and legacy
+               serialisations) without torch; restricted unpickler.
+  torch_writer `save(tree, path)`: zip serialisation that torch.load reads.
   tables       explicit module tables (name map + layout per module kind) and
                CoarseMETRO's PyTorch key layout (documented there).
   state_dict   `to_flax(state_dict, table, target)` / `to_torch(variables, table)`

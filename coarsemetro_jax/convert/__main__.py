@@ -25,7 +25,7 @@ from coarsemetro_jax.convert import checkpoint
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
-from coarsemetro_jax.convert import torch_file
+from coarsemetro_jax.convert import torch_writer
 
 PROGRESS_MIN_BYTES = 32 << 20   # show a progress line for files above 32 MiB
 
@@ -101,7 +101,7 @@ def to_torch(src, out, kind='', config_spec=''):
                      '(and --kind for a backbone-only checkpoint)')
   table = tables.model_table(model_config, scope)
   state = state_dict_lib.to_torch(variables, table)
-  torch_file.save(state, out)
+  torch_writer.save(state, out)
   n = sum(tables.num_params(v.shape) for k, v in state.items()
           if not k.endswith(('num_batches_tracked', 'running_mean', 'running_var')))
   print(f'wrote {out}: {len(state)} tensors, {n:,} parameters '

@@ -32,8 +32,7 @@ offsets; tensors that share a storage share memory (as after `torch.load`).
 bfloat16 and float8 use `ml_dtypes` (installed with JAX). Device locations are
 ignored (everything is loaded to host memory).
 
-`save` writes the zip serialisation (64-byte aligned storages, as torch does)
-for a dict of numpy arrays; `torch.load(path, weights_only=True)` reads it.
+The writer is `torch_writer.save`.
 """
 
 import _compat_pickle
@@ -50,7 +49,6 @@ import numpy as np
 
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 LEGACY_PROTOCOL = 1001
-STORAGE_ALIGNMENT = 64   # torch aligns zip storage records for mmap.
 
 
 class TorchFileError(ValueError):
@@ -433,138 +431,3 @@ def load(path, progress=None):
     return _load_legacy(path, progress)
   raise TorchFileError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor '
                        f'a legacy pickle; starts with {head!r})')
-
-
-# ----------------------------------------------------------------------------
-# Writing (zip serialisation, readable by torch.load(weights_only=True)).
-
-
-class _PickleWriter:
-  """Emits the protocol-2 pickle torch writes for a dict of tensors."""
-
-  def __init__(self):
-    self.out = io.BytesIO()
-    self.out.write(b'\x80\x02')   # PROTO 2
-
-  def global_(self, module, name):
-    self.out.write(b'c' + module.encode() + b'\n' + name.encode() + b'\n')
-
-  def value(self, v):
-    """Plain values: None, bool, int, float, str, tuples, dicts."""
-    w = self.out.write
-    if v is None:
-      w(b'N')
-    elif isinstance(v, (bool, np.bool_)):
-      w(b'\x88' if v else b'\x89')
-    elif isinstance(v, (int, np.integer)):
-      v = int(v)
-      if -2**31 <= v < 2**31:
-        w(b'J' + struct.pack('<i', v))
-      else:
-        raw = v.to_bytes((v.bit_length() + 8) // 8, 'little', signed=True)
-        w(b'\x8a' + bytes([len(raw)]) + raw)
-    elif isinstance(v, (float, np.floating)):
-      w(b'G' + struct.pack('>d', float(v)))
-    elif isinstance(v, str):
-      raw = v.encode('utf-8')
-      w(b'X' + struct.pack('<I', len(raw)) + raw)
-    elif isinstance(v, tuple):
-      w(b'(')
-      for x in v:
-        self.value(x)
-      w(b't')
-    elif isinstance(v, dict):
-      self.global_('collections', 'OrderedDict')
-      w(b')R')                     # OrderedDict()
-      if v:
-        w(b'(')
-        for k, x in v.items():
-          if not isinstance(k, str):
-            raise TypeError(f'dict keys must be str, got {k!r}')
-          self.value(k)
-          self.value(x)
-        w(b'u')                    # SETITEMS
-    else:
-      raise TypeError(f'cannot write a {type(v).__name__} into a PyTorch file')
-
-  def tensor(self, key, array):
-    """`_rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`."""
-    self.global_('torch._utils', '_rebuild_tensor_v2')
-    self.out.write(b'(')
-    self.out.write(b'(')           # persistent id tuple
-    self.value('storage')
-    self.global_('torch', STORAGE_NAMES[array.dtype])
-    self.value(key)
-    self.value('cpu')
-    self.value(array.size)
-    self.out.write(b'tQ')          # TUPLE, BINPERSID
-    self.value(0)
-    self.value(tuple(array.shape))
-    strides = np.cumprod((1,) + array.shape[:0:-1])[::-1] if array.ndim else ()
-    self.value(tuple(int(s) for s in strides))
-    self.value(False)
-    self.value({})
-    self.out.write(b'tR')          # TUPLE, REDUCE
-
-  def finish(self):
-    self.out.write(b'.')
-    return self.out.getvalue()
-
-
-def _write_tree(writer, obj, arrays):
-  """Emits `obj`; numpy arrays become tensors stored under keys '0', '1', ..."""
-  if isinstance(obj, np.ndarray):
-    if obj.dtype not in STORAGE_NAMES:
-      raise TypeError(f'no torch storage type for dtype {obj.dtype}')
-    key = str(len(arrays))
-    arrays.append(obj if obj.flags.c_contiguous else obj.copy(order='C'))
-    writer.tensor(key, arrays[-1])
-  elif isinstance(obj, dict):
-    writer.global_('collections', 'OrderedDict')
-    writer.out.write(b')R')
-    if obj:
-      writer.out.write(b'(')
-      for k, v in obj.items():
-        if not isinstance(k, str):
-          raise TypeError(f'dict keys must be str, got {k!r}')
-        writer.value(k)
-        _write_tree(writer, v, arrays)
-      writer.out.write(b'u')
-  else:
-    writer.value(obj)
-
-
-def _aligned_record(zf, name, data):
-  """Writes a stored (uncompressed) record whose data starts 64-byte aligned."""
-  info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-  info.compress_type = zipfile.ZIP_STORED
-  offset = zf.fp.tell() + 30 + len(name.encode()) + 4   # local header + extra header
-  pad = -offset % STORAGE_ALIGNMENT
-  info.extra = b'FB' + struct.pack('<H', pad) + b'Z' * pad   # torch's padding field id
-  zf.writestr(info, data)
-
-
-def save(obj, path, root='archive'):
-  """Writes a dict (possibly nested) of numpy arrays as a torch zip checkpoint.
-
-  Strings, numbers, bools, None and tuples are allowed as other values. Arrays
-  are written contiguous, each in its own storage, little-endian.
-  """
-  writer = _PickleWriter()
-  arrays = []
-  _write_tree(writer, obj, arrays)
-  data_pkl = writer.finish()
-  tmp = f'{os.fspath(path)}.tmp{os.getpid()}'
-  try:
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
-      _aligned_record(zf, f'{root}/data.pkl', data_pkl)
-      _aligned_record(zf, f'{root}/byteorder', b'little')
-      for key, array in enumerate(arrays):
-        if array.dtype.itemsize > 1 and array.dtype.byteorder == '>':
-          array = array.astype(array.dtype.newbyteorder('<'))
-        _aligned_record(zf, f'{root}/data/{key}', array.tobytes())
-      _aligned_record(zf, f'{root}/version', b'3\n')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
