@@ -278,3 +278,17 @@ def test_not_a_checkpoint(tmp_path):
     torch_file.load(path)
   with pytest.raises(torch_file.TorchFileError, match='no such file'):
     torch_file.load(tmp_path / 'missing.pth')
+
+
+def test_fastmetro_mask_equals_topology_mask(smpl_topology_dir):
+  # FastMETRO builds its decoder mask from these files (True = blocked); the
+  # Flax models build it from the mesh hierarchy (True = attend). Same mask.
+  from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
+  indices = torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_indices.pt')
+  values = torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_values.pt')
+  adjacency = np.zeros(torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_size.pt'), np.float32)
+  adjacency[indices[0], indices[1]] = values
+  blocked = np.zeros((445, 445), bool)
+  blocked[14:, 14:] = adjacency == 0
+  topology = mesh_topology.load_topology(str(smpl_topology_dir / 'mesh_downsampling.npz'))
+  np.testing.assert_array_equal(topology.decoder_attention_mask(14), ~blocked)
