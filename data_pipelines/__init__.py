@@ -2,7 +2,8 @@
 
 Modules (this package imports none of them, so `metro_tsv` and `augment` stay
 usable without TensorFlow):
-  metro_tsv       METRO TSV/yaml/.lineidx writer and reader, label parsing (NumPy).
+  metro_tsv       METRO TSV/yaml/.lineidx writer and reader, label parsing
+                  (NumPy).
   augment         METRO/GraphCMR crop, scale, rotation, flip, colour parameters
                   and the joint/pose transforms (NumPy + OpenCV).
   input_pipeline  tf.data per host: create_train_dataset, create_eval_dataset,

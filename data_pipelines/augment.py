@@ -121,7 +121,7 @@ def transform_joints_2d(joints_2d, matrix, size, flip=False):
 
 
 def transform_joints_3d(joints_3d, rot=0.0, flip=False):
-  """[24, 4] camera-frame joints: root-centre at the J24 pelvis, rotate, flip."""
+  """[24, 4] camera-frame joints: centre at the J24 pelvis, rotate, flip."""
   out = np.array(joints_3d, np.float64)
   out[:, :3] -= out[joints.J24_PELVIS, :3]
   out[:, :2] = out[:, :2] @ rotation_2d(rot).T

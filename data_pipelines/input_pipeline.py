@@ -237,7 +237,8 @@ def _dtype(data_config):
 
 
 def _examples(data_config, *, yaml_path, tfds_split, train, seed,
-              process_index, process_count, shuffle, bad_rows):
+              process_index, process_count, shuffle, bad_rows,
+              skip_examples=0):
   """Host-local stream of processed examples (and its source size)."""
   size = data_config.image_size
   params_fn = _params_fn(data_config, seed, train)
@@ -273,12 +274,15 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
   if train:
     ds = ds.repeat()
   # Counting before the bad rows are dropped: element k is in epoch k // n.
-  ds = ds.enumerate().map(loader, num_parallel_calls=parallel)
+  # Skipping here costs no decoding (the rows are only indices so far).
+  ds = ds.enumerate().skip(skip_examples)
+  ds = ds.map(loader, num_parallel_calls=parallel)
   return ds.filter(lambda ex: ex['mask'] > 0), num_rows
 
 
 def create_train_dataset(data_config, *, seed=0, process_index=None,
-                         process_count=None, shuffle=True, bad_rows=None):
+                         process_count=None, shuffle=True, bad_rows=None,
+                         start_step=0):
   """Endless host-local training batches (batch keys: data_pipelines).
 
   Args:
@@ -289,11 +293,16 @@ def create_train_dataset(data_config, *, seed=0, process_index=None,
       (default: jax.process_index(), jax.process_count()).
     shuffle: reshuffle every epoch (False: rows in order, for tests).
     bad_rows: optional BadRows to inspect the skipped rows.
+    start_step: resume: skip the examples of this many batches before
+      decoding them. The batches then equal the uninterrupted run's, unless
+      bad rows were among the skipped examples (each shifts them by one).
 
   Returns:
     tf.data.Dataset of dicts of [batch_size / process_count, ...] tensors.
   """
   _hide_accelerators_from_tf()
+  if seed < 0:
+    raise ValueError(f'seed must be >= 0 (numpy SeedSequence), got {seed}')
   process_index, process_count = _process_args(process_index, process_count)
   local = _local_batch_size(data_config.batch_size, process_count,
                             'batch_size')
@@ -301,7 +310,7 @@ def create_train_dataset(data_config, *, seed=0, process_index=None,
                     tfds_split=data_config.tfds_train_split, train=True,
                     seed=seed, process_index=process_index,
                     process_count=process_count, shuffle=shuffle,
-                    bad_rows=bad_rows)
+                    bad_rows=bad_rows, skip_examples=start_step * local)
   ds = ds.batch(local, drop_remainder=True)  # static shapes for jit
   ds = ds.map(functools.partial(normalize_batch, dtype=_dtype(data_config)),
               num_parallel_calls=tf.data.AUTOTUNE)

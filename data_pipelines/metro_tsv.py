@@ -1,20 +1,20 @@
 """METRO TSV datasets: writer and reader in pure Python/NumPy (no TensorFlow).
 
-The on-disk format is METRO's (MeshTransformer / FastMETRO `src/utils/tsv_file*.py`,
-`src/datasets/human_mesh_tsv.py`), so files written here are read unchanged by
-METRO's own code and the original data tars are read unchanged here:
+The on-disk format is METRO's (MeshTransformer / FastMETRO
+`src/utils/tsv_file*.py`, `src/datasets/human_mesh_tsv.py`): files written here
+are read unchanged by METRO's code, and METRO's data tars are read here:
 
   {split}.img.tsv       `key \\t base64(JPEG)`; the reader takes the last column
-  {split}.img.lineidx   decimal byte offset of each row, one per line (the name is
-                        the tsv's with its last extension replaced: `x.img.tsv` ->
-                        `x.img.lineidx`)
+  {split}.img.lineidx   byte offset of each row, one per line (each tsv has one:
+                        `x.img.tsv` -> `x.img.lineidx`)
   {split}.hw.tsv        `key \\t [{"height": H, "width": W}]`
   {split}.label.tsv     `key \\t JSON list`; the first dict is the label (below)
   {split}.linelist.tsv  rows to use: `row` per line, or `source \\t row` for a
                         composite dataset
   {split}.yaml          `img`, `label`, `hw`, `linelist`: paths relative to the
                         yaml's directory. A composite yaml has `composite: true`
-                        and lists of `img` / `label` / `hw` paths (one per source).
+                        and lists of `img` / `label` / `hw` paths, one per
+                        source.
 
 Label dict (one per image; all joints in the J24 order of `joints.J24_NAMES`):
   center [2] px, scale (box side / 200 px), 2d_joints [24, 3] (or [1, 24, 3]) px
@@ -41,16 +41,21 @@ from absl import logging
 import numpy as np
 import yaml
 
-NUM_J24 = 24
-NUM_POSE = 72
-NUM_BETAS = 10
-# (array field, flag field, shape) of the optional label fields.
+from coarsemetro_jax import joints
+
+NUM_J24 = len(joints.J24_NAMES)
+NUM_POSE = 3 * joints.NUM_SMPL_JOINTS
+NUM_BETAS = joints.NUM_BETAS
+# (label field, has_* flag, shape, parsed name) of the optional label fields.
 _OPTIONAL_FIELDS = (
-    ('2d_joints', 'has_2d_joints', (NUM_J24, 3)),
-    ('3d_joints', 'has_3d_joints', (NUM_J24, 4)),
-    ('pose', 'has_smpl', (NUM_POSE,)),
-    ('betas', 'has_smpl', (NUM_BETAS,)),
+    ('2d_joints', 'has_2d_joints', (NUM_J24, 3), 'joints_2d'),
+    ('3d_joints', 'has_3d_joints', (NUM_J24, 4), 'joints_3d'),
+    ('pose', 'has_smpl', (NUM_POSE,), 'pose'),
+    ('betas', 'has_smpl', (NUM_BETAS,), 'betas'),
 )
+# Every key METRO's reader indexes (gender is optional).
+_LABEL_KEYS = ('center', 'scale', '2d_joints', '3d_joints', 'has_2d_joints',
+               'has_3d_joints', 'pose', 'betas', 'has_smpl')
 
 
 class BadRowError(ValueError):
@@ -121,29 +126,24 @@ def parse_label(label):
     raise ValueError(f'scale must be finite and > 0, got {scale}')
 
   out = {'center': center.astype(np.float32), 'scale': np.float32(scale)}
-  names = {'2d_joints': 'joints_2d', '3d_joints': 'joints_3d',
-           'pose': 'pose', 'betas': 'betas'}
   flags = {}
-  for field, flag_name, shape in _OPTIONAL_FIELDS:
+  for field, flag_name, shape, name in _OPTIONAL_FIELDS:
     flag = _flag(label, flag_name) if label.get(field) is not None else 0.0
     # pose and betas share has_smpl: a pose without betas (or vice versa) is
     # unusable for the SMPL losses, so both must be present for it to hold.
     flag = min(flag, flags.get(flag_name, 1.0))
     flags[flag_name] = flag
     if label.get(field) is None:
-      out[names[field]] = np.zeros(shape, np.float32)
+      out[name] = np.zeros(shape, np.float32)
       continue
     value = _field(label, field, shape)
     bad = ~np.isfinite(value)
     if bad.any():
       if flag:
         raise ValueError(f'{field} has non-finite values while {flag_name}=1')
-      if value.ndim == 2:  # joints: drop the whole joint
-        bad_joints = bad.any(axis=1)
-        value[bad_joints] = 0.0
-      else:
-        value[bad] = 0.0
-    out[names[field]] = value.astype(np.float32)
+      # Joints: drop the whole joint (visibility / confidence included).
+      value[bad.any(axis=1) if value.ndim == 2 else bad] = 0.0
+    out[name] = value.astype(np.float32)
   for flag_name, flag in flags.items():
     out[flag_name] = np.float32(flag)
   return out
@@ -162,23 +162,6 @@ def parse_label_text(text):
   return parse_label(labels[0])
 
 
-def _to_json(value):
-  """NumPy arrays and scalars -> JSON-serialisable Python values."""
-  if isinstance(value, dict):
-    return {k: _to_json(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_to_json(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if isinstance(value, np.generic):
-    return value.item()
-  return value
-
-
-_LABEL_KEYS = ('center', 'scale', '2d_joints', '3d_joints', 'has_2d_joints',
-               'has_3d_joints', 'pose', 'betas', 'has_smpl')
-
-
 def encode_label(label):
   """Validates a label dict and returns the label column (JSON list of one).
 
@@ -190,7 +173,8 @@ def encode_label(label):
     raise ValueError(f'label is missing {missing}; METRO reads all of '
                      f'{list(_LABEL_KEYS)}')
   parse_label(label)
-  return json.dumps([_to_json(label)], allow_nan=False)
+  # NumPy arrays and scalars both have .tolist().
+  return json.dumps([label], allow_nan=False, default=lambda v: v.tolist())
 
 
 # ------------------------------------------------------------------- writer
@@ -199,10 +183,6 @@ def encode_label(label):
 def lineidx_path(tsv_path):
   """METRO's `.lineidx` name: `a/x.img.tsv` -> `a/x.img.lineidx`."""
   return os.path.splitext(tsv_path)[0] + '.lineidx'
-
-
-def _replace(tmp, path):
-  os.replace(tmp, path)
 
 
 class TsvWriter:
@@ -249,8 +229,8 @@ class TsvWriter:
     # a tsv without .lineidx (regenerated by the reader), never a stale one.
     if os.path.exists(self._idx_path):
       os.remove(self._idx_path)
-    _replace(self._tmp, self.path)
-    _replace(self._idx_tmp, self._idx_path)
+    os.replace(self._tmp, self.path)
+    os.replace(self._idx_tmp, self._idx_path)
 
   def abort(self):
     """Discards the temporary files."""
@@ -286,7 +266,7 @@ def _write_text_atomic(path, text):
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
-  _replace(tmp, path)
+  os.replace(tmp, path)
 
 
 def write_split(out_dir, split, examples):
@@ -370,7 +350,7 @@ def generate_lineidx(tsv_path):
   tmp = idx_path + '.tmp'
   with open(tmp, 'wb') as f:
     f.write(b''.join(b'%d\n' % o for o in offsets))
-  _replace(tmp, idx_path)
+  os.replace(tmp, idx_path)
   return offsets
 
 
@@ -416,7 +396,8 @@ class TsvFile:
       raise BadRowError(f'{self.path} row {row}: out of range '
                         f'[0, {len(self.offsets)})')
     start = int(self.offsets[row])
-    end = int(self.offsets[row + 1]) if row + 1 < len(self.offsets) else self.size
+    end = (int(self.offsets[row + 1]) if row + 1 < len(self.offsets)
+           else self.size)
     data = os.pread(self._fd, end - start, start)
     if len(data) != end - start:
       raise BadRowError(f'{self.path} row {row}: read {len(data)} of '
@@ -429,9 +410,10 @@ class TsvFile:
                         '.lineidx)')
     return [field.strip() for field in data.split(b'\t')]
 
-  def close(self):
+  def close(self, _os_close=os.close):
+    # `_os_close` is bound early: at interpreter exit `os` may already be gone.
     if getattr(self, '_fd', None) is not None:
-      os.close(self._fd)
+      _os_close(self._fd)
       self._fd = None
 
   def __del__(self):

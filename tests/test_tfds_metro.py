@@ -1,4 +1,4 @@
-"""TFDS builder: same rows and bytes as the TSVs; same batches from both sources."""
+"""TFDS builder: the TSVs' rows and bytes; the same batches as the TSVs."""
 
 import base64
 
