@@ -1,0 +1,299 @@
+"""TF-free training core: device mesh, sharded TrainState, optimiser, jitted steps.
+
+Layout (reference/style.md Sec. 3-4): one device-mesh axis 'data' (AxisType.Auto);
+the batch is sharded over it, the train state is replicated or, with
+`config.param_sharding = 'fsdp'`, its large arrays (params and AdamW moments)
+are sharded over 'data' too and XLA inserts the all-gathers / reduce-scatters.
+State is born sharded: `jax.eval_shape(init)` -> shardings -> `jax.jit(init,
+out_shardings=...)`. The steps are `jax.jit` with explicit in/out shardings;
+the train step donates the state.
+
+What is synchronised across devices:
+* gradients, losses and metrics: everything is computed on the global batch
+  (one program, GSPMD), so loss normalisations (e.g. N_has3d) are global;
+* BatchNorm: with `config.bn_group_size = 0` the batch statistics are taken
+  over the global batch (= SyncBatchNorm). With `bn_group_size = g > 0` the
+  batch is split into groups of g examples (`jax.vmap` over groups; Flax
+  BatchNorm without `axis_name` then reduces within a group only), which is
+  PyTorch DDP without SyncBN at g images per GPU, FastMETRO's training
+  (g = 16), independent of the device count. The running statistics are
+  averaged over the groups (DDP kept rank 0's; the EMA is linear, so this is
+  the EMA of the mean group statistics). If the batch is not larger than g
+  there is one group.
+* randomness: per step `fold_in(rng, step)` split into 'dropout' and
+  'joint_mask' (and per BN group when grouped); `jax_threefry_partitionable`
+  makes the draws independent of the sharding.
+
+Mixed precision: `config.model.compute_dtype = 'bfloat16'` runs the model in
+bf16 with float32 params and optimiser state; model outputs, losses and
+metrics are float32.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+
+try:  # TODO(steps): plain import once body_model.py lands.
+  from coarsemetro_jax import body_model
+except ImportError:
+  body_model = None
+from coarsemetro_jax import losses
+from coarsemetro_jax import metrics
+
+DATA_AXIS = 'data'
+
+
+def make_device_mesh(devices=None):
+  """1-D device mesh ('data',) over `devices` (default: all), AxisType.Auto."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       (jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def batch_sharding(device_mesh):
+  """Leading (batch) axis over 'data'."""
+  return NamedSharding(device_mesh, P(DATA_AXIS))
+
+
+def replicated(device_mesh):
+  return NamedSharding(device_mesh, P())
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus BatchNorm statistics and the lr schedule (static)."""
+  batch_stats: Any = None
+  lr_fn: Callable[[Any], Any] = flax.struct.field(pytree_node=False, default=None)
+
+
+# ----------------------------------------------------------------------------
+# Optimiser.
+
+
+def learning_rate_fn(optim_config, steps_per_epoch=None):
+  """Constant lr, or PyTorch StepLR(lr_drop_epochs, lr_drop_factor) per step."""
+  lr = optim_config.lr
+  if optim_config.lr_drop_epochs <= 0:
+    return optax.constant_schedule(lr)
+  if not steps_per_epoch:
+    raise ValueError('config.optim.lr_drop_epochs > 0 needs steps_per_epoch '
+                     '(StepLR is stepped once per epoch)')
+  return optax.exponential_decay(
+      lr, transition_steps=optim_config.lr_drop_epochs * steps_per_epoch,
+      decay_rate=optim_config.lr_drop_factor, staircase=True)
+
+
+def param_labels(params):
+  """'backbone' for leaves under a module named 'backbone', else 'rest'."""
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: 'backbone' if 'backbone' in path else 'rest', params)
+
+
+def make_optimizer(optim_config, steps_per_epoch=None):
+  """Global-norm clipping then AdamW (decoupled decay on every parameter).
+
+  Returns (optax transform, lr schedule of the non-backbone parameters).
+  """
+  c = optim_config
+  lr_fn = learning_rate_fn(c, steps_per_epoch)
+
+  def adamw(mult):
+    return optax.adamw(lambda step: mult * lr_fn(step), b1=c.b1, b2=c.b2,
+                       eps=c.eps, weight_decay=c.weight_decay)
+
+  if c.backbone_lr_mult == 1.0:
+    inner = adamw(1.0)
+  else:
+    inner = optax.multi_transform(
+        {'backbone': adamw(c.backbone_lr_mult), 'rest': adamw(1.0)}, param_labels)
+  return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), inner), lr_fn
+
+
+# ----------------------------------------------------------------------------
+# Sharded state.
+
+
+def fsdp_spec(shape, num_shards, min_size):
+  """Shards the largest axis divisible by num_shards for arrays >= min_size."""
+  if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  axes = [i for i, d in enumerate(shape) if d % num_shards == 0]
+  if not axes:
+    return P()
+  axis = max(axes, key=lambda i: shape[i])
+  return P(*[DATA_AXIS if i == axis else None for i in range(len(shape))])
+
+
+def state_sharding(abstract_state, device_mesh, param_sharding='replicated',
+                   fsdp_min_size=2**18):
+  """NamedShardings for every array of a (abstract) state."""
+  if param_sharding not in ('replicated', 'fsdp'):
+    raise ValueError("config.param_sharding must be 'replicated' or 'fsdp', got "
+                     f'{param_sharding!r}')
+  n = device_mesh.shape[DATA_AXIS]
+
+  def spec(x):
+    if param_sharding == 'fsdp':
+      return NamedSharding(device_mesh, fsdp_spec(x.shape, n, fsdp_min_size))
+    return NamedSharding(device_mesh, P())
+
+  return jax.tree.map(spec, abstract_state)
+
+
+def create_train_state(config, model, rng, device_mesh, image_shape,
+                       steps_per_epoch=None):
+  """Initialises params, batch_stats and AdamW state directly sharded.
+
+  Args:
+    config: full config (optim, param_sharding, fsdp_min_size).
+    model: Flax module (`models.build_model`).
+    rng: jax.random key for parameter initialisation.
+    device_mesh: from `make_device_mesh`.
+    image_shape: (S, S, 3) of one image.
+    steps_per_epoch: needed only for an lr step decay.
+  Returns:
+    (state, state_sharding).
+  """
+  tx, lr_fn = make_optimizer(config.optim, steps_per_epoch)
+
+  def init(rng):
+    variables = model.init({'params': rng}, jnp.zeros((1, *image_shape), jnp.float32),
+                           train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables.get('batch_stats', {}), lr_fn=lr_fn)
+
+  abstract = jax.eval_shape(init, rng)
+  sharding = state_sharding(abstract, device_mesh, config.param_sharding,
+                            config.fsdp_min_size)
+  state = jax.jit(init, out_shardings=sharding)(rng)
+  return state, sharding
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+
+
+def apply_train(model, variables, images, rngs, bn_group_size=0):
+  """Training forward pass with BatchNorm statistics per group of examples.
+
+  Args:
+    model, variables: Flax module and {'params', 'batch_stats'}.
+    images: [B, S, S, 3].
+    rngs: {'dropout': key, 'joint_mask': key}.
+    bn_group_size: examples per BatchNorm group; 0 (or >= B) = whole batch.
+  Returns:
+    (outputs, new batch_stats); with groups, the stats are the group mean.
+  """
+  b = images.shape[0]
+  if not bn_group_size or b <= bn_group_size:
+    outputs, state = model.apply(variables, images, train=True, rngs=rngs,
+                                 mutable=['batch_stats'])
+    return outputs, state.get('batch_stats', {})
+  if b % bn_group_size:
+    raise ValueError(f'batch size {b} is not a multiple of config.bn_group_size '
+                     f'{bn_group_size}')
+  groups = b // bn_group_size
+  images = images.reshape(groups, bn_group_size, *images.shape[1:])
+  rngs = {k: jax.random.split(v, groups) for k, v in rngs.items()}
+
+  def one_group(x, group_rngs):
+    return model.apply(variables, x, train=True, rngs=group_rngs,
+                       mutable=['batch_stats'])
+
+  outputs, state = jax.vmap(one_group)(images, rngs)
+  outputs = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), outputs)
+  stats = jax.tree.map(lambda x: x.mean(0), state.get('batch_stats', {}))
+  return outputs, stats
+
+
+def step_rngs(rng, step):
+  """Per-step keys: fold_in(rng, step) split into 'dropout' and 'joint_mask'."""
+  dropout, joint_mask = jax.random.split(jax.random.fold_in(rng, step))
+  return {'dropout': dropout, 'joint_mask': joint_mask}
+
+
+def _ground_truth_mesh(body, batch):
+  vertices, _ = body_model.forward(body, batch['pose'], batch['betas'])
+  return vertices                                                   # [B, 6890, 3]
+
+
+def make_train_step(config, model, body, topology, state_sharding_, batch_sharding_):
+  """Jitted `train_step(state, batch, rng) -> (state, metrics)`.
+
+  The state is donated; metrics (loss, unweighted loss terms as 'loss_<name>',
+  grad_norm, lr) come back replicated. `rng` is the run's base key; the
+  per-step keys are folded from it with `state.step`. GT meshes come from the
+  body model inside the step.
+  """
+  device_mesh = batch_sharding_.mesh
+  repl = replicated(device_mesh)
+  body = jax.device_put(body, repl)
+
+  def train_step(state, batch, rng, body):
+    rngs = step_rngs(rng, state.step)
+    regress = functools.partial(body_model.h36m_joints, body)
+    gt_vertices = _ground_truth_mesh(body, batch)
+
+    def loss_fn(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      outputs, new_stats = apply_train(model, variables, batch['image'], rngs,
+                                       config.bn_group_size)
+      loss, terms = losses.compute_loss(outputs, batch, gt_vertices, regress,
+                                        topology, config.loss)
+      return loss, (terms, new_stats)
+
+    (loss, (terms, new_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    out = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+           'lr': jnp.asarray(state.lr_fn(state.step), jnp.float32)}
+    out.update({f'loss_{k}': v for k, v in terms.items()})
+    return new_state, out
+
+  jitted = jax.jit(train_step,
+                   in_shardings=(state_sharding_, batch_sharding_, repl, repl),
+                   out_shardings=(state_sharding_, repl), donate_argnums=0)
+  return lambda state, batch, rng: jitted(state, batch, rng, body)
+
+
+def make_eval_step(config, model, body, topology, state_sharding_, batch_sharding_):
+  """Jitted `eval_step(state, batch) -> (metrics.EvalMetrics, predictions)`.
+
+  The collection (replicated) is merged over batches by the caller; padded
+  examples (`mask` 0) count nowhere. Predictions (batch-sharded) for pictures:
+  pred_cam [B, 3]; pred_vertices [B, 6890, 3] and pred_3d_joints [B, 14, 3]
+  (mesh joints) centred at the mesh's H36M pelvis; pred_2d_joints [B, 14, 2]
+  their weak-perspective projection in [-1, 1] crop units.
+  """
+  del config
+  device_mesh = batch_sharding_.mesh
+  repl = replicated(device_mesh)
+  body = jax.device_put(body, repl)
+
+  def eval_step(state, batch, body):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    outputs = model.apply(variables, batch['image'], train=False)
+    regress = functools.partial(body_model.h36m_joints, body)
+    pred = losses.centre_predictions(outputs, regress)
+    gt = losses.ground_truth(batch, _ground_truth_mesh(body, batch), regress, topology)
+    errors = metrics.errors_from_arrays(
+        pred['mesh_joints'], gt['joints_3d'][..., :3], pred['vertices_fine'],
+        gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
+    predictions = {
+        'pred_cam': pred['cam'],
+        'pred_vertices': pred['vertices_fine'],
+        'pred_3d_joints': pred['mesh_joints'],
+        'pred_2d_joints': losses.orthographic_projection(pred['mesh_joints'], pred['cam']),
+    }
+    return metrics.eval_metrics(errors), predictions
+
+  jitted = jax.jit(eval_step, in_shardings=(state_sharding_, batch_sharding_, repl),
+                   out_shardings=(repl, batch_sharding_))
+  return lambda state, batch: jitted(state, batch, body)
