@@ -152,7 +152,7 @@ def to_flax(state_dict, table, target, source='checkpoint'):
                    f'{np.dtype(want.dtype)}')
         continue
       widened.append(leaf.torch)
-    flat_out[path] = np.ascontiguousarray(value, dtype=want.dtype)
+    flat_out[path] = np.array(value, dtype=want.dtype, order='C')   # own copy
     converted.append((leaf.torch, path, tuple(value.shape), str(value.dtype)))
   if bad:
     problems.append(listing('mis-shaped or mis-typed keys', bad))
@@ -200,7 +200,7 @@ def to_torch(variables, table, num_batches_tracked=0):
   out = collections.OrderedDict()
   for leaf in leaves:
     value = np.asarray(flat[f'{leaf.collection}/{leaf.flax}'])
-    out[leaf.torch] = np.ascontiguousarray(tables.TO_TORCH[leaf.layout](value))
+    out[leaf.torch] = np.array(tables.TO_TORCH[leaf.layout](value), order='C')
     module = leaf.torch.rsplit('.', 1)[0]
     if leaf.torch.endswith('running_var') and module in nbt:
       out[nbt[module]] = np.array(num_batches_tracked, np.int64)
