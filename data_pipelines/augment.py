@@ -18,11 +18,12 @@ Conventions:
     negates 3D x, and flips the pose with `joints.SMPL_FLIP_PERM` plus negated
     axis-angle y and z (METRO `flip_pose`).
 
-Differences from METRO's code, all sub-pixel: METRO rounds the crop box corners
-and keypoints to integers (`transform(...).astype(int) + 1`) and resizes a
-padded, rotated crop; here both use the exact continuous matrix. The warped
-image is kept as uint8 (METRO keeps float), i.e. rounded to the nearest level
-before the colour noise.
+Differences from METRO's code, all within a crop pixel: METRO rounds the crop
+box corners and keypoints to integers (`transform(...).astype(int) + 1`),
+resizes a padded, rotated crop, and negates normalised x on a flip while the
+image mirrors about (S - 1) / 2 (one pixel apart); here image and joints use
+the same continuous matrix. The warped image is kept as uint8 (METRO keeps
+float), i.e. rounded to the nearest level before the colour noise.
 """
 
 import dataclasses
@@ -39,6 +40,8 @@ NOISE_FACTOR = 0.4    # pn ~ U[0.6, 1.4] per channel
 FLIP_PROB = 0.5
 ROT_ZERO_PROB = 0.6   # rotation is set to 0 with this probability
 BOX_SIZE = 200.0      # `scale` is the box side in units of 200 px
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +161,27 @@ def transform_pose(pose, rot=0.0, flip=False):
   return out.astype(np.float32)
 
 
+def color_normalize(image, pn):
+  """Colour noise, then ImageNet normalisation: uint8 RGB -> float32.
+
+  Every pixel becomes (min(x * pn_c, 255) / 255 - mean_c) / std_c (METRO's
+  clip, /255 and `Normalize`). The result depends only on the uint8 level, so
+  it is a 256-entry table per channel applied in one `cv2.LUT` pass, about ten
+  times cheaper than the float arithmetic on the whole crop.
+
+  Args:
+    image: uint8 [H, W, 3] RGB.
+    pn: [3] per-channel noise (1 at test time).
+
+  Returns:
+    float32 [H, W, 3].
+  """
+  levels = np.arange(256, dtype=np.float32)[:, None]                # [256, 1]
+  noisy = np.minimum(levels * np.asarray(pn, np.float32), 255.0)   # [256, 3]
+  lut = (noisy / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+  return cv2.LUT(image, lut.astype(np.float32)[None])
+
+
 def process_example(image, label, params, size):
   """Crops and augments one example.
 
@@ -168,9 +192,9 @@ def process_example(image, label, params, size):
     size: crop side S.
 
   Returns:
-    dict: image uint8 [S, S, 3] (before colour noise and normalisation),
-    pn [3] float32 (the colour noise, applied later on the batch), joints_2d,
-    joints_3d, pose, betas, has_2d_joints, has_3d_joints, has_smpl.
+    dict: image uint8 [S, S, 3] (the crop, before `color_normalize`), pn [3]
+    float32 (the colour noise), joints_2d, joints_3d, pose, betas,
+    has_2d_joints, has_3d_joints, has_smpl.
   """
   matrix = crop_matrix(label['center'], params.sc * label['scale'], size,
                        params.rot, params.flip)

@@ -6,12 +6,13 @@
     ...
 
 Each host reads a contiguous 1/process_count slice of the dataset's rows (the
-linelist order), decodes and augments examples in a parallel `map` (one
+linelist order) and prepares examples in a parallel `map`, one
 `tf.numpy_function` per example: read the row, cv2 JPEG decode, one
-`cv2.warpAffine`, label transforms; OpenCV releases the GIL), batches
-host-local `batch_size / process_count` examples, applies the colour noise and
-ImageNet normalisation on the whole batch in TF, and `to_global_batch` turns
-the host batch into global arrays with `jax.make_array_from_process_local_data`.
+`cv2.warpAffine` for crop/scale/rotation/flip, the label transforms, and the
+colour noise plus ImageNet normalisation as one `cv2.LUT` (OpenCV releases the
+GIL). It batches `batch_size / process_count` examples per host, and
+`to_global_batch` turns a host batch into global arrays with
+`jax.make_array_from_process_local_data`.
 
 Training: the host's rows are reshuffled every epoch (the full index for TSV;
 shuffled files plus a `shuffle_buffer` for TFDS), augmented with the §4.3
@@ -44,15 +45,10 @@ import tensorflow as tf
 from data_pipelines import augment
 from data_pipelines import metro_tsv
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def example_spec(size):
   """Per-example fields before batching: name -> (shape, dtype)."""
   return {
-      'image': ((size, size, 3), tf.uint8),
-      'pn': ((3,), tf.float32),  # colour noise, applied per batch
+      'image': ((size, size, 3), tf.float32),
       'joints_2d': ((metro_tsv.NUM_J24, 3), tf.float32),
       'joints_3d': ((metro_tsv.NUM_J24, 4), tf.float32),
       'pose': ((metro_tsv.NUM_POSE,), tf.float32),
@@ -66,10 +62,8 @@ def example_spec(size):
 
 def empty_example(size):
   """All-zero example with mask 0 (bad rows and eval padding)."""
-  out = {name: np.zeros(shape, dtype.as_numpy_dtype)
-         for name, (shape, dtype) in example_spec(size).items()}
-  out['pn'] = np.ones(3, np.float32)
-  return out
+  return {name: np.zeros(shape, dtype.as_numpy_dtype)
+          for name, (shape, dtype) in example_spec(size).items()}
 
 
 class BadRows:
@@ -108,6 +102,7 @@ def _process(jpeg, label, params, size, where):
   if image is None:
     raise metro_tsv.BadRowError(f'{where}: JPEG does not decode')
   out = augment.process_example(image, label, params, size)
+  out['image'] = augment.color_normalize(out['image'], out.pop('pn'))
   out['mask'] = np.float32(1)
   return out
 
@@ -184,15 +179,8 @@ def _tfds_loader(bad_rows, params_fn, size, split, epoch_length):
   return fn
 
 
-def normalize_batch(batch, dtype=tf.float32):
-  """Colour noise (clip to [0, 255]) and ImageNet normalisation of a batch."""
-  batch = dict(batch)
-  image = tf.cast(batch.pop('image'), tf.float32)         # [B, S, S, 3]
-  pn = batch.pop('pn')                                    # [B, 3]
-  image = tf.clip_by_value(image * pn[:, None, None, :], 0.0, 255.0)
-  image = (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-  batch['image'] = tf.cast(image, dtype)
-  return batch
+def _cast_images(batch, dtype):
+  return {**batch, 'image': tf.cast(batch['image'], dtype)}
 
 
 def host_range(num_rows, process_index, process_count):
@@ -312,8 +300,9 @@ def create_train_dataset(data_config, *, seed=0, process_index=None,
                     process_count=process_count, shuffle=shuffle,
                     bad_rows=bad_rows, skip_examples=start_step * local)
   ds = ds.batch(local, drop_remainder=True)  # static shapes for jit
-  ds = ds.map(functools.partial(normalize_batch, dtype=_dtype(data_config)),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  if _dtype(data_config) != tf.float32:
+    ds = ds.map(functools.partial(_cast_images, dtype=_dtype(data_config)),
+                num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(data_config.prefetch)
 
 
@@ -353,8 +342,9 @@ def create_eval_dataset(data_config, *, yaml_path=None, tfds_split=None,
       empty_example(data_config.image_size)).repeat()
   ds = ds.concatenate(padding).take(num_batches * local)
   ds = ds.batch(local, drop_remainder=True)
-  ds = ds.map(functools.partial(normalize_batch, dtype=_dtype(data_config)),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  if _dtype(data_config) != tf.float32:
+    ds = ds.map(functools.partial(_cast_images, dtype=_dtype(data_config)),
+                num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
   return ds.prefetch(data_config.prefetch)
 

@@ -251,3 +251,17 @@ def test_sample_params_follow_metro_distribution():
   nonzero = rots[rots != 0]
   assert abs(np.std(nonzero) - 28.5) < 3  # N(0, 30) clipped at +-60
   assert np.mean(scs == 1.25) > 0.1  # clipping piles up at the bounds
+
+
+def test_color_normalize_matches_metro_arithmetic():
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+  image[0, 0] = [255, 250, 0]
+  pn = (1.4, 0.6, 1.1)  # 250 * 1.4 clips at 255
+  # METRO: clip(x * pn), / 255, torchvision Normalize(mean, std).
+  ref = np.clip(image.astype(np.float64) * pn, 0, 255) / 255
+  ref = (ref - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+  out = augment.color_normalize(image, pn)
+  assert out.dtype == np.float32 and out.shape == image.shape
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(out[0, 0, 0], (1 - 0.485) / 0.229, rtol=1e-6)

@@ -62,8 +62,7 @@ def _reference(dataset, index, params):
                                     cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
   out = augment.process_example(image, ex['label'], params, S)
   img = np.clip(out['image'] * np.float32(params.pn), 0, 255) / 255.0
-  out['image'] = (img - input_pipeline.IMAGENET_MEAN) / \
-      input_pipeline.IMAGENET_STD
+  out['image'] = (img - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
   return out
 
 
