@@ -3,6 +3,8 @@
 import base64
 import json
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -281,3 +283,12 @@ def test_bad_files_fail_fast_with_the_path(tmp_path):
   (tmp_path / 'train.linelist.tsv').write_text('0\n2\n')
   with pytest.raises(ValueError, match='row 2 is out of range for .*img.tsv'):
     metro_tsv.MetroDataset(yaml_path)
+
+
+def test_reader_and_augment_do_not_import_tensorflow():
+  code = ('import sys; from data_pipelines import metro_tsv, augment; '
+          'print("tensorflow" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.strip() == 'False'
