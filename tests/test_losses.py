@@ -273,3 +273,18 @@ def test_real_smpl_level1_edges_and_faces_match_fastmetro(smpl_topology_dir):
   triangles = losses.edge_triangles(topology.edges[1], topology.num_vertices[1])
   assert len(triangles) == len(faces) == 3451
   assert as_set(triangles) == as_set(faces)
+
+
+def test_bfloat16_outputs_are_scored_in_float32():
+  rng = np.random.default_rng(4)
+  topology = tiny_topology()
+  outputs, batch, gt_fine, regressor = make_case(rng)
+  config = r50.get_config().loss
+  regress = regress_fn(regressor)
+  low = {k: jnp.asarray(v, jnp.bfloat16) for k, v in outputs.items()}
+  total, terms = losses.compute_loss(low, batch, gt_fine, regress, topology, config)
+  ref, _ = losses.compute_loss(
+      {k: np.asarray(v, np.float32) for k, v in low.items()}, batch, gt_fine, regress,
+      topology, config)
+  assert total.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in terms.values())
+  np.testing.assert_allclose(total, ref, rtol=1e-6)

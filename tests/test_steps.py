@@ -79,7 +79,7 @@ def tiny_config():
   config.model.stage_dims = (16, 8)
   config.model.stage_ffn_dims = (16, 16)
   config.model.vertex_tokens = (4, 8)
-  config.bn_group_size = 0
+  config.bn_group_size = 4     # two BatchNorm groups (vmap path) per batch of 8
   config.fsdp_min_size = 64
   config.optim.backbone_lr_mult = 0.5
   # AdamW's first step is lr * g / (|g| + eps): with eps 1e-8, gradients near
@@ -183,7 +183,7 @@ def test_train_step_same_on_8_devices_as_on_1(one_device_reference, eight_device
   assert np.isfinite(float(out['loss'])) and float(out['loss']) > 0
   np.testing.assert_allclose(out['lr'], 1e-4, rtol=1e-6)
   for k in out_1:
-    np.testing.assert_allclose(out[k], out_1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(out[k], out_1[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # The step moved the params (AdamW's first step is ~lr per coordinate).
   delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
                        jax.device_get(new_state.params), jax.device_get(state0.params))
@@ -230,7 +230,7 @@ def test_fsdp_matches_replicated(one_device_reference, eight_devices):
   for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(state0)):
     assert x.sharding.spec == y.sharding.spec or not x.sharding.is_fully_replicated
   for k in out_1:
-    np.testing.assert_allclose(out[k], out_1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(out[k], out_1[k], rtol=1e-4, atol=1e-6, err_msg=k)
   assert_trees_close(jax.device_get(new_state.params), params_1, rtol=1e-5, atol=2e-7)
 
 
