@@ -67,6 +67,9 @@ class BodyArrays:
   j24_regressor: np.ndarray  # [24, V]: J24 joints from vertices
   j24_conf: np.ndarray  # [24]
   parents: np.ndarray = dataclasses.field(default_factory=lambda: PARENTS.copy())
+  # [V * 3, 207] pose correctives on the flattened (R_j - I), j = 1..23, or
+  # None when the model has none (the embedded body).
+  posedirs: np.ndarray | None = None
 
   def rest_joints(self, betas):
     """[24, 3] rest-pose joints of a shape."""
@@ -75,7 +78,8 @@ class BodyArrays:
   def shaped_vertices(self, betas):
     """[V, 3] rest-pose vertices of a shape."""
     k = len(betas)
-    return self.v_template + self.shapedirs[:, :, :k] @ np.asarray(betas, np.float64)
+    offsets = self.shapedirs[:, :, :k].reshape(-1, k) @ np.asarray(betas, np.float64)
+    return self.v_template + offsets.reshape(-1, 3)
 
 
 def lbs(body, pose, betas):
@@ -93,6 +97,9 @@ def lbs(body, pose, betas):
   rest = body.j_regressor @ v_shaped  # [24, 3]
   rotmats = rotvec_to_matrix(np.asarray(pose, np.float64).reshape(-1, 3))
   posed, rot = forward_kinematics(rest, rotmats, body.parents)
+  if body.posedirs is not None:  # Pose correctives, in the rest pose.
+    feature = (rotmats[1:] - np.eye(3)).reshape(-1)  # [207]
+    v_shaped = v_shaped + (body.posedirs @ feature).reshape(-1, 3)
   # Per-joint affine map x -> R x + (posed - R rest), blended by the weights
   # as one [V, 24] @ [24, 12] product (faster than a dense einsum).
   trans = posed - np.einsum('jab,jb->ja', rot, rest)  # [24, 3]
@@ -100,3 +107,51 @@ def lbs(body, pose, betas):
   blend = (body.weights @ affine).reshape(-1, 3, 4)  # [V, 3, 4]
   verts = np.einsum('vab,vb->va', blend[:, :, :3], v_shaped) + blend[:, :, 3]
   return verts, posed
+
+
+def from_body_model(body):
+  """BodyArrays (float64 NumPy) from a `coarsemetro_jax.body_model.BodyModel`."""
+  # Imported here: worker processes use BodyArrays and never import JAX.
+  from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+  f64 = lambda x: np.array(x, np.float64)
+  v_template = f64(body.v_template)
+  num_v = len(v_template)
+  posedirs = None
+  if getattr(body, 'posedirs', None) is not None:
+    posedirs = f64(body.posedirs)
+    posedirs = posedirs.reshape(num_v * 3, -1) if posedirs.shape[0] == num_v else posedirs.T
+    if not np.any(posedirs):
+      posedirs = None
+  j24, conf = j24_regressor(body, body_model.j24_joints, num_v)
+  return BodyArrays(
+      v_template=v_template, shapedirs=f64(body.shapedirs),
+      j_regressor=_dense(body.j_regressor), weights=f64(body.weights),
+      faces=np.array(body.faces, np.int64), j24_regressor=j24, j24_conf=conf,
+      parents=np.array(body.parents, np.int64), posedirs=posedirs)
+
+
+def _dense(matrix):
+  return np.array(matrix.toarray() if hasattr(matrix, 'toarray') else matrix, np.float64)
+
+
+def j24_regressor(body, j24_fn, num_vertices):
+  """The [24, V] matrix of the linear map `j24_fn(body, vertices)`, and its conf [24].
+
+  J24 joints are linear in the vertices and act on each coordinate alike, so
+  feeding the three coordinates of a one-hot vertex batch reads the matrix off
+  in blocks (no assumption about how the body model combines its regressors).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(lambda v: j24_fn(body, v)[0])
+  rows = []
+  block = 512
+  for start in range(0, num_vertices, block):
+    n = min(block, num_vertices - start)
+    probe = np.zeros((n, num_vertices, 3), np.float32)
+    probe[np.arange(n), start + np.arange(n), 0] = 1.0  # x of vertex start + i
+    out = np.asarray(fn(probe), np.float64)  # [n, 24, 3]
+    if np.abs(out[:, :, 1:]).max() > 1e-6:
+      raise ValueError('j24_joints mixes coordinates; expected a [24, V] regressor')
+    rows.append(out[:, :, 0].T)
+  _, conf = j24_fn(body, np.zeros((1, num_vertices, 3), np.float32))
+  return np.concatenate(rows, axis=1), np.array(conf, np.float64)

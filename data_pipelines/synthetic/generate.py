@@ -1,0 +1,165 @@
+"""Generates METRO TSV splits of synthetic examples, in parallel and streaming.
+
+Every example draws from its own Generator seeded by (seed, split, index), so a
+split is the same byte for byte whatever the number of worker processes, and
+train and test never share a random stream. Workers are started with 'spawn'
+(the parent may have JAX loaded, which must not be forked) and receive the
+JAX-free `render.Assets` once; at most a few chunks are in flight, so memory
+stays bounded however large the split.
+"""
+import collections
+import multiprocessing
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+
+from data_pipelines import metro_tsv
+from data_pipelines.synthetic import body_np
+from data_pipelines.synthetic import render
+
+SPLIT_IDS = {'train': 0, 'test': 1}
+JPEG_QUALITY = (70, 96)
+# J24 skeleton drawn on the contact sheet (joint index pairs).
+J24_BONES = ((0, 1), (1, 2), (2, 14), (14, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 12),
+             (12, 9), (9, 10), (10, 11), (12, 13), (14, 16), (16, 15), (15, 12))
+
+
+def load_assets(body_model_path=''):
+  """Render assets from the body model ('' = the embedded body)."""
+  # Imported here: the body model is JAX code; workers only get NumPy copies.
+  from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+  return render.make_assets(body_np.from_body_model(body_model.load_body_model(body_model_path)))
+
+
+def example_rng(seed, split, index):
+  """The Generator of one example."""
+  if split not in SPLIT_IDS:
+    raise ValueError(f'unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}')
+  return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(SPLIT_IDS[split], int(index))))
+
+
+def make_example(assets, seed, split, index, image_size, backend='auto'):
+  """One example as metro_tsv.write_split takes it: key, jpeg, height, width, label."""
+  rng = example_rng(seed, split, index)
+  out = render.render_example(assets, rng, image_size, image_size, backend)
+  jpeg = render.encode_jpeg(out['image'], rng.integers(*JPEG_QUALITY))
+  return {'key': f'synthetic_{split}_{index:08d}', 'jpeg': jpeg, 'height': image_size,
+          'width': image_size, 'label': out['label']}
+
+
+_WORKER = {}
+
+
+def _init_worker(assets, seed, split, image_size, backend):
+  _WORKER.update(assets=assets, seed=seed, split=split, image_size=image_size, backend=backend)
+
+
+def _render_chunk(bounds):
+  w = _WORKER
+  return [make_example(w['assets'], w['seed'], w['split'], i, w['image_size'], w['backend'])
+          for i in range(*bounds)]
+
+
+def iter_examples(assets, split, num, seed, image_size, workers=1, backend='auto', chunk=16):
+  """Yields the examples of a split in index order (parallel when workers > 1)."""
+  if workers <= 1:
+    for i in range(num):
+      yield make_example(assets, seed, split, i, image_size, backend)
+    return
+  bounds = [(s, min(s + chunk, num)) for s in range(0, num, chunk)]
+  ctx = multiprocessing.get_context('spawn')
+  with ctx.Pool(workers, initializer=_init_worker,
+                initargs=(assets, seed, split, image_size, backend)) as pool:
+    pending = collections.deque()
+    todo = iter(bounds)
+    for b in todo:  # Keep at most 2 chunks per worker in flight.
+      pending.append(pool.apply_async(_render_chunk, (b,)))
+      if len(pending) >= 2 * workers:
+        break
+    while pending:
+      result = pending.popleft().get()
+      nxt = next(todo, None)
+      if nxt is not None:
+        pending.append(pool.apply_async(_render_chunk, (nxt,)))
+      yield from result
+
+
+def _progress(iterable, total, desc, every_s=1.0):
+  """Passes `iterable` through, printing `desc: n/total, rate, ETA` to stderr."""
+  start = last = time.monotonic()
+  done = 0
+  for done, x in enumerate(iterable, 1):
+    yield x
+    now = time.monotonic()
+    if now - last >= every_s or done == total:
+      last = now
+      rate = done / max(now - start, 1e-9)
+      eta = (total - done) / rate if rate > 0 else 0.0
+      print(f'\r{desc}: {done}/{total} ({100 * done / max(total, 1):.0f}%), '
+            f'{rate:.1f} img/s, ETA {eta:.0f} s   ', end='', file=sys.stderr, flush=True)
+  print(f'\r{desc}: {done}/{total} in {time.monotonic() - start:.1f} s' + ' ' * 30,
+        file=sys.stderr, flush=True)
+
+
+def generate_split(assets, out_dir, split, num, seed, image_size=256, workers=1,
+                   backend='auto', progress=True, keep_first=0):
+  """Writes DIR/{split}.* (METRO TSV) with `num` examples.
+
+  Returns:
+    (yaml path, the first `keep_first` examples) - the latter for a contact sheet.
+  """
+  kept = []
+
+  def stream():
+    examples = iter_examples(assets, split, num, seed, image_size, workers, backend)
+    if progress:
+      examples = _progress(examples, num, f'{split}')
+    for ex in examples:
+      if len(kept) < keep_first:
+        kept.append(ex)
+      yield ex
+
+  yaml_path = metro_tsv.write_split(out_dir, split, stream())
+  return yaml_path, kept
+
+
+def draw_joints(image, joints_2d):
+  """Copy of an RGB image with the J24 skeleton and visible joints drawn on it."""
+  img = np.ascontiguousarray(image).copy()
+  scale = max(1, round(img.shape[0] / 256))
+  j = np.asarray(joints_2d)
+  for a, b in J24_BONES:
+    if j[a, 2] > 0 and j[b, 2] > 0:
+      cv2.line(img, tuple(int(round(v)) for v in j[a, :2]), tuple(int(round(v)) for v in j[b, :2]),
+               (255, 255, 255), scale, cv2.LINE_AA)
+  for i, (x, y, vis) in enumerate(j):
+    if vis > 0:
+      colour = (255, 40, 40) if i in (0, 1, 2, 6, 7, 8) else (40, 120, 255)  # right red, rest blue
+      cv2.circle(img, (int(round(x)), int(round(y))), 2 * scale, colour, -1, cv2.LINE_AA)
+  return img
+
+
+def contact_sheet(examples, path, cols=4, tile=None):
+  """Writes a PNG grid of examples with their 2D joints drawn; returns the path."""
+  tiles = []
+  for ex in examples:
+    img = cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    img = draw_joints(img, ex['label']['2d_joints'])
+    if tile:
+      img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
+    tiles.append(img)
+  if not tiles:
+    raise ValueError('contact_sheet needs at least one example')
+  rows = -(-len(tiles) // cols)
+  h, w = tiles[0].shape[:2]
+  sheet = np.zeros((rows * h, cols * w, 3), np.uint8)
+  for i, t in enumerate(tiles):
+    r, c = divmod(i, cols)
+    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if not cv2.imwrite(os.fspath(path), sheet[:, :, ::-1]):
+    raise OSError(f'could not write the contact sheet {path}')
+  return path
