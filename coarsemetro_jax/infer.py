@@ -1,0 +1,522 @@
+r"""Runs a trained model on image files: meshes, joints, overlays, attention maps.
+
+  python -m coarsemetro_jax.infer --config=configs/r50.py --checkpoint=runs/r50 \
+      --images photo.jpg --bbox=120,40,200,380 --output_dir=out
+  python -m coarsemetro_jax.infer --config=configs/tiny.py --checkpoint=runs/tiny \
+      --images 'data/*.png' more_images/ --bboxes=boxes.json --attention
+
+`--images` takes files, folders (their image files) and globs; paths after it
+(without a flag) are images too. Each image is cropped to a square around its
+box (`--bbox x,y,w,h`, once for all images or once per image, or `--bboxes`
+JSON {"name or path": [x, y, w, h]}), enlarged by `--bbox_padding`; without a
+box the whole image is the crop (padded to a square), with a warning when its
+aspect ratio suggests the person does not fill it. Crops go through the model
+in batches of `--batch_size` (the last one zero-padded, so it compiles once).
+
+Per image, in --output_dir: <name>.obj and <name>.ply (the 6890-vertex mesh in
+the camera frame: x right, y down, z forward, metres, pelvis at the origin),
+<name>.json (camera, 14 joints in 3D, in the crop and in image pixels),
+<name>.png (crop | mesh overlay | side view) and, with --attention,
+<name>_attention.png. An image that cannot be used is reported and skipped.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+
+from absl import logging
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coarsemetro_jax import attention_maps
+from coarsemetro_jax import checkpoints
+from coarsemetro_jax import joints as joint_tables
+from coarsemetro_jax import mesh_topology
+from coarsemetro_jax import models
+from coarsemetro_jax import visualize
+from data_pipelines import augment
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+BBOX_PADDING = 1.2          # box side = padding * max(w, h), as METRO's crops
+MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
+MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
+MESH_FRAME = 'camera frame: x right, y down, z forward; metres; pelvis at the origin'
+
+
+class ImageError(ValueError):
+  """An input image (or its box) cannot be used; the message names the file."""
+
+
+# ----------------------------------------------------------------------------
+# Images and boxes.
+
+
+def collect_images(specs):
+  """Files, folders and globs -> (sorted unique image paths, problems)."""
+  paths, problems = [], []
+  for spec in specs:
+    if os.path.isdir(spec):
+      found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
+                     if f.lower().endswith(IMAGE_EXTENSIONS))
+      if not found:
+        problems.append(f'{spec}: folder has no {"/".join(IMAGE_EXTENSIONS)} files')
+    elif os.path.isfile(spec):
+      found = [spec]
+    elif glob.has_magic(spec):
+      found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+      if not found:
+        problems.append(f'{spec}: pattern matches no files')
+    else:
+      found = []
+      problems.append(f'{spec}: no such file or folder')
+    paths.extend(found)
+  return list(dict.fromkeys(paths)), problems
+
+
+def load_image(path, max_megapixels=MAX_MEGAPIXELS):
+  """Image file -> (uint8 RGB [H, W, 3], notes). Raises ImageError."""
+  try:
+    data = np.fromfile(path, np.uint8)
+  except OSError as e:
+    raise ImageError(f'{path}: cannot read the file ({e.strerror or e})') from e
+  if not data.size:
+    raise ImageError(f'{path}: empty file')
+  # OpenCV refuses images above 2^30 pixels (CV_IO_MAX_IMAGE_PIXELS) itself.
+  image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+  if image is None:
+    raise ImageError(f'{path}: not a readable image (OpenCV cannot decode it; expected '
+                     f'{"/".join(e[1:].upper() for e in IMAGE_EXTENSIONS)} under 2^30 px)')
+  notes = []
+  h, w = image.shape[:2]
+  if h * w > max_megapixels * 1e6:
+    raise ImageError(f'{path}: {w} x {h} = {h * w / 1e6:.0f} megapixels is above the '
+                     f'limit of {max_megapixels:g} (--max_megapixels); downscale it first')
+  if image.dtype == np.uint16:
+    image = np.rint(image / 257.0).astype(np.uint8)
+    notes.append('16-bit image scaled to 8 bits')
+  elif image.dtype != np.uint8:
+    raise ImageError(f'{path}: {image.dtype} pixels are not supported; expected 8 or 16 bits')
+  channels = 1 if image.ndim == 2 else image.shape[2]
+  if channels == 1:
+    image = cv2.cvtColor(image.reshape(h, w), cv2.COLOR_GRAY2RGB)
+    notes.append('grayscale image replicated to RGB')
+  elif channels == 3:
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  elif channels == 4:
+    image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    notes.append('alpha channel dropped')
+  else:
+    raise ImageError(f'{path}: {channels} channels; expected grayscale, RGB or RGBA')
+  return image, notes
+
+
+def parse_bbox(text, where='--bbox'):
+  """'x,y,w,h' (or a 4-list) -> tuple of floats; w and h must be positive."""
+  try:
+    values = [float(v) for v in (text.split(',') if isinstance(text, str) else text)]
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{where}: expected x,y,w,h numbers, got {text!r}') from e
+  if len(values) != 4 or not all(math.isfinite(v) for v in values):
+    raise ValueError(f'{where}: expected 4 finite numbers x,y,w,h, got {text!r}')
+  if values[2] <= 0 or values[3] <= 0:
+    raise ValueError(f'{where}: width and height must be positive, got {text!r}')
+  return tuple(values)
+
+
+def read_bboxes_json(path):
+  """{"image name or path": [x, y, w, h]} (or a list of {"image", "bbox"})."""
+  with open(path) as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'--bboxes {path}: not valid JSON ({e})') from e
+  if isinstance(data, list):
+    try:
+      data = {d['image']: d['bbox'] for d in data}
+    except (TypeError, KeyError) as e:
+      raise ValueError(f'--bboxes {path}: list entries need "image" and "bbox" keys') from e
+  if not isinstance(data, dict):
+    raise ValueError(f'--bboxes {path}: expected an object of image -> [x, y, w, h]')
+  return {k: parse_bbox(v, f'--bboxes {path} [{k!r}]') for k, v in data.items()}
+
+
+def box_for(path, bboxes):
+  """The box of `path` in a {path or file name: box} dict, or None."""
+  for key in (path, os.path.abspath(path), os.path.basename(path)):
+    if key in bboxes:
+      return bboxes[key]
+  return None
+
+
+@dataclasses.dataclass
+class Crop:
+  """A square crop of an image and where it came from."""
+  path: str
+  image_size: tuple[int, int]          # original (width, height)
+  bbox: tuple | None                   # x, y, w, h in original pixels
+  center: tuple[float, float]          # crop centre, original pixels
+  side: float                          # crop side, original pixels
+  matrix: np.ndarray                   # [2, 3] original -> crop pixels
+  pixels: np.ndarray                   # uint8 [S, S, 3]
+  notes: list
+
+
+def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
+  """Crop of `image` around `bbox` (whole image if None). Raises ImageError."""
+  notes = list(notes)
+  h, w = image.shape[:2]
+  if bbox is None:
+    center, side = ((w - 1) / 2.0, (h - 1) / 2.0), float(max(h, w))
+    if max(h, w) > MAX_ASPECT * min(h, w):
+      notes.append(f'no box and the image is {w} x {h}: the whole image is the crop, so '
+                   'the person may be small in it; pass --bbox or --bboxes')
+  else:
+    x, y, bw, bh = bbox
+    if x >= w or y >= h or x + bw <= 0 or y + bh <= 0:
+      raise ImageError(f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} lies '
+                       f'outside the {w} x {h} image')
+    inside = (min(x + bw, w) - max(x, 0)) * (min(y + bh, h) - max(y, 0)) / (bw * bh)
+    if inside < 0.5:
+      notes.append(f'only {inside:.0%} of the box lies inside the image')
+    # Pixel centres are at integers, so the box spans [x - 0.5, x + w - 0.5).
+    center, side = (x + bw / 2.0 - 0.5, y + bh / 2.0 - 0.5), padding * max(bw, bh)
+  matrix = augment.crop_matrix(center, side / augment.BOX_SIZE, size)
+  for note in notes:
+    logging.warning('%s: %s', path, note)
+  return Crop(path, (w, h), bbox, center, side, matrix,
+              augment.warp_image(image, matrix, size), notes)
+
+
+def crop_to_image(points_norm, crop):
+  """Normalised crop points [..., 2] -> original image pixels (centres at integers)."""
+  size = crop.pixels.shape[0]
+  px = (np.asarray(points_norm, np.float64) + 1.0) * size / 2.0 - 0.5
+  inverse = cv2.invertAffineTransform(crop.matrix)
+  return px @ inverse[:, :2].T + inverse[:, 2]
+
+
+# ----------------------------------------------------------------------------
+# Model.
+
+
+def build(config):
+  """(model, topology) for `config`."""
+  topology = mesh_topology.load_topology(config.topology.hierarchy,
+                                         config.topology.adjmat_prefix)
+  return models.build_model(config.model, topology), topology
+
+
+def abstract_variables(model, image_size):
+  """jax.eval_shape of the model's variables (no memory, no compute)."""
+  return jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0)}, jnp.zeros((1, image_size, image_size, 3)), train=False))
+
+
+def load_variables(config, model, checkpoint):
+  """Variables from any checkpoint kind; a clear error for another config's."""
+  abstract = abstract_variables(model, config.data.image_size)
+  try:
+    return checkpoints.load_variables(checkpoint, abstract)
+  except checkpoints.CheckpointError as e:
+    model_cfg = config.model
+    raise checkpoints.CheckpointError(
+        f'{e}\nThe checkpoint does not fit the --config model ({model_cfg.name}, backbone '
+        f'{model_cfg.backbone}, image size {config.data.image_size}); was it trained or '
+        'converted with another config?') from e
+
+
+def load_h36m_regressor(config):
+  """The [17, 6890] H36M regressor of config.body_model, or None (with a warning)."""
+  try:
+    from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+    body = body_model.load_body_model(config.body_model.path,
+                                      config.body_model.h36m_regressor)
+  except (ImportError, OSError, ValueError) as e:
+    logging.warning('no body model (%s): meshes are not pelvis-centred and the joints '
+                    'are the joint tokens', e)
+    return None
+  return np.asarray(body.h36m_regressor, np.float32)
+
+
+def make_predict_fn(model, h36m_regressor=None, attention=None):
+  """`predict(variables, images [B, S, S, 3]) -> dict`, ready for jax.jit.
+
+  With the H36M regressor, the mesh is centred at its regressed pelvis (as
+  FastMETRO's demo and our eval) and the joints are the mesh's J14; without
+  it, the raw mesh and the joint tokens. Returns pred_cam [B, 3],
+  pred_vertices [B, 6890, 3], pred_3d_joints [B, 14, 3], pred_2d_joints
+  [B, 14, 2] (normalised crop) and, with an AttentionSpec, 'attention'.
+  """
+  regressor = None if h36m_regressor is None else np.asarray(h36m_regressor, np.float32)
+
+  def predict(variables, images):
+    if attention is None:
+      outputs = model.apply(variables, images, train=False)
+    else:
+      outputs, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+    vertices, cam = outputs['pred_3d_vertices_fine'], outputs['pred_cam']
+    if regressor is None:
+      joints3d = outputs['pred_3d_joints']
+    else:
+      j17 = jnp.einsum('jv,bvc->bjc', regressor, vertices)        # [B, 17, 3]
+      pelvis = j17[:, joint_tables.H36M_PELVIS][:, None]           # [B, 1, 3]
+      vertices = vertices - pelvis
+      joints3d = j17[:, list(joint_tables.H36M_J17_TO_J14)] - pelvis
+    result = {
+        'pred_cam': cam,
+        'pred_vertices': vertices,
+        'pred_3d_joints': joints3d,
+        'pred_2d_joints': cam[:, None, :1] * (joints3d[..., :2] + cam[:, None, 1:]),
+    }
+    if attention is not None:
+      result['attention'] = attention_maps.select(state['intermediates'], attention,
+                                                  model.num_joints)
+    return result
+
+  return predict
+
+
+def normalize(crops):
+  """uint8 [N, S, S, 3] crops -> ImageNet-normalised float32 (as the eval data)."""
+  return np.stack([augment.color_normalize(c, (1.0, 1.0, 1.0)) for c in crops])
+
+
+# ----------------------------------------------------------------------------
+# Outputs.
+
+
+def write_obj(path, vertices, faces):
+  """Wavefront OBJ: `v x y z` lines (float32 exact) and 1-based `f` lines."""
+  vertices, faces = np.asarray(vertices, np.float32), np.asarray(faces, np.int64)
+  with open(path, 'w') as f:
+    f.write(f'# CoarseMETRO mesh, {MESH_FRAME}\n')
+    f.write(''.join(f'v {x:.9g} {y:.9g} {z:.9g}\n' for x, y, z in vertices.tolist()))
+    f.write(''.join(f'f {a} {b} {c}\n' for a, b, c in (faces + 1).tolist()))
+
+
+def read_obj(path):
+  """(vertices float32 [V, 3], faces int64 [F, 3]) of a triangle OBJ."""
+  vertices, faces = [], []
+  with open(path) as f:
+    for line in f:
+      parts = line.split()
+      if parts and parts[0] == 'v':
+        vertices.append([float(p) for p in parts[1:4]])
+      elif parts and parts[0] == 'f':
+        faces.append([int(p.split('/')[0]) - 1 for p in parts[1:4]])
+  return np.array(vertices, np.float32), np.array(faces, np.int64)
+
+
+_PLY_FACE = np.dtype([('n', 'u1'), ('i', '<i4', (3,))])
+
+
+def write_ply(path, vertices, faces):
+  """Binary little-endian PLY: float x, y, z and uchar-count int vertex_indices."""
+  vertices = np.ascontiguousarray(vertices, '<f4')
+  face_rows = np.zeros(len(faces), _PLY_FACE)
+  face_rows['n'], face_rows['i'] = 3, np.asarray(faces)
+  header = (f'ply\nformat binary_little_endian 1.0\ncomment {MESH_FRAME}\n'
+            f'element vertex {len(vertices)}\nproperty float x\nproperty float y\n'
+            f'property float z\nelement face {len(faces)}\n'
+            'property list uchar int vertex_indices\nend_header\n')
+  with open(path, 'wb') as f:
+    f.write(header.encode('ascii'))
+    f.write(vertices.tobytes())
+    f.write(face_rows.tobytes())
+
+
+def read_ply(path):
+  """(vertices, faces) of a PLY written by `write_ply`."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  end = data.index(b'end_header\n') + len(b'end_header\n')
+  counts = {line.split()[1]: int(line.split()[2])
+            for line in data[:end].decode('ascii').splitlines()
+            if line.startswith('element')}
+  nv, nf = counts['vertex'], counts['face']
+  vertices = np.frombuffer(data, '<f4', nv * 3, end).reshape(nv, 3)
+  faces = np.frombuffer(data, _PLY_FACE, nf, end + nv * 12)
+  if np.any(faces['n'] != 3):
+    raise ValueError(f'{path}: only triangle faces are supported')
+  return vertices.copy(), faces['i'].astype(np.int64)
+
+
+def output_stem(path, used):
+  """File name without extension, made unique among `used` (updated)."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  name, k = stem, 1
+  while name in used:
+    name, k = f'{stem}_{k}', k + 1
+  used.add(name)
+  return name
+
+
+def write_outputs(out_dir, stem, crop, pred, faces, attention=None):
+  """Mesh files, JSON, picture (and attention panel) of one image."""
+  base = os.path.join(out_dir, stem)
+  write_obj(base + '.obj', pred['pred_vertices'], faces)
+  write_ply(base + '.ply', pred['pred_vertices'], faces)
+  visualize.save_png(base + '.png', visualize.prediction_row(
+      crop.pixels, pred['pred_vertices'], pred['pred_cam'], faces))
+  if attention is not None:
+    visualize.save_png(base + '_attention.png',
+                       attention_maps.figure(crop.pixels, pred['attention'], attention))
+  s, tx, ty = (float(v) for v in pred['pred_cam'])
+  record = {
+      'image': crop.path,
+      'image_size': list(crop.image_size),
+      'bbox': None if crop.bbox is None else list(crop.bbox),
+      'crop': {'center': list(crop.center), 'side': crop.side,
+               'size': int(crop.pixels.shape[0])},
+      'camera': {'s': s, 'tx': tx, 'ty': ty,
+                 'model': 'weak perspective: x2d = s * (X[:2] + [tx, ty]) in [-1, 1] '
+                          'crop coordinates'},
+      'joint_names': list(joint_tables.J14_NAMES),
+      'joints_3d': np.asarray(pred['pred_3d_joints']).tolist(),
+      'joints_2d_crop': np.asarray(pred['pred_2d_joints']).tolist(),
+      'joints_2d_image': crop_to_image(pred['pred_2d_joints'], crop).tolist(),
+      'mesh': {'obj': stem + '.obj', 'ply': stem + '.ply',
+               'vertices': int(len(pred['pred_vertices'])), 'faces': int(len(faces)),
+               'frame': MESH_FRAME},
+      'notes': crop.notes,
+  }
+  with open(base + '.json', 'w') as f:
+    json.dump(record, f, indent=1)
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+
+
+@dataclasses.dataclass
+class Result:
+  written: list        # output stems, in input order
+  failures: list       # (path, message)
+
+
+def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
+        batch_size=8, padding=BBOX_PADDING, max_megapixels=MAX_MEGAPIXELS,
+        attention=None, h36m_regressor='config', progress=True):
+  """Inference over `image_specs`; see the module docstring. Returns Result.
+
+  `bbox`: boxes 'x,y,w,h' (one for all images or one per image);
+  `h36m_regressor`: array, None, or 'config' (from config.body_model).
+  """
+  paths, problems = collect_images(image_specs)
+  failures = [(p, p) for p in problems]
+  for problem in problems:
+    logging.error('%s', problem)
+  if not paths:
+    raise ImageError('no images to process: ' + '; '.join(problems or ['none given']))
+  boxes = {}
+  if bbox:
+    parsed = [parse_bbox(b) for b in bbox]
+    if len(parsed) not in (1, len(paths)):
+      raise ValueError(f'--bbox given {len(parsed)} times for {len(paths)} images; give it '
+                       'once (all images) or once per image, or use --bboxes')
+    boxes = {p: parsed[0 if len(parsed) == 1 else i] for i, p in enumerate(paths)}
+  if bboxes_json:
+    boxes.update(read_bboxes_json(bboxes_json))
+  model, topology = build(config)
+  variables = load_variables(config, model, checkpoint)
+  if isinstance(h36m_regressor, str):
+    h36m_regressor = load_h36m_regressor(config)
+  predict = jax.jit(make_predict_fn(model, h36m_regressor, attention))
+  size, faces = config.data.image_size, topology.faces[0]
+  os.makedirs(output_dir, exist_ok=True)
+  written, used, pending = [], set(), []
+
+  def flush():
+    crops = normalize([c.pixels for c in pending])                   # [n, S, S, 3]
+    padded = np.zeros((batch_size,) + crops.shape[1:], np.float32)
+    padded[:len(crops)] = crops
+    out = jax.device_get(predict(variables, padded))
+    for i, crop in enumerate(pending):
+      stem = output_stem(crop.path, used)
+      write_outputs(output_dir, stem, crop, jax.tree.map(lambda x, i=i: x[i], out),
+                    faces, attention)
+      written.append(stem)
+    pending.clear()
+
+  for k, path in enumerate(paths):
+    if progress:
+      print(f'\r[{k + 1}/{len(paths)}] {path}'[:120].ljust(80), end='', file=sys.stderr,
+            flush=True)
+    try:
+      image, notes = load_image(path, max_megapixels)
+      pending.append(crop_image(path, image, box_for(path, boxes), size, padding, notes))
+    except ImageError as e:
+      logging.error('%s', e)
+      failures.append((path, str(e)))
+    if len(pending) == batch_size:
+      flush()
+  if pending:
+    flush()
+  if progress:
+    print(file=sys.stderr)
+  logging.info('%d images written to %s, %d failed', len(written), output_dir, len(failures))
+  return Result(written, failures)
+
+
+def _define_flags():
+  """Command-line flags (defined only when run as a program)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Model configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
+                      'checkpoint.')
+  flags.DEFINE_multi_string('images', [], 'Image files, folders or globs (paths after the '
+                            'flags are images too).')
+  flags.DEFINE_string('output_dir', 'inference', 'Where the outputs go.')
+  flags.DEFINE_multi_string('bbox', [], 'Person box x,y,w,h in image pixels: once for all '
+                            'images or once per image.')
+  flags.DEFINE_string('bboxes', '', 'JSON {"image name or path": [x, y, w, h]}.')
+  flags.DEFINE_float('bbox_padding', BBOX_PADDING, 'Crop side / longer box side.')
+  flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
+  flags.DEFINE_float('max_megapixels', MAX_MEGAPIXELS, 'Refuse larger images.')
+  flags.DEFINE_bool('attention', False, 'Also write <name>_attention.png (Figs. 5-7).')
+  flags.DEFINE_list('vertex_tokens', [str(i) for i in attention_maps.DEFAULT_VERTEX_TOKENS],
+                    'Decoder vertex tokens to show.')
+  flags.DEFINE_list('joint_tokens', [str(i) for i in attention_maps.DEFAULT_JOINT_TOKENS],
+                    f'Decoder joint tokens to show (J14: {", ".join(joint_tables.J14_NAMES)}).')
+  flags.DEFINE_list('decoder_layers', ['0'], 'Decoder layers (forward order over stages).')
+  flags.DEFINE_list('encoder_layers', [], 'Encoder layers for the camera map (empty = all).')
+  flags.mark_flags_as_required(['config', 'checkpoint'])
+
+
+def main(argv):
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  flags = absl_flags.FLAGS
+  images = flags.images + list(argv[1:])
+  if not images:
+    raise SystemExit('no images: pass --images PATH... (files, folders or globs)')
+  ints = lambda values: tuple(int(v) for v in values)
+  spec = None
+  if flags.attention:
+    spec = attention_maps.AttentionSpec(
+        ints(flags.vertex_tokens), ints(flags.joint_tokens), ints(flags.decoder_layers),
+        ints(flags.encoder_layers))
+  try:
+    result = run(flags.config, flags.checkpoint, images, flags.output_dir,
+                 bbox=flags.bbox, bboxes_json=flags.bboxes, batch_size=flags.batch_size,
+                 padding=flags.bbox_padding, max_megapixels=flags.max_megapixels,
+                 attention=spec)
+  except (ValueError, OSError) as e:   # bad flags, boxes, checkpoint: one clear line
+    raise SystemExit(f'error: {e}') from e
+  for path, message in result.failures:
+    print(f'skipped {path}: {message}', file=sys.stderr)
+  print(f'{len(result.written)} images -> {flags.output_dir}'
+        + (f', {len(result.failures)} skipped' if result.failures else ''))
+  return 0 if result.written else 1
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)
