@@ -1,0 +1,142 @@
+r"""Inference latency and throughput: CoarseMETRO-S / FastMETRO-S in JAX vs PyTorch.
+
+  python benchmarks/inference.py                       # R50 at 224 px, batch 1 and 16
+  python benchmarks/inference.py --dtype=bf16 --batch_sizes=16,64 --reps=20
+  python benchmarks/inference.py --tiny --quick        # smoke run
+
+Eval-mode forward passes with the same weights in both frameworks
+(benchmarks/_timing.py): the full model on images, and the transformer part
+(everything after the backbone) on backbone feature maps. JAX: the jitted
+`model.apply`, compiled ahead (compile time reported apart), inputs already
+on the device. PyTorch: the parity-test reference modules in eager mode under
+`torch.inference_mode()` (CPU autocast for bf16) and, with --torch_compile,
+`torch.compile` of FastMETRO-S. All candidates of a (part, batch) run in
+interleaved rounds; the table shows medians and [min-max] over rounds, and
+speed-ups as medians of per-round ratios against PyTorch-eager FastMETRO-S.
+The "max rel. diff" column checks the JAX outputs against PyTorch on the same
+input (max |JAX - PyTorch| / max |PyTorch| over the fine mesh).
+"""
+
+import contextlib
+import functools
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import _timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+BASELINE = ('fastmetro', 'PyTorch eager')
+CHECKED_OUTPUT = 'pred_3d_vertices_fine'
+
+
+def jax_forward(pair, part):
+  """jitted (variables, x [B, H, W, C]) -> output dict, eval mode."""
+  model = pair.module(part, 'jax')
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+def torch_context(dtype):
+  import torch  # pylint: disable=g-import-not-at-top
+  stack = contextlib.ExitStack()
+  stack.enter_context(torch.inference_mode())
+  if dtype == 'bf16':
+    stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16))
+  return stack
+
+
+def _rel_diff(got, want):
+  want = np.asarray(want, np.float32)
+  return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
+
+
+def candidates(pairs, part, batch, args):
+  """{(model, framework): (call, warm-up info, output)}; warm-up done here."""
+  import torch  # pylint: disable=g-import-not-at-top
+  x = _timing.random_input(pairs['fastmetro'].input_shape(part, batch))
+  x_jax, x_torch = jax.device_put(x), _timing.to_torch_nchw(x)
+  out = {}
+  for name, pair in pairs.items():
+    variables = pair.variables(part)
+    compile_s, compiled = _timing.timed(
+        lambda: jax_forward(pair, part).lower(variables, x_jax).compile())   # pylint: disable=cell-var-from-loop
+    call = functools.partial(lambda c, v: _timing.block_jax(c(v, x_jax)), compiled, variables)
+    first_s, result = _timing.timed(call)
+    out[(name, 'JAX')] = (call, {'compile_s': compile_s, 'first_s': first_s}, result)
+
+  def torch_call(module):
+    with torch_context(args.dtype):
+      return module(x_torch)
+
+  torch_names = ['fastmetro'] + (['coarsemetro'] if args.torch_coarsemetro else [])
+  for name in torch_names:
+    call = functools.partial(torch_call, pairs[name].module(part, 'torch'))
+    first_s, result = _timing.timed(call)
+    out[(name, 'PyTorch eager')] = (call, {'first_s': first_s}, result)
+  if args.torch_compile == 'all' or (args.torch_compile == 'transformer' and
+                                     part == 'transformer'):
+    compiled = torch.compile(pairs['fastmetro'].module(part, 'torch'))
+    call = functools.partial(torch_call, compiled)
+    try:
+      first_s, result = _timing.timed(call)
+      out[('fastmetro', 'torch.compile')] = (call, {'compile_s': first_s}, result)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'torch.compile failed, skipped: {type(e).__name__}: {e}'.splitlines()[0])
+  return out
+
+
+def bench_part(pairs, part, batch, args):
+  """Markdown rows and per-candidate round times for one (part, batch)."""
+  cands = candidates(pairs, part, batch, args)
+  times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps)
+  base = times[BASELINE]
+  rows = []
+  for key, (_, warm, result) in cands.items():
+    name, framework = key
+    torch_key = (name, 'PyTorch eager')
+    if framework != 'PyTorch eager' and torch_key in cands:
+      check = f'{_rel_diff(result[CHECKED_OUTPUT], cands[torch_key][2][CHECKED_OUTPUT]):.1e}'
+    else:
+      check = '-'
+    compile_s = f"{warm['compile_s']:.1f}" if 'compile_s' in warm else '-'
+    first_s = f"{warm['first_s']:.2f}" if 'first_s' in warm else '-'
+    rows.append([part, batch, _timing.LABELS[name], framework,
+                 _timing.spread(times[key]), _timing.throughput(times[key], batch),
+                 _timing.ratio(base, times[key]), compile_s, first_s, check])
+  return rows, times
+
+
+HEADER = ['part', 'batch', 'model', 'framework', 'latency ms', 'examples/s',
+          'speed-up vs PyTorch FastMETRO-S', 'compile s', 'first call s',
+          'max rel. diff vs PyTorch']
+
+
+def main(argv=None):
+  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='1,16', reps=7)
+  p.add_argument('--torch_compile', choices=('none', 'transformer', 'all'), default='none',
+                 help='also time torch.compile(FastMETRO-S) (transformer part / every part)')
+  p.add_argument('--no_torch_coarsemetro', dest='torch_coarsemetro', action='store_false',
+                 help='skip the PyTorch-eager CoarseMETRO-S rows')
+  args = _timing.parse(p, argv)
+  print(_timing.machine_description(), flush=True)
+  topology = _timing.load_topology(args.topology, args.tiny)
+  pairs = {name: _timing.build_pair(name, topology, args.tiny, args.dtype)
+           for name in _timing.MODELS}
+  rows, summary = [], []
+  for part in args.parts:
+    for batch in args.batch_sizes:
+      part_rows, times = bench_part(pairs, part, batch, args)
+      rows += part_rows
+      print(_timing.markdown(HEADER, part_rows), flush=True)
+      summary.append((part, batch, times))
+  table = _timing.markdown(HEADER, rows)
+  print(f'\n## Inference, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
+        f'{args.reps} rounds (load average after: {_timing.load_average()})\n')
+  print(table)
+  return table
+
+
+if __name__ == '__main__':
+  main()
