@@ -2,7 +2,8 @@
 
   python -m data_pipelines.synthetic --out /data/synthetic \\
       --num_train 10000 --num_test 1000 [--seed 0] [--workers 2] \\
-      [--image_size 256] [--contact_sheet docs/synthetic_samples.png]
+      [--image_size 256] [--contact_sheet docs/synthetic_samples.png] \\
+      [--contact_sheet_count 16] [--contact_sheet_tile 128]
 
 writes DIR/train.{img,hw,label,linelist}.tsv (+ .lineidx) and DIR/train.yaml,
 and the same for test; use DIR/train.yaml and DIR/test.yaml as
@@ -30,7 +31,9 @@ def parse_args(argv):
                  help='rasterizer (the output does not depend on it)')
   p.add_argument('--body_model', default='', help="body model path ('' = embedded body)")
   p.add_argument('--contact_sheet', default='', help='optional PNG grid of train samples')
-  p.add_argument('--contact_sheet_count', type=int, default=16)
+  p.add_argument('--contact_sheet_count', type=int, default=16, help='train samples on the sheet')
+  p.add_argument('--contact_sheet_tile', type=int, default=0,
+                 help='tile side in px on the sheet (0 = image_size)')
   p.add_argument('--quiet', action='store_true', help='no progress bar')
   args = p.parse_args(argv)
   if args.num_train < 0 or args.num_test < 0 or args.image_size < 32 or args.workers < 1:
@@ -51,7 +54,8 @@ def main(argv=None):
         args.backend, progress=not args.quiet, keep_first=keep if split == 'train' else 0)
     print(f'wrote {num} examples: {yaml_path}')
     if kept:
-      print(f'contact sheet: {generate.contact_sheet(kept, args.contact_sheet)}')
+      sheet = generate.contact_sheet(kept, args.contact_sheet, tile=args.contact_sheet_tile or None)
+      print(f'contact sheet: {sheet}')
   print(f'done in {time.time() - start:.1f} s')
 
 

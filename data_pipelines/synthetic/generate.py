@@ -8,6 +8,7 @@ JAX-free `render.Assets` once; at most a few chunks are in flight, so memory
 stays bounded however large the split.
 """
 import collections
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -51,6 +52,23 @@ def make_example(assets, seed, split, index, image_size, backend='auto'):
 
 
 _WORKER = {}
+# One BLAS / OpenMP thread per worker: the workers already fill the cores.
+_THREAD_ENV = ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS')
+
+
+@contextlib.contextmanager
+def _single_threaded_children():
+  """Spawned children (started inside the block) inherit 1-thread BLAS settings."""
+  saved = {k: os.environ.get(k) for k in _THREAD_ENV}
+  os.environ.update({k: '1' for k in _THREAD_ENV})
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 def _init_worker(assets, seed, split, image_size, backend):
@@ -71,8 +89,10 @@ def iter_examples(assets, split, num, seed, image_size, workers=1, backend='auto
     return
   bounds = [(s, min(s + chunk, num)) for s in range(0, num, chunk)]
   ctx = multiprocessing.get_context('spawn')
-  with ctx.Pool(workers, initializer=_init_worker,
-                initargs=(assets, seed, split, image_size, backend)) as pool:
+  with _single_threaded_children():  # The workers start here.
+    pool = ctx.Pool(workers, initializer=_init_worker,
+                    initargs=(assets, seed, split, image_size, backend))
+  with pool:
     pending = collections.deque()
     todo = iter(bounds)
     for b in todo:  # Keep at most 2 chunks per worker in flight.
@@ -160,6 +180,6 @@ def contact_sheet(examples, path, cols=4, tile=None):
     r, c = divmod(i, cols)
     sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  if not cv2.imwrite(os.fspath(path), sheet[:, :, ::-1]):
+  if not cv2.imwrite(os.fspath(path), sheet[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9]):
     raise OSError(f'could not write the contact sheet {path}')
   return path
