@@ -302,9 +302,10 @@ def test_input_pipeline_reads_generated_split(assets, tmp_path):
 
 
 def test_generation_is_deterministic_across_workers(assets, tmp_path):
-  generate.generate_split(assets, tmp_path / 'a', 'train', 4, 11, 64, workers=1, progress=False)
-  generate.generate_split(assets, tmp_path / 'b', 'train', 4, 11, 64, workers=2, progress=False)
-  generate.generate_split(assets, tmp_path / 'c', 'test', 4, 11, 64, progress=False)
+  generate.generate_split(assets, tmp_path / 'a', 'train', 5, 11, 64, workers=1, progress=False)
+  generate.generate_split(assets, tmp_path / 'b', 'train', 5, 11, 64, workers=2, progress=False,
+                          chunk=2)  # 3 chunks over 2 spawned processes
+  generate.generate_split(assets, tmp_path / 'c', 'test', 5, 11, 64, progress=False)
   for name in ('train.img.tsv', 'train.label.tsv', 'train.img.lineidx', 'train.yaml'):
     assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
   # train and test draw from different streams.

@@ -122,7 +122,11 @@ def from_body_model(body):
     posedirs = posedirs.reshape(num_v * 3, -1) if posedirs.shape[0] == num_v else posedirs.T
     if not np.any(posedirs):
       posedirs = None
-  j24, conf = j24_regressor(body, body_model.j24_joints, num_v)
+  if getattr(body, 'j24_regressor', None) is not None:
+    j24 = _dense(body.j24_regressor)
+    conf = np.array(body_model.j24_joints(body, v_template[None])[1], np.float64)
+  else:
+    j24, conf = j24_regressor(body, body_model.j24_joints, num_v)
   return BodyArrays(
       v_template=v_template, shapedirs=f64(body.shapedirs),
       j_regressor=_dense(body.j_regressor), weights=f64(body.weights),

@@ -83,6 +83,7 @@ def _render_chunk(bounds):
 
 def iter_examples(assets, split, num, seed, image_size, workers=1, backend='auto', chunk=16):
   """Yields the examples of a split in index order (parallel when workers > 1)."""
+  workers = min(workers, -(-num // chunk))  # No idle processes for small splits.
   if workers <= 1:
     for i in range(num):
       yield make_example(assets, seed, split, i, image_size, backend)
@@ -125,7 +126,7 @@ def _progress(iterable, total, desc, every_s=1.0):
 
 
 def generate_split(assets, out_dir, split, num, seed, image_size=256, workers=1,
-                   backend='auto', progress=True, keep_first=0):
+                   backend='auto', progress=True, keep_first=0, chunk=16):
   """Writes DIR/{split}.* (METRO TSV) with `num` examples.
 
   Returns:
@@ -134,7 +135,7 @@ def generate_split(assets, out_dir, split, num, seed, image_size=256, workers=1,
   kept = []
 
   def stream():
-    examples = iter_examples(assets, split, num, seed, image_size, workers, backend)
+    examples = iter_examples(assets, split, num, seed, image_size, workers, backend, chunk)
     if progress:
       examples = _progress(examples, num, f'{split}')
     for ex in examples:
@@ -167,10 +168,11 @@ def contact_sheet(examples, path, cols=4, tile=None):
   tiles = []
   for ex in examples:
     img = cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
-    img = draw_joints(img, ex['label']['2d_joints'])
-    if tile:
+    j2d = np.array(ex['label']['2d_joints'], np.float64)
+    if tile:  # Resize first, so the skeleton is drawn sharp at the tile size.
+      j2d[:, :2] = (j2d[:, :2] + 0.5) * (tile / np.array(img.shape[1::-1])) - 0.5
       img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
-    tiles.append(img)
+    tiles.append(draw_joints(img, j2d))
   if not tiles:
     raise ValueError('contact_sheet needs at least one example')
   rows = -(-len(tiles) // cols)
