@@ -105,20 +105,34 @@ def test_rasterize_numpy_equals_numba():
 
 def test_pose_sampler_anatomical_signs(rest_joints):
   frames = ps.joint_frames(rest_joints)
+  rest_flex = ps.rest_flexion(rest_joints, frames)
   rest_pos, _ = body_np.forward_kinematics(rest_joints, np.tile(np.eye(3), (24, 1, 1)))
 
-  def moved(joint, target, euler=None, rot=None):
+  def posed(joint, euler=None, rot=None):
     rots = np.tile(np.eye(3), (24, 1, 1))
     left = ps.RIGHT_TO_LEFT.get(joint, joint)
-    r = ps.local_to_rotmat(frames[left], euler) if rot is None else rot
+    r = ps.local_to_rotmat(frames[left], euler, rest_flex[left]) if rot is None else rot
     rots[joint] = ps.MIRROR @ r @ ps.MIRROR if joint != left else r
-    return body_np.forward_kinematics(rest_joints, rots)[0][target] - rest_pos[target]
+    return body_np.forward_kinematics(rest_joints, rots)[0]
+
+  def moved(joint, target, euler=None, rot=None):
+    return posed(joint, euler, rot)[target] - rest_pos[target]
+
+  def bend(joint, child, flex):  # Angle between the parent bone and the bone.
+    p = posed(joint, [flex, 0, 0])
+    u, v = p[joint] - p[body_np.PARENTS[joint]], p[child] - p[joint]
+    return np.rad2deg(np.arccos(u @ v / np.linalg.norm(u) / np.linalg.norm(v)))
 
   for side, (hip, knee, ankle, elbow, wrist) in ((1, (1, 4, 7, 18, 20)), (-1, (2, 5, 8, 19, 21))):
     assert moved(hip, knee, [-60, 0, 0])[2] > 0.2  # hip flexion: thigh forward (+Z)
     assert side * moved(hip, knee, [0, 0, -30])[0] > 0.1  # abduction: knee outwards
-    assert moved(knee, ankle, [90, 0, 0])[2] < -0.2  # knee flexion: shank backwards
-    assert moved(elbow, wrist, [90, 0, 0])[2] > 0.15  # elbow flexion: forearm forward
+    # Hinge flexion is the angle from the straight limb, whatever the rest bend.
+    for joint, child in ((knee, ankle), (elbow, wrist)):
+      for flex in (0, 45, 90, 140):
+        assert abs(bend(joint, child, flex) - flex) < 3.0, (joint, flex)
+    # Knee flexion: shank backwards; elbow flexion: forearm forwards.
+    assert moved(knee, ankle, [90, 0, 0])[2] - moved(knee, ankle, [0, 0, 0])[2] < -0.2
+    assert moved(elbow, wrist, [90, 0, 0])[2] - moved(elbow, wrist, [0, 0, 0])[2] > 0.1
   assert moved(3, 12, [30, 0, 0])[2] > 0.1  # spine flexion: bends forward
   up = moved(16, 18, rot=ps.shoulder_rotmat(rest_joints, 170, 0, 0)) + rest_pos[18] - rest_pos[16]
   assert up[1] > 0.2  # elevation 170: arm overhead
@@ -127,6 +141,7 @@ def test_pose_sampler_anatomical_signs(rest_joints):
 def test_pose_sampler_limits_and_determinism(rest_joints):
   rng = np.random.default_rng(1)
   frames = ps.joint_frames(rest_joints)
+  rest_flex = ps.rest_flexion(rest_joints, frames)
   poses = np.stack([ps.sample_pose(rng, rest_joints) for _ in range(150)])
   again = np.stack([ps.sample_pose(np.random.default_rng(1), rest_joints) for _ in range(1)])
   np.testing.assert_array_equal(poses[:1], again)
@@ -143,12 +158,12 @@ def test_pose_sampler_limits_and_determinism(rest_joints):
         assert ps.SHOULDER_AZIM[0] - 1e-6 <= azim <= ps.SHOULDER_AZIM[1] + 1e-6 or elev < 1.0
         assert azim >= -1e-6 or elev <= ps.SHOULDER_BACK_MAX_ELEV + 1e-6
       continue
-    euler = np.stack([ps.rotmat_to_local(frames[left], m) for m in r])  # [N, 3]
+    euler = np.stack([ps.rotmat_to_local(frames[left], m, rest_flex[left]) for m in r])  # [N, 3]
     lims = np.array(ps.LIMITS_DEG[left])  # [3, (lo, hi, mean)]
     assert np.all(euler >= lims[:, 0] - 1e-6), (j, euler.min(0))
     assert np.all(euler <= lims[:, 1] + 1e-6), (j, euler.max(0))
   # Knees and hips use a good part of their range.
-  knee = np.stack([ps.rotmat_to_local(frames[4], m)[0] for m in rots[:, 4]])
+  knee = np.stack([ps.rotmat_to_local(frames[4], m, rest_flex[4])[0] for m in rots[:, 4]])
   assert knee.max() > 90 and np.median(knee) < 45
   # Upright people: the trunk's up axis stays within PITCH_MAX + bends of vertical.
   up = rots[:, 0] @ np.array([0.0, 1.0, 0.0])
@@ -224,9 +239,13 @@ def test_render_label_matches_body_model_and_image(body, assets, rendered):
     s, _, fit = _fit_weak_perspective(j24[vis, :3], crop[vis])
     assert 0.6 < s < 1.6
     assert np.abs(fit - crop[vis]).max() * 112 < 1.0
-    # Visible joints sit on the body's silhouette.
+    # Visible joints sit on the body's silhouette; surface landmarks (nose,
+    # top of the head) seen edge-on may be the pixel next to it.
     x, y = np.rint(j2d[vis, :2]).astype(int).T
-    on_body += (face_id[y, x] >= 0).sum()
+    silhouette = (face_id >= 0).astype(np.uint8)
+    near = cv2.dilate(silhouette, np.ones((3, 3), np.uint8))
+    assert np.all(near[y, x]), np.array(label['2d_joints'])[vis][near[y, x] == 0]
+    on_body += silhouette[y, x].sum()
     total += vis.sum()
     fg = np.argwhere(face_id >= 0)  # The box is centred on the silhouette...
     if fg.min() > 0 and np.all(fg.max(0) < np.array(face_id.shape) - 1):  # ...unless cut.
@@ -234,7 +253,7 @@ def test_render_label_matches_body_model_and_image(body, assets, rendered):
       np.testing.assert_allclose(box_centre, label['center'], atol=1.0)
       checked += 1
   available = (assets.body.j24_conf > 0).sum()
-  assert total > 0.8 * available * len(rendered) and on_body / total > 0.95
+  assert total > 0.8 * available * len(rendered) and on_body / total > 0.9
   assert checked >= len(rendered) // 2
 
 

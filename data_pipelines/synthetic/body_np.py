@@ -8,6 +8,7 @@ check it against `body_model.forward`).
 import dataclasses
 
 import numpy as np
+import scipy.sparse
 from scipy.spatial.transform import Rotation
 
 from coarsemetro_jax import joints as joints_lib
@@ -58,7 +59,13 @@ def forward_kinematics(rest_joints, rotmats, parents=PARENTS):
 
 @dataclasses.dataclass(frozen=True)
 class BodyArrays:
-  """The body model's arrays as float64 NumPy (picklable, JAX-free)."""
+  """The body model's arrays as float64 NumPy (picklable, JAX-free).
+
+  Products with the skinning weights and the regressors go through CSR copies
+  (`regress`, `lbs`): SciPy's sparse products are single-threaded, so an
+  example's numbers do not depend on how many BLAS threads the process has
+  (a multi-threaded dense matmul rounds differently), and they are faster.
+  """
   v_template: np.ndarray  # [V, 3]
   shapedirs: np.ndarray  # [V, 3, K]
   j_regressor: np.ndarray  # [24, V] (dense)
@@ -71,15 +78,24 @@ class BodyArrays:
   # None when the model has none (the embedded body).
   posedirs: np.ndarray | None = None
 
+  def __post_init__(self):
+    csr = {name: scipy.sparse.csr_matrix(getattr(self, name))
+           for name in ('j_regressor', 'weights', 'j24_regressor')}
+    object.__setattr__(self, '_csr', csr)
+
+  def regress(self, name, points):
+    """`getattr(self, name) @ points` for 'j_regressor', 'weights' or 'j24_regressor'."""
+    return self._csr[name] @ points
+
   def rest_joints(self, betas):
     """[24, 3] rest-pose joints of a shape."""
-    return self.j_regressor @ self.shaped_vertices(betas)
+    return self.regress('j_regressor', self.shaped_vertices(betas))
 
   def shaped_vertices(self, betas):
     """[V, 3] rest-pose vertices of a shape."""
     k = len(betas)
-    offsets = self.shapedirs[:, :, :k].reshape(-1, k) @ np.asarray(betas, np.float64)
-    return self.v_template + offsets.reshape(-1, 3)
+    offsets = np.einsum('vck,k->vc', self.shapedirs[:, :, :k], np.asarray(betas, np.float64))
+    return self.v_template + offsets
 
 
 def lbs(body, pose, betas):
@@ -94,17 +110,17 @@ def lbs(body, pose, betas):
     vertices [V, 3] and joints [24, 3], as `body_model.forward` for one sample.
   """
   v_shaped = body.shaped_vertices(betas)  # [V, 3]
-  rest = body.j_regressor @ v_shaped  # [24, 3]
+  rest = body.regress('j_regressor', v_shaped)  # [24, 3]
   rotmats = rotvec_to_matrix(np.asarray(pose, np.float64).reshape(-1, 3))
   posed, rot = forward_kinematics(rest, rotmats, body.parents)
   if body.posedirs is not None:  # Pose correctives, in the rest pose.
     feature = (rotmats[1:] - np.eye(3)).reshape(-1)  # [207]
-    v_shaped = v_shaped + (body.posedirs @ feature).reshape(-1, 3)
+    v_shaped = v_shaped + np.einsum('ip,p->i', body.posedirs, feature).reshape(-1, 3)
   # Per-joint affine map x -> R x + (posed - R rest), blended by the weights
-  # as one [V, 24] @ [24, 12] product (faster than a dense einsum).
+  # as one sparse [V, 24] @ [24, 12] product.
   trans = posed - np.einsum('jab,jb->ja', rot, rest)  # [24, 3]
   affine = np.concatenate([rot, trans[:, :, None]], axis=2).reshape(-1, 12)
-  blend = (body.weights @ affine).reshape(-1, 3, 4)  # [V, 3, 4]
+  blend = body.regress('weights', affine).reshape(-1, 3, 4)  # [V, 3, 4]
   verts = np.einsum('vab,vb->va', blend[:, :, :3], v_shaped) + blend[:, :, 3]
   return verts, posed
 

@@ -9,9 +9,11 @@ orthogonal to y. SMPL's axis-angle of the joint is then that of A R_local A^T
 (A = [x y z]), since SMPL's rest pose has all joint frames aligned with the
 body axes (Y up, face +Z).
 
-Limits are written for left and central joints; a right joint is sampled with
-its left twin's limits and frame and mirrored through the sagittal plane
-(axis-angle (x, y, z) -> (x, -y, -z), as SMPL's flip). The shoulder is sampled
+Knee and elbow flexion is measured from the straight limb (`rest_flexion`),
+whatever the bend of the rest mesh. Limits are written for left and central
+joints; a right joint is sampled with its left twin's limits and frame and
+mirrored through the sagittal plane (axis-angle (x, y, z) -> (x, -y, -z), as
+SMPL's flip). The shoulder is sampled
 as a target direction of the upper arm (elevation from hanging down, azimuth
 from lateral towards forward) plus a twist, so the limits do not depend on
 whether the rest pose is a T- or an A-pose.
@@ -61,6 +63,7 @@ RIGHT_TO_LEFT = {r: l for l, r in LEFT_RIGHT}
 # Bone used as the twist axis: joint -> child (leaf joints use parent -> joint).
 _CHILD = {1: 4, 3: 6, 4: 7, 6: 9, 7: 10, 9: 12, 12: 15, 13: 16, 16: 18, 18: 20, 20: 22}
 _ARM_CHAIN = (13, 16, 18, 20, 22)
+HINGES = (4, 18)  # Knee and elbow: flexion measured from the straight limb.
 MODES = ('generic', 'stand', 'walk', 'crouch', 'bend', 'reach')
 MODE_PROBS = (0.35, 0.18, 0.2, 0.1, 0.09, 0.08)
 MIRROR = np.diag([-1.0, 1.0, 1.0])
@@ -89,17 +92,38 @@ def joint_frames(rest_joints):
   return frames
 
 
-def local_to_rotmat(frame, euler_deg):
-  """SMPL rotation of a joint from its anatomical Euler angles (x, y, z order)."""
+def rest_flexion(rest_joints, frames):
+  """[24] flexion (degrees) of the hinge joints in the rest pose, 0 elsewhere.
+
+  The angle about the joint's x axis from the parent bone to the joint's bone:
+  a rest mesh whose elbows or knees are already bent (MakeHuman's are, by
+  about 40 and 8 degrees) keeps the anatomical flexion limits measured from
+  the straight limb.
+  """
+  rest_joints = np.asarray(rest_joints, np.float64)
+  flex = np.zeros(24)
+  for j in HINGES:
+    x, y = frames[j][:, 0], frames[j][:, 1]
+    u = rest_joints[j] - rest_joints[body_np.PARENTS[j]]
+    u = u - (u @ x) * x
+    flex[j] = np.rad2deg(np.arctan2(x @ np.cross(u, y), u @ y))
+  return flex
+
+
+def local_to_rotmat(frame, euler_deg, rest_flex=0.0):
+  """SMPL rotation of a joint from its anatomical Euler angles (x, y, z order).
+
+  x is the flexion from the straight limb; the rest pose has `rest_flex`.
+  """
   x, y, z = euler_deg
-  r_local = Rotation.from_euler(EULER, [x, z, y], degrees=True).as_matrix()
+  r_local = Rotation.from_euler(EULER, [x - rest_flex, z, y], degrees=True).as_matrix()
   return frame @ r_local @ frame.T
 
 
-def rotmat_to_local(frame, rotmat):
+def rotmat_to_local(frame, rotmat, rest_flex=0.0):
   """Inverse of `local_to_rotmat`: anatomical Euler angles (x, y, z) in degrees."""
   x, z, y = Rotation.from_matrix(frame.T @ rotmat @ frame).as_euler(EULER, degrees=True)
-  return np.array([x, y, z])
+  return np.array([x + rest_flex, y, z])
 
 
 def shoulder_direction(elev_deg, azim_deg):
@@ -202,7 +226,7 @@ def _mode_overrides(rng, mode, euler, shoulders):
   return min(pitch, MAX_LEAN)
 
 
-def _sample_once(rng, rest_joints, frames):
+def _sample_once(rng, rest_joints, frames, rest_flex):
   """One candidate pose [72] (global orientation in the body frame)."""
   mode = MODES[rng.choice(len(MODES), p=MODE_PROBS)]
   spread = {'stand': 0.08, 'generic': 0.3}.get(mode, 0.15)
@@ -223,7 +247,7 @@ def _sample_once(rng, rest_joints, frames):
     if left == 16:
       r = shoulder_rotmat(rest_joints, *shoulders[j])
     else:
-      r = local_to_rotmat(frames[left], euler[j])
+      r = local_to_rotmat(frames[left], euler[j], rest_flex[left])
     rot[j] = MIRROR @ r @ MIRROR if j in RIGHT_TO_LEFT else r
   return body_np.matrix_to_rotvec(rot).reshape(72)
 
@@ -281,8 +305,9 @@ def sample_pose(rng, rest_joints, reject_penetration=True, max_tries=30):
     [72] SMPL axis-angle pose, global orientation in the body (Y-up) frame.
   """
   frames = joint_frames(rest_joints)
+  rest_flex = rest_flexion(rest_joints, frames)
   for _ in range(max_tries):
-    pose = _sample_once(rng, rest_joints, frames)
+    pose = _sample_once(rng, rest_joints, frames, rest_flex)
     if not reject_penetration or not penetrates(pose, rest_joints):
       break
   return pose

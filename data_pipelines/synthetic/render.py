@@ -32,7 +32,7 @@ BOX_FACTOR = 1.2  # METRO's person box: 1.2 x the tight box.
 R_FLIP = np.diag([1.0, -1.0, -1.0])  # Body frame (Y up) -> camera frame (y down).
 # Fraction of the image side taken by the person's tight box, and how far (as a
 # fraction of the free margin) its centre may move off the image centre.
-PERSON_FRACTION = (0.45, 0.85)
+PERSON_FRACTION = (0.55, 0.9)
 OFFSET_FRACTION = 1.1
 
 
@@ -48,7 +48,7 @@ class Assets:
 def make_assets(body):
   """Assets from BodyArrays (rest mesh of the mean shape dresses the body)."""
   rest_v = body.v_template
-  rest_j = body.j_regressor @ rest_v
+  rest_j = body.regress('j_regressor', rest_v)
   faces = np.asarray(body.faces, np.int64)
   v0, v1, v2 = (rest_v[faces[:, i]] for i in range(3))
   volume = np.einsum('fi,fi->', v0, np.cross(v1, v2)) / 6.0
@@ -155,7 +155,7 @@ def shade(rng, face_id, faces, incidence, uv, verts_cam, albedo):
   light = np.array([rng.uniform(-1, 1), rng.uniform(-1.2, 0.3), -rng.uniform(0.3, 1.2)])
   light /= np.linalg.norm(light)
   ambient, diffuse = rng.uniform(0.25, 0.5), rng.uniform(0.5, 0.85)
-  intensity = ambient + diffuse * np.clip(n @ light, 0.0, None)
+  intensity = ambient + diffuse * np.clip(np.einsum('pi,i->p', n, light), 0.0, None)
   colour = np.einsum('pk,pki->pi', w, albedo[tri]) * intensity[:, None]
   return pix, colour
 
@@ -198,7 +198,7 @@ def render_example(assets, rng, height, width, backend='auto'):
   betas = pose_sampler.sample_betas(rng, body.shapedirs.shape[-1])
   pose = to_camera_pose(pose_sampler.sample_pose(rng, body.rest_joints(betas)))
   verts, _ = body_np.lbs(body, pose, betas)  # [V, 3] camera axes, root-free
-  j24 = body.j24_regressor @ verts  # [24, 3]
+  j24 = body.regress('j24_regressor', verts)  # [24, 3]
   cam = sample_camera(rng, verts, height, width)
   uv, depth = project(verts, cam)
   verts_cam = verts + cam.trans
