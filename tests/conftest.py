@@ -39,10 +39,4 @@ def pytest_report_header(config):
 def topology():
   """The embedded mesh hierarchy (6890/1723/431)."""
   from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(mesh_topology.EMBEDDED_HIERARCHY):
-    # TODO(lead): drop this fallback once the embedded asset is committed.
-    hierarchy = SMPL_TOPOLOGY_DIR / 'mesh_downsampling.npz'
-    if not hierarchy.exists():
-      pytest.skip('embedded mesh hierarchy not built yet')
-    return mesh_topology.load_topology(str(hierarchy))
   return mesh_topology.load_topology()
