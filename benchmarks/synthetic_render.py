@@ -44,11 +44,14 @@ def stage_times(assets, num, image_size, backend):
     cam = render.sample_camera(rng, verts, image_size, image_size)
     uv, depth = render.project(verts, cam)
     t2 = time.perf_counter()
-    face_id = render.rasterize_mesh(verts + cam.trans, assets.faces, uv, depth, image_size,
+    verts_cam = verts + cam.trans
+    normals_f = render.face_normals(verts_cam, assets.faces)
+    face_id = render.rasterize_mesh(verts_cam, assets.faces, normals_f, uv, depth, image_size,
                                     image_size, backend)
     t3 = time.perf_counter()
     albedo = appearance.vertex_albedo(rng, assets.parts)
-    render.shade(rng, face_id, assets.faces, assets.incidence, uv, verts + cam.trans, albedo)
+    normals = render.vertex_normals(normals_f, assets.incidence)
+    render.shade(rng, face_id, assets.faces, uv, normals, albedo)
     appearance.background(rng, image_size, image_size)
     t4 = time.perf_counter()
     # The full example (what the generator runs), for the JPEG stage and total.

@@ -106,17 +106,17 @@ def background(rng, height, width):
   """[H, W, 3] float32 in [0, 1]: gradient or blurred noise, plus shapes."""
   kind = rng.choice(3)
   if kind == 0:  # Linear gradient between two colours.
-    a, b = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    a, b = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
     ang = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:height, 0:width]
-    t = (xx * np.cos(ang) + yy * np.sin(ang)) / max(height, width)
-    t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    t = (np.arange(width, dtype=np.float32)[None] * np.float32(np.cos(ang))
+         + np.arange(height, dtype=np.float32)[:, None] * np.float32(np.sin(ang)))  # [H, W]
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = a + t[..., None] * (b - a)
   else:  # Low-frequency colour noise over a base colour (kind 2: grey noise).
     cells = rng.integers(3, 12)
     noise = rng.uniform(-0.5, 0.5, (cells, cells, 1 if kind == 2 else 3)).astype(np.float32)
     noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC).reshape(height, width, -1)
-    img = rng.uniform(0.15, 0.85, 3) + rng.uniform(0.2, 0.8) * noise
+    img = rng.uniform(0.15, 0.85, 3).astype(np.float32) + np.float32(rng.uniform(0.2, 0.8)) * noise
   img = np.ascontiguousarray(img, np.float32)
   for _ in range(rng.integers(0, 7)):  # Random shapes (objects, furniture).
     colour = tuple(float(c) for c in rng.uniform(0, 1, 3))

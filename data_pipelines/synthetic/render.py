@@ -111,20 +111,23 @@ def vertex_face_incidence(num_vertices, faces):
   return scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(num_vertices, len(faces)))
 
 
-def vertex_normals(verts, faces, incidence):
-  """[V, 3] area-weighted unit vertex normals."""
-  fn = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
-  vn = incidence @ fn
+def face_normals(verts, faces):
+  """[F, 3] face normals, length = 2 x area (outwards for outward winding)."""
+  a = verts[faces[:, 0]]
+  return np.cross(verts[faces[:, 1]] - a, verts[faces[:, 2]] - a)
+
+
+def vertex_normals(normals_f, incidence):
+  """[V, 3] area-weighted unit vertex normals from face normals [F, 3]."""
+  vn = incidence @ normals_f
   return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
 
 
-def rasterize_mesh(verts_cam, faces, uv, depth, height, width, backend='auto'):
+def rasterize_mesh(verts_cam, faces, normals_f, uv, depth, height, width, backend='auto'):
   """Face-id buffer [H, W] (index into `faces`, -1 background) of front faces."""
-  fn = np.cross(verts_cam[faces[:, 1]] - verts_cam[faces[:, 0]],
-                verts_cam[faces[:, 2]] - verts_cam[faces[:, 0]])
   # The camera sits at the origin: a face is front-facing when its outward
   # normal points back towards it.
-  front = np.nonzero(np.einsum('fi,fi->f', fn, verts_cam[faces[:, 0]]) < 0)[0]
+  front = np.nonzero(np.einsum('fi,fi->f', normals_f, verts_cam[faces[:, 0]]) < 0)[0]
   f = faces[front]
   _, fid = rasterizer.rasterize(uv[f], depth[f], height, width, backend)
   return np.where(fid >= 0, front[np.maximum(fid, 0)], -1).astype(np.int32)
@@ -144,11 +147,13 @@ def barycentrics(face_id, faces, uv):
   return pix, np.stack([w0, w1, 1.0 - w0 - w1], axis=1)
 
 
-def shade(rng, face_id, faces, incidence, uv, verts_cam, albedo):
-  """Foreground pixels [P] and their colours [P, 3]: Lambert + ambient, smooth normals."""
+def shade(rng, face_id, faces, uv, normals, albedo):
+  """Foreground pixels [P] and their colours [P, 3]: Lambert + ambient.
+
+  normals: [V, 3] unit vertex normals (camera axes), interpolated per pixel.
+  """
   pix, w = barycentrics(face_id, faces, uv)
   tri = faces[face_id.reshape(-1)[pix]]  # [P, 3]
-  normals = vertex_normals(verts_cam, faces, incidence)
   n = np.einsum('pk,pki->pi', w, normals[tri])
   n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
   # Light from the camera's side of the body, mostly from above (y is down).
@@ -202,9 +207,11 @@ def render_example(assets, rng, height, width, backend='auto'):
   cam = sample_camera(rng, verts, height, width)
   uv, depth = project(verts, cam)
   verts_cam = verts + cam.trans
-  face_id = rasterize_mesh(verts_cam, assets.faces, uv, depth, height, width, backend)
+  normals_f = face_normals(verts_cam, assets.faces)
+  face_id = rasterize_mesh(verts_cam, assets.faces, normals_f, uv, depth, height, width, backend)
   albedo = appearance.vertex_albedo(rng, assets.parts)
-  pix, colour = shade(rng, face_id, assets.faces, assets.incidence, uv, verts_cam, albedo)
+  normals = vertex_normals(normals_f, assets.incidence)
+  pix, colour = shade(rng, face_id, assets.faces, uv, normals, albedo)
   img = appearance.background(rng, height, width).reshape(-1, 3)
   img[pix] = colour
   img = img.reshape(height, width, 3)
