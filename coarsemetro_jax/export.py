@@ -93,7 +93,9 @@ def save_tf_saved_model(directory, model, variables, image_size, h36m_regressor=
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every restore step at INFO
   cfg = flags.FLAGS
   config = cfg.config
   try:

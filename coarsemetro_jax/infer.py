@@ -14,7 +14,8 @@ aspect ratio suggests the person does not fill it. Crops go through the model
 in batches of `--batch_size` (the last one zero-padded, so it compiles once).
 
 Per image, in --output_dir: <name>.obj and <name>.ply (the 6890-vertex mesh in
-the camera frame: x right, y down, z forward, metres, pelvis at the origin),
+the camera frame: x right, y down, z forward, metres, centred at the pelvis
+when the config's body model is available),
 <name>.json (camera, 14 joints in 3D, in the crop and in image pixels),
 <name>.png (crop | mesh overlay | side view) and, with --attention,
 <name>_attention.png. An image that cannot be used is reported and skipped.
@@ -36,6 +37,7 @@ import numpy as np
 from coarsemetro_jax import attention_maps
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import joints as joint_tables
+from coarsemetro_jax import losses
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import visualize
@@ -45,7 +47,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 BBOX_PADDING = 1.2          # box side = padding * max(w, h), as METRO's crops
 MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
 MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
-MESH_FRAME = 'camera frame: x right, y down, z forward; metres; pelvis at the origin'
+MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
 
 
 class ImageError(ValueError):
@@ -271,7 +273,7 @@ def make_predict_fn(model, h36m_regressor=None, attention=None):
         'pred_cam': cam,
         'pred_vertices': vertices,
         'pred_3d_joints': joints3d,
-        'pred_2d_joints': cam[:, None, :1] * (joints3d[..., :2] + cam[:, None, 1:]),
+        'pred_2d_joints': losses.orthographic_projection(joints3d, cam),
     }
     if attention is not None:
       result['attention'] = attention_maps.select(state['intermediates'], attention,
@@ -356,7 +358,7 @@ def output_stem(path, used):
   return name
 
 
-def write_outputs(out_dir, stem, crop, pred, faces, attention=None):
+def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True):
   """Mesh files, JSON, picture (and attention panel) of one image."""
   base = os.path.join(out_dir, stem)
   write_obj(base + '.obj', pred['pred_vertices'], faces)
@@ -382,11 +384,14 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None):
       'joints_2d_image': crop_to_image(pred['pred_2d_joints'], crop).tolist(),
       'mesh': {'obj': stem + '.obj', 'ply': stem + '.ply',
                'vertices': int(len(pred['pred_vertices'])), 'faces': int(len(faces)),
-               'frame': MESH_FRAME},
+               'frame': MESH_FRAME,
+               'origin': 'H36M pelvis of the mesh' if centred else 'model output (no body '
+                         'model: not centred)'},
       'notes': crop.notes,
   }
-  with open(base + '.json', 'w') as f:
-    json.dump(record, f, indent=1)
+  with open(base + '.json', 'w') as f:   # one key per line, arrays on one line
+    f.write('{\n' + ',\n'.join(f' {json.dumps(k)}: {json.dumps(v)}'
+                                for k, v in record.items()) + '\n}\n')
 
 
 # ----------------------------------------------------------------------------
@@ -439,14 +444,15 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
     for i, crop in enumerate(pending):
       stem = output_stem(crop.path, used)
       write_outputs(output_dir, stem, crop, jax.tree.map(lambda x, i=i: x[i], out),
-                    faces, attention)
+                    faces, attention, centred=h36m_regressor is not None)
       written.append(stem)
     pending.clear()
 
   for k, path in enumerate(paths):
-    if progress:
-      print(f'\r[{k + 1}/{len(paths)}] {path}'[:120].ljust(80), end='', file=sys.stderr,
-            flush=True)
+    if progress:   # one updating line on a terminal, else one line per image
+      tty = sys.stderr.isatty()
+      print(f'{chr(13) if tty else ""}[{k + 1}/{len(paths)}] {path}', end='' if tty else '\n',
+            file=sys.stderr, flush=True)
     try:
       image, notes = load_image(path, max_megapixels)
       pending.append(crop_image(path, image, box_for(path, boxes), size, padding, notes))
@@ -457,7 +463,7 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
       flush()
   if pending:
     flush()
-  if progress:
+  if progress and sys.stderr.isatty():
     print(file=sys.stderr)
   logging.info('%d images written to %s, %d failed', len(written), output_dir, len(failures))
   return Result(written, failures)
@@ -493,6 +499,7 @@ def _define_flags():
 def main(argv):
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   flags = absl_flags.FLAGS
+  logging.set_verbosity(logging.WARNING)   # orbax logs every restore step at INFO
   images = flags.images + list(argv[1:])
   if not images:
     raise SystemExit('no images: pass --images PATH... (files, folders or globs)')
@@ -509,8 +516,8 @@ def main(argv):
                  attention=spec)
   except (ValueError, OSError) as e:   # bad flags, boxes, checkpoint: one clear line
     raise SystemExit(f'error: {e}') from e
-  for path, message in result.failures:
-    print(f'skipped {path}: {message}', file=sys.stderr)
+  for _, message in result.failures:
+    print(f'skipped: {message}', file=sys.stderr)
   print(f'{len(result.written)} images -> {flags.output_dir}'
         + (f', {len(result.failures)} skipped' if result.failures else ''))
   return 0 if result.written else 1
