@@ -160,6 +160,15 @@ def test_overlay_covers_the_projected_mesh():
   np.testing.assert_array_equal(grid[size:, size:2 * size], overlay)
 
 
+def test_visualize_needs_neither_jax_nor_tensorflow():
+  code = ('import sys; sys.modules.update(jax=None, tensorflow=None); '
+          'from coarsemetro_jax import visualize')
+  proc = subprocess.run([sys.executable, '-c', code],
+                        cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'PYTHONPATH': REPO})
+  assert proc.returncode == 0, proc.stderr
+
+
 def test_denormalize_inverts_the_input_normalisation():
   image = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   np.testing.assert_array_equal(visualize.denormalize(infer.normalize(image)), image)
