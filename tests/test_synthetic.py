@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from coarsemetro_jax import joints
 from data_pipelines import metro_tsv
 from data_pipelines.synthetic import body_np
 from data_pipelines.synthetic import generate
@@ -211,6 +212,24 @@ def test_numpy_lbs_matches_body_model(body, arrays):
     np.testing.assert_allclose(j_np, joints[i], atol=2e-5)
     np.testing.assert_allclose(arrays.j24_regressor @ v_np, j24[i], atol=2e-5)
   np.testing.assert_array_equal(arrays.j24_conf, conf)
+
+
+def test_camera_axes_of_a_frontal_body(arrays):
+  # Rest pose, no yaw: the body faces the camera (x right, y down, z forward),
+  # so its right wrist is on the image's left and its nose nearer than the head.
+  pose = render.to_camera_pose(np.zeros(72))
+  verts, _ = body_np.lbs(arrays, pose, np.zeros(10))
+  j24 = arrays.j24_regressor @ verts
+  names = {n: i for i, n in enumerate(joints.J24_NAMES)}
+  assert j24[names['R_Wrist'], 0] < -0.2 and j24[names['L_Wrist'], 0] > 0.2
+  assert j24[names['Top_of_Head'], 1] < j24[names['Pelvis'], 1] - 0.5
+  assert j24[names['R_Ankle'], 1] > j24[names['Pelvis'], 1] + 0.5
+  if arrays.j24_conf[names['Nose']] > 0:
+    assert j24[names['Nose'], 2] < j24[names['Head'], 2] - 0.05
+  cam = render.Camera(focal=5000.0, principal=np.array([64.0, 64.0]), trans=np.array([0, 0, 50.0]))
+  uv, _ = render.project(j24, cam)
+  assert uv[names['R_Wrist'], 0] < 64 < uv[names['L_Wrist'], 0]
+  assert uv[names['Top_of_Head'], 1] < 64 < uv[names['R_Ankle'], 1]
 
 
 @pytest.fixture(scope='module')
