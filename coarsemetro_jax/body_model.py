@@ -16,6 +16,7 @@ Loads either
 `forward` returns vertices and joints without translation, as FastMETRO's
 SMPL layer does.
 """
+import codecs
 import io
 import os
 import pickle
@@ -198,8 +199,9 @@ def j24_joints(body, vertices):
 
 def landmark_vertices(v_template, weights):
   """(nose tip, head top) vertex ids: the most forward (+Z) and the highest
-  (+Y) of the vertices skinned mostly to the head."""
-  head = np.nonzero(np.asarray(weights)[:, _HEAD] > 0.9)[0]
+  (+Y) of the vertices skinned mostly to the head (weight > 0.9 of the max)."""
+  head_w = np.asarray(weights)[:, _HEAD]
+  head = np.nonzero(head_w > 0.9 * head_w.max())[0]
   v = np.asarray(v_template)
   return int(head[np.argmax(v[head, 2])]), int(head[np.argmax(v[head, 1])])
 
@@ -388,6 +390,8 @@ class _SmplUnpickler(pickle.Unpickler):
       ('copyreg', '_reconstructor'): None,
       ('__builtin__', 'object'): object,
       ('builtins', 'object'): object,
+      # Protocol-2 pickles written by Python 3 store bytes this way.
+      ('_codecs', 'encode'): codecs.encode,
   }
 
   def find_class(self, module, name):

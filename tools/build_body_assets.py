@@ -627,7 +627,7 @@ HEAD = joints_lib.SMPL_JOINT_NAMES.index('head')
 
 def eval_regressors(j_regressor, template, weights):
   """H36M-17 and J24 regressors from FK joint rows plus surface landmarks."""
-  head = np.nonzero(weights[:, HEAD] > 0.9)[0]
+  head = np.nonzero(weights[:, HEAD] > 0.9 * weights[:, HEAD].max())[0]
   nose = head[np.argmax(template[head, 2])]        # most forward (+Z)
   top = head[np.argmax(template[head, 1])]          # highest (+Y)
   onehot = lambda v: np.eye(len(template))[v]
