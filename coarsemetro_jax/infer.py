@@ -47,6 +47,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 BBOX_PADDING = 1.2          # box side = padding * max(w, h), as METRO's crops
 MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
 MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
+MAX_WARP_SHRINK = 2.0       # beyond this, area-average before the bilinear warp
 MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
 
 
@@ -191,7 +192,26 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
   for note in notes:
     logging.warning('%s: %s', path, note)
   return Crop(path, (w, h), bbox, center, side, matrix,
-              augment.warp_image(image, matrix, size), notes)
+              _warp_antialiased(image, matrix, side / size, size), notes)
+
+
+def _warp_antialiased(image, matrix, shrink, size):
+  """`augment.warp_image`, after an area-average down-scaling when `shrink` > 2.
+
+  Bilinear warping samples 4 pixels per output pixel, so a large photo shrunk
+  to the crop aliases; averaging first keeps every pixel's contribution.
+  """
+  if shrink <= MAX_WARP_SHRINK:
+    return augment.warp_image(image, matrix, size)
+  h, w = image.shape[:2]
+  small_w = max(1, round(w * MAX_WARP_SHRINK / shrink))
+  small_h = max(1, round(h * MAX_WARP_SHRINK / shrink))
+  small = cv2.resize(image, (small_w, small_h), interpolation=cv2.INTER_AREA)
+  # Original pixel x -> small pixel (x + 0.5) * small_w / w - 0.5 (centres at integers).
+  sx, sy = small_w / w, small_h / h
+  to_small = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
+  small_matrix = (np.vstack([matrix, [0, 0, 1]]) @ np.linalg.inv(to_small))[:2]
+  return augment.warp_image(small, small_matrix, size)
 
 
 def crop_to_image(points_norm, crop):

@@ -18,6 +18,7 @@ from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from configs import tiny
+from data_pipelines import augment
 
 import conftest
 
@@ -187,6 +188,28 @@ def test_crop_around_a_box_and_back_to_image_pixels():
   # Crop borders (-1, 1) map to the box edges (pixel centres at integers).
   np.testing.assert_allclose(infer.crop_to_image([[-1, -1], [0, 0], [1, 1]], crop),
                              [[9.5, 19.5], [29.5, 39.5], [49.5, 59.5]], atol=1e-9)
+
+
+def test_large_images_are_averaged_not_aliased():
+  stripes = np.zeros((1200, 1200, 3), np.uint8)
+  stripes[:, ::2] = 255                                # 1-pixel black/white columns
+  stripes[:600, :600] = 0                              # a black top-left quadrant
+  crop = infer.crop_image('big', stripes, None, 64).pixels.astype(float)
+  grey = crop[36:, 36:]                                # grey, not stripes
+  assert abs(grey.mean() - 127.5) < 2 and grey.std() < 8
+  np.testing.assert_array_equal(crop[:28, :28], 0)            # the quadrant stays put
+  # The plain bilinear warp aliases the stripes (what averaging avoids).
+  plain = augment.warp_image(stripes, infer.crop_image('big', stripes, None, 64).matrix, 64)
+  assert plain[40:, 40:].std() > 50
+  # Same geometry as the plain warp: the quadrant's edge at crop pixel 32.
+  edge = np.argmax(crop[10, :, 0] > 60)                # first grey column
+  assert abs(edge - 32) <= 1
+  # On a smooth image both warps agree (same matrix, to a grey level).
+  yy, xx = np.mgrid[:1000, :1500]
+  smooth = np.stack([xx * 0.15, yy * 0.2, (xx + yy) * 0.1], -1).astype(np.uint8)
+  got = infer.crop_image('smooth', smooth, (300, 100, 800, 700), 64)
+  want = augment.warp_image(smooth, got.matrix, 64)
+  assert np.abs(got.pixels.astype(int) - want).max() <= 2
 
 
 def test_whole_image_crop_warns_on_odd_aspect():
