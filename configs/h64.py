@@ -12,6 +12,11 @@
 
 Paper numbers (Human3.6M P2): PA-MPJPE 35.3 (Table 1; 35.4 in Table 4),
 MPJPE 52.3; 139.7M parameters in total, transformer as in r50 (11.6M).
+`python -m coarsemetro_jax.profile --config=configs/h64.py` gives 137.4M total
+(backbone 126.01M, 28.96 GFLOPs); the paper's 139.7M counts the HRNet
+classifier that is never run (2.05M; 128.06M + 11.6M). Likewise FastMETRO-L-H64:
+151.7M here, 153.7M with the classifier, 153.0M in the paper (which also
+leaves out the later learned 431 -> 1723 up-sampling, 0.74M).
 The ImageNet file is HRNet-Image-Classification's, as METRO/FastMETRO ship
 it (scripts/download_hrnet.sh); its classifier is ignored by the converter.
 
