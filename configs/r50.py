@@ -83,6 +83,7 @@ def get_config():
   config.data.rot_factor = 30.0
   config.data.noise_factor = 0.4
   config.data.num_parallel_calls = -1      # decode/augment threads; -1 = auto
+  config.data.shuffle = True               # False: rows in file order (tests)
   config.data.shuffle_buffer = 10_000      # tfds only (tsv shuffles all rows)
   config.data.prefetch = 2                 # batches
   config.data.max_bad_fraction = 0.01      # skipped rows before failing

@@ -8,7 +8,12 @@ from tests.torch_reference import resnet
 
 
 def backbone(model_config):
-  """(FastMETRO-style ResNet trunk, its output channels)."""
+  """(FastMETRO's backbone module, its output channels)."""
+  if model_config.backbone == 'hrnet':
+    # The whole HighResolutionNet; its forward returns the 2048-channel map.
+    from tests.torch_reference import hrnet  # pylint: disable=g-import-not-at-top
+    net = hrnet.HRNet(model_config.hrnet_width)
+    return net, net.out_channels
   if model_config.backbone == 'resnet50':
     net = resnet.ResNet()
   elif model_config.backbone == 'resnet':
