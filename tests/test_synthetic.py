@@ -204,14 +204,21 @@ def test_numpy_lbs_matches_body_model(body, arrays):
   rest = arrays.rest_joints(np.zeros(10))
   poses = np.stack([render.to_camera_pose(ps.sample_pose(rng, rest)) for _ in range(2)])
   betas = np.stack([ps.sample_betas(rng) for _ in range(2)])
-  verts, joints = body_model.forward(body, poses, betas)
+  verts, posed = body_model.forward(body, poses, betas)
   j24, conf = body_model.j24_joints(body, verts)
   for i in range(2):
     v_np, j_np = body_np.lbs(arrays, poses[i], betas[i])
     np.testing.assert_allclose(v_np, verts[i], atol=2e-5)
-    np.testing.assert_allclose(j_np, joints[i], atol=2e-5)
+    np.testing.assert_allclose(j_np, posed[i], atol=2e-5)
     np.testing.assert_allclose(arrays.j24_regressor @ v_np, j24[i], atol=2e-5)
   np.testing.assert_array_equal(arrays.j24_conf, conf)
+  # Pose correctives (a real SMPL model has them; the embedded body does not).
+  posedirs = 0.01 * rng.standard_normal((207, 3 * len(arrays.v_template))).astype(np.float32)
+  with_pd = body.replace(posedirs=posedirs)
+  verts, _ = body_model.forward(with_pd, poses[:1], betas[:1])
+  v_np, _ = body_np.lbs(body_np.from_body_model(with_pd), poses[0], betas[0])
+  np.testing.assert_allclose(v_np, verts[0], atol=2e-5)
+  assert np.abs(v_np - body_np.lbs(arrays, poses[0], betas[0])[0]).max() > 1e-3
 
 
 def test_camera_axes_of_a_frontal_body(arrays):

@@ -1,7 +1,8 @@
 """Generates METRO TSV splits of synthetic examples, in parallel and streaming.
 
 Every example draws from its own Generator seeded by (seed, split, index), so a
-split is the same byte for byte whatever the number of worker processes, and
+split is the same byte for byte whatever the number of worker processes (the
+per-example math has no multi-threaded BLAS reductions, see `body_np`), and
 train and test never share a random stream. Workers are started with 'spawn'
 (the parent may have JAX loaded, which must not be forked) and receive the
 JAX-free `render.Assets` once; at most a few chunks are in flight, so memory

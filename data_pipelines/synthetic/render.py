@@ -2,9 +2,9 @@
 
 Camera (SPIN/METRO): a near-orthographic pinhole whose focal length is 5000 px
 on the 224-px crop of the person box, i.e. f_img = 5000 * box_px / 224 in image
-pixels, at depth t_z = f_img / k for k image pixels per metre. The network's
-weak-perspective camera (s, tx, ty) then explains the 2D joints of the crop up
-to well under a pixel. The camera frame is x right, y down, z forward; the
+pixels, at depth t_z = f_img / k for k image pixels per metre, with the
+person's box centre on the optical axis. The network's weak-perspective camera
+(s, tx, ty) then explains the 2D joints of the crop to within a crop pixel. The camera frame is x right, y down, z forward; the
 body's rest frame is Y up, face +Z, so the global orientation written to the
 label is R_FLIP @ R_body (R_FLIP = 180 degrees about x): the label's
 (pose, betas) give the rendered body, root-free, in camera axes.
