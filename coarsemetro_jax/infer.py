@@ -41,6 +41,7 @@ from coarsemetro_jax import losses
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import visualize
+from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from data_pipelines import augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -48,6 +49,9 @@ BBOX_PADDING = 1.2          # box side = padding * max(w, h), as METRO's crops
 MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
 MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
 MAX_WARP_SHRINK = 2.0       # beyond this, area-average before the bilinear warp
+# config.model fields that do not change the weights (left out of mismatch hints).
+RUNTIME_MODEL_FIELDS = ('dropout', 'compute_dtype', 'backbone_remat', 'joint_mask_ratio',
+                        'joint_mask_value')
 MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
 
 
@@ -246,10 +250,35 @@ def load_variables(config, model, checkpoint):
     return checkpoints.load_variables(checkpoint, abstract)
   except checkpoints.CheckpointError as e:
     model_cfg = config.model
+    saved = checkpoint_model_config(checkpoint)
+    diff = [f'{k}: checkpoint {saved.get(k)!r}, --config {v!r}'
+            for k, v in json.loads(model_cfg.to_json()).items()
+            if k in saved and saved[k] != v and k not in RUNTIME_MODEL_FIELDS]
+    hint = ('\nThe checkpoint was made with another config.model:\n  ' + '\n  '.join(diff)
+            if diff else '')
     raise checkpoints.CheckpointError(
         f'{e}\nThe checkpoint does not fit the --config model ({model_cfg.name}, backbone '
-        f'{model_cfg.backbone}, image size {config.data.image_size}); was it trained or '
-        'converted with another config?') from e
+        f'{model_cfg.backbone}); was it trained or converted with another config?{hint}') from e
+
+
+def checkpoint_model_config(path):
+  """config.model stored with a checkpoint (training meta or conversion), or {}."""
+  try:
+    directory = checkpoints.resolve(path)
+  except checkpoints.CheckpointError:
+    return {}
+  candidates = [
+      (os.path.join(os.path.dirname(directory), checkpoints.META_ITEM, 'metadata'),
+       lambda d: d['model']),
+      (os.path.join(directory, '_CHECKPOINT_METADATA'),
+       lambda d: d['custom_metadata'][convert_checkpoint.METADATA_KEY]['model'])]
+  for file, get in candidates:
+    try:
+      with open(file) as f:
+        return dict(get(json.load(f)))
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+  return {}
 
 
 def load_h36m_regressor(config):

@@ -379,8 +379,11 @@ def test_checkpoint_of_another_config(tiny_checkpoint):
   config = tiny_config('fastmetro')
   model, _ = infer.build(config)
   with pytest.raises(checkpoints.CheckpointError,
-                     match='(?s)missing in the checkpoint.*fastmetro.*another config'):
+                     match='(?s)missing in the checkpoint.*fastmetro.*another config') as e:
     infer.load_variables(config, model, checkpoint)
+  # The conversion metadata names the differing config.model fields.
+  assert "name: checkpoint 'coarsemetro', --config 'fastmetro'" in str(e.value)
+  assert 'dropout' not in str(e.value).split('another config.model')[1]
   with pytest.raises(checkpoints.CheckpointError, match='checkpoint not found'):
     infer.load_variables(config, model, checkpoint + '_nope')
 
