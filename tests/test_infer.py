@@ -14,6 +14,7 @@ from coarsemetro_jax import attention_maps
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import infer
 from coarsemetro_jax import joints as joint_tables
+from coarsemetro_jax import mesh_io
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
@@ -84,9 +85,9 @@ def write_image(path, image):
 def test_obj_ply_round_trip(topology, tmp_path):
   faces = topology.faces[0]
   vertices = np.random.default_rng(0).normal(size=(6890, 3)).astype(np.float32)
-  infer.write_obj(tmp_path / 'm.obj', vertices, faces)
-  infer.write_ply(tmp_path / 'm.ply', vertices, faces)
-  for read in (infer.read_obj(tmp_path / 'm.obj'), infer.read_ply(tmp_path / 'm.ply')):
+  mesh_io.write_obj(tmp_path / 'm.obj', vertices, faces)
+  mesh_io.write_ply(tmp_path / 'm.ply', vertices, faces)
+  for read in (mesh_io.read_obj(tmp_path / 'm.obj'), mesh_io.read_ply(tmp_path / 'm.ply')):
     v, f = read
     assert v.shape == (6890, 3) and f.shape == (13776, 3)
     np.testing.assert_array_equal(v, vertices)       # float32 exact in both formats
@@ -308,8 +309,8 @@ def test_run_writes_meshes_joints_and_pictures(tiny_checkpoint, topology, tmp_pa
   faces = topology.faces[0]
   for stem in result.written:
     record = json.loads((out / f'{stem}.json').read_text())
-    vertices, obj_faces = infer.read_obj(out / f'{stem}.obj')
-    np.testing.assert_array_equal(infer.read_ply(out / f'{stem}.ply')[0], vertices)
+    vertices, obj_faces = mesh_io.read_obj(out / f'{stem}.obj')
+    np.testing.assert_array_equal(mesh_io.read_ply(out / f'{stem}.ply')[0], vertices)
     np.testing.assert_array_equal(obj_faces, faces)
     # Pelvis-centred mesh; joints are the regressor's J14 of that mesh.
     j17 = regressor @ vertices.astype(np.float64)
