@@ -7,8 +7,9 @@ per core for the numba and the NumPy-only rasterizer (the JPEG-encoded example
 as written to disk, single process, one BLAS thread), then generates `--run`
 examples with `--workers` processes through the real CLI path (spawned workers,
 TSV writing) and extrapolates the wall time of a 10k-image training set from
-that measured run. The load average is printed: on a shared machine the
-figures are only as good as the idle cores.
+that measured run (`--run 10000` measures it). The per-core rates are CPU
+time, which other jobs on a shared machine hardly change; the wall times do
+depend on them, so the load average is printed beside them.
 """
 import os
 
