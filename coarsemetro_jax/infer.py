@@ -407,8 +407,10 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
   `bbox`: boxes 'x,y,w,h' (one for all images or one per image);
   `h36m_regressor`: array, None, or 'config' (from config.body_model).
   """
+  if batch_size < 1:
+    raise ValueError(f'--batch_size must be >= 1, got {batch_size}')
   paths, problems = collect_images(image_specs)
-  failures = [(p, p) for p in problems]
+  failures = [(p.rsplit(': ', 1)[0], p) for p in problems]
   for problem in problems:
     logging.error('%s', problem)
   if not paths:
@@ -464,6 +466,13 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
   return Result(written, failures)
 
 
+def _parse_ints(values, name):
+  try:
+    return [int(v) for v in values]
+  except ValueError as e:
+    raise ValueError(f'--{name}: expected comma-separated integers, got {values}') from e
+
+
 def _define_flags():
   """Command-line flags (defined only when run as a program)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -498,13 +507,12 @@ def main(argv):
   images = flags.images + list(argv[1:])
   if not images:
     raise SystemExit('no images: pass --images PATH... (files, folders or globs)')
-  ints = lambda values: tuple(int(v) for v in values)
-  spec = None
-  if flags.attention:
-    spec = attention_maps.AttentionSpec(
-        ints(flags.vertex_tokens), ints(flags.joint_tokens), ints(flags.decoder_layers),
-        ints(flags.encoder_layers))
   try:
+    spec = None
+    if flags.attention:
+      ints = lambda name: tuple(_parse_ints(flags[name].value, name))
+      spec = attention_maps.AttentionSpec(ints('vertex_tokens'), ints('joint_tokens'),
+                                          ints('decoder_layers'), ints('encoder_layers'))
     result = run(flags.config, flags.checkpoint, images, flags.output_dir,
                  bbox=flags.bbox, bboxes_json=flags.bboxes, batch_size=flags.batch_size,
                  padding=flags.bbox_padding, max_megapixels=flags.max_megapixels,
