@@ -46,7 +46,7 @@ from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from data_pipelines import augment
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-BBOX_PADDING = 1.2          # box side = padding * max(w, h), as METRO's crops
+BBOX_PADDING = 1.2          # crop side = padding * max(w, h), as SPIN/METRO crop labels
 MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
 MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
 MAX_WARP_SHRINK = 2.0       # beyond this, area-average before the bilinear warp
@@ -250,6 +250,8 @@ def load_variables(config, model, checkpoint):
   try:
     return checkpoints.load_variables(checkpoint, abstract)
   except checkpoints.CheckpointError as e:
+    if not os.path.exists(checkpoint):
+      raise
     model_cfg = config.model
     saved = checkpoint_model_config(checkpoint)
     diff = [f'{k}: checkpoint {saved.get(k)!r}, --config {v!r}'

@@ -385,8 +385,9 @@ def test_checkpoint_of_another_config(tiny_checkpoint):
   # The conversion metadata names the differing config.model fields.
   assert "name: checkpoint 'coarsemetro', --config 'fastmetro'" in str(e.value)
   assert 'dropout' not in str(e.value).split('another config.model')[1]
-  with pytest.raises(checkpoints.CheckpointError, match='checkpoint not found'):
+  with pytest.raises(checkpoints.CheckpointError, match='checkpoint not found') as e:
     infer.load_variables(config, model, checkpoint + '_nope')
+  assert 'another config' not in str(e.value)
 
 
 def test_cli_reports_a_wrong_checkpoint(tiny_checkpoint, tmp_path):
