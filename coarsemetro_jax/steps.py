@@ -41,10 +41,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-try:  # TODO(steps): plain import once body_model.py lands.
-  from coarsemetro_jax import body_model
-except ImportError:
-  body_model = None
+from coarsemetro_jax import body_model
 from coarsemetro_jax import losses
 from coarsemetro_jax import metrics
 

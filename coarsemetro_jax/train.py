@@ -65,25 +65,45 @@ def build(config):
   return topology, body, model
 
 
-def initial_state(config, workdir, model, steps_per_epoch, device_mesh, manager):
-  """TrainState from the workdir's latest checkpoint, `init_from`, or scratch."""
+def abstract_train_state(config, model, device_mesh, image_shape, steps_per_epoch):
+  """Shapes, dtypes and shardings of the TrainState, without initialising it."""
+  abstract = jax.eval_shape(
+      lambda key: steps.create_train_state(config, model, key, device_mesh, image_shape,
+                                           steps_per_epoch=steps_per_epoch)[0],
+      jax.random.key(config.seed))
+  sharding = steps.state_sharding(abstract, device_mesh, config.param_sharding,
+                                  config.fsdp_min_size)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, sharding), sharding
+
+
+def initial_state(config, model, steps_per_epoch, device_mesh, manager):
+  """(state, state_sharding, origin) from the workdir, `init_from`, or scratch.
+
+  origin is 'resumed', 'init_from' or 'scratch'. A resume restores the whole
+  TrainState (step, params, batch_stats, AdamW moments) into its shardings
+  without running the initialiser; `init_from` (a converted PyTorch
+  checkpoint, a training workdir or step directory) replaces params and
+  batch_stats of a fresh state and starts at step 0.
+  """
   image_shape = (config.data.image_size, config.data.image_size, 3)
-  state, state_sharding = steps.create_train_state(
-      config, model, jax.random.key(config.seed), device_mesh, image_shape,
-      steps_per_epoch=steps_per_epoch)
   latest = manager.latest_step()
   if latest is not None:
     logging.info('Resuming from %s step %d', manager.directory, latest)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+    abstract, state_sharding = abstract_train_state(config, model, device_mesh,
+                                                    image_shape, steps_per_epoch)
     restored = manager.restore(latest, args=checkpoints.restore_args(abstract))
     return restored[checkpoints.STATE_ITEM], state_sharding, 'resumed'
+  state, state_sharding = steps.create_train_state(
+      config, model, jax.random.key(config.seed), device_mesh, image_shape,
+      steps_per_epoch=steps_per_epoch)
   if config.init_from:
-    logging.info('Initialising from converted checkpoint %s', config.init_from)
-    variables = convert_checkpoint.restore_into(
+    logging.info('Initialising from %s', config.init_from)
+    variables = checkpoints.load_variables(
         config.init_from, {'params': state.params, 'batch_stats': state.batch_stats})
     state = state.replace(params=variables['params'],
                           batch_stats=variables.get('batch_stats', state.batch_stats))
+    state = jax.device_put(state, state_sharding)
     return state, state_sharding, 'init_from'
   return state, state_sharding, 'scratch'
 
@@ -97,8 +117,23 @@ def _check_finite(metrics, step):
         'images and lower config.optim.lr.')
 
 
+def _local_rows(x):
+  """This process's rows of a batch-sharded global array, in order (numpy)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  rows = {}
+  for shard in x.addressable_shards:   # replicas of a row block appear once
+    rows.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(rows[k]) for k in sorted(rows)])
+
+
 def evaluate(eval_step, state, data, batch_sharding, max_batches=None):
-  """Runs the eval set; returns (metrics dict in mm with counts, first predictions)."""
+  """Runs the eval set.
+
+  Returns:
+    (metrics in mm with '<name>_count' = examples counted, the first batch and
+    its predictions as this process's rows in numpy, for pictures).
+  """
   collection, first = None, None
   for i, batch in enumerate(data.eval_batches(batch_sharding)):
     if max_batches is not None and i >= max_batches:
@@ -106,7 +141,7 @@ def evaluate(eval_step, state, data, batch_sharding, max_batches=None):
     update, predictions = eval_step(state, batch)
     collection = update if collection is None else collection.merge(update)
     if first is None:
-      first = jax.device_get({'batch': batch, 'predictions': predictions})
+      first = jax.tree.map(_local_rows, {'batch': batch, 'predictions': predictions})
   result = {k: float(v) for k, v in collection.compute().items()}
   result.update({f'{k}_count': int(getattr(collection, k).count)
                  for k in ('mpjpe', 'mpve')})
@@ -150,13 +185,26 @@ def train_and_evaluate(config, workdir, mode='train'):
   data = datasets.Datasets.create(config)
   device_mesh = steps.make_device_mesh()
   batch_sharding = steps.batch_sharding(device_mesh)
-  steps_per_epoch = data.steps_per_epoch
   num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else config.num_epochs * steps_per_epoch)
+               else config.num_epochs * data.steps_per_epoch)
   manager = checkpoints.make_manager(workdir, config.checkpoint_every_steps,
                                      config.keep_checkpoints)
-  state, state_sharding, origin = initial_state(
-      config, workdir, model, steps_per_epoch, device_mesh, manager)
+  try:
+    return _run(config, workdir, mode, topology, body, model, data, device_mesh,
+                batch_sharding, num_steps, manager)
+  finally:
+    # Also on errors (NaN guard, crash): let a pending async save of the last
+    # good step finish, so a restart finds it.
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _run(config, workdir, mode, topology, body, model, data, device_mesh,
+         batch_sharding, num_steps, manager):
+  """train_and_evaluate after the setup; see there."""
+  steps_per_epoch = data.steps_per_epoch
+  state, state_sharding, origin = initial_state(config, model, steps_per_epoch,
+                                                device_mesh, manager)
   start_step = int(jax.device_get(state.step))
   eval_step = steps.make_eval_step(config, model, body, topology, state_sharding,
                                    batch_sharding)
@@ -190,8 +238,8 @@ def train_and_evaluate(config, workdir, mode='train'):
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           batch = next(batches)
           state, metrics = train_step(state, batch, rng)
-        # Fetch the previous step's metrics after dispatching this one, so the
-        # host never waits on the device (nanodo).
+        # Check and log the previous step's metrics after dispatching this
+        # one, so the host never waits on the device (nanodo).
         if pending is not None:
           _log_train(writer, *pending, config)
         pending = (step, metrics)
@@ -213,25 +261,21 @@ def train_and_evaluate(config, workdir, mode='train'):
           writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
       if pending is not None:
         _log_train(writer, *pending, config, force=True)
-    manager.wait_until_finished()
   finally:
     sigterm.restore()
   if sigterm.raised:
-    manager.close()
     return None
-  result = _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                       topology, int(jax.device_get(state.step)))
-  manager.close()
-  return result
+  manager.wait_until_finished()
+  return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
+                     topology, int(jax.device_get(state.step)))
 
 
 def _log_train(writer, step, metrics, config, force=False):
-  """Writes train scalars every `log_every_steps` (after the NaN/Inf guard)."""
-  if step % config.log_every_steps and not force:
-    return
+  """NaN/Inf guard on every step; writes train scalars every `log_every_steps`."""
   values = jax.device_get(metrics)
   _check_finite(values, step)
-  writer.write_scalars(step, {f'train/{k}': float(v) for k, v in values.items()})
+  if step % config.log_every_steps == 0 or force:
+    writer.write_scalars(step, {f'train/{k}': float(v) for k, v in values.items()})
 
 
 def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,

@@ -99,12 +99,15 @@ class Datasets:
     return self.num_train // self.data_config.batch_size
 
   def train_batches(self, sharding, start_step=0):
-    """Endless global batches; batch k is the same whether or not the run resumed."""
-    ds = input_pipeline.create_train_dataset(self.data_config, seed=self.config.seed)
-    if start_step:
-      # The order and augmentation are functions of the example index, so
-      # skipping reproduces the uninterrupted run's batches exactly.
-      ds = ds.skip(start_step)
+    """Endless global batches; batch k is the same whether or not the run resumed.
+
+    The order and augmentation are functions of the example index, so starting
+    at `start_step` (skipped as row indices, before any decoding) reproduces
+    the uninterrupted run's batches exactly.
+    """
+    ds = input_pipeline.create_train_dataset(
+        self.data_config, seed=self.config.seed,
+        shuffle=self.data_config.get('shuffle', True), start_step=start_step)
     return input_pipeline.global_batches(ds, sharding)
 
   def eval_batches(self, sharding):
