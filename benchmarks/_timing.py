@@ -63,10 +63,17 @@ def parser(description, batch_sizes, reps):
   p.add_argument('--dtype', choices=('f32', 'bf16'), default='f32',
                  help='compute dtype (JAX compute_dtype; PyTorch CPU autocast)')
   p.add_argument('--parts', default=','.join(PARTS), help='full,transformer')
+  p.add_argument('--models', default=','.join(MODELS),
+                 help='JAX models to run (PyTorch FastMETRO-S, the baseline, always runs)')
   p.add_argument('--quick', action='store_true', help='2 rounds: a smoke run')
   p.add_argument('--tiny', action='store_true',
                  help='configs/tiny.py models at 64 px (tests); default: R50 at 224 px')
   p.add_argument('--topology', default='', help="mesh_downsampling.npz ('' = random)")
+  p.add_argument('--torch_threads', default=f'{os.cpu_count()},1',
+                 help='PyTorch intra-op thread counts to time FastMETRO-S with (the '
+                 'first also for CoarseMETRO-S); the speed-ups are against the best')
+  p.add_argument('--no_torch_coarsemetro', dest='torch_coarsemetro', action='store_false',
+                 help='skip the PyTorch-eager CoarseMETRO-S rows')
   return p
 
 
@@ -74,12 +81,60 @@ def parse(p, argv):
   args = p.parse_args(argv)
   args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(',') if b]
   args.parts = [s for s in args.parts.split(',') if s]
-  for part in args.parts:
-    if part not in PARTS:
-      raise ValueError(f'--parts: {part!r} is not one of {PARTS}')
+  args.models = [s for s in args.models.split(',') if s]
+  for flag, values, allowed in (('parts', args.parts, PARTS), ('models', args.models, MODELS)):
+    for value in values:
+      if value not in allowed:
+        raise ValueError(f'--{flag}: {value!r} is not one of {allowed}')
+  args.torch_threads = [int(t) for t in str(args.torch_threads).split(',') if t]
   if args.quick:
     args.reps = min(args.reps, 2)
   return args
+
+
+# ----------------------------------------------------------------------------
+# PyTorch candidates.
+
+
+def torch_setup():
+  """Flush denormals to zero, as XLA's CPU backend does by default.
+
+  Random weights drive some activations into the denormal range, where x86
+  arithmetic is many times slower; without this PyTorch would pay for that
+  and XLA would not.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_flush_denormal(True)
+
+
+def torch_label(threads):
+  return f'PyTorch eager ({threads} thr)'
+
+
+def torch_runs(args):
+  """[(model, threads)]: FastMETRO-S at every --torch_threads, CoarseMETRO-S at the first."""
+  runs = [('fastmetro', t) for t in args.torch_threads]
+  if args.torch_coarsemetro:
+    runs.append(('coarsemetro', args.torch_threads[0]))
+  return runs
+
+
+def with_threads(fn, threads):
+  """`fn` run with `threads` PyTorch intra-op threads."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def call():
+    torch.set_num_threads(threads)
+    return fn()
+
+  return call
+
+
+def baseline(times):
+  """Per round, the fastest PyTorch-eager FastMETRO-S time (over thread counts)."""
+  runs = [t for (name, framework), t in times.items()
+          if name == 'fastmetro' and framework.startswith('PyTorch eager')]
+  return np.min(np.stack(runs), 0)
 
 
 def load_average():
@@ -266,6 +321,14 @@ def build_pair(name, topology, use_tiny=False, dtype='f32', seed=0):
   model = models.build_model(config.model, topology)
   return Pair(name, config, topology, model, model.clone(backbone=FeaturesIn()),
               variables, reference, head)
+
+
+def abstract_pair(name, topology, use_tiny=False, dtype='f32'):
+  """JAX side only, variables as ShapeDtypeStructs (memory analysis, no weights)."""
+  config = model_config(name, use_tiny, dtype)
+  model = models.build_model(config.model, topology)
+  return Pair(name, config, topology, model, model.clone(backbone=FeaturesIn()),
+              kinds.abstract_variables(config, topology=topology), None, None)
 
 
 def random_input(shape, seed=1):

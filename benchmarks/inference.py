@@ -28,7 +28,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import _timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-BASELINE = ('fastmetro', 'PyTorch eager')
 CHECKED_OUTPUT = 'pred_3d_vertices_fine'
 
 
@@ -58,7 +57,8 @@ def candidates(pairs, part, batch, args):
   x = _timing.random_input(pairs['fastmetro'].input_shape(part, batch))
   x_jax, x_torch = jax.device_put(x), _timing.to_torch_nchw(x)
   out = {}
-  for name, pair in pairs.items():
+  for name in args.models:
+    pair = pairs[name]
     variables = pair.variables(part)
     compile_s, compiled = _timing.timed(
         lambda: jax_forward(pair, part).lower(variables, x_jax).compile())   # pylint: disable=cell-var-from-loop
@@ -70,18 +70,19 @@ def candidates(pairs, part, batch, args):
     with torch_context(args.dtype):
       return module(x_torch)
 
-  torch_names = ['fastmetro'] + (['coarsemetro'] if args.torch_coarsemetro else [])
-  for name in torch_names:
-    call = functools.partial(torch_call, pairs[name].module(part, 'torch'))
+  for name, threads in _timing.torch_runs(args):
+    call = _timing.with_threads(
+        functools.partial(torch_call, pairs[name].module(part, 'torch')), threads)
     first_s, result = _timing.timed(call)
-    out[(name, 'PyTorch eager')] = (call, {'first_s': first_s}, result)
+    out[(name, _timing.torch_label(threads))] = (call, {'first_s': first_s}, result)
   if args.torch_compile == 'all' or (args.torch_compile == 'transformer' and
                                      part == 'transformer'):
     compiled = torch.compile(pairs['fastmetro'].module(part, 'torch'))
-    call = functools.partial(torch_call, compiled)
+    call = _timing.with_threads(functools.partial(torch_call, compiled),
+                                args.torch_threads[0])
     try:
       first_s, result = _timing.timed(call)
-      out[('fastmetro', 'torch.compile')] = (call, {'compile_s': first_s}, result)
+      out[('fastmetro', f'torch.compile ({args.torch_threads[0]} thr)')] = (call, {'compile_s': first_s}, result)
     except Exception as e:  # pylint: disable=broad-except
       print(f'torch.compile failed, skipped: {type(e).__name__}: {e}'.splitlines()[0])
   return out
@@ -91,12 +92,12 @@ def bench_part(pairs, part, batch, args):
   """Markdown rows and per-candidate round times for one (part, batch)."""
   cands = candidates(pairs, part, batch, args)
   times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps)
-  base = times[BASELINE]
+  base = _timing.baseline(times)
   rows = []
   for key, (_, warm, result) in cands.items():
     name, framework = key
-    torch_key = (name, 'PyTorch eager')
-    if framework != 'PyTorch eager' and torch_key in cands:
+    torch_key = (name, _timing.torch_label(args.torch_threads[0]))
+    if not framework.startswith('PyTorch eager') and torch_key in cands:
       check = f'{_rel_diff(result[CHECKED_OUTPUT], cands[torch_key][2][CHECKED_OUTPUT]):.1e}'
     else:
       check = '-'
@@ -109,18 +110,17 @@ def bench_part(pairs, part, batch, args):
 
 
 HEADER = ['part', 'batch', 'model', 'framework', 'latency ms', 'examples/s',
-          'speed-up vs PyTorch FastMETRO-S', 'compile s', 'first call s',
+          'speed-up vs best PyTorch FastMETRO-S', 'compile s', 'first call s',
           'max rel. diff vs PyTorch']
 
 
 def main(argv=None):
-  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='1,16', reps=7)
+  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='1,16', reps=5)
   p.add_argument('--torch_compile', choices=('none', 'transformer', 'all'), default='none',
                  help='also time torch.compile(FastMETRO-S) (transformer part / every part)')
-  p.add_argument('--no_torch_coarsemetro', dest='torch_coarsemetro', action='store_false',
-                 help='skip the PyTorch-eager CoarseMETRO-S rows')
   args = _timing.parse(p, argv)
   print(_timing.machine_description(), flush=True)
+  _timing.torch_setup()
   topology = _timing.load_topology(args.topology, args.tiny)
   pairs = {name: _timing.build_pair(name, topology, args.tiny, args.dtype)
            for name in _timing.MODELS}

@@ -1,0 +1,249 @@
+r"""Training-step throughput: CoarseMETRO-S / FastMETRO-S in JAX vs PyTorch (examples/s).
+
+  python benchmarks/train_step.py                       # R50 at 224 px, batch 16
+  python benchmarks/train_step.py --dtype=bf16 --batch_sizes=16,32
+  python benchmarks/train_step.py --tiny --quick        # smoke run
+
+One step = forward in training mode (BatchNorm batch statistics, dropout 0.1)
++ loss + backward + gradient clipping (global norm 0.3) + AdamW update
+(lr 1e-4, weight decay 1e-4), from the same initial weights in both
+frameworks, on one batch of random data already in memory (no input pipeline).
+
+The loss is FastMETRO's (coarsemetro_jax/losses.py `compute_loss` on the JAX
+side, `torch_loss` below, its PyTorch port, on the other): 3D joints (token +
+mesh-regressed, L1), 2D re-projection of both (L1), vertices at 431/1723/6890
+(L1); without the optional edge-length/normal terms. Both sides take the GT
+mesh from the batch (no SMPL forward) and regress H36M joints with a dense
+[17, 6890] matrix. Every example carries every label, so the masked means
+are plain means, as FastMETRO's losses are.
+
+JAX: the step is one `jax.jit` with the state donated, built from steps.py's
+pieces (`apply_train` with `config.bn_group_size`, AdamW from
+`make_optimizer`); CoarseMETRO also masks joint tokens (its recipe).
+PyTorch: eager reference modules in train mode, `optimizer.zero_grad`,
+`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW` (defaults), CPU
+autocast for the forward pass with --dtype=bf16. "transformer" rows train the
+part after the backbone on fixed backbone features.
+"""
+
+import contextlib
+import copy
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import _timing
+from coarsemetro_jax import joints as jt
+from coarsemetro_jax import losses
+from coarsemetro_jax import steps
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+NUM_H36M = 17
+
+
+def random_batch(pair, part, batch, seed=0):
+  """Labels of the batch dict (notes/common.md) plus 'gt_vertices' [B, V, 3]."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  joints_2d = np.concatenate([np.tanh(f32(batch, 24, 2)),
+                              (rng.random((batch, 24, 1)) > 0.2).astype(np.float32)], -1)
+  joints_3d = np.concatenate([0.3 * f32(batch, 24, 3),
+                              np.ones((batch, 24, 1), np.float32)], -1)
+  ones = np.ones((batch,), np.float32)
+  return {'image': _timing.random_input(pair.input_shape(part, batch), seed + 1),
+          'joints_2d': joints_2d, 'joints_3d': joints_3d,
+          'gt_vertices': 0.3 * f32(batch, pair.topology.num_vertices[0], 3),
+          'has_smpl': ones, 'has_3d_joints': ones, 'has_2d_joints': ones, 'mask': ones}
+
+
+def h36m_regressor(num_vertices, seed=0):
+  """A dense, row-normalised [17, V] stand-in for J_regressor_h36m."""
+  r = np.random.default_rng(seed).random((NUM_H36M, num_vertices)).astype(np.float32)
+  return r / r.sum(1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------
+# JAX.
+
+
+def jax_train_step(pair, part, regressor):
+  """jitted, state-donating (state, batch, rng) -> (state, loss)."""
+  model, config, topology = pair.module(part, 'jax'), pair.config, pair.topology
+  regress = lambda v: jnp.einsum('jv,bvc->bjc', regressor, v)
+
+  def train_step(state, batch, rng):
+    rngs = steps.step_rngs(rng, state.step)
+
+    def loss_fn(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      outputs, new_stats = steps.apply_train(model, variables, batch['image'], rngs,
+                                             config.bn_group_size)
+      loss, _ = losses.compute_loss(outputs, batch, batch['gt_vertices'], regress,
+                                    topology, config.loss)
+      return loss, new_stats
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=new_stats), loss
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def new_state(config, variables):
+  """TrainState (AdamW of steps.make_optimizer) over {'params', 'batch_stats'}."""
+  tx, _ = steps.make_optimizer(config.optim)
+  return steps.TrainState.create(apply_fn=None, params=variables['params'], tx=tx,
+                                 batch_stats=variables.get('batch_stats', {}))
+
+
+# ----------------------------------------------------------------------------
+# PyTorch.
+
+
+def torch_loss(out, batch, regressor, topology, loss_config):
+  """`losses.compute_loss` (no edge/normal terms) for fully labelled batches, in PyTorch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  c = loss_config
+  out = {k: v.float() for k, v in out.items()}
+  regress = lambda v: torch.einsum('jv,bvc->bjc', regressor, v)
+  hip = lambda j: 0.5 * (j[:, jt.J14_R_HIP] + j[:, jt.J14_L_HIP])[:, None]
+  project = lambda x, cam: cam[:, None, :1] * (x[..., :2] + cam[:, None, 1:])
+
+  j17 = regress(out['pred_3d_vertices_fine'])
+  pelvis = j17[:, jt.H36M_PELVIS][:, None]
+  mesh_joints = j17[:, list(jt.H36M_J17_TO_J14)] - pelvis
+  token_joints = out['pred_3d_joints'] - hip(out['pred_3d_joints'])
+  gt_fine = batch['gt_vertices'] - regress(batch['gt_vertices'])[:, jt.H36M_PELVIS][:, None]
+  gt_vertices = {'fine': gt_fine}
+  gt_vertices['intermediate'] = gt_fine[:, torch.from_numpy(topology.down_indices[0])]
+  gt_vertices['coarse'] = gt_vertices['intermediate'][:, torch.from_numpy(
+      topology.down_indices[1])]
+  j24 = batch['joints_3d']
+  gt_3d = j24[:, list(jt.J24_TO_J14), :3] - j24[:, jt.J24_PELVIS, :3][:, None]
+  conf_3d = j24[:, list(jt.J24_TO_J14), 3:]
+  gt_2d = batch['joints_2d'][:, list(jt.J24_TO_J14)]
+
+  def joints_3d(pred):   # FastMETRO keypoint_3d_loss
+    return (conf_3d * (pred - hip(pred) - (gt_3d - hip(gt_3d))).abs()).mean()
+
+  def joints_2d(pred):   # FastMETRO keypoint_2d_loss
+    return (gt_2d[..., 2:] * (project(pred, out['pred_cam']) - gt_2d[..., :2]).abs()).mean()
+
+  vertices = sum(
+      weight * (out[f'pred_3d_vertices_{level}'] - pelvis - gt_vertices[level]).abs().mean()
+      for level, weight in (('coarse', c.vertices_coarse),
+                            ('intermediate', c.vertices_intermediate),
+                            ('fine', c.vertices_fine)))
+  return (c.joints_3d * (joints_3d(token_joints) + joints_3d(mesh_joints)) +
+          c.vertices * vertices +
+          c.joints_2d * (joints_2d(token_joints) + joints_2d(mesh_joints)))
+
+
+def torch_train_step(module, batch, regressor, pair, dtype):
+  """A closure running one eager PyTorch training step; returns the loss."""
+  import torch  # pylint: disable=g-import-not-at-top
+  o = pair.config.optim
+  module.train()
+  optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
+                                weight_decay=o.weight_decay)
+  tbatch = {k: torch.from_numpy(v) for k, v in batch.items() if k != 'image'}
+  images = _timing.to_torch_nchw(batch['image'])
+  regressor = torch.from_numpy(regressor)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    with contextlib.ExitStack() as stack:
+      if dtype == 'bf16':
+        stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16))
+      out = module(images)
+    loss = torch_loss(out, tbatch, regressor, pair.topology, pair.config.loss)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip_norm)
+    optimizer.step()
+    return loss.detach()
+
+  return step
+
+
+# ----------------------------------------------------------------------------
+# Benchmark.
+
+
+def candidates(pairs, part, batch, args):
+  """{(model, framework): (call, warm-up info, loss after warm-up)}."""
+  out = {}
+  for name in args.models:
+    pair = pairs[name]
+    data = random_batch(pair, part, batch)
+    regressor = h36m_regressor(pair.topology.num_vertices[0])
+    # A private copy of the converted weights: the step donates its state.
+    state = new_state(pair.config, jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                                pair.variables(part)))
+    data_jax, rng = jax.device_put(data), jax.random.key(0)
+    compile_s, compiled = _timing.timed(
+        lambda: jax_train_step(pair, part, regressor).lower(state, data_jax, rng).compile())  # pylint: disable=cell-var-from-loop
+    holder = {'state': state}
+
+    def call(compiled=compiled, holder=holder, data_jax=data_jax):
+      holder['state'], loss = compiled(holder['state'], data_jax, rng)
+      return _timing.block_jax((holder['state'], loss))[1]
+
+    first_s, loss = _timing.timed(call)
+    out[(name, 'JAX')] = (call, {'compile_s': compile_s, 'first_s': first_s}, loss)
+
+  for name, threads in _timing.torch_runs(args):
+    pair = pairs[name]
+    # A private copy of the module per run: the steps update its weights.
+    call = _timing.with_threads(torch_train_step(
+        copy.deepcopy(pair.module(part, 'torch')), random_batch(pair, part, batch),
+        h36m_regressor(pair.topology.num_vertices[0]), pair, args.dtype), threads)
+    first_s, loss = _timing.timed(call)
+    out[(name, _timing.torch_label(threads))] = (call, {'first_s': first_s}, loss)
+  return out
+
+
+HEADER = ['part', 'batch', 'model', 'framework', 'step ms', 'examples/s',
+          'speed-up vs best PyTorch FastMETRO-S', 'compile s', 'first step s', 'first loss']
+
+
+def bench_part(pairs, part, batch, args):
+  cands = candidates(pairs, part, batch, args)
+  times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps)
+  rows = []
+  for key, (_, warm, loss) in cands.items():
+    name, framework = key
+    compile_s = f"{warm['compile_s']:.1f}" if 'compile_s' in warm else '-'
+    rows.append([part, batch, _timing.LABELS[name], framework,
+                 _timing.spread(times[key]), _timing.throughput(times[key], batch),
+                 _timing.ratio(_timing.baseline(times), times[key]), compile_s,
+                 f"{warm['first_s']:.2f}", f'{float(loss):.4g}'])
+  return rows, times
+
+
+def main(argv=None):
+  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='16', reps=3)
+  args = _timing.parse(p, argv)
+  print(_timing.machine_description(), flush=True)
+  _timing.torch_setup()
+  topology = _timing.load_topology(args.topology, args.tiny)
+  pairs = {name: _timing.build_pair(name, topology, args.tiny, args.dtype)
+           for name in _timing.MODELS}
+  rows = []
+  for part in args.parts:
+    for batch in args.batch_sizes:
+      part_rows, _ = bench_part(pairs, part, batch, args)
+      rows += part_rows
+      print(_timing.markdown(HEADER, part_rows), flush=True)
+  table = _timing.markdown(HEADER, rows)
+  print(f'\n## Training step, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
+        f'{args.reps} rounds (load average after: {_timing.load_average()})\n')
+  print(table)
+  return table
+
+
+if __name__ == '__main__':
+  main()
