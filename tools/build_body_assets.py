@@ -523,7 +523,7 @@ def main():
   parser.add_argument('--out_dir', default=str(root / 'coarsemetro_jax' / 'assets'))
   parser.add_argument('--num_shapes', type=int, default=600)
   parser.add_argument('--num_fit', type=int, default=600)
-  parser.add_argument('--ridge', type=float, default=3e-7)
+  parser.add_argument('--ridge', type=float, default=1e-5)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args()
   t0 = time.time()
