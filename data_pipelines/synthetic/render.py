@@ -172,15 +172,18 @@ def make_label(j24, conf, uv_j, cam_verts_uv, pose_cam, betas, height, width):
   px = uv_j - 0.5
   inside = (px[:, 0] >= 0) & (px[:, 0] <= width - 1) & (px[:, 1] >= 0) & (px[:, 1] <= height - 1)
   vis = (inside & (conf > 0)).astype(np.float64)
+  # Rounded far below what the labels resolve (1e-4 px, 1e-6 m, 1e-6 rad):
+  # the label file is less than half the size of full float64 digits.
+  fix = lambda x, decimals: np.round(np.asarray(x, np.float64), decimals).tolist()
   return {
-      'center': center.tolist(),
-      'scale': float(BOX_FACTOR * (hi - lo).max() / 200.0),
-      '2d_joints': np.concatenate([px, vis[:, None]], 1).tolist(),
+      'center': fix(center, 4),
+      'scale': fix(BOX_FACTOR * (hi - lo).max() / 200.0, 6),
+      '2d_joints': fix(np.concatenate([px, vis[:, None]], 1), 4),
       'has_2d_joints': 1,
-      '3d_joints': np.concatenate([j24, conf[:, None]], 1).tolist(),
+      '3d_joints': fix(np.concatenate([j24, conf[:, None]], 1), 6),
       'has_3d_joints': 1,
-      'pose': np.asarray(pose_cam).tolist(),
-      'betas': np.asarray(betas).tolist(),
+      'pose': fix(pose_cam, 6),
+      'betas': fix(betas, 6),
       'has_smpl': 1,
   }
 
