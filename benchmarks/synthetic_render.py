@@ -122,7 +122,8 @@ def main():
   print('| rasterizer | examples | workers | wall s | examples/s | 10k train set | disk per 10k |')
   print('|---|---|---|---|---|---|---|')
   print(f'| {backends[0]} | {args.run} | {args.workers} | {wall:.1f} | {args.run / wall:.0f} | '
-        f'{10000 * wall / args.run / 60:.1f} min ({how}) | {size / args.run * 1e4 / 2**20:.0f} MiB |')
+        f'{10000 * wall / args.run / 60:.1f} min ({how}) | '
+        f'{size / args.run * 1e4 / 2**20:.0f} MiB |')
   busy = min(args.workers, os.cpu_count() or 1)
   print(f'\nOn idle cores the same 10k set needs about '
         f'{10000 * cpu_ms[backends[0]] / 1e3 / busy / 60:.1f} min of rendering '

@@ -95,7 +95,8 @@ def vertex_albedo(rng, parts):
   if rng.uniform() < 0.9:
     top, length = rng.uniform(0.06, 0.1), rng.uniform(-0.02, 0.12)
     is_head = p == _HEAD
-    in_hair = is_head & ((parts.head_up > top) | ((parts.head_back > 0.02) & (parts.head_up > -length)))
+    back = (parts.head_back > 0.02) & (parts.head_up > -length)
+    in_hair = is_head & ((parts.head_up > top) | back)
     albedo[in_hair] = hair
   # A little per-vertex variation so large areas are not perfectly flat.
   albedo = albedo * rng.uniform(0.95, 1.05, (len(p), 1))
@@ -115,7 +116,8 @@ def background(rng, height, width):
   else:  # Low-frequency colour noise over a base colour (kind 2: grey noise).
     cells = rng.integers(3, 12)
     noise = rng.uniform(-0.5, 0.5, (cells, cells, 1 if kind == 2 else 3)).astype(np.float32)
-    noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC).reshape(height, width, -1)
+    noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
+    noise = noise.reshape(height, width, -1)
     img = rng.uniform(0.15, 0.85, 3).astype(np.float32) + np.float32(rng.uniform(0.2, 0.8)) * noise
   img = np.ascontiguousarray(img, np.float32)
   for _ in range(rng.integers(0, 7)):  # Random shapes (objects, furniture).

@@ -40,7 +40,8 @@ def example_rng(seed, split, index):
   """The Generator of one example."""
   if split not in SPLIT_IDS:
     raise ValueError(f'unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}')
-  return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(SPLIT_IDS[split], int(index))))
+  key = (SPLIT_IDS[split], int(index))
+  return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=key))
 
 
 def make_example(assets, seed, split, index, image_size, backend='auto'):

@@ -201,7 +201,8 @@ def _mode_overrides(rng, mode, euler, shoulders):
     for hip, knee, sh, el, sgn in ((1, 4, 16, 18, 1), (2, 5, 17, 19, -1)):
       swing = sgn * phase * stride
       euler[hip][0] = _clip_to(1, 0, -swing - 5)
-      euler[knee][0] = _clip_to(4, 0, (70 if run else 25) * max(0.0, -sgn * phase) + rng.uniform(0, 15))
+      knee_flex = (70 if run else 25) * max(0.0, -sgn * phase) + rng.uniform(0, 15)
+      euler[knee][0] = _clip_to(4, 0, knee_flex)
       # The arm swings with the opposite leg, in the sagittal plane.
       arm = -swing * rng.uniform(0.6, 1.0)
       shoulders[sh][:2] = [abs(arm) + rng.uniform(SHOULDER_ELEV[0], 15), 90.0 if arm > 0 else -90.0]
@@ -287,7 +288,8 @@ def penetrates(pose, rest_joints):
                           _segment_points(pos[wr], pos[hand], 3)])
     rel = pts - pos[0]
     h = rel @ up
-    inside = ((rel @ lat / a_lat) ** 2 + (rel @ fwd / b_depth) ** 2 < 1.0) & (h > -0.05) & (h < length)
+    in_ellipse = (rel @ lat / a_lat) ** 2 + (rel @ fwd / b_depth) ** 2 < 1.0
+    inside = in_ellipse & (h > -0.05) & (h < length)
     if inside.any():
       return True
   legs = [np.concatenate([_segment_points(pos[hip], pos[knee], 3, 0.6),

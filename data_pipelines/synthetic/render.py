@@ -4,10 +4,11 @@ Camera (SPIN/METRO): a near-orthographic pinhole whose focal length is 5000 px
 on the 224-px crop of the person box, i.e. f_img = 5000 * box_px / 224 in image
 pixels, at depth t_z = f_img / k for k image pixels per metre, with the
 person's box centre on the optical axis. The network's weak-perspective camera
-(s, tx, ty) then explains the 2D joints of the crop to within a crop pixel. The camera frame is x right, y down, z forward; the
-body's rest frame is Y up, face +Z, so the global orientation written to the
-label is R_FLIP @ R_body (R_FLIP = 180 degrees about x): the label's
-(pose, betas) give the rendered body, root-free, in camera axes.
+(s, tx, ty) then explains the 2D joints of the crop to within a crop pixel.
+The camera frame is x right, y down, z forward; the body's rest frame is Y up,
+face +Z, so the global orientation written to the label is R_FLIP @ R_body
+(R_FLIP = 180 degrees about x): the label's (pose, betas) give the rendered
+body, root-free, in camera axes.
 
 Label (METRO, see data_pipelines/metro_tsv.py): center / scale from the tight
 box of the projected mesh (scale = 1.2 * max side / 200, as METRO's 3DPW/UP-3D
@@ -108,7 +109,8 @@ def vertex_face_incidence(num_vertices, faces):
   """Sparse [V, F] 0/1 matrix: vertex normals are incidence @ face normals."""
   rows = faces.reshape(-1)
   cols = np.repeat(np.arange(len(faces)), 3)
-  return scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(num_vertices, len(faces)))
+  return scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)),
+                                 shape=(num_vertices, len(faces)))
 
 
 def face_normals(verts, faces):
