@@ -176,7 +176,25 @@ def _write_pictures(writer, step, first, topology, workdir, num_images):
 
 
 def train_and_evaluate(config, workdir, mode='train'):
-  """Trains (mode 'train') or evaluates a checkpoint (mode 'eval')."""
+  """Trains (mode 'train') or evaluates a checkpoint (mode 'eval').
+
+  Args:
+    config: ml_collections config (configs/r50.py).
+    workdir: checkpoints/, TensorBoard events, eval_results.{json,md} and the
+      predictions PNG go here; an existing checkpoint here is resumed.
+    mode: 'train' or 'eval' (the workdir's latest checkpoint, else
+      config.init_from).
+  Returns:
+    The summary written to eval_results.json ('step', 'eval' metrics in mm
+    with '<metric>_count' examples, 'mean_pose_baseline', 'train' last-step
+    losses, 'picture'), or None when stopped by SIGTERM/preemption (after
+    checkpointing).
+  Raises:
+    NonFiniteLossError: a NaN/Inf loss or gradient norm (the last good
+      checkpoint is kept).
+    checkpoints.CheckpointError: mode 'eval' without a checkpoint, or an
+      init_from checkpoint of another model.
+  """
   if mode not in ('train', 'eval'):
     raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
   workdir = os.path.abspath(workdir)
@@ -203,6 +221,9 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
          batch_sharding, num_steps, manager):
   """train_and_evaluate after the setup; see there."""
   steps_per_epoch = data.steps_per_epoch
+  if mode == 'eval' and manager.latest_step() is None and not config.init_from:
+    raise checkpoints.CheckpointError(
+        f'--mode=eval needs a checkpoint in {manager.directory} or config.init_from')
   state, state_sharding, origin = initial_state(config, model, steps_per_epoch,
                                                 device_mesh, manager)
   start_step = int(jax.device_get(state.step))
@@ -211,9 +232,6 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if mode == 'eval':
-    if origin == 'scratch':
-      raise checkpoints.CheckpointError(
-          f'--mode=eval needs a checkpoint in {workdir} or config.init_from')
     return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
                        topology, start_step)
 
@@ -230,7 +248,7 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
   sigterm = _SigtermFlag()
   meta = lambda step: {'step': step, 'epoch': step / steps_per_epoch,
                        'model': config.model.to_dict()}
-  pending = None
+  pending, last_train = None, None
   batches = data.train_batches(batch_sharding, start_step)
   try:
     with metric_writers.ensure_flushes(writer):
@@ -260,14 +278,14 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
                                  config.eval_max_batches or None)
           writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
       if pending is not None:
-        _log_train(writer, *pending, config, force=True)
+        last_train = _log_train(writer, *pending, config, force=True)
   finally:
     sigterm.restore()
   if sigterm.raised:
     return None
   manager.wait_until_finished()
   return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                     topology, int(jax.device_get(state.step)))
+                     topology, int(jax.device_get(state.step)), last_train)
 
 
 def _log_train(writer, step, metrics, config, force=False):
@@ -276,16 +294,19 @@ def _log_train(writer, step, metrics, config, force=False):
   _check_finite(values, step)
   if step % config.log_every_steps == 0 or force:
     writer.write_scalars(step, {f'train/{k}': float(v) for k, v in values.items()})
+  return {k: float(v) for k, v in values.items()}
 
 
 def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                topology, step):
+                topology, step, train_metrics=None):
   """Full evaluation, metrics table (+ mean-pose baseline) and the picture."""
   result, first = evaluate(eval_step, state, data, batch_sharding)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
   baseline = data.mean_pose_baseline() if data.is_embedded else None
   table = metrics_table([(f'{config.model.name} step {step}', result)], baseline)
   summary = {'step': step, 'eval': result, 'mean_pose_baseline': baseline}
+  if train_metrics is not None:
+    summary['train'] = train_metrics      # the last step's loss terms
   if jax.process_index() == 0:
     try:
       summary['picture'] = _write_pictures(writer, step, first, topology, workdir,

@@ -107,7 +107,7 @@ class Datasets:
     """
     ds = input_pipeline.create_train_dataset(
         self.data_config, seed=self.config.seed,
-        shuffle=self.data_config.get('shuffle', True), start_step=start_step)
+        shuffle=self.data_config.shuffle, start_step=start_step)
     return input_pipeline.global_batches(ds, sharding)
 
   def eval_batches(self, sharding):
