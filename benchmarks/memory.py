@@ -1,6 +1,6 @@
 r"""Peak memory per step (XLA memory analysis) and activation counts (profile.py).
 
-  python benchmarks/memory.py                       # R50 at 224 px, batch 1 and 16
+  python benchmarks/memory.py                       # R50 at 224 px, batch 16
   python benchmarks/memory.py --dtype=bf16 --modes=train --batch_sizes=16,64
   python benchmarks/memory.py --tiny --quick        # smoke run
 
@@ -81,7 +81,7 @@ def count_row(pair, image_size):
 
 
 def main(argv=None):
-  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='1,16', reps=1)
+  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='16', reps=1)
   p.add_argument('--modes', default=','.join(MODES), help='inference,train')
   args = _timing.parse(p, argv)
   args.modes = [m for m in args.modes.split(',') if m]
