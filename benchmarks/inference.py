@@ -9,10 +9,15 @@ Eval-mode forward passes with the same weights in both frameworks
 (everything after the backbone) on backbone feature maps. JAX: the jitted
 `model.apply`, compiled ahead (compile time reported apart), inputs already
 on the device. PyTorch: the parity-test reference modules in eager mode under
-`torch.inference_mode()` (CPU autocast for bf16) and, with --torch_compile,
+`torch.inference_mode()` (CPU autocast for bf16), denormals flushed as XLA
+does, FastMETRO-S at each --torch_threads count (on a busy machine OpenMP's
+2 threads can be several times slower than 1) and, with --torch_compile,
 `torch.compile` of FastMETRO-S. All candidates of a (part, batch) run in
 interleaved rounds; the table shows medians and [min-max] over rounds, and
-speed-ups as medians of per-round ratios against PyTorch-eager FastMETRO-S.
+speed-ups as medians of per-round ratios against the fastest PyTorch-eager
+FastMETRO-S of the round. On a shared machine, run it niced
+(`nice -n -15 python benchmarks/inference.py`) so that other jobs disturb
+the measurement less.
 The "max rel. diff" column checks the JAX outputs against PyTorch on the same
 input (max |JAX - PyTorch| / max |PyTorch| over the fine mesh).
 """

@@ -22,8 +22,10 @@ pieces (`apply_train` with `config.bn_group_size`, AdamW from
 `make_optimizer`); CoarseMETRO also masks joint tokens (its recipe).
 PyTorch: eager reference modules in train mode, `optimizer.zero_grad`,
 `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW` (defaults), CPU
-autocast for the forward pass with --dtype=bf16. "transformer" rows train the
-part after the backbone on fixed backbone features.
+autocast for the forward pass with --dtype=bf16, at each --torch_threads
+count; speed-ups are against the fastest PyTorch FastMETRO-S of each round.
+"transformer" rows train the part after the backbone on fixed backbone
+features. Timing as benchmarks/inference.py (interleaved rounds, medians).
 """
 
 import contextlib
