@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from coarsemetro_jax import checkpoints
+from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import train
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from configs import tiny
@@ -323,6 +324,7 @@ def test_two_processes_match_one_process(straight_run, data_dir, tmp_path):
     two = json.load(f)
   assert two['step'] == one['step'] == NUM_STEPS
   assert saved_steps(two_dir) == [2, 4]
+  assert os.path.exists(two['picture'])    # process 0's rows of the first eval batch
   for k in ('mpjpe_count', 'mpve_count'):
     assert two['eval'][k] == one['eval'][k]
   for k in ('mpjpe', 'pa_mpjpe', 'mpve'):
@@ -331,3 +333,37 @@ def test_two_processes_match_one_process(straight_run, data_dir, tmp_path):
     assert two['train'][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
   assert_trees_equal(saved_variables(two_dir, 4), saved_variables(one_dir, 4),
                      rtol=1e-5, atol=2e-7)
+
+
+def test_embedded_dataset_is_generated_once_and_cached(tmp_path):
+  config = tiny.get_config()
+  synthetic = config.data.synthetic
+  synthetic.dir = str(tmp_path / 'embedded')
+  synthetic.num_train, synthetic.num_test = 3, 2
+  synthetic.image_size, synthetic.workers = 64, 1
+  config.data.batch_size = 2
+  data = datasets.Datasets.create(config)
+  assert data.is_embedded and data.num_train == 3 and data.steps_per_epoch == 1
+  assert data.data_config.eval_yaml == os.path.join(synthetic.dir, 'test.yaml')
+  assert len(metro_tsv.MetroDataset(data.data_config.eval_yaml)) == 2
+  tsv = os.path.join(synthetic.dir, 'train.img.tsv')
+  stamp = os.stat(tsv).st_mtime_ns
+  datasets.Datasets.create(config)            # cached: not rendered again
+  assert os.stat(tsv).st_mtime_ns == stamp
+  synthetic.seed = 1                          # other parameters: regenerated
+  datasets.Datasets.create(config)
+  assert os.stat(tsv).st_mtime_ns != stamp
+  assert not os.path.exists(synthetic.dir + '.partial')
+  # Mean-pose baseline: always predicting the training set's mean J14 pose.
+  baseline = data.mean_pose_baseline()
+
+  def j14(yaml_path):   # root-relative J14 of the examples with 3D joints
+    j = np.stack([l['joints_3d'][:, :3] for l in labels(yaml_path) if l['has_3d_joints']])
+    return j[:, list(joint_tables.J24_TO_J14)] - j[:, joint_tables.J24_PELVIS][:, None]
+
+  train_j, test_j = j14(data.data_config.train_yaml), j14(data.data_config.eval_yaml)
+  hip = lambda x: x - (x[..., 2:3, :] + x[..., 3:4, :]) / 2
+  mpjpe = np.linalg.norm(hip(train_j.mean(0)) - hip(test_j), axis=-1).mean()
+  assert baseline['count'] == len(test_j)
+  assert baseline['mpjpe'] == pytest.approx(1000 * mpjpe, rel=1e-5)
+  assert 0 < baseline['pa_mpjpe'] <= baseline['mpjpe']
