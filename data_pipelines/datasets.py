@@ -53,6 +53,33 @@ def ensure_synthetic(synthetic_config):
   return out
 
 
+def _best_rotation(src, dst):
+  """[N, 3, 3] rotations R minimising |src @ R - dst| (Kabsch; src [N, J, 3], dst [J, 3])."""
+  u, _, vt = np.linalg.svd(np.einsum('nja,jb->nab', src, dst))
+  u[:, :, -1] *= np.sign(np.linalg.det(u @ vt))[:, None]          # no reflections
+  return u @ vt
+
+
+def procrustes_mean(poses, iterations=5):
+  """The mean body pose [J, 3] of root-free J14 poses [N, J, 3].
+
+  A plain average of camera-frame poses seen from many directions collapses
+  towards a point (a "baseline" no model could lose to). Each pose is instead
+  rotated onto the running mean before averaging (generalised Procrustes,
+  rotation only), and the result is given the orientation that best fits the
+  plain average and is centred at the hip midpoint, as the targets are.
+  """
+  poses = np.asarray(poses, np.float64)
+  centred = poses - poses.mean(1, keepdims=True)                   # [N, J, 3]
+  mean = centred[0]
+  for _ in range(iterations):
+    rot = _best_rotation(centred, mean)                            # [N, 3, 3]
+    mean = np.einsum('nja,nab->jb', centred, rot) / len(centred)
+  mean = mean @ _best_rotation(mean[None], centred.mean(0))[0]
+  hips = 0.5 * (mean[joint_tables.J14_R_HIP] + mean[joint_tables.J14_L_HIP])
+  return mean - hips
+
+
 def _j14_joints(dataset):
   """Root-free J14 3D joints [N, 14, 3] and has_3d_joints [N] of a METRO dataset's labels."""
   out, has = [], []
@@ -118,7 +145,7 @@ class Datasets:
     """MPJPE / PA-MPJPE (mm) of always predicting the training set's mean J14 pose."""
     train, has_train = _j14_joints(metro_tsv.MetroDataset(self.data_config.train_yaml))
     test, has_test = _j14_joints(metro_tsv.MetroDataset(self.data_config.eval_yaml))
-    mean_pose = train[has_train > 0].mean(0)
+    mean_pose = procrustes_mean(train[has_train > 0])
     test = test[has_test > 0]
     pred = np.broadcast_to(mean_pose, test.shape).astype(np.float32)
     test = test.astype(np.float32)

@@ -53,7 +53,10 @@ LIMITS_DEG = {
 SHOULDER_ELEV = (8.0, 170.0)
 SHOULDER_AZIM = (-100.0, 130.0)
 SHOULDER_BACK_MAX_ELEV = 60.0
-# Global orientation: full yaw; pitch (forward lean) and roll, std and bound.
+# Global orientation: yaw (0 = facing the camera), pitch (forward lean) and
+# roll, std and bound. Yaw leans frontal, as in photo datasets (COCO, 3DPW),
+# but reaches side views and beyond.
+YAW_STD, YAW_MAX = 45.0, 120.0
 PITCH_STD, PITCH_MAX = 7.0, 20.0
 ROLL_STD, ROLL_MAX = 5.0, 15.0
 MAX_LEAN = 85.0  # Total forward pitch of the pelvis (bending, crouching).
@@ -243,7 +246,7 @@ def _sample_once(rng, rest_joints, frames, rest_flex):
   for sh in (16, 17):
     shoulders[sh] = [*_sample_shoulder(rng, spread), euler[sh][1]]
   pitch = _mode_overrides(rng, mode, euler, shoulders)
-  yaw = rng.uniform(-180.0, 180.0)
+  yaw = float(np.clip(YAW_STD * rng.standard_normal(), -YAW_MAX, YAW_MAX))
   roll = float(np.clip(ROLL_STD * rng.standard_normal(), -ROLL_MAX, ROLL_MAX))
   rot = np.empty((24, 3, 3))
   # Yaw about the vertical, then lean forward (+X rotation tips the head to +Z).

@@ -1,0 +1,43 @@
+"""The mean-pose baseline of the embedded run's metrics table (datasets.procrustes_mean)."""
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from coarsemetro_jax import joints
+from coarsemetro_jax import metrics
+from data_pipelines import datasets
+
+
+def _poses(num, seed, base_seed=0):
+  """A random 14-joint pose and `num` noisy copies of it."""
+  base = np.random.default_rng(base_seed).normal(size=(14, 3)) * 0.3
+  return base, base + np.random.default_rng(seed).normal(size=(num, 14, 3)) * 0.02
+
+
+def test_mean_of_rotated_copies_is_the_pose():
+  base, _ = _poses(1, 1)
+  rots = Rotation.random(50, random_state=1).as_matrix()                 # [N, 3, 3]
+  seen = np.einsum('ja,nba->njb', base, rots)                             # R @ base per copy
+  mean = datasets.procrustes_mean(seen)
+  # Same shape as the pose (a plain average would shrink towards a point) ...
+  aligned = np.asarray(metrics.pa_mpjpe(mean[None].astype(np.float32),
+                                        base[None].astype(np.float32)))
+  assert float(aligned[0]) < 1e-5
+  assert abs(np.linalg.norm(mean - mean.mean(0)) - np.linalg.norm(base - base.mean(0))) < 1e-6
+  # ... centred at the hip midpoint.
+  hips = 0.5 * (mean[joints.J14_R_HIP] + mean[joints.J14_L_HIP])
+  np.testing.assert_allclose(hips, 0.0, atol=1e-12)
+
+
+def test_baseline_does_not_depend_on_the_training_poses_orientation():
+  _, poses = _poses(40, 2)
+  test = _poses(10, 3)[1].astype(np.float32)
+  rots = Rotation.random(len(poses), random_state=4).as_matrix()
+  rotated = np.einsum('nja,nba->njb', poses, rots)
+  pa = [float(np.mean(metrics.pa_mpjpe(
+      np.broadcast_to(datasets.procrustes_mean(p), test.shape).astype(np.float32), test)))
+        for p in (poses, rotated)]
+  np.testing.assert_allclose(pa[0], pa[1], rtol=1e-4)
+  # The plain average of the rotated poses is a much worse predictor.
+  plain = np.broadcast_to(rotated.mean(0), test.shape).astype(np.float32)
+  assert float(np.mean(metrics.pa_mpjpe(plain, test))) > 2 * pa[1]
