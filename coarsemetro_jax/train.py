@@ -92,7 +92,13 @@ def initial_state(config, model, steps_per_epoch, device_mesh, manager):
     logging.info('Resuming from %s step %d', manager.directory, latest)
     abstract, state_sharding = abstract_train_state(config, model, device_mesh,
                                                     image_shape, steps_per_epoch)
-    restored = manager.restore(latest, args=checkpoints.restore_args(abstract))
+    try:
+      restored = manager.restore(latest, args=checkpoints.restore_args(abstract))
+    except (ValueError, KeyError) as e:
+      raise checkpoints.CheckpointError(
+          f'{manager.directory} step {latest} does not fit this config (another model '
+          f'or optimiser?); use a new --workdir, or config.init_from to start from its '
+          f'weights: {e}') from e
     return restored[checkpoints.STATE_ITEM], state_sharding, 'resumed'
   state, state_sharding = steps.create_train_state(
       config, model, jax.random.key(config.seed), device_mesh, image_shape,

@@ -266,6 +266,16 @@ def test_eval_mode_without_a_checkpoint_fails(data_dir, tmp_path):
     train.train_and_evaluate(make_config(data_dir), str(tmp_path), mode='eval')
 
 
+def test_resuming_another_models_checkpoint_fails_clearly(straight_run, data_dir,
+                                                          tmp_path):
+  straight_dir, _ = straight_run
+  shutil.copytree(os.path.join(straight_dir, 'checkpoints', '2'),
+                  os.path.join(tmp_path, 'checkpoints', '2'))
+  config = make_config(data_dir, **{'model.stage_dims': (32, 16, 8)})
+  with pytest.raises(checkpoints.CheckpointError, match=r'step 2 does not fit this config'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_misspelled_config_override_fails(tmp_path):
   """main.py's config is locked: a typo'd override stops before any work."""
   run = subprocess.run(
