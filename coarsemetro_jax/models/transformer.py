@@ -111,11 +111,16 @@ class MultiHeadAttention(nn.Module):
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)  # [B, H, Lq, Lk]
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    self.sow('intermediates', 'attention_weights', weights)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(self.dtype), v)
-    out = out.reshape(b, lq, e)
+    if self.is_mutable_collection('intermediates'):
+      self.sow('intermediates', 'attention_weights', jax.nn.softmax(logits, axis=-1))
+    # Softmax normalised after the value product (dropout is elementwise, so
+    # dropout(e) / sum(e) = dropout(e / sum(e))): the exponentials feed the
+    # matmul directly and the division runs on [B, Lq, H, d], not [B, H, Lq, Lk].
+    unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    denominator = unnormalized.sum(-1).transpose(0, 2, 1)[..., None]   # [B, Lq, H, 1]
+    unnormalized = nn.Dropout(self.dropout)(unnormalized, deterministic=deterministic)
+    out = jnp.einsum('bhqk,bkhd->bqhd', unnormalized.astype(self.dtype), v)
+    out = (out / denominator.astype(self.dtype)).reshape(b, lq, e)
     return TorchDense(e, xavier=True, zero_bias=True, dtype=self.dtype,
                       name='out_proj')(out)
 
