@@ -27,7 +27,6 @@ from coarsemetro_jax import checkpoints
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import steps
-from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from data_pipelines import datasets
 
 
@@ -36,14 +35,24 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _SigtermFlag:
-  """Turns SIGTERM (e.g. a cluster preemption notice) into a save-and-exit."""
+  """Turns SIGTERM (e.g. a cluster preemption notice) into a save-and-exit.
+
+  One process only: with several, a signal reaching some of them would stop
+  them alone (the others would wait in a collective forever). There JAX's
+  preemption service (started by jax.distributed.initialize) takes the signal
+  and `CheckpointManager.reached_preemption` stops all processes at the same
+  step.
+  """
 
   def __init__(self):
     self.raised = False
+    self._previous = None
+    if jax.process_count() > 1:
+      return
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:   # not the main thread
-      self._previous = None
+      pass
 
   def _handle(self, signum, frame):
     del signum, frame

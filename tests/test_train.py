@@ -364,7 +364,8 @@ def test_embedded_dataset_is_generated_once_and_cached(tmp_path):
   datasets.Datasets.create(config)
   assert os.stat(tsv).st_mtime_ns != stamp
   assert not os.path.exists(synthetic.dir + '.partial')
-  # Mean-pose baseline: always predicting the training set's mean J14 pose.
+  # Mean-pose baseline: always predicting the training set's mean J14 pose,
+  # scored on the test examples with 3D joints.
   baseline = data.mean_pose_baseline()
 
   def j14(yaml_path):   # root-relative J14 of the examples with 3D joints
@@ -373,7 +374,9 @@ def test_embedded_dataset_is_generated_once_and_cached(tmp_path):
 
   train_j, test_j = j14(data.data_config.train_yaml), j14(data.data_config.eval_yaml)
   hip = lambda x: x - (x[..., 2:3, :] + x[..., 3:4, :]) / 2
-  mpjpe = np.linalg.norm(hip(train_j.mean(0)) - hip(test_j), axis=-1).mean()
+  # (procrustes_mean itself: tests/test_mean_pose_baseline.py)
+  mean_pose = datasets.procrustes_mean(train_j)
+  mpjpe = np.linalg.norm(hip(mean_pose) - hip(test_j), axis=-1).mean()
   assert baseline['count'] == len(test_j)
   assert baseline['mpjpe'] == pytest.approx(1000 * mpjpe, rel=1e-5)
   assert 0 < baseline['pa_mpjpe'] <= baseline['mpjpe']
