@@ -90,8 +90,14 @@ def read_converted(directory):
                               'in a default/ or state/ item folder)')
     directory = os.path.join(directory, items[0])
   with ocp.StandardCheckpointer() as ckptr:
-    metadata = (ckptr.metadata(directory).custom_metadata or {}).get(METADATA_KEY, {})
-    tree = ckptr.restore(directory)
+    step_metadata = ckptr.metadata(directory)
+    metadata = (step_metadata.custom_metadata or {}).get(METADATA_KEY, {})
+    # Restore onto this process's first device whatever layout wrote it (a
+    # pod's or another host count's shardings would not exist here).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          step_metadata.item_metadata.tree)
+    tree = ckptr.restore(directory, target)
   if not isinstance(tree, dict) or 'params' not in tree:
     raise ValueError(f'{directory}: checkpoint has no top-level "params" entry '
                      f'(found {sorted(tree) if isinstance(tree, dict) else type(tree)})')
