@@ -169,9 +169,13 @@ def test_pose_sampler_limits_and_determinism(rest_joints):
   # Upright people: the trunk's up axis stays within PITCH_MAX + bends of vertical.
   up = rots[:, 0] @ np.array([0.0, 1.0, 0.0])
   assert np.all(up[:, 1] > 0) and np.mean(up[:, 1] > np.cos(np.deg2rad(30))) > 0.75
-  # Yaw covers the circle.
+  # Yaw leans frontal (N(0, YAW_STD), |yaw| <= YAW_MAX) and reaches side views;
+  # pitch and roll tilt the facing axis by a few degrees more.
   facing = rots[:, 0] @ np.array([0.0, 0.0, 1.0])
-  assert np.ptp(np.arctan2(facing[:, 0], facing[:, 2])) > np.deg2rad(300)
+  yaw = np.degrees(np.arctan2(facing[:, 0], facing[:, 2]))
+  assert np.all(np.abs(yaw) <= ps.YAW_MAX + 10.0)
+  assert yaw.min() < -60 and yaw.max() > 60
+  assert 0.7 * ps.YAW_STD < yaw.std() < 1.3 * ps.YAW_STD
 
 
 def test_penetration_test(rest_joints):
@@ -258,13 +262,14 @@ def test_render_label_matches_body_model_and_image(body, assets, rendered):
     j24 = np.array(label['3d_joints'])
     np.testing.assert_allclose(body_model.j24_joints(body, verts)[0][0], j24[:, :3], atol=1e-4)
     # Weak perspective on METRO's crop (box 200*scale around center -> [-1, 1])
-    # explains the 2D joints to within a pixel of the 224 crop.
+    # explains the 2D joints to within 1.5 pixels of the 224 crop (focal 5000:
+    # perspective departs from it by about a pixel for the largest people).
     j2d = np.array(label['2d_joints'])
     vis = j2d[:, 2] > 0
     crop = (j2d[:, :2] - np.array(label['center'])) / (100.0 * label['scale'])
     s, _, fit = _fit_weak_perspective(j24[vis, :3], crop[vis])
-    assert 0.6 < s < 1.6
-    assert np.abs(fit - crop[vis]).max() * 112 < 1.0
+    assert 0.6 < s < 2.0
+    assert np.abs(fit - crop[vis]).max() * 112 < 1.5
     # Visible joints sit on the body's silhouette; surface landmarks (nose,
     # top of the head) seen edge-on may be the pixel next to it.
     x, y = np.rint(j2d[vis, :2]).astype(int).T
