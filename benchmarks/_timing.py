@@ -340,3 +340,25 @@ def random_input(shape, seed=1):
 def to_torch_nchw(x):
   import torch  # pylint: disable=g-import-not-at-top
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def run_tables(title, header, bench_part, args):
+  """Builds the JAX/PyTorch pairs, runs `bench_part` per part and batch size, prints the tables.
+
+  `bench_part(pairs, part, batch, args) -> (rows, times)`; returns the whole table.
+  """
+  print(machine_description(), flush=True)
+  torch_setup()
+  topology = load_topology(args.topology, args.tiny)
+  pairs = {name: build_pair(name, topology, args.tiny, args.dtype) for name in MODELS}
+  rows = []
+  for part in args.parts:
+    for batch in args.batch_sizes:
+      part_rows, _ = bench_part(pairs, part, batch, args)
+      rows += part_rows
+      print(markdown(header, part_rows), flush=True)
+  table = markdown(header, rows)
+  print(f'\n## {title}, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
+        f'{args.reps} rounds (load average after: {load_average()})\n')
+  print(table)
+  return table

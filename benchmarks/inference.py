@@ -124,23 +124,7 @@ def main(argv=None):
   p.add_argument('--torch_compile', choices=('none', 'transformer', 'all'), default='none',
                  help='also time torch.compile(FastMETRO-S) (transformer part / every part)')
   args = _timing.parse(p, argv)
-  print(_timing.machine_description(), flush=True)
-  _timing.torch_setup()
-  topology = _timing.load_topology(args.topology, args.tiny)
-  pairs = {name: _timing.build_pair(name, topology, args.tiny, args.dtype)
-           for name in _timing.MODELS}
-  rows, summary = [], []
-  for part in args.parts:
-    for batch in args.batch_sizes:
-      part_rows, times = bench_part(pairs, part, batch, args)
-      rows += part_rows
-      print(_timing.markdown(HEADER, part_rows), flush=True)
-      summary.append((part, batch, times))
-  table = _timing.markdown(HEADER, rows)
-  print(f'\n## Inference, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
-        f'{args.reps} rounds (load average after: {_timing.load_average()})\n')
-  print(table)
-  return table
+  return _timing.run_tables('Inference', HEADER, bench_part, args)
 
 
 if __name__ == '__main__':

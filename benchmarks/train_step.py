@@ -229,22 +229,7 @@ def bench_part(pairs, part, batch, args):
 def main(argv=None):
   p = _timing.parser(__doc__.splitlines()[0], batch_sizes='16', reps=3)
   args = _timing.parse(p, argv)
-  print(_timing.machine_description(), flush=True)
-  _timing.torch_setup()
-  topology = _timing.load_topology(args.topology, args.tiny)
-  pairs = {name: _timing.build_pair(name, topology, args.tiny, args.dtype)
-           for name in _timing.MODELS}
-  rows = []
-  for part in args.parts:
-    for batch in args.batch_sizes:
-      part_rows, _ = bench_part(pairs, part, batch, args)
-      rows += part_rows
-      print(_timing.markdown(HEADER, part_rows), flush=True)
-  table = _timing.markdown(HEADER, rows)
-  print(f'\n## Training step, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
-        f'{args.reps} rounds (load average after: {_timing.load_average()})\n')
-  print(table)
-  return table
+  return _timing.run_tables('Training step', HEADER, bench_part, args)
 
 
 if __name__ == '__main__':
