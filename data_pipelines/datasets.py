@@ -67,7 +67,7 @@ def procrustes_mean(poses, iterations=5):
   towards a point (a "baseline" no model could lose to). Each pose is instead
   rotated onto the running mean before averaging (generalised Procrustes,
   rotation only), and the result is given the orientation that best fits the
-  plain average and is centred at the hip midpoint, as the targets are.
+  plain average and is centred at the hip midpoint (where MPJPE centres poses).
   """
   poses = np.asarray(poses, np.float64)
   centred = poses - poses.mean(1, keepdims=True)                   # [N, J, 3]
