@@ -74,9 +74,31 @@ class TrainState(train_state.TrainState):
 # Optimiser.
 
 
-def learning_rate_fn(optim_config, steps_per_epoch=None):
-  """Constant lr, or PyTorch StepLR(lr_drop_epochs, lr_drop_factor) per step."""
+def total_train_steps(config, steps_per_epoch=None):
+  """config.num_train_steps if > 0, else num_epochs * steps_per_epoch (or None)."""
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return config.num_epochs * steps_per_epoch if steps_per_epoch else None
+
+
+def learning_rate_fn(optim_config, steps_per_epoch=None, total_steps=None):
+  """The lr per step of `optim_config.schedule`.
+
+  'step': constant lr, or PyTorch StepLR(lr_drop_epochs, lr_drop_factor)
+    stepped once per epoch (FastMETRO's; lr_drop_epochs 0 = constant).
+  'cosine': linear warm-up from 0 over `warmup_steps`, then cosine decay to
+    0 at `total_steps` (short runs from scratch: configs/embedded.py).
+  """
   lr = optim_config.lr
+  if optim_config.schedule == 'cosine':
+    if not total_steps:
+      raise ValueError("config.optim.schedule='cosine' needs the run's total steps "
+                       '(config.num_train_steps, or num_epochs and steps_per_epoch)')
+    warmup = min(optim_config.warmup_steps, total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
+  if optim_config.schedule != 'step':
+    raise ValueError("config.optim.schedule must be 'step' or 'cosine', got "
+                     f'{optim_config.schedule!r}')
   if optim_config.lr_drop_epochs <= 0:
     return optax.constant_schedule(lr)
   if not steps_per_epoch:
@@ -93,13 +115,13 @@ def param_labels(params):
       lambda path, _: 'backbone' if 'backbone' in path else 'rest', params)
 
 
-def make_optimizer(optim_config, steps_per_epoch=None):
+def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
   """Global-norm clipping then AdamW (decoupled decay on every parameter).
 
   Returns (optax transform, lr schedule of the non-backbone parameters).
   """
   c = optim_config
-  lr_fn = learning_rate_fn(c, steps_per_epoch)
+  lr_fn = learning_rate_fn(c, steps_per_epoch, total_steps)
 
   def adamw(mult):
     return optax.adamw(lambda step: mult * lr_fn(step), b1=c.b1, b2=c.b2,
@@ -154,11 +176,13 @@ def create_train_state(config, model, rng, device_mesh, image_shape,
     rng: jax.random key for parameter initialisation.
     device_mesh: from `make_device_mesh`.
     image_shape: (S, S, 3) of one image.
-    steps_per_epoch: needed only for an lr step decay.
+    steps_per_epoch: needed for an lr step decay, and for a cosine decay over
+      num_epochs.
   Returns:
     (state, state_sharding).
   """
-  tx, lr_fn = make_optimizer(config.optim, steps_per_epoch)
+  tx, lr_fn = make_optimizer(config.optim, steps_per_epoch,
+                             total_train_steps(config, steps_per_epoch))
 
   def init(rng):
     variables = model.init({'params': rng}, jnp.zeros((1, *image_shape), jnp.float32),

@@ -218,8 +218,7 @@ def train_and_evaluate(config, workdir, mode='train'):
   data = datasets.Datasets.create(config)
   device_mesh = steps.make_device_mesh()
   batch_sharding = steps.batch_sharding(device_mesh)
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else config.num_epochs * data.steps_per_epoch)
+  num_steps = steps.total_train_steps(config, data.steps_per_epoch)
   manager = checkpoints.make_manager(workdir, config.checkpoint_every_steps,
                                      config.keep_checkpoints)
   try:

@@ -142,6 +142,10 @@ def get_config():
   # fires in its 60 epochs, so the paper's lr is constant.
   config.optim.lr_drop_epochs = 0
   config.optim.lr_drop_factor = 0.1
+  # 'step' (the above) | 'cosine': linear warm-up, then cosine decay to 0 at
+  # the last step.
+  config.optim.schedule = 'step'
+  config.optim.warmup_steps = 0            # 'cosine' only
 
   # ----------------------------------------------------- train-step layout
   # BatchNorm statistics over groups of this many examples (0 = the global

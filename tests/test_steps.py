@@ -327,6 +327,28 @@ def test_optimizer_clipping_backbone_multiplier_and_step_decay():
                              [1e-4, 1e-4, 1e-5, 1e-5, 1e-6], rtol=1e-5)
 
 
+def test_cosine_schedule_with_warmup():
+  config = r50.get_config()
+  config.optim.lr = 1e-3
+  config.optim.schedule = 'cosine'
+  config.optim.warmup_steps = 10
+  config.num_train_steps = 110
+  # Hand-computed: linear 0 -> lr over 10 steps, then lr/2 (1 + cos(pi t/100)).
+  _, lr_fn = steps.make_optimizer(config.optim, total_steps=steps.total_train_steps(config))
+  np.testing.assert_allclose(
+      [float(lr_fn(s)) for s in (0, 5, 10, 35, 60, 110)],
+      [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 5e-4, 0.0], atol=1e-9)
+  # Over num_epochs when num_train_steps is unset.
+  config.num_train_steps = -1
+  config.num_epochs = 2
+  assert steps.total_train_steps(config, steps_per_epoch=55) == 110
+  with pytest.raises(ValueError, match='total steps'):
+    steps.make_optimizer(config.optim)
+  config.optim.schedule = 'linear'
+  with pytest.raises(ValueError, match="'step' or 'cosine'"):
+    steps.make_optimizer(config.optim, total_steps=100)
+
+
 def test_fsdp_spec_rule():
   assert steps.fsdp_spec((256, 512), 8, 1000) == jax.P(None, 'data')
   assert steps.fsdp_spec((7, 7, 64, 3), 8, 1000) == jax.P(None, None, 'data', None)
