@@ -27,15 +27,19 @@ def topology():
   return mesh_topology.load_topology()
 
 
+def output_shapes(module, image_size, **kwargs):
+  """Shapes of module(images, **kwargs) for 2 images, without computing anything."""
+  images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: module.init({'params': jax.random.key(0)}, x, **kwargs), images)
+  return jax.eval_shape(lambda v, x: module.apply(v, x, **kwargs), variables, images)
+
+
 @pytest.mark.parametrize('name', sorted(RECIPES))
 def test_recipe_builds_full_mesh_outputs(name, topology):
   config = RECIPES[name]()
   model = models.build_model(config.model, topology)
-  size = config.data.image_size
-  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-  variables = jax.eval_shape(
-      lambda x: model.init({'params': jax.random.key(0)}, x, train=False), images)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  out = output_shapes(model, config.data.image_size, train=False)
   assert out['pred_3d_vertices_fine'].shape == (2, 6890, 3)
   assert out['pred_3d_joints'].shape == (2, 14, 3)
   assert out['pred_cam'].shape == (2, 3)
@@ -44,11 +48,7 @@ def test_recipe_builds_full_mesh_outputs(name, topology):
 def test_embedded_recipe_token_grid_and_schedule():
   config = embedded.get_config()
   # Output stride 32: a 3 x 3 token grid of 512 channels at 96 px.
-  backbone = models.build_backbone(config.model)
-  size = config.data.image_size
-  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: backbone.init(jax.random.key(0), x), images)
-  features = jax.eval_shape(lambda v, x: backbone.apply(v, x), variables, images)
+  features = output_shapes(models.build_backbone(config.model), config.data.image_size)
   assert features.shape == (2, 3, 3, 512)
   # Warm-up to lr, cosine to 0 at the last step.
   _, lr_fn = steps.make_optimizer(config.optim,
