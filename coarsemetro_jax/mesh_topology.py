@@ -73,11 +73,17 @@ class MeshTopology:
     """Fixed barycentric up-sampling as a gather. [..., V_from, C] -> [..., V_to, C].
 
     Works on numpy and jax arrays; equals the dense product `U @ vertices`.
+    One gather per neighbour slot k, summed: XLA:CPU runs this ~50x faster
+    than a [..., V_l, K, C] gather reduced over K (its layout puts the batch
+    between the vertex and neighbour axes).
     """
     for level in range(from_level - 1, to_level - 1, -1):
-      gathered = vertices[..., self.up_indices[level], :]   # [..., V_l, K, C]
-      weights = self.up_weights[level].astype(gathered.dtype)
-      vertices = (gathered * weights[:, :, None]).sum(axis=-2)
+      indices, weights = self.up_indices[level], self.up_weights[level]
+      upsampled = 0
+      for k in range(indices.shape[1]):
+        slot = vertices[..., indices[:, k], :]               # [..., V_l, C]
+        upsampled = upsampled + slot * weights[:, k, None].astype(slot.dtype)
+      vertices = upsampled
     return vertices
 
   def upsample_matrix(self, level):
