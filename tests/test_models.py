@@ -289,6 +289,16 @@ def test_token_linear_equals_torch_layout_product():
   np.testing.assert_allclose(layer.apply(variables, x), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize('height,width', [(8, 8), (7, 9)])
+def test_sliced_max_pool_equals_flax_max_pool(height, width):
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))   # no ties
+  reference = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(resnet.max_pool_3x3_s2(x), reference(x))
+  weights = jax.random.normal(jax.random.key(1), reference(x).shape)
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
+  np.testing.assert_allclose(grad(resnet.max_pool_3x3_s2), grad(reference), atol=1e-6)
+
+
 def test_joint_masking_bounds():
   joints = jnp.ones((4000, 14, 8))
   out = coarsemetro.mask_joint_tokens(jax.random.key(3), joints, 0.2, 0.01)

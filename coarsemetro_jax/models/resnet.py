@@ -14,6 +14,7 @@ BatchNorm; PyTorch FastMETRO used per-GPU statistics (see steps.py).
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 RESNET50_DEPTHS = (3, 4, 6, 3)
@@ -33,6 +34,28 @@ def conv(features, kernel, stride, name, dtype=jnp.float32, use_bias=False):
   return nn.Conv(features, (kernel, kernel), (stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=use_bias,
                  kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def max_pool_3x3_s2(x):
+  """PyTorch's MaxPool2d(3, stride=2, padding=1) as the max of 9 strided slices.
+
+  Same values as nn.max_pool over a -inf padding; the gradient is elementwise
+  selects and pads instead of XLA's select-and-scatter (a variadic reduce-window
+  plus a scatter), about 3x faster on CPU. On ties the gradient is shared
+  rather than given to one element; after a ReLU the only ties are zeros,
+  whose gradient the ReLU drops anyway.
+  """
+  # x [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]
+  b, h, w, c = x.shape
+  out_h, out_w = (h + 1) // 2, (w + 1) // 2
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for i in range(3):
+    for j in range(3):
+      window = jax.lax.slice(padded, (0, i, j, 0),
+                             (b, i + 2 * out_h - 1, j + 2 * out_w - 1, c), (1, 2, 2, 1))
+      out = window if out is None else jnp.maximum(out, window)
+  return out
 
 
 class PointwiseConv(nn.Module):
@@ -101,7 +124,7 @@ class ResNet(nn.Module):
     block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     x = conv(self.width, 7, 2, 'conv1', self.dtype)(x.astype(self.dtype))
     x = nn.relu(batch_norm(train, 'bn1', self.dtype)(x))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    x = max_pool_3x3_s2(x)
     in_channels = self.width
     for i, depth in enumerate(self.depths):
       planes = self.width * 2 ** i
