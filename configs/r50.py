@@ -50,6 +50,9 @@ def get_config():
   config.model.memory_includes_cam = True
   config.model.joint_mask_ratio = 0.2      # max fraction of masked joint tokens
   config.model.joint_mask_value = 0.01     # METRO's constant for masked tokens
+  # Start of the learned 431 -> 1723 up-sampling: 'random' (nn.Linear, as
+  # FastMETRO and the paper) or 'hierarchy' (the mesh hierarchy's U^T).
+  config.model.upsample_init = 'random'
   # FastMETRO (configs/fastmetro.py).
   config.model.fastmetro_layers = 1        # S=1, M=2, L=3 per transformer
   config.model.fastmetro_dims = (512, 128)

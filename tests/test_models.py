@@ -15,6 +15,7 @@ from configs import r50
 from configs import tiny
 from coarsemetro_jax import models
 from coarsemetro_jax.models import coarsemetro
+from coarsemetro_jax.models import fastmetro
 from coarsemetro_jax.models import resnet
 from coarsemetro_jax.models import transformer as tfm
 
@@ -230,6 +231,41 @@ def test_unknown_model_options_raise(topology):
   model = models.build_model(config.model, topology)
   with pytest.raises(ValueError, match='vertex_attention'):
     abstract_variables(model, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  config = tiny.get_config()
+  config.model.upsample_init = 'smooth'
+  model = models.build_model(config.model, topology)
+  with pytest.raises(ValueError, match="upsample_init .*'smooth'"):
+    abstract_variables(model, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+
+class _MeshHead(nn.Module):
+  """The shared mesh head alone: coarse [B, 431, 3] -> mesh outputs."""
+  topology: object
+  upsample_init: str
+
+  @nn.compact
+  def __call__(self, coarse):
+    b = coarse.shape[0]
+    return fastmetro.mesh_outputs(self.topology, jnp.zeros((b, 3)), jnp.zeros((b, 14, 3)),
+                                  coarse, jnp.float32, self.upsample_init)
+
+
+def test_hierarchy_upsample_init_starts_at_the_mesh_hierarchy(topology):
+  coarse = jax.random.normal(jax.random.key(0), (2, topology.num_vertices[2], 3))
+  dense = topology.upsample_matrix(1)                                   # [1723, 431]
+  head = _MeshHead(topology, 'hierarchy')
+  variables = head.init(jax.random.key(1), coarse)
+  layer = variables['params']['coarse2intermediate_upsample']
+  np.testing.assert_array_equal(layer['kernel'], dense.T.astype(np.float32))
+  np.testing.assert_array_equal(layer['bias'], 0)
+  out = head.apply(variables, coarse)
+  np.testing.assert_allclose(out['pred_3d_vertices_intermediate'],
+                             np.einsum('uc,bcd->bud', dense, np.asarray(coarse)), atol=1e-5)
+  # The paper's init is PyTorch's nn.Linear: U(+-1/sqrt(431)), not the hierarchy.
+  random = _MeshHead(topology, 'random').init(jax.random.key(1), coarse)
+  kernel = np.asarray(random['params']['coarse2intermediate_upsample']['kernel'])
+  assert np.abs(kernel).max() <= 1 / math.sqrt(topology.num_vertices[2])
+  assert np.abs(kernel - dense.T).max() > 0.5
 
 
 # ---------------------------------------------------------------------------

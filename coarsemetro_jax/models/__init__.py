@@ -49,7 +49,8 @@ def build_model(model_config, topology):
         memory_includes_cam=model_config.memory_includes_cam,
         joint_mask_ratio=model_config.joint_mask_ratio,
         joint_mask_value=model_config.joint_mask_value,
-        num_joints=model_config.num_joints, dtype=dtype)
+        num_joints=model_config.num_joints,
+        upsample_init=model_config.upsample_init, dtype=dtype)
   if model_config.name == 'fastmetro':
     return fastmetro.FastMETRO(
         backbone=backbone, topology=topology,
@@ -57,6 +58,7 @@ def build_model(model_config, topology):
         dims=tuple(model_config.fastmetro_dims),
         ffn_dims=tuple(model_config.fastmetro_ffn_dims),
         num_heads=model_config.num_heads, dropout=model_config.dropout,
-        num_joints=model_config.num_joints, dtype=dtype)
+        num_joints=model_config.num_joints,
+        upsample_init=model_config.upsample_init, dtype=dtype)
   raise ValueError(f"config.model.name must be 'coarsemetro' or 'fastmetro', "
                    f'got {model_config.name!r}')

@@ -67,6 +67,7 @@ class CoarseMETRO(nn.Module):
   joint_mask_ratio: float = 0.2
   joint_mask_value: float = 0.01
   num_joints: int = 14
+  upsample_init: str = 'random'   # 'random' | 'hierarchy' (mesh_outputs)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -119,4 +120,5 @@ class CoarseMETRO(nn.Module):
     coarse = tfm.TokenLinear(self.topology.num_vertices[-1], dtype=self.dtype,
                              name=f'vertex_upsample_{len(self.stage_dims) - 1}')(
                                  xyz_regressor(vertices))                # [B, 431, 3]
-    return fastmetro.mesh_outputs(self.topology, pred_cam, pred_joints, coarse, self.dtype)
+    return fastmetro.mesh_outputs(self.topology, pred_cam, pred_joints, coarse,
+                                  self.dtype, self.upsample_init)

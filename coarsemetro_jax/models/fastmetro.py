@@ -44,6 +44,7 @@ class FastMETRO(nn.Module):
   num_heads: int = 8
   dropout: float = 0.1
   num_joints: int = 14
+  upsample_init: str = 'random'   # 'random' | 'hierarchy' (mesh_outputs)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -77,16 +78,31 @@ class FastMETRO(nn.Module):
     pred_cam = tfm.TorchDense(3, dtype=self.dtype, name='cam_predictor')(cam)[:, 0]   # [B, 3]
     xyz = tfm.TorchDense(3, dtype=self.dtype, name='xyz_regressor')(jv)                # [B, J+V, 3]
     return mesh_outputs(self.topology, pred_cam, xyz[:, :self.num_joints],
-                        xyz[:, self.num_joints:], self.dtype)
+                        xyz[:, self.num_joints:], self.dtype, self.upsample_init)
 
 
-def mesh_outputs(topology, pred_cam, joints, coarse, dtype):
+UPSAMPLE_INITS = ('random', 'hierarchy')
+
+
+def mesh_outputs(topology, pred_cam, joints, coarse, dtype, upsample_init='random'):
   """Learned coarse -> intermediate up-sampling, fixed gather to the full mesh.
 
   Must be called inside a compact method (creates `coarse2intermediate_upsample`).
+  upsample_init: 'random' starts the learned 431 -> 1723 layer as PyTorch's
+  nn.Linear (FastMETRO, the paper); 'hierarchy' starts it at the mesh
+  hierarchy's fixed barycentric up-sampling (kernel U^T, bias 0), so a short
+  run from scratch begins with smooth meshes instead of random mixtures.
   """
+  if upsample_init not in UPSAMPLE_INITS:
+    raise ValueError(f'upsample_init must be one of {UPSAMPLE_INITS}, got {upsample_init!r}')
+  init = {}
+  if upsample_init == 'hierarchy':
+    u_t = topology.upsample_matrix(1).T                                  # [431, 1723]
+    init = {'kernel_init': lambda key, shape, dtype=jnp.float32: jnp.asarray(u_t, dtype),
+            'bias_init': nn.initializers.zeros}
   intermediate = tfm.TokenLinear(topology.num_vertices[1], dtype=dtype,
-                                 name='coarse2intermediate_upsample')(coarse)  # [B, 1723, 3]
+                                 name='coarse2intermediate_upsample',
+                                 **init)(coarse)                         # [B, 1723, 3]
   fine = topology.upsample(intermediate.astype(jnp.float32), from_level=1)    # [B, 6890, 3]
   f32 = lambda x: x.astype(jnp.float32)
   return {

@@ -10,6 +10,7 @@ Layout is batch-first ([B, L, E]); PyTorch's is sequence-first.
 """
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -56,12 +57,15 @@ class TokenLinear(nn.Module):
   """
   features: int
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable | None = None   # None: PyTorch's nn.Linear init
+  bias_init: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-2]
-    kernel = self.param('kernel', torch_linear_init(fan_in), (fan_in, self.features))
-    bias = self.param('bias', torch_linear_init(fan_in), (self.features,))
+    kernel = self.param('kernel', self.kernel_init or torch_linear_init(fan_in),
+                        (fan_in, self.features))
+    bias = self.param('bias', self.bias_init or torch_linear_init(fan_in), (self.features,))
     x = x.astype(self.dtype)
     out = jnp.einsum('bnc,nm->bmc', x, kernel.astype(self.dtype))
     return out + bias.astype(self.dtype)[None, :, None]
