@@ -42,8 +42,8 @@ def max_pool_3x3_s2(x):
   Same values as nn.max_pool over a -inf padding; the gradient is elementwise
   selects and pads instead of XLA's select-and-scatter (a variadic reduce-window
   plus a scatter), about 3x faster on CPU. On ties the gradient is shared
-  rather than given to one element; after a ReLU the only ties are zeros,
-  whose gradient the ReLU drops anyway.
+  rather than given to one element; after the stem's ReLU ties are in
+  practice its zeros, whose gradient the ReLU drops anyway.
   """
   # x [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]
   b, h, w, c = x.shape
