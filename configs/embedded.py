@@ -8,9 +8,10 @@ trains and evaluates through the same code path as the paper recipe
 (configs/r50.py): same model structure (three coarse-to-fine stages of
 vertex tokens, learned and fixed up-sampling), losses, metrics and checkpoints,
 with a narrow ResNet, small crops, narrow stages and half the paper's vertex
-tokens so that it finishes in about 15 minutes on 2 CPU cores. The final evaluation prints MPJPE / PA-MPJPE /
-MPVE on the held-out split next to a mean-pose baseline, and writes a picture of
-predicted meshes over test images into the workdir.
+tokens so that it finishes in about 15 minutes on 2 CPU cores. The final
+evaluation prints MPJPE / PA-MPJPE / MPVE on the held-out split next to a
+mean-pose baseline, and writes a picture of predicted meshes over test images
+into the workdir.
 """
 
 from configs import r50
