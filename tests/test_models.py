@@ -335,6 +335,18 @@ def test_sliced_max_pool_equals_flax_max_pool(height, width):
   np.testing.assert_allclose(grad(resnet.max_pool_3x3_s2), grad(reference), atol=1e-6)
 
 
+def test_max_pool_gradient_goes_to_the_first_maximum():
+  # 3 x 3 input, 2 x 2 output. Window (0, 0) covers rows/cols 0-1: the ties at
+  # (0, 1) and (1, 0) give it to (0, 1), first in row-major order (PyTorch).
+  x = jnp.array([[0., 5., 1.], [5., 2., 7.], [3., 7., 7.]])[None, :, :, None]
+  out, vjp = jax.vjp(resnet.max_pool_3x3_s2, x)
+  np.testing.assert_array_equal(out[0, :, :, 0], [[5., 7.], [7., 7.]])
+  (grad,) = vjp(jnp.array([[1., 10.], [100., 1000.]])[None, :, :, None])
+  # Window (0, 1) and window (1, 1) (7s at (1, 2), (2, 1), (2, 2)) both choose
+  # (1, 2); window (1, 0) chooses (2, 1).
+  np.testing.assert_array_equal(grad[0, :, :, 0], [[0., 1., 0.], [0., 0., 1010.], [0., 100., 0.]])
+
+
 def test_joint_masking_bounds():
   joints = jnp.ones((4000, 14, 8))
   out = coarsemetro.mask_joint_tokens(jax.random.key(3), joints, 0.2, 0.01)
