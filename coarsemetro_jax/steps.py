@@ -109,16 +109,29 @@ def learning_rate_fn(optim_config, steps_per_epoch=None, total_steps=None):
       decay_rate=optim_config.lr_drop_factor, staircase=True)
 
 
+# The learned mesh up-sampling (431 -> 1723): `optim.upsample_lr_mult` scales its lr.
+UPSAMPLE_MODULE = 'coarse2intermediate_upsample'
+
+
 def param_labels(params):
-  """'backbone' for leaves under a module named 'backbone', else 'rest'."""
-  return flax.traverse_util.path_aware_map(
-      lambda path, _: 'backbone' if 'backbone' in path else 'rest', params)
+  """Optimizer group of every leaf.
+
+  'backbone' under a module named 'backbone', 'upsample' under the learned
+  mesh up-sampling (`UPSAMPLE_MODULE`), else 'rest'.
+  """
+  def label(path, _):
+    if 'backbone' in path:
+      return 'backbone'
+    return 'upsample' if UPSAMPLE_MODULE in path else 'rest'
+  return flax.traverse_util.path_aware_map(label, params)
 
 
 def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
   """Global-norm clipping then AdamW (decoupled decay on every parameter).
 
-  Returns (optax transform, lr schedule of the non-backbone parameters).
+  The backbone's and the learned up-sampling's lr are the schedule times
+  `backbone_lr_mult` / `upsample_lr_mult`.
+  Returns (optax transform, lr schedule of the other parameters).
   """
   c = optim_config
   lr_fn = learning_rate_fn(c, steps_per_epoch, total_steps)
@@ -127,11 +140,11 @@ def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
     return optax.adamw(lambda step: mult * lr_fn(step), b1=c.b1, b2=c.b2,
                        eps=c.eps, weight_decay=c.weight_decay)
 
-  if c.backbone_lr_mult == 1.0:
+  mults = {'backbone': c.backbone_lr_mult, 'upsample': c.upsample_lr_mult, 'rest': 1.0}
+  if all(m == 1.0 for m in mults.values()):
     inner = adamw(1.0)
   else:
-    inner = optax.multi_transform(
-        {'backbone': adamw(c.backbone_lr_mult), 'rest': adamw(1.0)}, param_labels)
+    inner = optax.multi_transform({k: adamw(m) for k, m in mults.items()}, param_labels)
   return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), inner), lr_fn
 
 

@@ -136,6 +136,7 @@ def get_config():
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-4
   config.optim.backbone_lr_mult = 1.0      # FastMETRO: one group, same lr
+  config.optim.upsample_lr_mult = 1.0      # lr multiplier of coarse2intermediate_upsample
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8

@@ -305,19 +305,24 @@ def test_grouped_batchnorm_equals_separate_groups():
     steps.apply_train(model, variables, x[:6], rngs, bn_group_size=4)
 
 
-def test_optimizer_clipping_backbone_multiplier_and_step_decay():
+def test_optimizer_clipping_group_multipliers_and_step_decay():
   config = r50.get_config().optim
   config.backbone_lr_mult = 0.1
-  params = {'backbone': {'w': jnp.ones(3)}, 'head': {'w': jnp.ones(2)}}
-  grads = {'backbone': {'w': jnp.float32([3, 0, 4])}, 'head': {'w': jnp.float32([0, 0])}}
+  config.upsample_lr_mult = 0.5
+  up = steps.UPSAMPLE_MODULE
+  params = {'backbone': {'w': jnp.ones(3)}, 'head': {'w': jnp.ones(2)}, up: {'kernel': jnp.ones(1)}}
+  grads = {'backbone': {'w': jnp.float32([3, 0, 4])}, 'head': {'w': jnp.float32([0, 0])},
+           up: {'kernel': jnp.float32([0])}}
   tx, lr_fn = steps.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
-  # Reference: clip to norm 0.3, then plain AdamW with the group's lr.
+  # Reference: clip to norm 0.3, then plain AdamW with the group's lr (the
+  # zero-gradient groups still get the decoupled weight decay, lr * 1e-4).
   clipped = jax.tree.map(lambda g: g * 0.3 / 5.0, grads)
-  for name, lr in (('backbone', 1e-5), ('head', 1e-4)):
+  for name, lr in (('backbone', 1e-5), ('head', 1e-4), (up, 5e-5)):
     ref = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
     ref_updates, _ = ref.update(clipped[name], ref.init(params[name]), params[name])
-    np.testing.assert_allclose(updates[name]['w'], ref_updates['w'], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+                 updates[name], ref_updates)
   assert float(lr_fn(10**6)) == pytest.approx(1e-4)      # constant by default
   config.lr_drop_epochs = 2
   with pytest.raises(ValueError, match='steps_per_epoch'):
