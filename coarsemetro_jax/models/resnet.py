@@ -58,7 +58,7 @@ def _max_pool_fwd(x):
 def _max_pool_bwd(residuals, g):
   index, (b, h, w, c) = residuals
   out_h, out_w = g.shape[1:3]
-  grad = jnp.zeros((b, h + 2, w + 2, c), g.dtype)          # gradient of the padding
+  grad = jnp.zeros((b, h + 2, w + 2, c), g.dtype)          # w.r.t. the padded input
   zero = jnp.zeros((), g.dtype)
   for k in range(9):
     i, j = divmod(k, 3)
@@ -77,8 +77,9 @@ def max_pool_3x3_s2(x):
   which of the 9 window positions won (int8, the first maximum in row-major
   order, as PyTorch and nn.max_pool); the backward pass routes the gradient
   there with 9 selects and strided pads. XLA:CPU's select-and-scatter (the
-  autodiff of nn.max_pool) and the autodiff of the slices (which recomputes
-  the max for every one of the 9 positions) are both several times slower.
+  autodiff of nn.max_pool) was about 3x slower; the autodiff of the slices
+  recomputes the max for each of the 9 positions, and the embedded train step
+  is about 10 % faster with this VJP than with it.
   """
   # x [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]
   return _max_pool_fwd(x)[0]
