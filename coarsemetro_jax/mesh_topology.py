@@ -73,9 +73,10 @@ class MeshTopology:
     """Fixed barycentric up-sampling as a gather. [..., V_from, C] -> [..., V_to, C].
 
     Works on numpy and jax arrays; equals the dense product `U @ vertices`.
-    One gather per neighbour slot k, summed: XLA:CPU runs this ~50x faster
-    than a [..., V_l, K, C] gather reduced over K (its layout puts the batch
-    between the vertex and neighbour axes).
+    One gather per neighbour slot k, summed: on XLA:CPU at batch 16 this took
+    0.2 ms forward and 1.8 ms with its gradient, against 15.4 and 7.1 ms for a
+    [..., V_l, K, C] gather reduced over K (its layout puts the batch between
+    the vertex and neighbour axes).
     """
     for level in range(from_level - 1, to_level - 1, -1):
       indices, weights = self.up_indices[level], self.up_weights[level]
