@@ -144,7 +144,9 @@ def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
   if all(m == 1.0 for m in mults.values()):
     inner = adamw(1.0)
   else:
-    inner = optax.multi_transform({k: adamw(m) for k, m in mults.items()}, param_labels)
+    # A group with multiplier 0 is frozen: no AdamW moments to keep or update.
+    inner = optax.multi_transform(
+        {k: adamw(m) if m else optax.set_to_zero() for k, m in mults.items()}, param_labels)
   return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), inner), lr_fn
 
 
