@@ -97,6 +97,11 @@ def crop_matrix(center, scale, size, rot=0.0, flip=False):
   return np.concatenate([lin, offset[:, None]], axis=1)
 
 
+def single_threaded_opencv():
+  """Process-wide: OpenCV runs each call on the calling thread."""
+  cv2.setNumThreads(1)
+
+
 def decode_jpeg(jpeg):
   """JPEG bytes -> RGB uint8 [H, W, 3] (cv2, as METRO); None if corrupt."""
   bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
