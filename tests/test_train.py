@@ -287,6 +287,19 @@ def test_misspelled_config_override_fails(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+def test_main_reexecutes_once_with_the_huge_pages_tunable():
+  import main  # pylint: disable=g-import-not-at-top
+  env = {'PATH': '/usr/bin'}
+  executable, argv, new_env = main.huge_pages_exec_args(env, platform='linux')
+  assert executable == sys.executable
+  assert argv == [sys.executable] + sys.orig_argv[1:]
+  assert new_env == {'PATH': '/usr/bin', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  assert main.huge_pages_exec_args(new_env, platform='linux') is None  # no loop
+  # A user's own tunables (even none) are kept; other systems are left alone.
+  assert main.huge_pages_exec_args({'GLIBC_TUNABLES': ''}, platform='linux') is None
+  assert main.huge_pages_exec_args(env, platform='darwin') is None
+
+
 def _free_port():
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
