@@ -129,6 +129,7 @@ def param_labels(params):
 def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
   """Global-norm clipping then AdamW (decoupled decay on every parameter).
 
+  `grad_clip_norm` 0 turns clipping off (DETR's / FastMETRO's `clip_max_norm`).
   The backbone's and the learned up-sampling's lr are the schedule times
   `backbone_lr_mult` / `upsample_lr_mult`.
   Returns (optax transform, lr schedule of the other parameters).
@@ -147,6 +148,11 @@ def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
     # A group with multiplier 0 is frozen: no AdamW moments to keep or update.
     inner = optax.multi_transform(
         {k: adamw(m) if m else optax.set_to_zero() for k, m in mults.items()}, param_labels)
+  if c.grad_clip_norm < 0:
+    raise ValueError('config.optim.grad_clip_norm must be >= 0 (0: no clipping), '
+                     f'got {c.grad_clip_norm}')
+  if c.grad_clip_norm == 0:
+    return inner, lr_fn
   return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), inner), lr_fn
 
 

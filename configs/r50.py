@@ -141,7 +141,7 @@ def get_config():
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
   config.optim.weight_decay = 1e-4         # decoupled, on every parameter
-  config.optim.grad_clip_norm = 0.3
+  config.optim.grad_clip_norm = 0.3       # global norm; 0 = no clipping
   # Step decay every N epochs (0 = constant lr). FastMETRO's StepLR(100) never
   # fires in its 60 epochs, so the paper's lr is constant.
   config.optim.lr_drop_epochs = 0

@@ -332,6 +332,26 @@ def test_optimizer_clipping_group_multipliers_and_step_decay():
                              [1e-4, 1e-4, 1e-5, 1e-5, 1e-6], rtol=1e-5)
 
 
+def test_grad_clip_norm_zero_turns_clipping_off():
+  config = r50.get_config().optim
+  config.grad_clip_norm = 0.0
+  params = {'w': jnp.ones(2)}
+  grads = {'w': jnp.float32([30.0, -40.0])}   # norm 50, far above 0.3
+  tx, _ = steps.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  ref = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
+  ref_updates, _ = ref.update(grads, ref.init(params), params)
+  np.testing.assert_allclose(updates['w'], ref_updates['w'], rtol=1e-6)
+  # Adam's first step is ~lr * sign(g) whatever the norm, so check the moments:
+  # unclipped, the first moment is 0.1 * g.
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params)
+  np.testing.assert_allclose(state[0].mu['w'], [3.0, -4.0], rtol=1e-6)
+  config.grad_clip_norm = -1.0
+  with pytest.raises(ValueError, match='grad_clip_norm'):
+    steps.make_optimizer(config)
+
+
 def test_cosine_schedule_with_warmup():
   config = r50.get_config()
   config.optim.lr = 1e-3
