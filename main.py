@@ -11,37 +11,16 @@ from the environment on TPU/SLURM) or explicit --coordinator_address,
 --num_processes and --process_id.
 
 On Linux with glibc, main.py first re-executes itself once with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see HUGE_PAGES_TUNABLE); set
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (coarsemetro_jax/huge_pages.py); set
 GLIBC_TUNABLES yourself (even to an empty string) to opt out.
 """
 
 import os
-import sys
 
-# XLA:CPU takes each step's temporaries (about 80 MB for configs/embedded.py)
-# as one block that glibc maps fresh from the kernel every step: ~20k page
-# faults a step, a quarter of a 2-core CPU's time in the kernel. With this
-# tunable glibc backs such blocks with transparent huge pages, and the embedded
-# run makes ~20 % more steps per second. glibc reads it only at start-up.
-HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+from coarsemetro_jax import huge_pages  # pylint: disable=g-bad-import-order
 
-
-def huge_pages_exec_args(environ, platform=sys.platform):
-  """(executable, argv, env) to re-execute with HUGE_PAGES_TUNABLE, or None.
-
-  None where it cannot apply (not Linux/glibc) or where GLIBC_TUNABLES is
-  already set: by an earlier re-execution, or by a user who chose their own.
-  """
-  if platform != 'linux' or 'GLIBC_TUNABLES' in environ:
-    return None
-  if not os.confstr('CS_GNU_LIBC_VERSION'):  # e.g. musl
-    return None
-  return (sys.executable, [sys.executable] + sys.orig_argv[1:],
-          {**environ, 'GLIBC_TUNABLES': HUGE_PAGES_TUNABLE})
-
-
-if __name__ == '__main__' and (_exec_args := huge_pages_exec_args(os.environ)):
-  os.execve(*_exec_args)  # before anything is imported or allocated
+if __name__ == '__main__' and (_exec_args := huge_pages.exec_args(os.environ)):
+  os.execve(*_exec_args)  # before anything heavy is imported or allocated
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

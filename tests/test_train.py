@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from coarsemetro_jax import checkpoints
+from coarsemetro_jax import huge_pages
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import train
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
@@ -288,16 +289,15 @@ def test_misspelled_config_override_fails(tmp_path):
 
 
 def test_main_reexecutes_once_with_the_huge_pages_tunable():
-  import main  # pylint: disable=g-import-not-at-top
   env = {'PATH': '/usr/bin'}
-  executable, argv, new_env = main.huge_pages_exec_args(env, platform='linux')
+  executable, argv, new_env = huge_pages.exec_args(env, platform='linux')
   assert executable == sys.executable
   assert argv == [sys.executable] + sys.orig_argv[1:]
   assert new_env == {'PATH': '/usr/bin', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
-  assert main.huge_pages_exec_args(new_env, platform='linux') is None  # no loop
+  assert huge_pages.exec_args(new_env, platform='linux') is None  # no loop
   # A user's own tunables (even none) are kept; other systems are left alone.
-  assert main.huge_pages_exec_args({'GLIBC_TUNABLES': ''}, platform='linux') is None
-  assert main.huge_pages_exec_args(env, platform='darwin') is None
+  assert huge_pages.exec_args({'GLIBC_TUNABLES': ''}, platform='linux') is None
+  assert huge_pages.exec_args(env, platform='darwin') is None
 
 
 def _free_port():
