@@ -323,8 +323,9 @@ def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
     summary['train'] = train_metrics      # the last step's loss terms
   if jax.process_index() == 0:
     try:
-      summary['picture'] = _write_pictures(writer, step, first, topology, workdir,
-                                           config.num_eval_images)
+      if config.num_eval_images > 0:   # 0: no picture
+        summary['picture'] = _write_pictures(writer, step, first, topology, workdir,
+                                             config.num_eval_images)
     except ImportError as e:   # visualize needs the optional rasterizer deps
       logging.warning('No prediction picture: %s', e)
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:

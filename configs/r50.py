@@ -109,7 +109,7 @@ def get_config():
   config.eval_max_batches = 0              # periodic evals only; 0 = whole set
   config.checkpoint_every_steps = 2_000
   config.keep_checkpoints = 3
-  config.num_eval_images = 8               # predicted meshes in the picture
+  config.num_eval_images = 8               # predicted meshes in the picture (0: none)
 
   # ----------------------------------------------------------------- loss
   # L_total of the paper (Sec. 3.3) with FastMETRO's weights and

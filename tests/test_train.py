@@ -245,9 +245,14 @@ def test_init_from_loads_converted_weights(straight_run, data_dir, tmp_path):
                                     {'kind': 'test', 'scope': 'model'})
   # Eval only, one batch of 16 (5 padding rows) instead of two of 8: the same
   # weights give the same metrics, counted over the same examples.
-  config = make_config(data_dir, **{'init_from': converted, 'data.eval_batch_size': 16})
+  config = make_config(data_dir, **{'init_from': converted, 'data.eval_batch_size': 16,
+                                     'num_eval_images': 0})
   summary = train.train_and_evaluate(config, str(tmp_path / 'eval'), mode='eval')
   assert summary['step'] == 0
+  # num_eval_images 0: no picture, and the results are still written.
+  assert 'picture' not in summary
+  assert not [n for n in os.listdir(tmp_path / 'eval') if n.endswith('.png')]
+  assert os.path.exists(tmp_path / 'eval' / 'eval_results.json')
   for k, v in straight_summary['eval'].items():
     assert summary['eval'][k] == pytest.approx(v, rel=1e-5), k
   # A checkpoint of another model fails, naming what does not fit.
