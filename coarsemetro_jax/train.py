@@ -295,6 +295,7 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
         last_train = _log_train(writer, *pending, config, force=True)
   finally:
     sigterm.restore()
+    batches.close()   # stops the input pipeline's prefetch thread
   if sigterm.raised:
     return None
   manager.wait_until_finished()

@@ -89,6 +89,7 @@ def get_config():
   config.data.shuffle = True               # False: rows in file order (tests)
   config.data.shuffle_buffer = 10_000      # tfds only (tsv shuffles all rows)
   config.data.prefetch = 2                 # batches
+  config.data.device_prefetch = 2          # train batches put on devices ahead by a thread
   config.data.max_bad_fraction = 0.01      # skipped rows before failing
   # The embedded dataset (data_pipelines/synthetic), used when no train_yaml
   # is given; generated into `dir` on first use and cached there.

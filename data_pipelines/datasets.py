@@ -135,7 +135,7 @@ class Datasets:
     ds = input_pipeline.create_train_dataset(
         self.data_config, seed=self.config.seed,
         shuffle=self.data_config.shuffle, start_step=start_step)
-    return input_pipeline.global_batches(ds, sharding)
+    return input_pipeline.global_batches(ds, sharding, self.data_config.device_prefetch)
 
   def eval_batches(self, sharding):
     return input_pipeline.global_batches(

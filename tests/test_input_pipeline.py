@@ -2,6 +2,8 @@
 
 import base64
 import re
+import threading
+import time
 
 import cv2
 import jax
@@ -252,3 +254,41 @@ def test_bad_files_fail_when_the_dataset_is_created(tmp_path, yaml_path):
   with pytest.raises(ValueError, match="'tsv' or 'tfds'"):
     input_pipeline.create_train_dataset(data, process_index=0,
                                         process_count=1)
+
+
+def _prefetch_threads():
+  return [t for t in threading.enumerate() if t.name == 'batch_prefetch']
+
+
+def test_background_iterator_keeps_order_reraises_and_stops():
+  assert list(input_pipeline.BackgroundIterator(iter(range(7)), 2)) == list(range(7))
+
+  def failing():
+    yield 'a'
+    raise metro_tsv.BadRowError('row 3 of train.img.tsv: not a JPEG')
+
+  batches = input_pipeline.BackgroundIterator(failing(), 2)
+  assert next(batches) == 'a'
+  with pytest.raises(metro_tsv.BadRowError, match='row 3 of train.img.tsv'):
+    next(batches)
+
+  produced = []
+
+  def endless():
+    i = 0
+    while True:
+      produced.append(i)
+      yield i
+      i += 1
+
+  batches = input_pipeline.BackgroundIterator(endless(), 3)
+  assert [next(batches) for _ in range(5)] == list(range(5))
+  time.sleep(0.2)
+  assert len(produced) <= 5 + 3 + 1     # at most `size` ahead (+1 waiting to be put)
+  batches.close()
+  assert not _prefetch_threads()        # closing joined the thread
+  with pytest.raises(StopIteration):
+    next(batches)
+  # Closed before its first item was taken: the thread stops too.
+  input_pipeline.BackgroundIterator(endless(), 1).close()
+  assert not _prefetch_threads()
