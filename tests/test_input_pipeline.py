@@ -256,11 +256,14 @@ def test_bad_files_fail_when_the_dataset_is_created(tmp_path, yaml_path):
                                         process_count=1)
 
 
-def _prefetch_threads():
-  return [t for t in threading.enumerate() if t.name == 'batch_prefetch']
+def _prefetch_threads(existing=()):
+  """Live prefetch threads, but for `existing` (ones other tests may not have collected)."""
+  return [t for t in threading.enumerate()
+          if t.name == 'batch_prefetch' and t not in existing]
 
 
 def test_background_iterator_keeps_order_reraises_and_stops():
+  existing = _prefetch_threads()
   assert list(input_pipeline.BackgroundIterator(iter(range(7)), 2)) == list(range(7))
 
   def failing():
@@ -286,9 +289,9 @@ def test_background_iterator_keeps_order_reraises_and_stops():
   time.sleep(0.2)
   assert len(produced) <= 5 + 3 + 1     # at most `size` ahead (+1 waiting to be put)
   batches.close()
-  assert not _prefetch_threads()        # closing joined the thread
+  assert not _prefetch_threads(existing)        # closing joined the thread
   with pytest.raises(StopIteration):
     next(batches)
   # Closed before its first item was taken: the thread stops too.
   input_pipeline.BackgroundIterator(endless(), 1).close()
-  assert not _prefetch_threads()
+  assert not _prefetch_threads(existing)
