@@ -192,7 +192,7 @@ def process_example(image, label, params, size):
 
   Args:
     image: RGB uint8 [H, W, 3].
-    label: `metro_tsv.parse_label` dict.
+    label: `metro_labels.parse_label` dict.
     params: AugParams (AugParams() at test time).
     size: crop side S.
 

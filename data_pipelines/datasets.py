@@ -19,6 +19,7 @@ import numpy as np
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import metrics
 from data_pipelines import input_pipeline
+from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
 DONE_MARKER = 'synthetic_done.json'
@@ -85,7 +86,7 @@ def _j14_joints(dataset):
   out, has = [], []
   for source, row in dataset.rows:
     fields = dataset.label_files[source].read_row(int(row))
-    label = metro_tsv.parse_label_text(fields[1])
+    label = metro_labels.parse_label_text(fields[1])
     j = label['joints_3d'][:, :3]
     out.append(j[list(joint_tables.J24_TO_J14)] - j[joint_tables.J24_PELVIS])
     has.append(label['has_3d_joints'])

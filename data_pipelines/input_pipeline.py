@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines import augment
+from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
 # Rows prepared per tf.numpy_function call. tf.data's per-call and per-element
@@ -58,10 +59,10 @@ def example_spec(size):
   """Per-example fields before batching: name -> (shape, dtype)."""
   return {
       'image': ((size, size, 3), tf.float32),
-      'joints_2d': ((metro_tsv.NUM_J24, 3), tf.float32),
-      'joints_3d': ((metro_tsv.NUM_J24, 4), tf.float32),
-      'pose': ((metro_tsv.NUM_POSE,), tf.float32),
-      'betas': ((metro_tsv.NUM_BETAS,), tf.float32),
+      'joints_2d': ((metro_labels.NUM_J24, 3), tf.float32),
+      'joints_3d': ((metro_labels.NUM_J24, 4), tf.float32),
+      'pose': ((metro_labels.NUM_POSE,), tf.float32),
+      'betas': ((metro_labels.NUM_BETAS,), tf.float32),
       'has_2d_joints': ((), tf.float32),
       'has_3d_joints': ((), tf.float32),
       'has_smpl': ((), tf.float32),
@@ -109,7 +110,7 @@ def _process(jpeg, label, params, size, where):
   """Decodes and augments one example; raises BadRowError naming `where`."""
   image = augment.decode_jpeg(jpeg)
   if image is None:
-    raise metro_tsv.BadRowError(f'{where}: JPEG does not decode')
+    raise metro_labels.BadRowError(f'{where}: JPEG does not decode')
   out = augment.process_example(image, label, params, size)
   out['image'] = augment.color_normalize(out['image'], out.pop('pn'))
   out['mask'] = np.float32(1)
@@ -159,7 +160,7 @@ def _tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
                       f'{path} row {row}')
     except Exception as e:  # pylint: disable=broad-except
       # One bad row must not end a long run; BadRows bounds systematic errors.
-      message = str(e) if isinstance(e, metro_tsv.BadRowError) else (
+      message = str(e) if isinstance(e, metro_labels.BadRowError) else (
           f'{path} row {row}: {type(e).__name__}: {e}')
       bad_rows.record((path, row), message)
       return empty_example(size)

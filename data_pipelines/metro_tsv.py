@@ -16,11 +16,8 @@ are read unchanged by METRO's code, and METRO's data tars are read here:
                         and lists of `img` / `label` / `hw` paths, one per
                         source.
 
-Label dict (one per image; all joints in the J24 order of `joints.J24_NAMES`):
-  center [2] px, scale (box side / 200 px), 2d_joints [24, 3] (or [1, 24, 3]) px
-  with a visibility column, 3d_joints [24, 4] (or [1, 24, 4]) metres in the
-  camera frame with a confidence column, pose [72] SMPL axis-angle, betas [10],
-  has_2d_joints / has_3d_joints / has_smpl in {0, 1}, optional gender (unused).
+The label dict (first dict of the label column) is parsed and validated by
+data_pipelines/metro_labels.py.
 
 Pixel convention: `center` and `2d_joints` are original-image pixel coordinates
 with pixel centres at integers (OpenCV's convention).
@@ -28,8 +25,9 @@ with pixel centres at integers (OpenCV's convention).
 Error policy: a missing file, a malformed yaml or linelist, or a `.lineidx` that
 does not fit its tsv raise at construction with the path in the message. A bad
 row (corrupt base64, a label that does not parse, NaNs in a used field, a key
-mismatch between the img and label files, a truncated row) raises `BadRowError`
-naming the file and row, which the input pipeline counts, logs and skips.
+mismatch between the img and label files, a truncated row) raises
+`metro_labels.BadRowError` naming the file and row, which the input pipeline
+counts, logs and skips.
 """
 
 import base64
@@ -41,140 +39,7 @@ from absl import logging
 import numpy as np
 import yaml
 
-from coarsemetro_jax import joints
-
-NUM_J24 = len(joints.J24_NAMES)
-NUM_POSE = 3 * joints.NUM_SMPL_JOINTS
-NUM_BETAS = joints.NUM_BETAS
-# (label field, has_* flag, shape, parsed name) of the optional label fields.
-_OPTIONAL_FIELDS = (
-    ('2d_joints', 'has_2d_joints', (NUM_J24, 3), 'joints_2d'),
-    ('3d_joints', 'has_3d_joints', (NUM_J24, 4), 'joints_3d'),
-    ('pose', 'has_smpl', (NUM_POSE,), 'pose'),
-    ('betas', 'has_smpl', (NUM_BETAS,), 'betas'),
-)
-# Every key METRO's reader indexes (gender is optional).
-_LABEL_KEYS = ('center', 'scale', '2d_joints', '3d_joints', 'has_2d_joints',
-               'has_3d_joints', 'pose', 'betas', 'has_smpl')
-
-
-class BadRowError(ValueError):
-  """One row of a dataset cannot be used; the message names file and row."""
-
-
-# ------------------------------------------------------------------- labels
-
-
-def _flag(label, name):
-  """A has_* flag as 0.0 / 1.0; missing -> 0 (that supervision is unused)."""
-  value = label.get(name, 0)
-  if isinstance(value, (list, tuple)):  # some writers store [1]
-    value = value[0] if len(value) == 1 else None
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    value = None
-  if value not in (0.0, 1.0):
-    raise ValueError(f'{name} must be 0 or 1, got {label.get(name)!r}')
-  return value
-
-
-def _field(label, name, shape):
-  """A label array of `shape` (float32), squeezing a leading 1 as METRO does."""
-  value = np.asarray(label[name], dtype=np.float64)
-  if value.ndim == len(shape) + 1 and value.shape[0] == 1:
-    value = value[0]
-  if len(shape) == 1 and value.size == shape[0]:
-    value = value.reshape(shape)
-  if value.shape != shape:
-    raise ValueError(f'{name} has shape {value.shape}, expected {shape}')
-  return value
-
-
-def parse_label(label):
-  """Parses one METRO label dict into float32 arrays (the batch fields).
-
-  `center` and `scale` are required and must be finite (scale > 0). A missing
-  optional field gives zeros with its has_* flag 0. A field whose flag is 1 must
-  be finite. In a field whose flag is 0, non-finite values become 0 (and the
-  visibility / confidence of those joints 0), since METRO's 2D loss still reads
-  2D joints through their visibility even when has_2d_joints is 0.
-
-  Args:
-    label: the dict from the label tsv (lists or arrays).
-
-  Returns:
-    dict with center [2], scale [], joints_2d [24, 3], joints_3d [24, 4],
-    pose [72], betas [10], has_2d_joints, has_3d_joints, has_smpl [] (float32).
-
-  Raises:
-    ValueError: naming the offending field.
-  """
-  if not isinstance(label, dict):
-    raise ValueError(f'label must be a dict, got {type(label).__name__}')
-  for name in ('center', 'scale'):
-    if name not in label:
-      raise ValueError(f'label has no {name!r}')
-  center = _field(label, 'center', (2,))
-  try:
-    scale = float(np.asarray(label['scale'], np.float64).reshape(()))
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'scale must be a number, got {label["scale"]!r}') from e
-  if not np.all(np.isfinite(center)):
-    raise ValueError(f'center is not finite: {center.tolist()}')
-  if not (np.isfinite(scale) and scale > 0):
-    raise ValueError(f'scale must be finite and > 0, got {scale}')
-
-  out = {'center': center.astype(np.float32), 'scale': np.float32(scale)}
-  flags = {}
-  for field, flag_name, shape, name in _OPTIONAL_FIELDS:
-    flag = _flag(label, flag_name) if label.get(field) is not None else 0.0
-    # pose and betas share has_smpl: a pose without betas (or vice versa) is
-    # unusable for the SMPL losses, so both must be present for it to hold.
-    flag = min(flag, flags.get(flag_name, 1.0))
-    flags[flag_name] = flag
-    if label.get(field) is None:
-      out[name] = np.zeros(shape, np.float32)
-      continue
-    value = _field(label, field, shape)
-    bad = ~np.isfinite(value)
-    if bad.any():
-      if flag:
-        raise ValueError(f'{field} has non-finite values while {flag_name}=1')
-      # Joints: drop the whole joint (visibility / confidence included).
-      value[bad.any(axis=1) if value.ndim == 2 else bad] = 0.0
-    out[name] = value.astype(np.float32)
-  for flag_name, flag in flags.items():
-    out[flag_name] = np.float32(flag)
-  return out
-
-
-def parse_label_text(text):
-  """Parses the label column (JSON list; METRO uses its first dict)."""
-  try:
-    labels = json.loads(text)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'label is not valid JSON: {e}') from e
-  if isinstance(labels, dict):
-    labels = [labels]
-  if not isinstance(labels, list) or not labels:
-    raise ValueError('label must be a non-empty JSON list of dicts')
-  return parse_label(labels[0])
-
-
-def encode_label(label):
-  """Validates a label dict and returns the label column (JSON list of one).
-
-  Every key METRO's reader indexes must be present (gender is optional), and
-  the label must parse with `parse_label`; NaN/inf are rejected.
-  """
-  missing = [k for k in _LABEL_KEYS if k not in label]
-  if missing:
-    raise ValueError(f'label is missing {missing}; METRO reads all of '
-                     f'{list(_LABEL_KEYS)}')
-  parse_label(label)
-  # NumPy arrays and scalars both have .tolist().
-  return json.dumps([label], allow_nan=False, default=lambda v: v.tolist())
+from data_pipelines import metro_labels
 
 
 # ------------------------------------------------------------------- writer
@@ -308,7 +173,7 @@ def write_split(out_dir, split, examples):
       if height <= 0 or width <= 0:
         raise ValueError(f'{where}: bad size {height}x{width}')
       try:
-        label = encode_label(ex['label'])
+        label = metro_labels.encode_label(ex['label'])
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from e
       img.write((key, base64.b64encode(jpeg).decode('ascii')))
@@ -393,21 +258,21 @@ class TsvFile:
   def read_row(self, row):
     """The fields of one row as stripped bytes (METRO strips every field)."""
     if not 0 <= row < len(self.offsets):
-      raise BadRowError(f'{self.path} row {row}: out of range '
-                        f'[0, {len(self.offsets)})')
+      raise metro_labels.BadRowError(f'{self.path} row {row}: out of range '
+                                     f'[0, {len(self.offsets)})')
     start = int(self.offsets[row])
     end = (int(self.offsets[row + 1]) if row + 1 < len(self.offsets)
            else self.size)
     data = os.pread(self._fd, end - start, start)
     if len(data) != end - start:
-      raise BadRowError(f'{self.path} row {row}: read {len(data)} of '
-                        f'{end - start} bytes (file truncated?)')
+      raise metro_labels.BadRowError(f'{self.path} row {row}: read {len(data)} of '
+                                     f'{end - start} bytes (file truncated?)')
     # Every row, the last one included, ends with its only newline (METRO's
     # writer); anything else is a stale .lineidx or a truncated file.
     if data.find(b'\n') != len(data) - 1:
-      raise BadRowError(f'{self.path} row {row}: the row does not end at the '
-                        'next .lineidx offset (truncated file or stale '
-                        '.lineidx)')
+      raise metro_labels.BadRowError(
+          f'{self.path} row {row}: the row does not end at the next .lineidx '
+          'offset (truncated file or stale .lineidx)')
     return [field.strip() for field in data.split(b'\t')]
 
   def close(self, _os_close=os.close):
@@ -550,10 +415,10 @@ class MetroDataset:
     """Reads example `index`.
 
     Returns:
-      dict(key=str, jpeg=bytes, label=parse_label(...) dict of arrays).
+      dict(key=str, jpeg=bytes, label=metro_labels.parse_label(...) dict of arrays).
 
     Raises:
-      BadRowError: naming the file and row.
+      metro_labels.BadRowError: naming the file and row.
     """
     source, row = (int(v) for v in self.rows[index])
     img_tsv, label_tsv = self.img_files[source], self.label_files[source]
@@ -561,20 +426,21 @@ class MetroDataset:
     label_fields = label_tsv.read_row(row)
     key = img_fields[0].decode('utf-8', 'replace')
     if len(img_fields) < 2:
-      raise BadRowError(f'{img_tsv.path} row {row}: no image column')
+      raise metro_labels.BadRowError(f'{img_tsv.path} row {row}: no image column')
     if len(label_fields) < 2:
-      raise BadRowError(f'{label_tsv.path} row {row}: no label column')
+      raise metro_labels.BadRowError(f'{label_tsv.path} row {row}: no label column')
     label_key = label_fields[0].decode('utf-8', 'replace')
     if label_key != key:
-      raise BadRowError(f'{label_tsv.path} row {row}: key {label_key!r} does '
-                        f'not match {key!r} in {img_tsv.path}')
+      raise metro_labels.BadRowError(
+          f'{label_tsv.path} row {row}: key {label_key!r} does not match {key!r} '
+          f'in {img_tsv.path}')
     try:
       # The last column, as METRO's reader (old files had more columns).
       jpeg = base64.b64decode(img_fields[-1], validate=True)
     except (binascii.Error, ValueError) as e:
-      raise BadRowError(f'{img_tsv.path} row {row}: bad base64 ({e})') from e
+      raise metro_labels.BadRowError(f'{img_tsv.path} row {row}: bad base64 ({e})') from e
     try:
-      label = parse_label_text(label_fields[1])
+      label = metro_labels.parse_label_text(label_fields[1])
     except ValueError as e:
-      raise BadRowError(f'{label_tsv.path} row {row}: {e}') from e
+      raise metro_labels.BadRowError(f'{label_tsv.path} row {row}: {e}') from e
     return {'key': key, 'jpeg': jpeg, 'label': label}

@@ -3,7 +3,7 @@
 METRO's TSVs are read by random seeks, which is fine on a local disk but slow
 on object storage; TPU pods read TFRecord shards instead. The builder stores
 each usable row once: the original JPEG bytes (not re-encoded) and the parsed
-label (`metro_tsv.parse_label`), in linelist order. The input pipeline reads
+label (`metro_labels.parse_label`), in linelist order. The input pipeline reads
 either source (config.data.source = 'tsv' | 'tfds') and produces identical
 batches, because both decode the same bytes with the same code.
 
@@ -29,16 +29,17 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import augment
+from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
 # Label arrays stored per example, with their shapes (float32).
 LABEL_FEATURES = {
     'center': (2,),
     'scale': (),
-    'joints_2d': (metro_tsv.NUM_J24, 3),
-    'joints_3d': (metro_tsv.NUM_J24, 4),
-    'pose': (metro_tsv.NUM_POSE,),
-    'betas': (metro_tsv.NUM_BETAS,),
+    'joints_2d': (metro_labels.NUM_J24, 3),
+    'joints_3d': (metro_labels.NUM_J24, 4),
+    'pose': (metro_labels.NUM_POSE,),
+    'betas': (metro_labels.NUM_BETAS,),
     'has_2d_joints': (),
     'has_3d_joints': (),
     'has_smpl': (),
@@ -100,9 +101,9 @@ class Metro(tfds.core.GeneratorBasedBuilder):
         example = dataset.read(index)
         if augment.decode_jpeg(example['jpeg']) is None:
           path, row = dataset.location(index)
-          raise metro_tsv.BadRowError(f'{path} row {row}: JPEG does not '
+          raise metro_labels.BadRowError(f'{path} row {row}: JPEG does not '
                                       'decode')
-      except metro_tsv.BadRowError as e:
+      except metro_labels.BadRowError as e:
         num_bad += 1
         logging.warning('tfds_metro: skipping bad row %d of %s: %s', num_bad,
                         yaml_path, e)

@@ -13,6 +13,7 @@ import pytest
 from configs import r50
 from data_pipelines import augment
 from data_pipelines import input_pipeline
+from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
 S = 32
@@ -268,11 +269,11 @@ def test_background_iterator_keeps_order_reraises_and_stops():
 
   def failing():
     yield 'a'
-    raise metro_tsv.BadRowError('row 3 of train.img.tsv: not a JPEG')
+    raise metro_labels.BadRowError('row 3 of train.img.tsv: not a JPEG')
 
   batches = input_pipeline.BackgroundIterator(failing(), 2)
   assert next(batches) == 'a'
-  with pytest.raises(metro_tsv.BadRowError, match='row 3 of train.img.tsv'):
+  with pytest.raises(metro_labels.BadRowError, match='row 3 of train.img.tsv'):
     next(batches)
 
   produced = []

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
 
@@ -184,32 +185,32 @@ def test_parse_label_conventions():
   rng = np.random.default_rng(0)
   lab = _label(rng, 0)
   lab['3d_joints'] = [lab['3d_joints']]  # [1, 24, 4]: squeezed like METRO
-  out = metro_tsv.parse_label(lab)
+  out = metro_labels.parse_label(lab)
   assert out['joints_3d'].shape == (24, 4)
   assert out['joints_2d'].shape == (24, 3)
   assert out['has_2d_joints'] == out['has_3d_joints'] == out['has_smpl'] == 1
   # Missing optional fields -> zeros and has_* = 0.
-  minimal = metro_tsv.parse_label({'center': [1, 2], 'scale': 1.0})
+  minimal = metro_labels.parse_label({'center': [1, 2], 'scale': 1.0})
   for name, shape in (('joints_2d', (24, 3)), ('joints_3d', (24, 4)),
                       ('pose', (72,)), ('betas', (10,))):
     np.testing.assert_array_equal(minimal[name], np.zeros(shape))
   assert minimal['has_2d_joints'] == minimal['has_smpl'] == 0
   # Betas without pose cannot be used: has_smpl drops to 0.
-  assert metro_tsv.parse_label({**lab, 'pose': None})['has_smpl'] == 0
+  assert metro_labels.parse_label({**lab, 'pose': None})['has_smpl'] == 0
   # A NaN in a field whose flag is 0 becomes a zero, invisible joint.
   lab2 = _label(rng, 1)
   lab2['has_2d_joints'] = 0
   lab2['2d_joints'][0][5][0] = float('nan')
-  out2 = metro_tsv.parse_label(lab2)
+  out2 = metro_labels.parse_label(lab2)
   np.testing.assert_array_equal(out2['joints_2d'][5], [0, 0, 0])
   assert out2['joints_2d'][4, 2] == 1
   lab2['has_2d_joints'] = 1
   with pytest.raises(ValueError, match='2d_joints'):
-    metro_tsv.parse_label(lab2)
+    metro_labels.parse_label(lab2)
   with pytest.raises(ValueError, match='shape'):
-    metro_tsv.parse_label({**lab, 'betas': [0.0] * 9})
+    metro_labels.parse_label({**lab, 'betas': [0.0] * 9})
   with pytest.raises(ValueError, match='center'):
-    metro_tsv.parse_label({'scale': 1.0})
+    metro_labels.parse_label({'scale': 1.0})
 
 
 def _corrupt_row(tmp_path, kind, row, value):
@@ -234,7 +235,7 @@ def test_bad_rows_raise_bad_row_error(tmp_path, kind, value, match):
   ds = metro_tsv.MetroDataset(yaml_path)
   ds.read(0)
   ds.read(2)
-  with pytest.raises(metro_tsv.BadRowError, match=match) as e:
+  with pytest.raises(metro_labels.BadRowError, match=match) as e:
     ds.read(1)
   assert f'train.{kind}.tsv row 1' in str(e.value)
 
@@ -246,7 +247,7 @@ def test_truncated_tsv(tmp_path):
   img.write_bytes(data[:-100])  # cut inside the last row: only it is bad
   ds = metro_tsv.MetroDataset(yaml_path)
   ds.read(1)
-  with pytest.raises(metro_tsv.BadRowError, match='train.img.tsv row 2'):
+  with pytest.raises(metro_labels.BadRowError, match='train.img.tsv row 2'):
     ds.read(2)
   last_row = data.rfind(b'\n', 0, len(data) - 1) + 1
   img.write_bytes(data[:last_row - 100])  # the .lineidx no longer fits
