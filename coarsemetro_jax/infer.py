@@ -22,20 +22,18 @@ when the config's body model is available),
 """
 
 import dataclasses
-import glob
 import json
-import math
 import os
 import sys
 
 from absl import logging
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from coarsemetro_jax import attention_maps
 from coarsemetro_jax import checkpoints
+from coarsemetro_jax import image_crops
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import losses
 from coarsemetro_jax import mesh_io
@@ -45,186 +43,10 @@ from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from data_pipelines import augment
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-BBOX_PADDING = 1.2          # crop side = padding * max(w, h), as SPIN/METRO crop labels
-MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
-MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
-MAX_WARP_SHRINK = 2.0       # beyond this, area-average before the bilinear warp
 # config.model fields that do not change the weights (left out of mismatch hints).
 RUNTIME_MODEL_FIELDS = ('dropout', 'compute_dtype', 'backbone_remat', 'joint_mask_ratio',
                         'joint_mask_value')
 MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
-
-
-class ImageError(ValueError):
-  """An input image (or its box) cannot be used; the message names the file."""
-
-
-# ----------------------------------------------------------------------------
-# Images and boxes.
-
-
-def collect_images(specs):
-  """Files, folders and globs -> (sorted unique image paths, problems)."""
-  paths, problems = [], []
-  for spec in specs:
-    if os.path.isdir(spec):
-      found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
-      if not found:
-        problems.append(f'{spec}: folder has no {"/".join(IMAGE_EXTENSIONS)} files')
-    elif os.path.isfile(spec):
-      found = [spec]
-    elif glob.has_magic(spec):
-      found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-      if not found:
-        problems.append(f'{spec}: pattern matches no files')
-    else:
-      found = []
-      problems.append(f'{spec}: no such file or folder')
-    paths.extend(found)
-  return list(dict.fromkeys(paths)), problems
-
-
-def load_image(path, max_megapixels=MAX_MEGAPIXELS):
-  """Image file -> (uint8 RGB [H, W, 3], notes). Raises ImageError."""
-  try:
-    data = np.fromfile(path, np.uint8)
-  except OSError as e:
-    raise ImageError(f'{path}: cannot read the file ({e.strerror or e})') from e
-  if not data.size:
-    raise ImageError(f'{path}: empty file')
-  # OpenCV refuses images above 2^30 pixels (CV_IO_MAX_IMAGE_PIXELS) itself.
-  image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-  if image is None:
-    raise ImageError(f'{path}: not a readable image (OpenCV cannot decode it; expected '
-                     f'{"/".join(e[1:].upper() for e in IMAGE_EXTENSIONS)} under 2^30 px)')
-  notes = []
-  h, w = image.shape[:2]
-  if h * w > max_megapixels * 1e6:
-    raise ImageError(f'{path}: {w} x {h} = {h * w / 1e6:.0f} megapixels is above the '
-                     f'limit of {max_megapixels:g} (--max_megapixels); downscale it first')
-  if image.dtype == np.uint16:
-    image = np.rint(image / 257.0).astype(np.uint8)
-    notes.append('16-bit image scaled to 8 bits')
-  elif image.dtype != np.uint8:
-    raise ImageError(f'{path}: {image.dtype} pixels are not supported; expected 8 or 16 bits')
-  channels = 1 if image.ndim == 2 else image.shape[2]
-  if channels == 1:
-    image = cv2.cvtColor(image.reshape(h, w), cv2.COLOR_GRAY2RGB)
-    notes.append('grayscale image replicated to RGB')
-  elif channels == 3:
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-  elif channels == 4:
-    image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    notes.append('alpha channel dropped')
-  else:
-    raise ImageError(f'{path}: {channels} channels; expected grayscale, RGB or RGBA')
-  return image, notes
-
-
-def parse_bbox(text, where='--bbox'):
-  """'x,y,w,h' (or a 4-list) -> tuple of floats; w and h must be positive."""
-  try:
-    values = [float(v) for v in (text.split(',') if isinstance(text, str) else text)]
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'{where}: expected x,y,w,h numbers, got {text!r}') from e
-  if len(values) != 4 or not all(math.isfinite(v) for v in values):
-    raise ValueError(f'{where}: expected 4 finite numbers x,y,w,h, got {text!r}')
-  if values[2] <= 0 or values[3] <= 0:
-    raise ValueError(f'{where}: width and height must be positive, got {text!r}')
-  return tuple(values)
-
-
-def read_bboxes_json(path):
-  """{"image name or path": [x, y, w, h]} (or a list of {"image", "bbox"})."""
-  with open(path) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'--bboxes {path}: not valid JSON ({e})') from e
-  if isinstance(data, list):
-    try:
-      data = {d['image']: d['bbox'] for d in data}
-    except (TypeError, KeyError) as e:
-      raise ValueError(f'--bboxes {path}: list entries need "image" and "bbox" keys') from e
-  if not isinstance(data, dict):
-    raise ValueError(f'--bboxes {path}: expected an object of image -> [x, y, w, h]')
-  return {k: parse_bbox(v, f'--bboxes {path} [{k!r}]') for k, v in data.items()}
-
-
-def box_for(path, bboxes):
-  """The box of `path` in a {path or file name: box} dict, or None."""
-  for key in (path, os.path.abspath(path), os.path.basename(path)):
-    if key in bboxes:
-      return bboxes[key]
-  return None
-
-
-@dataclasses.dataclass
-class Crop:
-  """A square crop of an image and where it came from."""
-  path: str
-  image_size: tuple[int, int]          # original (width, height)
-  bbox: tuple | None                   # x, y, w, h in original pixels
-  center: tuple[float, float]          # crop centre, original pixels
-  side: float                          # crop side, original pixels
-  matrix: np.ndarray                   # [2, 3] original -> crop pixels
-  pixels: np.ndarray                   # uint8 [S, S, 3]
-  notes: list
-
-
-def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
-  """Crop of `image` around `bbox` (whole image if None). Raises ImageError."""
-  notes = list(notes)
-  h, w = image.shape[:2]
-  if bbox is None:
-    center, side = ((w - 1) / 2.0, (h - 1) / 2.0), float(max(h, w))
-    if max(h, w) > MAX_ASPECT * min(h, w):
-      notes.append(f'no box and the image is {w} x {h}: the whole image is the crop, so '
-                   'the person may be small in it; pass --bbox or --bboxes')
-  else:
-    x, y, bw, bh = bbox
-    if x >= w or y >= h or x + bw <= 0 or y + bh <= 0:
-      raise ImageError(f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} lies '
-                       f'outside the {w} x {h} image')
-    inside = (min(x + bw, w) - max(x, 0)) * (min(y + bh, h) - max(y, 0)) / (bw * bh)
-    if inside < 0.5:
-      notes.append(f'only {inside:.0%} of the box lies inside the image')
-    # Pixel centres are at integers, so the box spans [x - 0.5, x + w - 0.5).
-    center, side = (x + bw / 2.0 - 0.5, y + bh / 2.0 - 0.5), padding * max(bw, bh)
-  matrix = augment.crop_matrix(center, side / augment.BOX_SIZE, size)
-  for note in notes:
-    logging.warning('%s: %s', path, note)
-  return Crop(path, (w, h), bbox, center, side, matrix,
-              _warp_antialiased(image, matrix, side / size, size), notes)
-
-
-def _warp_antialiased(image, matrix, shrink, size):
-  """`augment.warp_image`, after an area-average down-scaling when `shrink` > 2.
-
-  Bilinear warping samples 4 pixels per output pixel, so a large photo shrunk
-  to the crop aliases; averaging first keeps every pixel's contribution.
-  """
-  if shrink <= MAX_WARP_SHRINK:
-    return augment.warp_image(image, matrix, size)
-  h, w = image.shape[:2]
-  small_w = max(1, round(w * MAX_WARP_SHRINK / shrink))
-  small_h = max(1, round(h * MAX_WARP_SHRINK / shrink))
-  small = cv2.resize(image, (small_w, small_h), interpolation=cv2.INTER_AREA)
-  # Original pixel x -> small pixel (x + 0.5) * small_w / w - 0.5 (centres at integers).
-  sx, sy = small_w / w, small_h / h
-  to_small = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
-  small_matrix = (np.vstack([matrix, [0, 0, 1]]) @ np.linalg.inv(to_small))[:2]
-  return augment.warp_image(small, small_matrix, size)
-
-
-def crop_to_image(points_norm, crop):
-  """Normalised crop points [..., 2] -> original image pixels (centres at integers)."""
-  size = crop.pixels.shape[0]
-  px = (np.asarray(points_norm, np.float64) + 1.0) * size / 2.0 - 0.5
-  inverse = cv2.invertAffineTransform(crop.matrix)
-  return px @ inverse[:, :2].T + inverse[:, 2]
 
 
 # ----------------------------------------------------------------------------
@@ -378,7 +200,7 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True
       'joint_names': list(joint_tables.J14_NAMES),
       'joints_3d': np.asarray(pred['pred_3d_joints']).tolist(),
       'joints_2d_crop': np.asarray(pred['pred_2d_joints']).tolist(),
-      'joints_2d_image': crop_to_image(pred['pred_2d_joints'], crop).tolist(),
+      'joints_2d_image': image_crops.crop_to_image(pred['pred_2d_joints'], crop).tolist(),
       'mesh': {'obj': stem + '.obj', 'ply': stem + '.ply',
                'vertices': int(len(pred['pred_vertices'])), 'faces': int(len(faces)),
                'frame': MESH_FRAME,
@@ -402,7 +224,8 @@ class Result:
 
 
 def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
-        batch_size=8, padding=BBOX_PADDING, max_megapixels=MAX_MEGAPIXELS,
+        batch_size=8, padding=image_crops.BBOX_PADDING,
+        max_megapixels=image_crops.MAX_MEGAPIXELS,
         attention=None, h36m_regressor='config', progress=True):
   """Inference over `image_specs`; see the module docstring. Returns Result.
 
@@ -411,21 +234,22 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
   """
   if batch_size < 1:
     raise ValueError(f'--batch_size must be >= 1, got {batch_size}')
-  paths, problems = collect_images(image_specs)
+  paths, problems = image_crops.collect_images(image_specs)
   failures = [(p.rsplit(': ', 1)[0], p) for p in problems]
   for problem in problems:
     logging.error('%s', problem)
   if not paths:
-    raise ImageError('no images to process: ' + '; '.join(problems or ['none given']))
+    raise image_crops.ImageError(
+        'no images to process: ' + '; '.join(problems or ['none given']))
   boxes = {}
   if bbox:
-    parsed = [parse_bbox(b) for b in bbox]
+    parsed = [image_crops.parse_bbox(b) for b in bbox]
     if len(parsed) not in (1, len(paths)):
       raise ValueError(f'--bbox given {len(parsed)} times for {len(paths)} images; give it '
                        'once (all images) or once per image, or use --bboxes')
     boxes = {p: parsed[0 if len(parsed) == 1 else i] for i, p in enumerate(paths)}
   if bboxes_json:
-    boxes.update(read_bboxes_json(bboxes_json))
+    boxes.update(image_crops.read_bboxes_json(bboxes_json))
   model, topology = build(config)
   variables = load_variables(config, model, checkpoint)
   if isinstance(h36m_regressor, str):
@@ -453,9 +277,10 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
       print(f'{chr(13) if tty else ""}[{k + 1}/{len(paths)}] {path}', end='' if tty else '\n',
             file=sys.stderr, flush=True)
     try:
-      image, notes = load_image(path, max_megapixels)
-      pending.append(crop_image(path, image, box_for(path, boxes), size, padding, notes))
-    except ImageError as e:
+      image, notes = image_crops.load_image(path, max_megapixels)
+      box = image_crops.box_for(path, boxes)
+      pending.append(image_crops.crop_image(path, image, box, size, padding, notes))
+    except image_crops.ImageError as e:
       logging.error('%s', e)
       failures.append((path, str(e)))
     if len(pending) == batch_size:
@@ -489,9 +314,10 @@ def _define_flags():
   flags.DEFINE_multi_string('bbox', [], 'Person box x,y,w,h in image pixels: once for all '
                             'images or once per image.')
   flags.DEFINE_string('bboxes', '', 'JSON {"image name or path": [x, y, w, h]}.')
-  flags.DEFINE_float('bbox_padding', BBOX_PADDING, 'Crop side / longer box side.')
+  flags.DEFINE_float('bbox_padding', image_crops.BBOX_PADDING,
+                     'Crop side / longer box side.')
   flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
-  flags.DEFINE_float('max_megapixels', MAX_MEGAPIXELS, 'Refuse larger images.')
+  flags.DEFINE_float('max_megapixels', image_crops.MAX_MEGAPIXELS, 'Refuse larger images.')
   flags.DEFINE_bool('attention', False, 'Also write <name>_attention.png (Figs. 5-7).')
   flags.DEFINE_list('vertex_tokens', [str(i) for i in attention_maps.DEFAULT_VERTEX_TOKENS],
                     'Decoder vertex tokens to show.')
