@@ -28,9 +28,12 @@ def get_config():
   config.model.backbone = 'resnet'
   config.model.resnet_depths = (1, 1, 1, 1)
   config.model.resnet_width = 16
-  # The transformer, not the ResNet, costs most of a CPU step, and the run is
-  # limited by how many examples the ResNet sees: one head, narrow stages and
-  # half the paper's 48/192/384 vertex tokens double the examples per minute.
+  # At the paper's widths and token counts the transformer costs most of a CPU
+  # step, and the run is limited by how many examples the ResNet sees: one
+  # head, narrow stages and half the paper's 48/192/384 vertex tokens double
+  # the examples per minute. (In this config the ResNet is the larger part: of
+  # 130 ms of thread time per step, ResNet 50, transformer stages 37, GT body
+  # mesh about 10; profile of 2026-12-03.)
   # Measured at half this budget: widths (128, 64, 32) with 48/192/384 tokens
   # 132.2 mm PA-MPJPE; widths halved 127.2; and the tokens too 125.4. Halving
   # the later stages' tokens again (24/48/96) scored 101.2 against 98.7 mm in

@@ -9,9 +9,10 @@ order of `joints.J24_NAMES`:
   has_2d_joints / has_3d_joints / has_smpl in {0, 1}, optional gender (unused).
 
 `parse_label` turns it into the float32 arrays of a batch; `encode_label`
-validates one before a writer stores it. `BadRowError` is the error of one
-unusable dataset row (here, its label; in metro_tsv, its file contents), which
-the input pipeline counts, logs and skips.
+validates one before a writer stores it; both raise ValueError naming the
+field. `BadRowError` is the error the readers (metro_tsv, tfds_metro, the input
+pipeline) raise for one unusable row, a label that does not parse included; the
+input pipeline counts, logs and skips those rows.
 """
 
 import json
