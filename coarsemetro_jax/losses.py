@@ -17,6 +17,9 @@ Everything follows FastMETRO's `run_train` (reference/fastmetro.md Sec. 4.5, 5):
   projection `s * (X[:, :2] + t)` of both centred joint sets, mean over **all**
   B * 14 * 2 entries (`has_2d_joints` is ignored, as FastMETRO does, unless
   `use_has_2d_joints`).
+* Optional Procrustes-aligned 3D joints (`joints_3d_pa` > 0; in neither
+  paper): L1 of the mesh J14 after PA-MPJPE's similarity alignment onto the
+  GT, same weighting and normalisation as L_J; used by configs/embedded.py.
 * Optional edge-length / normal terms on the 1723 mesh (FastMETRO's code; not
   in either paper): 5 * edge-length vs GT + 1e-4 * own edge length + 0.1 *
   |cos| between predicted face edges and the GT normal, over `has_smpl`; the
@@ -91,6 +94,52 @@ def keypoint_2d_loss(pred, gt, mask):
   """
   err = gt[..., 2:] * jnp.abs(pred - gt[..., :2])        # [B, 14, 2]
   return _masked_mean(err, mask, jnp.sum(mask > 0))
+
+
+def similarity_transform(source, target):
+  """The similarity transform that best maps source onto target.
+
+  Batched jnp version of METRO's `compute_similarity_transform`.
+  Args:
+    source, target: [B, N, 3].
+  Returns:
+    (sr [B, 3, 3], t [B, 1, 3]) with `x -> (x - mean(source)) @ sr^T + t`
+    minimising the squared error; sr = scale * R with R a proper rotation
+    (det +1) and t the target's centroid. A degenerate source (all points
+    equal) gets sr = 0 (maps to the target's centroid).
+  """
+  mu_s = source.mean(1, keepdims=True)
+  mu_t = target.mean(1, keepdims=True)
+  xs, xt = source - mu_s, target - mu_t                          # [B, N, 3]
+  var_s = jnp.sum(xs * xs, axis=(1, 2))                          # [B]
+  k = jnp.einsum('bni,bnj->bij', xs, xt)                         # [B, 3, 3] = X1 X2^T
+  u, _, vh = jnp.linalg.svd(k)
+  v = jnp.swapaxes(vh, -1, -2)
+  # R = V Z U^T with Z = diag(1, 1, sign(det(V U^T))) removes reflections.
+  det = jnp.linalg.det(jnp.einsum('bij,bkj->bik', v, u))
+  z = jnp.ones_like(k[:, 0]).at[:, -1].set(jnp.where(det < 0, -1.0, 1.0))  # [B, 3]
+  r = jnp.einsum('bij,bj,bkj->bik', v, z, u)                     # [B, 3, 3]
+  scale = jnp.einsum('bij,bji->b', r, k) / jnp.maximum(var_s, 1e-12)  # tr(RK)/|X1|^2
+  return scale[:, None, None] * r, mu_t
+
+
+def procrustes_keypoint_3d_loss(pred, gt, has_3d):
+  """L1 of the J14 after a similarity Procrustes of pred onto GT (PA-MPJPE's alignment).
+
+  Rotation and scale are solved on stopped predictions, so the gradient flows
+  through the aligned joints only (for a squared error this is the exact
+  gradient, by the optimality of the alignment) and never through the SVD;
+  the centring is not stopped, so the loss ignores a shift of pred. Same
+  normalisation as `keypoint_3d_loss`; GT confidence weights the error, not
+  the alignment.
+  """
+  conf = gt[..., 3:]                                     # [B, 14, 1]
+  gt = gt[..., :3]
+  sr, mu_t = similarity_transform(jax.lax.stop_gradient(pred), gt)
+  centred = pred - pred.mean(1, keepdims=True)           # [B, 14, 3]
+  aligned = jnp.einsum('bij,bnj->bni', sr, centred) + mu_t
+  err = conf * jnp.abs(aligned - gt)                     # [B, 14, 3]
+  return _masked_mean(err, has_3d, jnp.sum(has_3d > 0))
 
 
 def vertices_loss(pred, gt, has_smpl):
@@ -240,6 +289,9 @@ def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology,
   terms['joints_3d_token'] = keypoint_3d_loss(pred['token_joints'], gt['joints_3d'], has_3d)
   terms['joints_3d_mesh'] = keypoint_3d_loss(pred['mesh_joints'], gt['joints_3d'], has_3d)
   terms['joints_3d'] = terms['joints_3d_token'] + terms['joints_3d_mesh']
+  if c.joints_3d_pa:
+    terms['joints_3d_pa'] = procrustes_keypoint_3d_loss(
+        pred['mesh_joints'], gt['joints_3d'], has_3d)
   for level in ('coarse', 'intermediate', 'fine'):
     terms[f'vertices_{level}'] = vertices_loss(
         pred[f'vertices_{level}'], gt[f'vertices_{level}'], has_smpl)
@@ -258,6 +310,8 @@ def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology,
 
   total = (c.joints_3d * terms['joints_3d'] + c.vertices * terms['vertices'] +
            c.joints_2d * terms['joints_2d'])
+  if 'joints_3d_pa' in terms:
+    total = total + c.joints_3d_pa * terms['joints_3d_pa']
   if c.use_edge_normal:
     edges = topology.edges[1]
     faces = edge_triangles(edges, topology.num_vertices[1])

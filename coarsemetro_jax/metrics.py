@@ -32,30 +32,9 @@ MM_PER_M = 1000.0
 
 
 def similarity_procrustes(source, target):
-  """Aligns source to target with the best similarity transform.
-
-  Batched jnp version of METRO's `compute_similarity_transform`.
-  Args:
-    source, target: [B, N, 3].
-  Returns:
-    [B, N, 3]: scale * R @ source + t minimising the squared error, R a proper
-    rotation (det +1). A degenerate source (all points equal) maps to the
-    target's centroid.
-  """
-  mu_s = source.mean(1, keepdims=True)
-  mu_t = target.mean(1, keepdims=True)
-  xs, xt = source - mu_s, target - mu_t                          # [B, N, 3]
-  var_s = jnp.sum(xs * xs, axis=(1, 2))                          # [B]
-  k = jnp.einsum('bni,bnj->bij', xs, xt)                         # [B, 3, 3] = X1 X2^T
-  u, _, vh = jnp.linalg.svd(k)
-  v = jnp.swapaxes(vh, -1, -2)
-  # R = V Z U^T with Z = diag(1, 1, sign(det(V U^T))) removes reflections.
-  det = jnp.linalg.det(jnp.einsum('bij,bkj->bik', v, u))
-  z = jnp.ones_like(k[:, 0]).at[:, -1].set(jnp.where(det < 0, -1.0, 1.0))  # [B, 3]
-  r = jnp.einsum('bij,bj,bkj->bik', v, z, u)                     # [B, 3, 3]
-  scale = jnp.einsum('bij,bji->b', r, k) / jnp.maximum(var_s, 1e-12)  # tr(RK)/|X1|^2
-  aligned = scale[:, None, None] * jnp.einsum('bij,bnj->bni', r, xs)
-  return aligned + mu_t
+  """source aligned to target by `losses.similarity_transform`. [B,N,3] x2 -> [B,N,3]."""
+  sr, t = losses.similarity_transform(source, target)
+  return jnp.einsum('bij,bnj->bni', sr, source - source.mean(1, keepdims=True)) + t
 
 
 def _mean_distance(a, b):

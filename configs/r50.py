@@ -122,6 +122,7 @@ def get_config():
   config.loss.vertices_coarse = 0.25       # 431
   config.loss.vertices_intermediate = 0.5  # 1723
   config.loss.vertices_fine = 0.25         # 6890
+  config.loss.joints_3d_pa = 0.0           # mesh J14 after Procrustes, L1 (not in the paper)
   config.loss.joints_2d = 100.0            # token + mesh J14 re-projection, L1
   config.loss.use_has_2d_joints = False    # FastMETRO gates 2D by visibility only
   # Edge-length/normal terms on the 1723 mesh: in FastMETRO's code, not in

@@ -288,3 +288,46 @@ def test_bfloat16_outputs_are_scored_in_float32():
       topology, config)
   assert total.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in terms.values())
   np.testing.assert_allclose(total, ref, rtol=1e-6)
+
+
+def test_procrustes_joint_loss_matches_numpy_and_ignores_similarity():
+  from test_metrics import np_similarity_transform, random_rotation  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  gt = rng.normal(size=(B, 14, 4)).astype(np.float32) * 0.3
+  gt[..., 3] = rng.uniform(0.2, 1.0, (B, 14))
+  pred = rng.normal(size=(B, 14, 3)).astype(np.float32) * 0.3
+  has = np.float32([1, 0, 1, 1, 0, 1])
+  loss = jax.jit(losses.procrustes_keypoint_3d_loss)
+  got = loss(pred, gt, has)
+  aligned = np.stack([np_similarity_transform(p.astype(np.float64), g[:, :3])
+                      for p, g in zip(pred, gt)])
+  err = gt[..., 3:] * np.abs(aligned - gt[..., :3])
+  np.testing.assert_allclose(got, err[has > 0].sum() / (has.sum() * 14 * 3), rtol=1e-5)
+  # A similarity transform of the prediction changes nothing...
+  moved = np.stack([s * p @ random_rotation(rng).T + rng.normal(size=3)
+                    for s, p in zip([0.5, 1, 2, 3, 1.5, 0.7], pred)]).astype(np.float32)
+  np.testing.assert_allclose(loss(moved, gt, has), got, rtol=1e-4)
+  # ... so its gradient has no component along a shift of the prediction,
+  # and examples without 3D joints get none.
+  grad = np.asarray(jax.grad(losses.procrustes_keypoint_3d_loss)(pred, gt, has))
+  np.testing.assert_allclose(grad.sum(1), 0.0, atol=1e-6)
+  assert np.all(grad[has == 0] == 0) and np.all(np.abs(grad[has > 0]).sum((1, 2)) > 0)
+
+
+def test_procrustes_joint_loss_enters_the_total_with_its_weight():
+  rng = np.random.default_rng(6)
+  topology = tiny_topology()
+  outputs, batch, gt_fine, regressor = make_case(rng)
+  config = r50.get_config().loss
+  total0, terms0 = losses.compute_loss(outputs, batch, gt_fine, regress_fn(regressor),
+                                       topology, config)
+  assert 'joints_3d_pa' not in terms0
+  config.joints_3d_pa = 250.0
+  total, terms = losses.compute_loss(outputs, batch, gt_fine, regress_fn(regressor),
+                                     topology, config)
+  pred = losses.centre_predictions(outputs, regress_fn(regressor))
+  gt = losses.ground_truth(batch, gt_fine, regress_fn(regressor), topology)
+  has_3d = batch['has_3d_joints'] * batch['mask']
+  expected = losses.procrustes_keypoint_3d_loss(pred['mesh_joints'], gt['joints_3d'], has_3d)
+  np.testing.assert_allclose(terms['joints_3d_pa'], expected, rtol=1e-6)
+  np.testing.assert_allclose(total, total0 + 250.0 * expected, rtol=1e-5)
