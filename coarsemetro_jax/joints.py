@@ -23,6 +23,8 @@ J14_NAMES = (
     'Head')
 NUM_JOINTS = len(J14_NAMES)
 J24_TO_J14 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18)
+# Left/right swap of J14 joints (J24_FLIP_PERM restricted to J24_TO_J14).
+J14_FLIP_PERM = tuple(J24_TO_J14.index(J24_FLIP_PERM[j]) for j in J24_TO_J14)
 # Token joints and metrics are re-centred at the midpoint of the two hips.
 J14_R_HIP, J14_L_HIP = 2, 3
 

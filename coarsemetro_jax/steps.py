@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from coarsemetro_jax import body_model
+from coarsemetro_jax import flip_test
 from coarsemetro_jax import losses
 from coarsemetro_jax import metrics
 
@@ -314,14 +315,19 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
   (mesh joints) centred at the mesh's H36M pelvis; pred_2d_joints [B, 14, 2]
   their weak-perspective projection in [-1, 1] crop units.
   """
-  del config
   device_mesh = batch_sharding_.mesh
   repl = replicated(device_mesh)
+  flip_perm = (flip_test.mirror_permutation(body.v_template)
+               if config.eval_flip else None)
   body = jax.device_put(body, repl)
 
   def eval_step(state, batch, body):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    outputs = model.apply(variables, batch['image'], train=False)
+    apply = lambda images: model.apply(variables, images, train=False)
+    if flip_perm is None:
+      outputs = apply(batch['image'])
+    else:
+      outputs = flip_test.flip_averaged_outputs(apply, batch['image'], flip_perm)
     regress = functools.partial(body_model.h36m_joints, body)
     pred = losses.centre_predictions(outputs, regress)
     gt = losses.ground_truth(batch, _ground_truth_mesh(body, batch), regress, topology)

@@ -110,6 +110,9 @@ def get_config():
   config.eval_max_batches = 0              # periodic evals only; 0 = whole set
   config.checkpoint_every_steps = 2_000
   config.keep_checkpoints = 3
+  # Test-time flip: average with the un-mirrored prediction of the mirrored
+  # image (coarsemetro_jax/flip_test.py). Not in the paper's protocol.
+  config.eval_flip = False
   config.num_eval_images = 8               # predicted meshes in the picture (0: none)
 
   # ----------------------------------------------------------------- loss
