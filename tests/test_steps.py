@@ -3,12 +3,14 @@
 import types
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import steps
@@ -40,27 +42,40 @@ def tiny_topology():
 
 
 # A 12-vertex stand-in for body_model (same functions and signatures).
+@flax.struct.dataclass
+class FakeBody:
+  v_template: jax.Array   # [12, 3]
+  shapedirs: jax.Array    # [12, 3, 10]
+  posedirs: jax.Array     # [12, 3, 72]
+  h36m: jax.Array         # [17, 12]
+
+
 def _fake_forward(body, pose, betas):
-  v = (body['template'] + jnp.einsum('vck,bk->bvc', body['shapedirs'], betas)
-       + 0.01 * jnp.einsum('vcp,bp->bvc', body['posedirs'], pose))
+  v = (body.v_template + jnp.einsum('vck,bk->bvc', body.shapedirs, betas)
+       + 0.01 * jnp.einsum('vcp,bp->bvc', body.posedirs, pose))
   return v, v[:, :1]
 
 
 def _fake_h36m_joints(body, vertices):
-  return jnp.einsum('jv,bvc->bjc', body['h36m'], vertices)
+  return jnp.einsum('jv,bvc->bjc', body.h36m, vertices)
 
 
 FAKE_BODY_MODEL = types.SimpleNamespace(forward=_fake_forward,
                                         h36m_joints=_fake_h36m_joints)
 
 
-def fake_body():
+def fake_body(symmetric=False):
+  """Random body; `symmetric`: vertices 6..11 mirror 0..5 at x = 0."""
   rng = np.random.default_rng(1)
   h36m = rng.uniform(0, 1, (17, 12)).astype(np.float32)
-  return {'template': rng.normal(size=(12, 3)).astype(np.float32) * 0.5,
-          'shapedirs': rng.normal(size=(12, 3, 10)).astype(np.float32) * 0.02,
-          'posedirs': rng.normal(size=(12, 3, 72)).astype(np.float32),
-          'h36m': h36m / h36m.sum(1, keepdims=True)}
+  template = rng.normal(size=(12, 3)).astype(np.float32) * 0.5
+  if symmetric:
+    template[:6, 0] = np.abs(template[:6, 0]) + 0.1
+    template[6:] = template[:6] * np.float32([-1, 1, 1])
+  return FakeBody(v_template=template,
+                  shapedirs=rng.normal(size=(12, 3, 10)).astype(np.float32) * 0.02,
+                  posedirs=rng.normal(size=(12, 3, 72)).astype(np.float32),
+                  h36m=h36m / h36m.sum(1, keepdims=True))
 
 
 @pytest.fixture(autouse=True)
@@ -254,7 +269,7 @@ def test_eval_step_counts_each_real_example_once(eight_devices):
   # NumPy reference from the returned (centred) predictions.
   body = fake_body()
   gt_v = np.asarray(_fake_forward(body, batch['pose'], batch['betas'])[0])
-  gt_v = gt_v - np.einsum('jv,bvc->bjc', body['h36m'], gt_v)[:, :1]
+  gt_v = gt_v - np.einsum('jv,bvc->bjc', body.h36m, gt_v)[:, :1]
   j3d = batch['joints_3d']
   gt_j = j3d[:, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18], :3] - j3d[:, 14:15, :3]
   hip = lambda x: x - (x[:, 2:3] + x[:, 3:4]) / 2
@@ -264,6 +279,33 @@ def test_eval_step_counts_each_real_example_once(eight_devices):
   np.testing.assert_allclose(result['mpjpe'], 1000 * mpjpe[sel_3d].mean(), rtol=1e-4)
   np.testing.assert_allclose(result['mpve'], 1000 * mpve[sel_smpl].mean(), rtol=1e-4)
   assert np.isfinite(float(result['pa_mpjpe'])) and float(result['pa_mpjpe']) > 0
+
+
+def test_eval_flip_averages_with_the_mirrored_prediction(eight_devices):
+  state, _, batch_sharding, (model, topology, state_sharding) = eight_devices
+  config = tiny_config()
+  config.eval_flip = True
+  body = fake_body(symmetric=True)
+  eval_step = steps.make_eval_step(config, model, body, topology, state_sharding,
+                                   batch_sharding)
+  batch = make_batch(2)
+  _, pred = eval_step(state, jax.device_put(batch, batch_sharding))
+  pred = jax.device_get(pred)
+  # Reference: the plain and mirrored-image outputs, mapped back by hand
+  # (vertex i <-> i + 6, x negated, camera tx negated), averaged, centred.
+  variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  apply = lambda x: jax.device_get(model.apply(variables, x, train=False))
+  plain, mirrored = apply(batch['image']), apply(batch['image'][:, :, ::-1])
+  perm = np.r_[6:12, 0:6]
+  mirror_v = mirrored['pred_3d_vertices_fine'][:, perm] * np.float32([-1, 1, 1])
+  vertices = 0.5 * (plain['pred_3d_vertices_fine'] + mirror_v)
+  pelvis = np.einsum('jv,bvc->bjc', body.h36m, vertices)[:, joint_tables.H36M_PELVIS]
+  np.testing.assert_allclose(pred['pred_vertices'], vertices - pelvis[:, None],
+                             rtol=1e-4, atol=1e-6)
+  cam = 0.5 * (plain['pred_cam'] + mirrored['pred_cam'] * np.float32([1, -1, 1]))
+  np.testing.assert_allclose(pred['pred_cam'], cam, rtol=1e-4, atol=1e-6)
+  # The mirrored image's prediction really differs (the average is not a no-op).
+  assert np.abs(mirror_v - plain['pred_3d_vertices_fine']).max() > 1e-4
 
 
 # ----------------------------------------------------------------------------
