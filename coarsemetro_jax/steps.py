@@ -306,8 +306,12 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
   return lambda state, batch, rng: jitted(state, batch, rng, body)
 
 
-def make_eval_step(config, model, body, topology, state_sharding_, batch_sharding_):
+def make_eval_step(config, model, body, topology, state_sharding_, batch_sharding_,
+                   flip=None):
   """Jitted `eval_step(state, batch) -> (metrics.EvalMetrics, predictions)`.
+
+  `flip` (default `config.eval_flip`): average with the mirrored image's
+  prediction (flip_test.py).
 
   The collection (replicated) is merged over batches by the caller; padded
   examples (`mask` 0) count nowhere. Predictions (batch-sharded) for pictures:
@@ -317,8 +321,8 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
   """
   device_mesh = batch_sharding_.mesh
   repl = replicated(device_mesh)
-  flip_perm = (flip_test.mirror_permutation(body.v_template)
-               if config.eval_flip else None)
+  flip = config.eval_flip if flip is None else flip
+  flip_perm = flip_test.mirror_permutation(body.v_template) if flip else None
   body = jax.device_put(body, repl)
 
   def eval_step(state, batch, body):

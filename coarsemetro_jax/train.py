@@ -201,7 +201,8 @@ def train_and_evaluate(config, workdir, mode='train'):
       config.init_from).
   Returns:
     The summary written to eval_results.json ('step', 'eval' metrics in mm
-    with '<metric>_count' examples, 'mean_pose_baseline', 'train' last-step
+    with '<metric>_count' examples, 'eval_no_flip' the same without the flip
+    test when config.eval_flip is on, 'mean_pose_baseline', 'train' last-step
     losses, 'picture'), or None when stopped by SIGTERM/preemption (after
     checkpointing).
   Raises:
@@ -243,11 +244,15 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
   start_step = int(jax.device_get(state.step))
   eval_step = steps.make_eval_step(config, model, body, topology, state_sharding,
                                    batch_sharding)
+  # With the flip test on, the final table also has the single-view protocol.
+  no_flip_step = (steps.make_eval_step(config, model, body, topology, state_sharding,
+                                       batch_sharding, flip=False)
+                  if config.eval_flip else None)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if mode == 'eval':
     return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                       topology, start_step)
+                       topology, start_step, no_flip_step=no_flip_step)
 
   logging.info('Training %s from step %d (%s) to %d; %d steps per epoch',
                config.model.name, start_step, origin, num_steps, steps_per_epoch)
@@ -300,7 +305,7 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
     return None
   manager.wait_until_finished()
   return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                     topology, int(jax.device_get(state.step)), last_train)
+                     topology, int(jax.device_get(state.step)), last_train, no_flip_step)
 
 
 def _log_train(writer, step, metrics, config, force=False):
@@ -313,13 +318,25 @@ def _log_train(writer, step, metrics, config, force=False):
 
 
 def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                topology, step, train_metrics=None):
-  """Full evaluation, metrics table (+ mean-pose baseline) and the picture."""
+                topology, step, train_metrics=None, no_flip_step=None):
+  """Full evaluation, metrics table (+ mean-pose baseline) and the picture.
+
+  With `no_flip_step` (config.eval_flip on) the table has a row for each
+  protocol: single view, then with the flip test; 'eval' in the summary is
+  the configured one (flip test) and 'eval_no_flip' the single view.
+  """
   result, first = evaluate(eval_step, state, data, batch_sharding)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
   baseline = data.mean_pose_baseline() if data.is_embedded else None
-  table = metrics_table([(f'{config.model.name} step {step}', result)], baseline)
+  name = f'{config.model.name} step {step}'
   summary = {'step': step, 'eval': result, 'mean_pose_baseline': baseline}
+  rows = [(name, result)]
+  if no_flip_step is not None:
+    single, _ = evaluate(no_flip_step, state, data, batch_sharding)
+    writer.write_scalars(step, {f'eval_no_flip/{k}': v for k, v in single.items()})
+    summary['eval_no_flip'] = single
+    rows = [(name, single), (f'{name} + flip test', result)]
+  table = metrics_table(rows, baseline)
   if train_metrics is not None:
     summary['train'] = train_metrics      # the last step's loss terms
   if jax.process_index() == 0:

@@ -267,6 +267,24 @@ def test_init_from_loads_converted_weights(straight_run, data_dir, tmp_path):
     checkpoints.load_variables(str(tmp_path / 'other'), variables)
 
 
+def test_eval_flip_reports_both_protocols(straight_run, data_dir, tmp_path):
+  straight_dir, straight_summary = straight_run
+  workdir = str(tmp_path / 'flip')
+  shutil.copytree(os.path.join(straight_dir, 'checkpoints'),
+                  os.path.join(workdir, 'checkpoints'))
+  config = make_config(data_dir, eval_flip=True, num_eval_images=0)
+  summary = train.train_and_evaluate(config, workdir, mode='eval')
+  # The single-view row is the plain evaluation of the same step ...
+  for k, v in straight_summary['eval'].items():
+    assert summary['eval_no_flip'][k] == pytest.approx(v, rel=1e-5), k
+  # ... and the flip test changes the predictions, not the counted examples.
+  assert summary['eval']['mpjpe_count'] == straight_summary['eval']['mpjpe_count']
+  assert abs(summary['eval']['mpve'] - straight_summary['eval']['mpve']) > 1e-3
+  with open(os.path.join(workdir, 'eval_results.md')) as f:
+    names = [line.split('|')[1].strip() for line in f.read().splitlines()[2:]]
+  assert names == [f'coarsemetro step {NUM_STEPS}', f'coarsemetro step {NUM_STEPS} + flip test']
+
+
 def test_eval_mode_without_a_checkpoint_fails(data_dir, tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match='needs a checkpoint'):
     train.train_and_evaluate(make_config(data_dir), str(tmp_path), mode='eval')
