@@ -8,10 +8,11 @@ trains and evaluates through the same code path as the paper recipe
 (configs/r50.py): same model structure (three coarse-to-fine stages of
 vertex tokens, 431 -> 1723 -> 6890 up-sampling), losses, metrics and checkpoints,
 with a narrow ResNet, small crops, narrow stages and half the paper's vertex
-tokens so that it finishes in about 15 minutes on 2 CPU cores. The final
-evaluation prints MPJPE / PA-MPJPE / MPVE on the held-out split, single view
-and with the flip test, next to a mean-pose baseline, and writes a picture of
-predicted meshes over test images into the workdir.
+tokens so that it runs on 2 CPU cores in 13-20 minutes (19.5 measured on
+2026-12-04, against a 15-minute target). The final evaluation prints MPJPE /
+PA-MPJPE / MPVE on the held-out split, single view and with the flip test,
+next to a mean-pose baseline, and writes a picture of predicted meshes over
+test images into the workdir.
 """
 
 from configs import r50
@@ -93,7 +94,7 @@ def get_config():
   config.optim.warmup_steps = 200
   config.bn_group_size = 0
   # 7.7 epochs of 20k images; 12.5-17 min at 9.4-13 steps/s on 2 cores (the
-  # VM's speed varies). More steps keep helping (10k images: PA-MPJPE 105.8 mm
+  # VM's speed varies; 16 min in the timed run of 2026-12-04). More steps keep helping (10k images: PA-MPJPE 105.8 mm
   # at 6,400 steps, 100.1 at 9,600) but not the budget.
   config.num_train_steps = 9_600
 
