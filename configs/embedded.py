@@ -94,8 +94,9 @@ def get_config():
   config.optim.warmup_steps = 200
   config.bn_group_size = 0
   # 7.7 epochs of 20k images; 12.5-17 min at 9.4-13 steps/s on 2 cores (the
-  # VM's speed varies; 16 min in the timed run of 2026-12-04). More steps keep helping (10k images: PA-MPJPE 105.8 mm
-  # at 6,400 steps, 100.1 at 9,600) but not the budget.
+  # VM's speed varies; 16 min in the timed run of 2026-12-04). More steps keep
+  # helping (10k images: PA-MPJPE 105.8 mm at 6,400 steps, 100.1 at 9,600) but
+  # not the budget.
   config.num_train_steps = 9_600
 
   # An extra L1 loss on the mesh J14 after PA-MPJPE's Procrustes alignment
