@@ -127,6 +127,27 @@ def param_labels(params):
   return flax.traverse_util.path_aware_map(label, params)
 
 
+def group_lr_multipliers(optim_config):
+  """lr multiplier of each `param_labels` group."""
+  c = optim_config
+  return {'backbone': c.backbone_lr_mult, 'upsample': c.upsample_lr_mult, 'rest': 1.0}
+
+
+def stop_frozen_gradients(params, optim_config):
+  """`lax.stop_gradient` on the groups whose lr multiplier is 0.
+
+  A frozen group's gradient is then zero by construction: XLA drops its
+  backward work (the 431 -> 1723 layer's weight gradient, or the whole
+  backbone's backward pass), and it does not count in the clipping norm, as
+  PyTorch's `clip_grad_norm_` skips parameters with `requires_grad=False`.
+  """
+  frozen = {k for k, m in group_lr_multipliers(optim_config).items() if not m}
+  if not frozen:
+    return params
+  return jax.tree.map(lambda label, p: jax.lax.stop_gradient(p) if label in frozen else p,
+                      param_labels(params), params)
+
+
 def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
   """Global-norm clipping then AdamW (decoupled decay on every parameter).
 
@@ -142,11 +163,12 @@ def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
     return optax.adamw(lambda step: mult * lr_fn(step), b1=c.b1, b2=c.b2,
                        eps=c.eps, weight_decay=c.weight_decay)
 
-  mults = {'backbone': c.backbone_lr_mult, 'upsample': c.upsample_lr_mult, 'rest': 1.0}
+  mults = group_lr_multipliers(c)
   if all(m == 1.0 for m in mults.values()):
     inner = adamw(1.0)
   else:
-    # A group with multiplier 0 is frozen: no AdamW moments to keep or update.
+    # A group with multiplier 0 is frozen: no AdamW moments to keep or update
+    # (and the train step gives it no gradient: `stop_frozen_gradients`).
     inner = optax.multi_transform(
         {k: adamw(m) if m else optax.set_to_zero() for k, m in mults.items()}, param_labels)
   if c.grad_clip_norm < 0:
@@ -285,6 +307,7 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
     gt_vertices = _ground_truth_mesh(body, batch)
 
     def loss_fn(params):
+      params = stop_frozen_gradients(params, config.optim)
       variables = {'params': params, 'batch_stats': state.batch_stats}
       outputs, new_stats = apply_train(model, variables, batch['image'], rngs,
                                        config.bn_group_size)

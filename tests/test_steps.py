@@ -167,8 +167,8 @@ def copy_state(state):
 def one_device_reference():
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(steps, 'body_model', FAKE_BODY_MODEL)
-    params, out, _ = run_one_step(tiny_config(), jax.devices()[:1])
-  return params, out
+    params, out, state = run_one_step(tiny_config(), jax.devices()[:1])
+  return params, out, jax.device_get(state.opt_state)
 
 
 @pytest.fixture(scope='module')
@@ -185,7 +185,7 @@ def assert_trees_close(a, b, rtol, atol):
 
 
 def test_train_step_same_on_8_devices_as_on_1(one_device_reference, eight_devices):
-  params_1, out_1 = one_device_reference
+  params_1, out_1, _ = one_device_reference
   state0, train_step, batch_sharding, _ = eight_devices
   state = copy_state(state0)
   batch = jax.device_put(make_batch(), batch_sharding)
@@ -206,6 +206,56 @@ def test_train_step_same_on_8_devices_as_on_1(one_device_reference, eight_device
   assert_trees_close(jax.device_get(new_state.params), params_1, rtol=1e-5, atol=2e-7)
 
 
+def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
+  config = r50.get_config().optim
+  up = steps.UPSAMPLE_MODULE
+  params = {'backbone': {'w': jnp.float32([1, 2])}, 'head': {'w': jnp.float32([3])},
+            up: {'kernel': jnp.float32([4, 5])}}
+  def loss(p, c):
+    p = steps.stop_frozen_gradients(p, c)
+    return sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))
+  expected = jax.tree.map(lambda x: 2 * x, params)       # d/dx sum(x^2)
+  assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
+  config.upsample_lr_mult = 0.0
+  expected[up]['kernel'] = jnp.zeros(2)
+  assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
+  config.backbone_lr_mult = 0.0
+  expected['backbone']['w'] = jnp.zeros(2)
+  assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
+
+
+def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
+  """lr multiplier 0: same loss, params unchanged, norm without their gradient."""
+  _, out_ref, opt_state_ref = one_device_reference   # backbone x 0.5, upsample x 1
+  config = tiny_config()
+  config.optim.backbone_lr_mult = 0.0
+  config.optim.upsample_lr_mult = 0.0
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(steps, 'body_model', FAKE_BODY_MODEL)
+    state, train_step, batch_sharding, _ = setup(config, jax.devices()[:1])
+    before = jax.device_get(state.params)
+    state, out = train_step(state, jax.device_put(make_batch(), batch_sharding),
+                            jax.random.key(7))
+  after = jax.device_get(state.params)
+  np.testing.assert_allclose(out['loss'], out_ref['loss'], rtol=1e-6)
+  for name in ('backbone', steps.UPSAMPLE_MODULE):
+    assert_trees_close(after[name], before[name], 0, 0)
+  # The reference's first AdamW moments are (1 - b1) * the clipped gradient:
+  # the frozen step's norm is the reference's without these groups'.
+  frozen_mu = [x for path, x in jax.tree_util.tree_leaves_with_path(opt_state_ref)
+               if '.mu' in jax.tree_util.keystr(path)
+               and any(f"['{name}']" in jax.tree_util.keystr(path)
+                       for name in ('backbone', steps.UPSAMPLE_MODULE))]
+  num_frozen = len(jax.tree.leaves(before['backbone'])) + 2   # + kernel, bias
+  assert len(frozen_mu) == num_frozen
+  clip = min(1.0, 0.3 / float(out_ref['grad_norm']))
+  frozen_sq = sum(float(np.sum(np.square(m))) for m in frozen_mu) / (0.1 * clip) ** 2
+  ref_sq = float(out_ref['grad_norm']) ** 2
+  assert 0.01 * ref_sq < frozen_sq < ref_sq     # a share the check can see
+  np.testing.assert_allclose(float(out['grad_norm']) ** 2, ref_sq - frozen_sq,
+                             rtol=1e-4)
+
+
 def test_per_step_rng_is_deterministic(eight_devices):
   state0, train_step, batch_sharding, _ = eight_devices
   batch = jax.device_put(make_batch(), batch_sharding)
@@ -223,7 +273,7 @@ def test_per_step_rng_is_deterministic(eight_devices):
 
 
 def test_fsdp_matches_replicated(one_device_reference, eight_devices):
-  params_1, out_1 = one_device_reference
+  params_1, out_1, _ = one_device_reference
   state0, _, batch_sharding, (model, topology, _) = eight_devices
   config = tiny_config()
   config.param_sharding = 'fsdp'
