@@ -27,6 +27,9 @@ def get_config():
   # Used when backbone == 'resnet' (a narrower/shallower ResNet for CPU runs).
   config.model.resnet_depths = (3, 4, 6, 3)
   config.model.resnet_width = 64
+  # torchvision's zero_init_residual (False there and in FastMETRO): resnet50
+  # and resnet only; irrelevant when init_from loads ImageNet weights.
+  config.model.resnet_zero_init_residual = False
   config.model.hrnet_width = 64            # HRNet-W{32,48,64}
   config.model.backbone_remat = False      # rematerialise backbone blocks
   config.model.num_joints = 14

@@ -335,6 +335,21 @@ def test_sliced_max_pool_equals_flax_max_pool(height, width):
   np.testing.assert_allclose(grad(resnet.max_pool_3x3_s2), grad(reference), atol=1e-6)
 
 
+def test_zero_init_residual_blocks_start_as_identity():
+  # torchvision's zero_init_residual: bn3's scale starts at 0, so a block
+  # without projection maps its (post-ReLU, non-negative) input to itself.
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 5, 5, 8)))   # [B, H, W, 4 * planes]
+  for zero_init in (True, False):
+    block = resnet.Bottleneck(planes=2, zero_init_residual=zero_init)
+    variables = block.init(jax.random.key(1), x, train=False)
+    scale = variables['params']['bn3']['scale']
+    np.testing.assert_array_equal(scale, np.zeros(8) if zero_init else np.ones(8))
+    out = block.apply(variables, x, train=False)
+    assert np.array_equal(out, x) == zero_init
+  net = models.build_backbone(tiny.get_config().model.copy_and_resolve_references())
+  assert not net.zero_init_residual   # the default, as torchvision and FastMETRO
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum():
   # 3 x 3 input, 2 x 2 output. Window (0, 0) covers rows/cols 0-1: the ties at
   # (0, 1) and (1, 0) give it to (0, 1), first in row-major order (PyTorch).

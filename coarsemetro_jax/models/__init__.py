@@ -21,11 +21,15 @@ def build_backbone(model_config):
   dtype = compute_dtype(model_config)
   name = model_config.backbone
   if name == 'resnet50':
-    return resnet.ResNet50(remat=model_config.backbone_remat, dtype=dtype)
+    return resnet.ResNet50(remat=model_config.backbone_remat,
+                           zero_init_residual=model_config.resnet_zero_init_residual,
+                           dtype=dtype)
   if name == 'resnet':
     return resnet.ResNet(depths=tuple(model_config.resnet_depths),
                          width=model_config.resnet_width,
-                         remat=model_config.backbone_remat, dtype=dtype)
+                         remat=model_config.backbone_remat,
+                         zero_init_residual=model_config.resnet_zero_init_residual,
+                         dtype=dtype)
   if name == 'hrnet':
     from coarsemetro_jax.models import hrnet  # pylint: disable=g-import-not-at-top
     return hrnet.HRNet(width=model_config.hrnet_width,

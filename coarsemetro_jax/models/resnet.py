@@ -24,9 +24,9 @@ EXPANSION = 4  # Bottleneck output channels = 4 x planes.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def batch_norm(train, name, dtype=jnp.float32):
+def batch_norm(train, name, dtype=jnp.float32, scale_init=nn.initializers.ones):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+                      dtype=dtype, scale_init=scale_init, name=name)
 
 
 def conv(features, kernel, stride, name, dtype=jnp.float32, use_bias=False):
@@ -116,6 +116,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
+  zero_init_residual: bool = False   # bn3 scale starts at 0 (torchvision)
 
   @nn.compact
   def __call__(self, x, train):
@@ -123,7 +124,8 @@ class Bottleneck(nn.Module):
         PointwiseConv(self.planes, dtype=self.dtype, name='conv1')(x)))
     out = nn.relu(batch_norm(train, 'bn2', self.dtype)(
         conv(self.planes, 3, self.stride, 'conv2', self.dtype)(out)))
-    out = batch_norm(train, 'bn3', self.dtype)(
+    bn3_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    out = batch_norm(train, 'bn3', self.dtype, bn3_init)(
         PointwiseConv(self.planes * EXPANSION, dtype=self.dtype, name='conv3')(out))
     if self.downsample:
       x = batch_norm(train, 'downsample_1', self.dtype)(
@@ -142,6 +144,9 @@ class ResNet(nn.Module):
   depths: tuple[int, ...] = RESNET50_DEPTHS
   width: int = 64
   remat: bool = False
+  # torchvision's `zero_init_residual`: each block's last BatchNorm starts at
+  # scale 0, so every residual branch starts as the identity (or projection).
+  zero_init_residual: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -161,7 +166,7 @@ class ResNet(nn.Module):
       for j in range(depth):
         stride = 2 if (j == 0 and i > 0) else 1
         downsample = j == 0 and (stride != 1 or in_channels != planes * EXPANSION)
-        x = block_cls(planes, stride, downsample, self.dtype,
+        x = block_cls(planes, stride, downsample, self.dtype, self.zero_init_residual,
                       name=f'layer{i + 1}_{j}')(x, train)
         in_channels = planes * EXPANSION
     return x
