@@ -1,6 +1,8 @@
 """Tests of the synthetic dataset: rasterizer, pose sampler, renderer, labels, files."""
 import base64
 import json
+import sys
+import types
 
 import cv2
 import numpy as np
@@ -361,6 +363,22 @@ def test_generation_is_deterministic_across_workers(assets, tmp_path):
   # train and test draw from different streams.
   assert (tmp_path / 'a' / 'train.label.tsv').read_text().split('\t')[1] != \
          (tmp_path / 'c' / 'test.label.tsv').read_text().split('\t')[1]
+
+
+def test_spawned_workers_do_not_rerun_the_parents_main_script(assets, tmp_path, monkeypatch):
+  # A parent script (like main.py, which imports JAX and TensorFlow) that
+  # 'spawn' would run again in every worker: here it leaves a mark when run.
+  mark = tmp_path / 'main_ran'
+  script = tmp_path / 'parent_main.py'
+  script.write_text(f'open({str(mark)!r}, "a").write("ran\\n")\n')
+  parent_main = types.ModuleType('__main__')
+  parent_main.__file__ = str(script)
+  monkeypatch.setitem(sys.modules, '__main__', parent_main)
+  generate.generate_split(assets, tmp_path / 'w', 'train', 4, 11, 64, workers=2,
+                          progress=False, chunk=2)
+  assert len(metro_tsv.MetroDataset(tmp_path / 'w' / 'train.yaml')) == 4
+  assert not mark.exists()
+  assert sys.modules['__main__'] is parent_main   # restored after the pool started
 
 
 def test_cli_writes_splits_and_contact_sheet(tmp_path):
