@@ -12,6 +12,7 @@ The data order is a function of the step, so a resumed run sees the same
 batches as an uninterrupted one.
 """
 
+import gc
 import json
 import os
 import signal
@@ -269,6 +270,12 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
                        'model': config.model.to_dict()}
   pending, last_train = None, None
   batches = data.train_batches(batch_sharding, start_step)
+  # Python's cyclic GC would otherwise walk the whole object graph of JAX,
+  # TensorFlow and Flax every few hundred steps; freezing what exists now takes
+  # it out of those walks (the embedded run's dispatch thread spent 8.2 ms of
+  # CPU per step, 5.9 ms with this). Objects made in the loop are still collected.
+  gc.collect()
+  gc.freeze()
   try:
     with metric_writers.ensure_flushes(writer):
       for step in range(start_step + 1, num_steps + 1):
@@ -299,6 +306,7 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
       if pending is not None:
         last_train = _log_train(writer, *pending, config, force=True)
   finally:
+    gc.unfreeze()
     sigterm.restore()
     batches.close()   # stops the input pipeline's prefetch thread
   if sigterm.raised:

@@ -4,6 +4,7 @@ Runs share one dataset and one persistent compilation cache (every run
 compiles the same programs), so only the first run pays for XLA compiles.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -173,6 +174,7 @@ def test_train_and_evaluate_writes_checkpoints_results_and_picture(straight_run)
   with open(summary['picture'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
+  assert gc.get_freeze_count() == 0   # the loop's gc.freeze() is undone
 
 
 def test_odd_sized_eval_counts_each_example_once(straight_run, data_dir):
