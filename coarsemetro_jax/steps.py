@@ -88,18 +88,25 @@ def learning_rate_fn(optim_config, steps_per_epoch=None, total_steps=None):
   'step': constant lr, or PyTorch StepLR(lr_drop_epochs, lr_drop_factor)
     stepped once per epoch (FastMETRO's; lr_drop_epochs 0 = constant).
   'cosine': linear warm-up from 0 over `warmup_steps`, then cosine decay to
-    0 at `total_steps` (short runs from scratch: configs/embedded.py).
+    0 at `total_steps` (short runs from scratch).
+  'linear': the same warm-up, then a straight line to 0 at `total_steps`
+    (configs/embedded.py).
   """
   lr = optim_config.lr
-  if optim_config.schedule == 'cosine':
+  if optim_config.schedule in ('cosine', 'linear'):
     if not total_steps:
-      raise ValueError("config.optim.schedule='cosine' needs the run's total steps "
-                       '(config.num_train_steps, or num_epochs and steps_per_epoch)')
+      raise ValueError(f'config.optim.schedule={optim_config.schedule!r} needs the '
+                       "run's total steps (config.num_train_steps, or num_epochs and "
+                       'steps_per_epoch)')
     warmup = min(optim_config.warmup_steps, total_steps - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
+    if optim_config.schedule == 'cosine':
+      return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup),
+         optax.linear_schedule(lr, 0.0, total_steps - warmup)], [warmup])
   if optim_config.schedule != 'step':
-    raise ValueError("config.optim.schedule must be 'step' or 'cosine', got "
-                     f'{optim_config.schedule!r}')
+    raise ValueError("config.optim.schedule must be 'step', 'cosine' or 'linear', "
+                     f'got {optim_config.schedule!r}')
   if optim_config.lr_drop_epochs <= 0:
     return optax.constant_schedule(lr)
   if not steps_per_epoch:

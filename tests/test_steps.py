@@ -461,9 +461,23 @@ def test_cosine_schedule_with_warmup():
   assert steps.total_train_steps(config, steps_per_epoch=55) == 110
   with pytest.raises(ValueError, match='total steps'):
     steps.make_optimizer(config.optim)
-  config.optim.schedule = 'linear'
-  with pytest.raises(ValueError, match="'step' or 'cosine'"):
+  config.optim.schedule = 'exponential'
+  with pytest.raises(ValueError, match="'step', 'cosine' or 'linear'"):
     steps.make_optimizer(config.optim, total_steps=100)
+
+
+def test_linear_schedule_with_warmup():
+  config = r50.get_config()
+  config.optim.lr = 1e-3
+  config.optim.schedule = 'linear'
+  config.optim.warmup_steps = 10
+  # Hand-computed: linear 0 -> lr over 10 steps, then lr (1 - t/100) to 0.
+  _, lr_fn = steps.make_optimizer(config.optim, total_steps=110)
+  np.testing.assert_allclose(
+      [float(lr_fn(s)) for s in (0, 5, 10, 35, 60, 109, 110, 200)],
+      [0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 1e-5, 0.0, 0.0], atol=1e-9)
+  with pytest.raises(ValueError, match="'linear' needs the run's total steps"):
+    steps.make_optimizer(config.optim)
 
 
 def test_fsdp_spec_rule():
