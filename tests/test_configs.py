@@ -50,10 +50,12 @@ def test_embedded_recipe_token_grid_and_schedule():
   # Output stride 32: a 3 x 3 token grid of 512 channels at 96 px.
   features = output_shapes(models.build_backbone(config.model), config.data.image_size)
   assert features.shape == (2, 3, 3, 512)
-  # Warm-up to lr, cosine to 0 at the last step.
+  # Warm-up to lr, then a straight line to 0 at the last step.
+  assert config.optim.schedule == 'linear'
   _, lr_fn = steps.make_optimizer(config.optim,
                                   total_steps=steps.total_train_steps(config))
   warmup, total = config.optim.warmup_steps, config.num_train_steps
   assert float(lr_fn(0)) == 0.0
   assert float(lr_fn(warmup)) == pytest.approx(config.optim.lr)
+  assert float(lr_fn((3 * warmup + total) // 4)) == pytest.approx(0.75 * config.optim.lr)
   assert float(lr_fn(total)) == pytest.approx(0.0, abs=1e-12)
