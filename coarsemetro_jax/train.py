@@ -29,7 +29,6 @@ from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import steps
 from data_pipelines import datasets
-from data_pipelines import input_pipeline
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -283,11 +282,6 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           batch = next(batches)
           state, metrics = train_step(state, batch, rng)
-        if step == start_step + 1 and config.data.input_thread_nice > 0:
-          # The pipeline's threads exist once the first batch is out.
-          logging.info('Input threads at nice %d: %d', config.data.input_thread_nice,
-                       input_pipeline.lower_input_thread_priority(
-                           config.data.input_thread_nice))
         # Check and log the previous step's metrics after dispatching this
         # one, so the host never waits on the device (nanodo).
         if pending is not None:

@@ -8,9 +8,10 @@ trains and evaluates through the same code path as the paper recipe
 (configs/r50.py): same model structure (three coarse-to-fine stages of
 vertex tokens, 431 -> 1723 -> 6890 up-sampling), losses, metrics and checkpoints,
 with a narrow ResNet, small crops, narrow stages and half the paper's vertex
-tokens so that it runs on 2 CPU cores in about 19 minutes (measured on
-2026-12-04: 17 with the data cached, plus 2 to render it; the target was
-15). The final evaluation prints MPJPE / PA-MPJPE / MPVE on the held-out
+tokens so that it runs on 2 CPU cores in about 16.5 minutes (measured on
+2026-12-05: 1 min 49 s to render the data and start, 14.5 min of training,
+30 s of final evaluation; the target was 15). The final evaluation prints
+MPJPE / PA-MPJPE / MPVE on the held-out
 split, single view and with the flip test, next to a mean-pose baseline, and
 writes a picture of predicted meshes over test images into the workdir.
 """
@@ -83,9 +84,6 @@ def get_config():
   config.data.rot_factor = 0.0
   config.data.scale_factor = 0.0
   config.data.noise_factor = 0.0
-  # Decoding a batch of 32 takes ~20 ms of CPU, which the 2 cores share with
-  # the ~130 ms step: at nice 10 the input threads run when a core is free.
-  config.data.input_thread_nice = 10
 
   # From scratch (no ImageNet weights on a fresh machine): warm-up and decay,
   # and a 3x larger lr for the backbone, which has the most to learn (5x:

@@ -94,7 +94,6 @@ def get_config():
   config.data.prefetch = 2                 # batches
   config.data.device_prefetch = 2          # train batches put on devices ahead by a thread
   config.data.max_bad_fraction = 0.01      # skipped rows before failing
-  config.data.input_thread_nice = 0        # > 0: lower CPU priority of input threads (few cores)
   # The embedded dataset (data_pipelines/synthetic), used when no train_yaml
   # is given; generated into `dir` on first use and cached there.
   config.data.synthetic = ml_collections.ConfigDict()

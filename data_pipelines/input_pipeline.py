@@ -34,7 +34,6 @@ fails. Missing files and malformed yamls fail when the dataset is created.
 
 import collections
 import functools
-import os
 import queue
 import threading
 
@@ -404,46 +403,6 @@ def global_batches(dataset, sharding, ahead=0):
   """
   batches = (to_global_batch(b, sharding) for b in dataset.as_numpy_iterator())
   return BackgroundIterator(batches, ahead) if ahead > 0 else batches
-
-
-# Thread names of XLA:CPU's compute and dispatch threads (tsl thread pools).
-COMPUTE_THREAD_PREFIX = 'tf_XLA'
-
-
-def lower_input_thread_priority(niceness):
-  """Gives this process's input threads a lower CPU priority (Linux; nice value).
-
-  Every thread of the process but the main one and XLA's (names starting with
-  COMPUTE_THREAD_PREFIX) gets `niceness`: tf.data's decoding threads, the
-  batch prefetch thread, the log and checkpoint writers. On a host with few
-  cores they otherwise take a core from the jitted step when it needs both;
-  at a lower priority the kernel runs them when a core is free, and the
-  prefetched batches keep the step fed. Call it once the pipeline has started
-  (after the first batch), when its threads exist. A thread can lower its own
-  priority without privileges, but not raise it again.
-
-  Returns:
-    The number of threads changed (0 where /proc/self/task does not exist).
-  """
-  if niceness <= 0 or not hasattr(os, 'setpriority'):
-    return 0
-  try:
-    tids = [int(t) for t in os.listdir('/proc/self/task')]
-  except OSError:
-    return 0
-  main = threading.main_thread().native_id
-  changed = 0
-  for tid in tids:
-    try:
-      with open(f'/proc/self/task/{tid}/comm') as f:
-        name = f.read().strip()
-      if tid == main or name.startswith(COMPUTE_THREAD_PREFIX):
-        continue
-      os.setpriority(os.PRIO_PROCESS, tid, max(niceness, os.getpriority(os.PRIO_PROCESS, tid)))
-      changed += 1
-    except OSError:   # the thread ended meanwhile
-      continue
-  return changed
 
 
 _END = object()

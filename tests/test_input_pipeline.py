@@ -1,11 +1,7 @@
 """tf.data pipelines: batch contract, NumPy reference, hosts, bad rows."""
 
 import base64
-import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -300,45 +296,3 @@ def test_background_iterator_keeps_order_reraises_and_stops():
   # Closed before its first item was taken: the thread stops too.
   input_pipeline.BackgroundIterator(endless(), 1).close()
   assert not _prefetch_threads(existing)
-
-
-_NICE_SCRIPT = r'''
-import json, os, threading
-from data_pipelines import input_pipeline
-
-def worker(name, ready, done, out):
-  tid = threading.get_native_id()
-  if name:   # as XLA's thread pools name their threads
-    with open(f'/proc/self/task/{tid}/comm', 'w') as f:
-      f.write(name)
-  out[name or 'input'] = tid
-  ready.release()
-  done.wait()
-
-ready, done, tids = threading.Semaphore(0), threading.Event(), {}
-threads = [threading.Thread(target=worker, args=(n, ready, done, tids))
-           for n in ('', 'tf_XLAEigen_t')]
-for t in threads:
-  t.start()
-for _ in threads:
-  ready.acquire()
-changed = input_pipeline.lower_input_thread_priority(7)
-nice = {k: os.getpriority(os.PRIO_PROCESS, tid) for k, tid in tids.items()}
-nice['main'] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-done.set()
-print(json.dumps({'changed': changed, 'nice': nice}))
-'''
-
-
-@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='Linux only')
-def test_lower_input_thread_priority_spares_main_and_xla_threads():
-  # In a child process: a lowered priority cannot be raised again.
-  out = subprocess.run([sys.executable, '-c', _NICE_SCRIPT], capture_output=True,
-                       text=True, check=True, cwd=os.path.dirname(os.path.dirname(
-                           os.path.abspath(__file__))))
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  base = result['nice']['main']
-  assert result['nice']['input'] == max(7, base)
-  assert result['nice']['tf_XLAEigen_t'] == base
-  assert result['changed'] >= 1
-  assert input_pipeline.lower_input_thread_priority(0) == 0   # 0: off
