@@ -11,9 +11,9 @@ with a narrow ResNet, small crops, narrow stages and half the paper's vertex
 tokens so that it runs on 2 CPU cores in about 16.5 minutes (measured on
 2026-12-05: 1 min 49 s to render the data and start, 14.5 min of training,
 30 s of final evaluation; the target was 15). The final evaluation prints
-MPJPE / PA-MPJPE / MPVE on the held-out
-split, single view and with the flip test, next to a mean-pose baseline, and
-writes a picture of predicted meshes over test images into the workdir.
+MPJPE / PA-MPJPE / MPVE on the held-out split, single view and with the flip
+test, next to a mean-pose baseline, and writes a picture of predicted meshes
+over test images into the workdir.
 """
 
 from configs import r50
@@ -62,15 +62,17 @@ def get_config():
   config.data.image_size = 96
   # Batch 32: the step does not keep 2 cores busy at 16, so 32 examples cost
   # 1.8x the time of 16 (isolated step 127 against 69.7 ms), and 5,400 steps
-  # of 32 (173k examples) take about as long as 9,600 of 16 (154k). Same recipe
+  # of 32 (173k examples) take about as long as 9,600 of 16 (154k): 865 against
+  # 821 s of training in timed runs hours apart on the same VM. Same recipe
   # otherwise (linear decay, no joint masking), full runs of 2026-12-05:
   # batch 32 at lr 1e-3 93.7 / 91.3 mm, batch 16 at lr 7e-4 94.2 / 92.4.
   # Batch 8 gave fewer examples per second and was worse (128.0 against
   # 125.4 mm at half budget).
   config.data.batch_size = 32
   config.data.eval_batch_size = 64
-  # 20k training images (7.7 epochs) rather than 10k (15): the model scored
-  # 98.7 train / 105.8 test mm with 10k at 6,400 steps, and at 9,600 steps 20k
+  # 20k training images (7.7 epochs at batch 16) rather than 10k (15): the
+  # model scored 98.7 train / 105.8 test mm with 10k at 6,400 steps, and at
+  # 9,600 steps 20k
   # gave 98.7 mm on the test split against 100.1 (evaluations at 2,400 /
   # 4,800 / 7,200: 129.3 / 112.7 / 105.6 against 129 / 114 / 109), for about
   # 60 s more rendering (128 s in all on the 2-core VM). 30k images did not
@@ -114,8 +116,8 @@ def get_config():
   config.optim.schedule = 'linear'
   config.optim.warmup_steps = 100
   config.bn_group_size = 0
-  # 8.6 epochs of 20k images, about 13 minutes of training on 2 cores (the
-  # VM's speed varies by up to a third). More steps keep helping (10k images,
+  # 8.6 epochs of 20k images, 14.5 minutes of training on 2 cores in the timed
+  # run of 2026-12-05 (the VM's speed varies by up to a third). More steps keep helping (10k images,
   # batch 16: PA-MPJPE 105.8 mm at 6,400 steps, 100.1 at 9,600) but not the
   # budget.
   config.num_train_steps = 5_400
