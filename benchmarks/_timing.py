@@ -303,8 +303,8 @@ class Pair:
 def build_pair(name, topology, use_tiny=False, dtype='f32', seed=0):
   """Random PyTorch reference weights, converted to Flax."""
   import torch  # pylint: disable=g-import-not-at-top
-  from tests.torch_reference import build  # pylint: disable=g-import-not-at-top
-  from tests.torch_reference import random_init  # pylint: disable=g-import-not-at-top
+  from torch_reference import build  # pylint: disable=g-import-not-at-top
+  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
 
   config = model_config(name, use_tiny, dtype)
   torch.manual_seed(seed)
