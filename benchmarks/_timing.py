@@ -3,7 +3,7 @@
 * Models: FastMETRO-S-R50 (configs/fastmetro.py:S-r50) and CoarseMETRO-S-R50
   (configs/r50.py), or their configs/tiny.py versions for smoke runs. The
   PyTorch side is the hand-written reference of the parity tests
-  (tests/torch_reference) with random weights; the JAX side gets the very same
+  (torch_reference/) with random weights; the JAX side gets the very same
   weights through the checkpoint converter (coarsemetro_jax/convert).
 * "transformer" part: everything after the backbone (conv_1x1, tokens, the
   encoder-decoder stages, heads, mesh up-sampling), fed with a backbone
@@ -25,15 +25,12 @@ import dataclasses
 import datetime
 import os
 import platform
-import sys
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import fastmetro as fastmetro_config
 from configs import r50
 from configs import tiny
@@ -42,7 +39,6 @@ from coarsemetro_jax import models
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 MODELS = ('coarsemetro', 'fastmetro')
 LABELS = {'coarsemetro': 'CoarseMETRO-S', 'fastmetro': 'FastMETRO-S'}
@@ -303,8 +299,8 @@ class Pair:
 def build_pair(name, topology, use_tiny=False, dtype='f32', seed=0):
   """Random PyTorch reference weights, converted to Flax."""
   import torch  # pylint: disable=g-import-not-at-top
-  from tests.torch_reference import build  # pylint: disable=g-import-not-at-top
-  from tests.torch_reference import random_init  # pylint: disable=g-import-not-at-top
+  from torch_reference import build  # pylint: disable=g-import-not-at-top
+  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
 
   config = model_config(name, use_tiny, dtype)
   torch.manual_seed(seed)

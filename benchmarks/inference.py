@@ -1,8 +1,8 @@
 r"""Inference latency and throughput: CoarseMETRO-S / FastMETRO-S in JAX vs PyTorch.
 
-  python benchmarks/inference.py                       # R50 at 224 px, batch 1 and 16
-  python benchmarks/inference.py --dtype=bf16 --batch_sizes=16,64 --reps=20
-  python benchmarks/inference.py --tiny --quick        # smoke run
+  python -m benchmarks.inference                     # R50 at 224 px, batch 1 and 16
+  python -m benchmarks.inference --dtype=bf16 --batch_sizes=16,64 --reps=20
+  python -m benchmarks.inference --tiny --quick      # smoke run
 
 Eval-mode forward passes with the same weights in both frameworks
 (benchmarks/_timing.py): the full model on images, and the transformer part
@@ -16,7 +16,7 @@ does, FastMETRO-S at each --torch_threads count (on a busy machine OpenMP's
 interleaved rounds; the table shows medians and [min-max] over rounds, and
 speed-ups as medians of per-round ratios against the fastest PyTorch-eager
 FastMETRO-S of the round. On a shared machine, run it niced
-(`nice -n -15 python benchmarks/inference.py`) so that other jobs disturb
+(`nice -n -15 python -m benchmarks.inference`) so that other jobs disturb
 the measurement less.
 The "max rel. diff" column checks the JAX outputs against PyTorch on the same
 input (max |JAX - PyTorch| / max |PyTorch| over the fine mesh).
@@ -24,14 +24,11 @@ input (max |JAX - PyTorch| / max |PyTorch| over the fine mesh).
 
 import contextlib
 import functools
-import os
-import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import _timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import _timing
 
 CHECKED_OUTPUT = 'pred_3d_vertices_fine'
 

@@ -1,6 +1,6 @@
 r"""Training input pipeline throughput (decode + augment + batch), examples/s.
 
-  python benchmarks/input_pipeline.py --num_parallel_calls=1,2,-1
+  python -m benchmarks.input_pipeline --num_parallel_calls=1,2,-1
 
 Writes a temporary METRO TSV dataset of JPEGs with realistic sizes (300-500 px
 sides, smooth content plus texture, quality 90; or --dataset_yaml to use real
@@ -10,7 +10,6 @@ of each per-example stage.
 """
 
 import os
-import sys
 import tempfile
 import time
 
@@ -19,13 +18,10 @@ from absl import flags
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import r50
 from data_pipelines import augment
 from data_pipelines import input_pipeline
 from data_pipelines import metro_tsv
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _PARALLEL = flags.DEFINE_list('num_parallel_calls', ['1', '2', '-1'],
                               'map parallelism values to time (-1 = AUTOTUNE)')

@@ -1,8 +1,8 @@
 r"""Peak memory per step (XLA memory analysis) and activation counts (profile.py).
 
-  python benchmarks/memory.py                       # R50 at 224 px, batch 16
-  python benchmarks/memory.py --dtype=bf16 --modes=train --batch_sizes=16,64
-  python benchmarks/memory.py --tiny --quick        # smoke run
+  python -m benchmarks.memory                     # R50 at 224 px, batch 16
+  python -m benchmarks.memory --dtype=bf16 --modes=train --batch_sizes=16,64
+  python -m benchmarks.memory --tiny --quick      # smoke run
 
 For each model, part (full / transformer), mode and batch size, the JAX
 program of benchmarks/inference.py (eval forward) or benchmarks/train_step.py
@@ -17,18 +17,12 @@ The second table is coarsemetro_jax/profile.py's per-image counts (batch 1,
 fvcore conventions) next to the paper's Table 1.
 """
 
-import os
-import sys
-
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import _timing
 from benchmarks import inference
 from benchmarks import train_step
 from coarsemetro_jax import profile
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 MODES = ('inference', 'train')
 MB = 2.0 ** 20

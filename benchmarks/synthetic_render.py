@@ -1,6 +1,6 @@
 """Synthetic-data throughput: rendered samples per second per core, and a 10k-set estimate.
 
-  python benchmarks/synthetic_render.py [--num 60] [--image_size 256] [--run 1000]
+  python -m benchmarks.synthetic_render [--num 60] [--image_size 256] [--run 1000]
 
 Prints a markdown table: per-stage CPU milliseconds (medians) and samples/s
 per core for the numba and the NumPy-only rasterizer (the JPEG-encoded example

@@ -1,8 +1,8 @@
 r"""Training-step throughput: CoarseMETRO-S / FastMETRO-S in JAX vs PyTorch (examples/s).
 
-  python benchmarks/train_step.py                       # R50 at 224 px, batch 16
-  python benchmarks/train_step.py --dtype=bf16 --batch_sizes=16,32
-  python benchmarks/train_step.py --tiny --quick        # smoke run
+  python -m benchmarks.train_step                     # R50 at 224 px, batch 16
+  python -m benchmarks.train_step --dtype=bf16 --batch_sizes=16,32
+  python -m benchmarks.train_step --tiny --quick      # smoke run
 
 One step = forward in training mode (BatchNorm batch statistics, dropout 0.1)
 + loss + backward + gradient clipping (global norm 0.3) + AdamW update
@@ -10,12 +10,12 @@ One step = forward in training mode (BatchNorm batch statistics, dropout 0.1)
 frameworks, on one batch of random data already in memory (no input pipeline).
 
 The loss is FastMETRO's (coarsemetro_jax/losses.py `compute_loss` on the JAX
-side, `torch_loss` below, its PyTorch port, on the other): 3D joints (token +
-mesh-regressed, L1), 2D re-projection of both (L1), vertices at 431/1723/6890
-(L1); without the optional edge-length/normal terms. Both sides take the GT
-mesh from the batch (no SMPL forward) and regress H36M joints with a dense
-[17, 6890] matrix. Every example carries every label, so the masked means
-are plain means, as FastMETRO's losses are.
+side, its PyTorch port torch_reference/losses.py on the other): 3D joints
+(token + mesh-regressed, L1), 2D re-projection of both (L1), vertices at
+431/1723/6890 (L1); without the optional edge-length/normal terms. Both
+sides take the GT mesh from the batch (no SMPL forward) and regress H36M
+joints with a dense [17, 6890] matrix. Every example carries every label, so
+the masked means are plain means, as FastMETRO's losses are.
 
 JAX: the step is one `jax.jit` with the state donated, built from steps.py's
 pieces (`apply_train` with `config.bn_group_size`, AdamW from
@@ -30,26 +30,20 @@ features. Timing as benchmarks/inference.py (interleaved rounds, medians).
 
 import contextlib
 import copy
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import _timing
-from coarsemetro_jax import joints as jt
 from coarsemetro_jax import losses
 from coarsemetro_jax import steps
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 NUM_H36M = 17
 
 
 def random_batch(pair, part, batch, seed=0):
-  """Labels of the batch dict (notes/common.md) plus 'gt_vertices' [B, V, 3]."""
+  """Labels of the batch dict (data_pipelines/__init__.py) plus 'gt_vertices' [B, V, 3]."""
   rng = np.random.default_rng(seed)
   f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   joints_2d = np.concatenate([np.tanh(f32(batch, 24, 2)),
@@ -106,48 +100,10 @@ def new_state(config, variables):
 # PyTorch.
 
 
-def torch_loss(out, batch, regressor, topology, loss_config):
-  """`losses.compute_loss` (no edge/normal terms) for fully labelled batches, in PyTorch."""
-  import torch  # pylint: disable=g-import-not-at-top
-  c = loss_config
-  out = {k: v.float() for k, v in out.items()}
-  regress = lambda v: torch.einsum('jv,bvc->bjc', regressor, v)
-  hip = lambda j: 0.5 * (j[:, jt.J14_R_HIP] + j[:, jt.J14_L_HIP])[:, None]
-  project = lambda x, cam: cam[:, None, :1] * (x[..., :2] + cam[:, None, 1:])
-
-  j17 = regress(out['pred_3d_vertices_fine'])
-  pelvis = j17[:, jt.H36M_PELVIS][:, None]
-  mesh_joints = j17[:, list(jt.H36M_J17_TO_J14)] - pelvis
-  token_joints = out['pred_3d_joints'] - hip(out['pred_3d_joints'])
-  gt_fine = batch['gt_vertices'] - regress(batch['gt_vertices'])[:, jt.H36M_PELVIS][:, None]
-  gt_vertices = {'fine': gt_fine}
-  gt_vertices['intermediate'] = gt_fine[:, torch.from_numpy(topology.down_indices[0])]
-  gt_vertices['coarse'] = gt_vertices['intermediate'][:, torch.from_numpy(
-      topology.down_indices[1])]
-  j24 = batch['joints_3d']
-  gt_3d = j24[:, list(jt.J24_TO_J14), :3] - j24[:, jt.J24_PELVIS, :3][:, None]
-  conf_3d = j24[:, list(jt.J24_TO_J14), 3:]
-  gt_2d = batch['joints_2d'][:, list(jt.J24_TO_J14)]
-
-  def joints_3d(pred):   # FastMETRO keypoint_3d_loss
-    return (conf_3d * (pred - hip(pred) - (gt_3d - hip(gt_3d))).abs()).mean()
-
-  def joints_2d(pred):   # FastMETRO keypoint_2d_loss
-    return (gt_2d[..., 2:] * (project(pred, out['pred_cam']) - gt_2d[..., :2]).abs()).mean()
-
-  vertices = sum(
-      weight * (out[f'pred_3d_vertices_{level}'] - pelvis - gt_vertices[level]).abs().mean()
-      for level, weight in (('coarse', c.vertices_coarse),
-                            ('intermediate', c.vertices_intermediate),
-                            ('fine', c.vertices_fine)))
-  return (c.joints_3d * (joints_3d(token_joints) + joints_3d(mesh_joints)) +
-          c.vertices * vertices +
-          c.joints_2d * (joints_2d(token_joints) + joints_2d(mesh_joints)))
-
-
 def torch_train_step(module, batch, regressor, pair, dtype):
   """A closure running one eager PyTorch training step; returns the loss."""
   import torch  # pylint: disable=g-import-not-at-top
+  from torch_reference import losses as torch_losses  # pylint: disable=g-import-not-at-top
   o = pair.config.optim
   module.train()
   optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
@@ -162,7 +118,8 @@ def torch_train_step(module, batch, regressor, pair, dtype):
       if dtype == 'bf16':
         stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16))
       out = module(images)
-    loss = torch_loss(out, tbatch, regressor, pair.topology, pair.config.loss)
+    loss = torch_losses.compute_loss(out, tbatch, regressor, pair.topology,
+                                     pair.config.loss)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip_norm)
     optimizer.step()

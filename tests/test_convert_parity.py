@@ -1,6 +1,6 @@
 """PyTorch -> Flax parity: converted weights give the PyTorch outputs (eval mode).
 
-The PyTorch side is the hand-written reference in tests/torch_reference with
+The PyTorch side is the hand-written reference in torch_reference/ with
 random weights and non-trivial BatchNorm statistics; the checkpoint goes
 through a real file (torch.save -> torch_file.load). Kept cheap: full-size
 ResNet-50 once at 64 x 64, FastMETRO-L / CoarseMETRO with a tiny backbone and
@@ -21,9 +21,9 @@ from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 
 torch = pytest.importorskip('torch')
-from tests.torch_reference import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tests.torch_reference import random_init  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tests.torch_reference import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_reference import build  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_reference import random_init  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_reference import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOLERANCE = 1e-4   # max abs difference, float32
 OUTPUTS = ('pred_cam', 'pred_3d_joints', 'pred_3d_vertices_coarse',

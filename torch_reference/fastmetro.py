@@ -1,4 +1,4 @@
-"""FastMETRO_Body_Network in PyTorch, written from the FastMETRO reference §1.2-1.5.
+"""FastMETRO_Body_Network in PyTorch: FastMETRO's module tree and forward.
 
 Sequence-first (L, B, E) as the original; pre-norm DETR-style layers with
 `nn.MultiheadAttention`; the decoder mask is a boolean (True = blocked)

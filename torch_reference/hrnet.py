@@ -1,7 +1,7 @@
 """HRNet classification network (METRO/FastMETRO `get_cls_net` layout), by hand.
 
-Written from the FastMETRO reference §2: same module tree and registration
-order as `HighResolutionNet`, so `state_dict()` keys are the checkpoint keys
+Same module tree and registration order as METRO's `HighResolutionNet`
+(FastMETRO's HRNet backbone), so `state_dict()` keys are the checkpoint keys
 (`stage3.0.fuse_layers.2.0.1.0.weight`, `incre_modules.1.0.downsample.1.*`,
 `classifier.weight`, ...). `forward` returns the 2048-channel map before
 pooling, as FastMETRO's backbone does; `classifier` is registered, never run.
@@ -11,7 +11,7 @@ The structure arguments mirror models/hrnet.HRNet's fields.
 import torch
 from torch import nn
 
-from tests.torch_reference import resnet
+from torch_reference import resnet
 
 EXPANSION = resnet.EXPANSION
 

@@ -11,7 +11,7 @@ up-sampling. (Joint-token masking is a training-only augmentation.)
 import torch
 from torch import nn
 
-from tests.torch_reference import fastmetro
+from torch_reference import fastmetro
 
 
 class TokenLinear(nn.Linear):

@@ -2,16 +2,16 @@
 
 import torch
 
-from tests.torch_reference import coarsemetro
-from tests.torch_reference import fastmetro
-from tests.torch_reference import resnet
+from torch_reference import coarsemetro
+from torch_reference import fastmetro
+from torch_reference import resnet
 
 
 def backbone(model_config):
   """(FastMETRO's backbone module, its output channels)."""
   if model_config.backbone == 'hrnet':
     # The whole HighResolutionNet; its forward returns the 2048-channel map.
-    from tests.torch_reference import hrnet  # pylint: disable=g-import-not-at-top
+    from torch_reference import hrnet  # pylint: disable=g-import-not-at-top
     net = hrnet.HRNet(model_config.hrnet_width)
     return net, net.out_channels
   if model_config.backbone == 'resnet50':
