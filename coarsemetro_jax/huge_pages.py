@@ -1,11 +1,12 @@
 """Re-execution with glibc's transparent-huge-page tunable (used by main.py).
 
-XLA:CPU takes each step's temporaries (about 80 MB for configs/embedded.py) as
-one block that glibc maps fresh from the kernel every step: ~20k page faults a
-step, a quarter of a 2-core CPU's time in the kernel. With this tunable glibc
-backs such blocks with transparent huge pages, and the embedded run makes ~20 %
-more steps per second. glibc reads GLIBC_TUNABLES only at start-up, hence the
-re-execution. This module imports nothing heavy: main.py calls it first.
+XLA:CPU takes each step's temporaries as one large block, which glibc maps
+fresh from the kernel and unmaps again every step, so every step faults in each
+of its 4 KiB pages and a CPU-bound run spends a large share of its time in the
+kernel. With this tunable glibc backs such blocks with transparent huge pages,
+which take far fewer faults (measurements: docs/benchmarks.md). glibc reads
+GLIBC_TUNABLES only at start-up, hence the re-execution. This module imports
+nothing heavy: main.py calls it first.
 """
 
 import os

@@ -1,12 +1,14 @@
 """FastMETRO-{S,M,L} baselines (released-code layout), e.g. for converted checkpoints.
 
-  python main.py --config=configs/fastmetro.py:S-r50 --workdir=runs/fastmetro_s
-  python main.py --config=configs/fastmetro.py:L-h64 --mode=eval \
-      --config.init_from=runs/converted/FastMETRO-L-H64_h36m ...
+  python main.py --config=configs/fastmetro.py:S-r50 --workdir=runs/fastmetro_s \
+      --config.data.train_yaml=... --config.data.eval_yaml=... (as configs/r50.py)
+  python main.py --config=configs/fastmetro.py:L-h64 --workdir=runs/fastmetro_l_h64 \
+      --mode=eval --config.init_from=runs/converted/FastMETRO-L-H64_h36m ...
 
 The argument is '<size>-<backbone>': size S/M/L = 1/2/3 layers per transformer,
 backbone r50 (ResNet-50) or h64 (HRNet-W64). Paper (FastMETRO, Human3.6M
-PA-MPJPE): S-R50 39.4, M-R50 38.6, L-R50 37.3, L-H64 33.7.
+PA-MPJPE): S-R50 39.4, M-R50 38.6, L-R50 37.3, L-H64 33.7. The training
+settings are configs/r50.py's, which follow FastMETRO's released training.
 """
 
 from configs import r50

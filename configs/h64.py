@@ -17,8 +17,8 @@ MPJPE 52.3; 139.7M parameters in total, transformer as in r50 (11.6M).
 classifier that is never run (2.05M; 128.06M + 11.6M). Likewise FastMETRO-L-H64:
 151.7M here, 153.7M with the classifier, 153.0M in the paper (which also
 leaves out the later learned 431 -> 1723 up-sampling, 0.74M).
-The ImageNet file is HRNet-Image-Classification's, as METRO/FastMETRO ship
-it (scripts/download_hrnet.sh); its classifier is ignored by the converter.
+The ImageNet file is HRNet-Image-Classification's, as METRO/FastMETRO's
+scripts/download_hrnet.sh fetch it; the converter ignores its classifier.
 
 Everything except the backbone and the batch follows configs/r50.py (the
 paper: "Our training paradigm matches that of [FastMETRO]"). The paper trains

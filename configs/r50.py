@@ -40,7 +40,7 @@ def get_config():
   # encoder + one decoder block per stage and 48/192/384 vertex tokens; it does
   # not give the later stages' widths. Following FastMETRO's progressive width
   # reduction (512 -> 128, FFN = 4 x width), widths 512 -> 128 -> 64 with FFN
-  # 2048/512/256 are the closest match to Table 1 among the grids we profiled
+  # 2048/512/256 are the closest match to Table 1 among the widths profiled
   # (python -m coarsemetro_jax.profile): 11.35M non-backbone params (paper
   # 11.6M), 0.63 GFLOPs (0.6G) and 4.52M activations (4.5M). Keeping 512 in
   # every stage would give 27.3M / 3.85 GFLOPs / 9.4M.
@@ -70,7 +70,9 @@ def get_config():
   config.body_model.h36m_regressor = ''    # J_regressor_h36m_correct.npy
 
   # ----------------------------------------------------------------- data
-  # data_pipelines/input_pipeline.py; reference §4 (format, augmentation).
+  # METRO-format data (data_pipelines/input_pipeline.py). This recipe needs
+  # train_yaml and eval_yaml (or source='tfds'); source='synthetic' runs it on
+  # the synthetic dataset below instead.
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tsv'               # 'tsv' (METRO yamls) | 'tfds'
   config.data.train_yaml = ''
@@ -94,8 +96,9 @@ def get_config():
   config.data.prefetch = 2                 # batches
   config.data.device_prefetch = 2          # train batches put on devices ahead by a thread
   config.data.max_bad_fraction = 0.01      # skipped rows before failing
-  # The embedded dataset (data_pipelines/synthetic), used when no train_yaml
-  # is given; generated into `dir` on first use and cached there.
+  # The synthetic dataset rendered from the body model (data_pipelines/
+  # synthetic): generated on first use and cached under `dir`, in a directory
+  # keyed by these generation parameters, so no run overwrites another's.
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.dir = 'data/embedded'
   config.data.synthetic.num_train = 10_000
@@ -114,7 +117,7 @@ def get_config():
   config.checkpoint_every_steps = 2_000
   config.keep_checkpoints = 3
   # Test-time flip: average with the un-mirrored prediction of the mirrored
-  # image (coarsemetro_jax/flip_test.py). Not in the paper's protocol.
+  # image (coarsemetro_jax/mirror.py). Not in the paper's protocol.
   config.eval_flip = False
   config.num_eval_images = 8               # predicted meshes in the picture (0: none)
 
@@ -154,10 +157,10 @@ def get_config():
   # fires in its 60 epochs, so the paper's lr is constant.
   config.optim.lr_drop_epochs = 0
   config.optim.lr_drop_factor = 0.1
-  # 'step' (the above) | 'cosine': linear warm-up, then cosine decay to 0 at
-  # the last step.
+  # 'step' (the above) | 'cosine' | 'linear': a linear warm-up over
+  # warmup_steps, then a cosine or a straight decay to 0 at the last step.
   config.optim.schedule = 'step'
-  config.optim.warmup_steps = 0            # 'cosine' only
+  config.optim.warmup_steps = 0            # 'cosine' and 'linear' only
 
   # ----------------------------------------------------- train-step layout
   # BatchNorm statistics over groups of this many examples (0 = the global

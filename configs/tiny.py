@@ -15,6 +15,7 @@ def get_config(arg='coarsemetro'):
   if arg not in ('coarsemetro', 'fastmetro'):
     raise ValueError(f"configs/tiny.py argument must be 'coarsemetro' or 'fastmetro', got {arg!r}")
   config = r50.get_config()
+  # Small enough that tests build, step and evaluate it in seconds on a CPU.
   config.model.name = arg
   config.model.backbone = 'resnet'
   config.model.resnet_depths = (1, 1, 1, 1)
