@@ -4,7 +4,7 @@
 8/16-bit grayscale, RGB or RGBA file OpenCV reads into uint8 RGB; `crop_image`
 cuts the square crop around an x,y,w,h box (enlarged by `BBOX_PADDING`, as
 SPIN/METRO crop labels) or the whole image, with the input pipeline's warp
-(`augment.crop_matrix`, pixel centres at integers), area-averaging first when
+(`image_ops.crop_matrix`, pixel centres at integers), area-averaging first when
 it shrinks by more than `MAX_WARP_SHRINK`; `crop_to_image` maps crop points
 back to image pixels. Unusable images raise `ImageError` naming the file.
 """
@@ -19,7 +19,7 @@ from absl import logging
 import cv2
 import numpy as np
 
-from data_pipelines import augment
+from coarsemetro_jax import image_ops
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 BBOX_PADDING = 1.2          # crop side = padding * max(w, h), as SPIN/METRO crop labels
@@ -161,7 +161,7 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
       notes.append(f'only {inside:.0%} of the box lies inside the image')
     # Pixel centres are at integers, so the box spans [x - 0.5, x + w - 0.5).
     center, side = (x + bw / 2.0 - 0.5, y + bh / 2.0 - 0.5), padding * max(bw, bh)
-  matrix = augment.crop_matrix(center, side / augment.BOX_SIZE, size)
+  matrix = image_ops.crop_matrix(center, side / image_ops.BOX_SIZE, size)
   for note in notes:
     logging.warning('%s: %s', path, note)
   return Crop(path, (w, h), bbox, center, side, matrix,
@@ -169,13 +169,13 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
 
 
 def _warp_antialiased(image, matrix, shrink, size):
-  """`augment.warp_image`, after an area-average down-scaling when `shrink` > 2.
+  """`image_ops.warp_image`, after an area-average down-scaling when `shrink` > 2.
 
   Bilinear warping samples 4 pixels per output pixel, so a large photo shrunk
   to the crop aliases; averaging first keeps every pixel's contribution.
   """
   if shrink <= MAX_WARP_SHRINK:
-    return augment.warp_image(image, matrix, size)
+    return image_ops.warp_image(image, matrix, size)
   h, w = image.shape[:2]
   small_w = max(1, round(w * MAX_WARP_SHRINK / shrink))
   small_h = max(1, round(h * MAX_WARP_SHRINK / shrink))
@@ -184,7 +184,7 @@ def _warp_antialiased(image, matrix, shrink, size):
   sx, sy = small_w / w, small_h / h
   to_small = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
   small_matrix = (np.vstack([matrix, [0, 0, 1]]) @ np.linalg.inv(to_small))[:2]
-  return augment.warp_image(small, small_matrix, size)
+  return image_ops.warp_image(small, small_matrix, size)
 
 
 def crop_to_image(points_norm, crop):

@@ -34,6 +34,7 @@ import numpy as np
 from coarsemetro_jax import attention_maps
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import image_crops
+from coarsemetro_jax import image_ops
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import losses
 from coarsemetro_jax import mesh_io
@@ -41,7 +42,6 @@ from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
-from data_pipelines import augment
 
 # config.model fields that do not change the weights (left out of mismatch hints).
 RUNTIME_MODEL_FIELDS = ('dropout', 'compute_dtype', 'backbone_remat', 'joint_mask_ratio',
@@ -159,7 +159,7 @@ def make_predict_fn(model, h36m_regressor=None, attention=None):
 
 def normalize(crops):
   """uint8 [N, S, S, 3] crops -> ImageNet-normalised float32 (as the eval data)."""
-  return np.stack([augment.color_normalize(c, (1.0, 1.0, 1.0)) for c in crops])
+  return np.stack([image_ops.color_normalize(c) for c in crops])
 
 
 # ----------------------------------------------------------------------------

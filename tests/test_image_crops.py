@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from coarsemetro_jax import image_crops
-from data_pipelines import augment
+from coarsemetro_jax import image_ops
 
 
 def write_image(path, image):
@@ -33,7 +33,7 @@ def test_large_images_are_averaged_not_aliased():
   assert abs(grey.mean() - 127.5) < 2 and grey.std() < 8
   np.testing.assert_array_equal(crop[:28, :28], 0)            # the quadrant stays put
   # The plain bilinear warp aliases the stripes (what averaging avoids).
-  plain = augment.warp_image(stripes, image_crops.crop_image('big', stripes, None, 64).matrix, 64)
+  plain = image_ops.warp_image(stripes, image_crops.crop_image('big', stripes, None, 64).matrix, 64)
   assert plain[40:, 40:].std() > 50
   # Same geometry as the plain warp: the quadrant's edge at crop pixel 32.
   edge = np.argmax(crop[10, :, 0] > 60)                # first grey column
@@ -42,7 +42,7 @@ def test_large_images_are_averaged_not_aliased():
   yy, xx = np.mgrid[:1000, :1500]
   smooth = np.stack([xx * 0.15, yy * 0.2, (xx + yy) * 0.1], -1).astype(np.uint8)
   got = image_crops.crop_image('smooth', smooth, (300, 100, 800, 700), 64)
-  want = augment.warp_image(smooth, got.matrix, 64)
+  want = image_ops.warp_image(smooth, got.matrix, 64)
   assert np.abs(got.pixels.astype(int) - want).max() <= 2
 
 
