@@ -42,9 +42,9 @@ import numpy as np
 import optax
 
 from coarsemetro_jax import body_model
-from coarsemetro_jax import flip_test
 from coarsemetro_jax import losses
 from coarsemetro_jax import metrics
+from coarsemetro_jax import mirror
 
 DATA_AXIS = 'data'
 
@@ -341,7 +341,7 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
   """Jitted `eval_step(state, batch) -> (metrics.EvalMetrics, predictions)`.
 
   `flip` (default `config.eval_flip`): average with the mirrored image's
-  prediction (flip_test.py).
+  prediction (mirror.py).
 
   The collection (replicated) is merged over batches by the caller; padded
   examples (`mask` 0) count nowhere. Predictions (batch-sharded) for pictures:
@@ -352,7 +352,7 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
   device_mesh = batch_sharding_.mesh
   repl = replicated(device_mesh)
   flip = config.eval_flip if flip is None else flip
-  flip_perm = flip_test.mirror_permutation(body.v_template) if flip else None
+  flip_perm = mirror.mirror_permutation(body.v_template) if flip else None
   body = jax.device_put(body, repl)
 
   def eval_step(state, batch, body):
@@ -361,7 +361,7 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
     if flip_perm is None:
       outputs = apply(batch['image'])
     else:
-      outputs = flip_test.flip_averaged_outputs(apply, batch['image'], flip_perm)
+      outputs = mirror.flip_averaged_outputs(apply, batch['image'], flip_perm)
     regress = functools.partial(body_model.h36m_joints, body)
     pred = losses.centre_predictions(outputs, regress)
     gt = losses.ground_truth(batch, _ground_truth_mesh(body, batch), regress, topology)
