@@ -75,15 +75,6 @@ def errors_from_arrays(pred_joints, gt_joints, pred_vertices, gt_vertices,
   }
 
 
-def model_errors(outputs, batch, gt_vertices_fine, regress_h36m, topology):
-  """Per-example errors of model outputs on a batch (see `errors_from_arrays`)."""
-  pred = losses.centre_predictions(outputs, regress_h36m)
-  gt = losses.ground_truth(batch, gt_vertices_fine, regress_h36m, topology)
-  return errors_from_arrays(
-      pred['mesh_joints'], gt['joints_3d'][..., :3], pred['vertices_fine'],
-      gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
-
-
 @flax.struct.dataclass
 class MaskedAverage(clu_metrics.Average):
   """clu Average that reports 0 (not NaN) when nothing was accumulated."""
