@@ -1,6 +1,6 @@
 """Evaluation metrics: MPJPE, PA-MPJPE, MPVE in mm (FastMETRO's `run_validate`).
 
-Per example (reference/fastmetro.md Sec. 6):
+Per example, as in FastMETRO's evaluation:
 * predicted J14 = `J17[H36M_J17_TO_J14]` of the H36M joints regressed from the
   predicted fine mesh, and the mesh, both centred at that J17 pelvis (the same
   centring as the losses, `losses.centre_predictions`);

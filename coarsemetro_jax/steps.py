@@ -1,6 +1,6 @@
 """TF-free training core: device mesh, sharded TrainState, optimiser, jitted steps.
 
-Layout (reference/style.md Sec. 3-4): one device-mesh axis 'data' (AxisType.Auto);
+Layout: one device-mesh axis 'data' (AxisType.Auto);
 the batch is sharded over it, the train state is replicated or, with
 `config.param_sharding = 'fsdp'`, its large arrays (params and AdamW moments)
 are sharded over 'data' too and XLA inserts the all-gathers / reduce-scatters.

@@ -1,6 +1,6 @@
 """FastMETRO-S/M/L (`FastMETRO_Body_Network`, released layout), in Flax.
 
-Forward pass of the released PyTorch code (FastMETRO reference §1.2):
+Forward pass of the released PyTorch code (`FastMETRO_Body_Network.forward`):
 backbone -> conv_1x1 -> 49 image tokens; transformer_1 (width 512) over
 [cam; image] and [14 joints; 431 vertices] with the adjacency mask ->
 dim_reduce_* to 128 -> transformer_2 -> cam_predictor / xyz_regressor ->
