@@ -6,7 +6,8 @@ cuts the square crop around an x,y,w,h box (enlarged by `BBOX_PADDING`, as
 SPIN/METRO crop labels) or the whole image, with the input pipeline's warp
 (`image_ops.crop_matrix`, pixel centres at integers), area-averaging first when
 it shrinks by more than `MAX_WARP_SHRINK`; `crop_to_image` maps crop points
-back to image pixels. Unusable images raise `ImageError` naming the file.
+back to image pixels. Unusable images (unreadable, too large, or with a side
+or crop box under `MIN_SIDE` px) raise `ImageError` naming the file.
 """
 
 import dataclasses
@@ -26,6 +27,9 @@ BBOX_PADDING = 1.2          # crop side = padding * max(w, h), as SPIN/METRO cro
 MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
 MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
 MAX_WARP_SHRINK = 2.0       # beyond this, area-average before the bilinear warp
+# Images and crop boxes with a side under this hold too few pixels of a person
+# for a mesh to mean anything: they are refused, not up-sampled into a crop.
+MIN_SIDE = 32
 
 
 class ImageError(ValueError):
@@ -146,6 +150,9 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
   """Crop of `image` around `bbox` (whole image if None). Raises ImageError."""
   notes = list(notes)
   h, w = image.shape[:2]
+  if min(h, w) < MIN_SIDE:
+    raise ImageError(f'{path}: the image is {w} x {h} px; at least {MIN_SIDE} px on each '
+                     'side is needed')
   if bbox is None:
     center, side = ((w - 1) / 2.0, (h - 1) / 2.0), float(max(h, w))
     if max(h, w) > MAX_ASPECT * min(h, w):
@@ -161,6 +168,10 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
       notes.append(f'only {inside:.0%} of the box lies inside the image')
     # Pixel centres are at integers, so the box spans [x - 0.5, x + w - 0.5).
     center, side = (x + bw / 2.0 - 0.5, y + bh / 2.0 - 0.5), padding * max(bw, bh)
+    if side < MIN_SIDE:
+      raise ImageError(f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} gives a '
+                       f'{side:g} px crop (with --bbox_padding {padding:g}); at least '
+                       f'{MIN_SIDE} px is needed')
   matrix = image_ops.crop_matrix(center, side / image_ops.BOX_SIZE, size)
   for note in notes:
     logging.warning('%s: %s', path, note)

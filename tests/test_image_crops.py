@@ -95,6 +95,21 @@ def test_box_outside_the_image(bbox, message):
     image_crops.crop_image('im.png', np.zeros((100, 120, 3), np.uint8), bbox, 64)
 
 
+@pytest.mark.parametrize('shape, bbox, message', [
+    ((1, 1, 3), None, r'tiny.png: the image is 1 x 1 px; at least 32 px on each side'),
+    ((31, 200, 3), None, r'the image is 200 x 31 px'),
+    ((31, 200, 3), (0, 0, 100, 20), r'the image is 200 x 31 px'),
+    ((100, 120, 3), (10, 10, 20, 26), r'box x,y,w,h = 10,10,20,26 gives a 31.2 px crop'),
+])
+def test_too_small_images_and_boxes_are_refused(shape, bbox, message):
+  with pytest.raises(image_crops.ImageError, match=message):
+    image_crops.crop_image('tiny.png', np.zeros(shape, np.uint8), bbox, 64)
+  # The smallest accepted sizes: 32 px sides, a box giving a 32 px crop.
+  assert image_crops.crop_image('ok.png', np.zeros((32, 32, 3), np.uint8), None, 64)
+  image = np.zeros((100, 120, 3), np.uint8)
+  assert image_crops.crop_image('ok.png', image, (10, 10, 20, 26.7), 64, padding=1.2)
+
+
 @pytest.mark.parametrize('text, message', [
     ('1,2,3', '4 finite numbers'), ('a,b,c,d', 'expected x,y,w,h numbers'),
     ('1,2,0,5', 'must be positive'), ('1,2,nan,5', 'finite'),
