@@ -24,11 +24,11 @@ import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import cv2  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from coarsemetro_jax import rasterizer
 from data_pipelines.synthetic import appearance
 from data_pipelines.synthetic import body_np
 from data_pipelines.synthetic import generate
 from data_pipelines.synthetic import pose_sampler
-from data_pipelines.synthetic import rasterizer
 from data_pipelines.synthetic import render
 
 

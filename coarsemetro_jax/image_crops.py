@@ -4,9 +4,10 @@
 8/16-bit grayscale, RGB or RGBA file OpenCV reads into uint8 RGB; `crop_image`
 cuts the square crop around an x,y,w,h box (enlarged by `BBOX_PADDING`, as
 SPIN/METRO crop labels) or the whole image, with the input pipeline's warp
-(`augment.crop_matrix`, pixel centres at integers), area-averaging first when
+(`image_ops.crop_matrix`, pixel centres at integers), area-averaging first when
 it shrinks by more than `MAX_WARP_SHRINK`; `crop_to_image` maps crop points
-back to image pixels. Unusable images raise `ImageError` naming the file.
+back to image pixels. Unusable images (unreadable, too large, or with a side
+or crop box under `MIN_SIDE` px) raise `ImageError` naming the file.
 """
 
 import dataclasses
@@ -19,13 +20,16 @@ from absl import logging
 import cv2
 import numpy as np
 
-from data_pipelines import augment
+from coarsemetro_jax import image_ops
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 BBOX_PADDING = 1.2          # crop side = padding * max(w, h), as SPIN/METRO crop labels
 MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
 MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
 MAX_WARP_SHRINK = 2.0       # beyond this, area-average before the bilinear warp
+# Images and crop boxes with a side under this hold too few pixels of a person
+# for a mesh to mean anything: they are refused, not up-sampled into a crop.
+MIN_SIDE = 32
 
 
 class ImageError(ValueError):
@@ -146,6 +150,9 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
   """Crop of `image` around `bbox` (whole image if None). Raises ImageError."""
   notes = list(notes)
   h, w = image.shape[:2]
+  if min(h, w) < MIN_SIDE:
+    raise ImageError(f'{path}: the image is {w} x {h} px; at least {MIN_SIDE} px on each '
+                     'side is needed')
   if bbox is None:
     center, side = ((w - 1) / 2.0, (h - 1) / 2.0), float(max(h, w))
     if max(h, w) > MAX_ASPECT * min(h, w):
@@ -161,7 +168,11 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
       notes.append(f'only {inside:.0%} of the box lies inside the image')
     # Pixel centres are at integers, so the box spans [x - 0.5, x + w - 0.5).
     center, side = (x + bw / 2.0 - 0.5, y + bh / 2.0 - 0.5), padding * max(bw, bh)
-  matrix = augment.crop_matrix(center, side / augment.BOX_SIZE, size)
+    if side < MIN_SIDE:
+      raise ImageError(f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} gives a '
+                       f'{side:g} px crop (with --bbox_padding {padding:g}); at least '
+                       f'{MIN_SIDE} px is needed')
+  matrix = image_ops.crop_matrix(center, side / image_ops.BOX_SIZE, size)
   for note in notes:
     logging.warning('%s: %s', path, note)
   return Crop(path, (w, h), bbox, center, side, matrix,
@@ -169,13 +180,13 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
 
 
 def _warp_antialiased(image, matrix, shrink, size):
-  """`augment.warp_image`, after an area-average down-scaling when `shrink` > 2.
+  """`image_ops.warp_image`, after an area-average down-scaling when `shrink` > 2.
 
   Bilinear warping samples 4 pixels per output pixel, so a large photo shrunk
   to the crop aliases; averaging first keeps every pixel's contribution.
   """
   if shrink <= MAX_WARP_SHRINK:
-    return augment.warp_image(image, matrix, size)
+    return image_ops.warp_image(image, matrix, size)
   h, w = image.shape[:2]
   small_w = max(1, round(w * MAX_WARP_SHRINK / shrink))
   small_h = max(1, round(h * MAX_WARP_SHRINK / shrink))
@@ -184,7 +195,7 @@ def _warp_antialiased(image, matrix, shrink, size):
   sx, sy = small_w / w, small_h / h
   to_small = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
   small_matrix = (np.vstack([matrix, [0, 0, 1]]) @ np.linalg.inv(to_small))[:2]
-  return augment.warp_image(small, small_matrix, size)
+  return image_ops.warp_image(small, small_matrix, size)
 
 
 def crop_to_image(points_norm, crop):

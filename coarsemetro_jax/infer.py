@@ -34,14 +34,14 @@ import numpy as np
 from coarsemetro_jax import attention_maps
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import image_crops
+from coarsemetro_jax import image_ops
 from coarsemetro_jax import joints as joint_tables
-from coarsemetro_jax import losses
 from coarsemetro_jax import mesh_io
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
+from coarsemetro_jax import steps
 from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
-from data_pipelines import augment
 
 # config.model fields that do not change the weights (left out of mismatch hints).
 RUNTIME_MODEL_FIELDS = ('dropout', 'compute_dtype', 'backbone_remat', 'joint_mask_ratio',
@@ -122,33 +122,25 @@ def load_h36m_regressor(config):
 def make_predict_fn(model, h36m_regressor=None, attention=None):
   """`predict(variables, images [B, S, S, 3]) -> dict`, ready for jax.jit.
 
-  With the H36M regressor, the mesh is centred at its regressed pelvis (as
-  FastMETRO's demo and our eval) and the joints are the mesh's J14; without
-  it, the raw mesh and the joint tokens. Returns pred_cam [B, 3],
-  pred_vertices [B, 6890, 3], pred_3d_joints [B, 14, 3], pred_2d_joints
-  [B, 14, 2] (normalised crop) and, with an AttentionSpec, 'attention'.
+  `steps.predictions` of the model outputs, the same as the eval's: with the
+  H36M regressor [17, V], the mesh is centred at its regressed pelvis (as
+  FastMETRO's demo) and the joints are the mesh's J14; without it, the raw
+  mesh and the joint tokens. Returns pred_cam [B, 3], pred_vertices
+  [B, 6890, 3], pred_3d_joints [B, 14, 3], pred_2d_joints [B, 14, 2]
+  (normalised crop) and, with an AttentionSpec, 'attention'.
   """
-  regressor = None if h36m_regressor is None else np.asarray(h36m_regressor, np.float32)
+  regress = None
+  if h36m_regressor is not None:
+    regressor = np.asarray(h36m_regressor, np.float32)                 # [17, V]
+    regress = lambda vertices: jnp.einsum(                             # [B, 17, 3]
+        'jv,bvc->bjc', regressor, vertices, precision=jax.lax.Precision.HIGHEST)
 
   def predict(variables, images):
     if attention is None:
       outputs = model.apply(variables, images, train=False)
     else:
       outputs, state = model.apply(variables, images, train=False, mutable=['intermediates'])
-    vertices, cam = outputs['pred_3d_vertices_fine'], outputs['pred_cam']
-    if regressor is None:
-      joints3d = outputs['pred_3d_joints']
-    else:
-      j17 = jnp.einsum('jv,bvc->bjc', regressor, vertices)        # [B, 17, 3]
-      pelvis = j17[:, joint_tables.H36M_PELVIS][:, None]           # [B, 1, 3]
-      vertices = vertices - pelvis
-      joints3d = j17[:, list(joint_tables.H36M_J17_TO_J14)] - pelvis
-    result = {
-        'pred_cam': cam,
-        'pred_vertices': vertices,
-        'pred_3d_joints': joints3d,
-        'pred_2d_joints': losses.orthographic_projection(joints3d, cam),
-    }
+    result = steps.predictions(outputs, regress)
     if attention is not None:
       result['attention'] = attention_maps.select(state['intermediates'], attention,
                                                   model.num_joints)
@@ -159,7 +151,7 @@ def make_predict_fn(model, h36m_regressor=None, attention=None):
 
 def normalize(crops):
   """uint8 [N, S, S, 3] crops -> ImageNet-normalised float32 (as the eval data)."""
-  return np.stack([augment.color_normalize(c, (1.0, 1.0, 1.0)) for c in crops])
+  return np.stack([image_ops.color_normalize(c) for c in crops])
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Training losses of CoarseMETRO (paper Sec. 3.3) with FastMETRO's exact terms.
 
-Everything follows FastMETRO's `run_train` (reference/fastmetro.md Sec. 4.5, 5):
+Everything follows FastMETRO's `run_train` and its loss functions:
 
 * GT mesh: `SMPL(pose, betas)` (computed by the caller with the JAX body
   model), centred at the pelvis that the H36M regressor finds on it; the 1723
@@ -203,7 +203,8 @@ def ground_truth(batch, gt_vertices_fine, regress_h36m, topology):
   """Training/eval targets from a batch and the body model's GT mesh.
 
   Args:
-    batch: the batch dict (notes/common.md); uses joints_2d, joints_3d.
+    batch: the batch dict (`data_pipelines/__init__.py`); uses joints_2d,
+      joints_3d.
     gt_vertices_fine: [B, 6890, 3] SMPL(pose, betas), no translation.
     regress_h36m: vertices [B, 6890, 3] -> H36M joints [B, 17, 3].
     topology: MeshTopology; levels 1, 2 are selections of level 0.
@@ -259,8 +260,9 @@ def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology,
   """The weighted total loss and its unweighted terms.
 
   Args:
-    outputs: model output dict (notes/common.md), any float dtype.
-    batch: batch dict (notes/common.md).
+    outputs: model output dict (`models.fastmetro.mesh_outputs`), any float
+      dtype.
+    batch: batch dict (`data_pipelines/__init__.py`).
     gt_vertices_fine: [B, 6890, 3] body model mesh of (pose, betas).
     regress_h36m: vertices [B, V, 3] -> [B, 17, 3] (H36M regressor).
     topology: MeshTopology (down-sampling; edges/faces of level 1).

@@ -1,6 +1,6 @@
 """Evaluation metrics: MPJPE, PA-MPJPE, MPVE in mm (FastMETRO's `run_validate`).
 
-Per example (reference/fastmetro.md Sec. 6):
+Per example, as in FastMETRO's evaluation:
 * predicted J14 = `J17[H36M_J17_TO_J14]` of the H36M joints regressed from the
   predicted fine mesh, and the mesh, both centred at that J17 pelvis (the same
   centring as the losses, `losses.centre_predictions`);
@@ -73,15 +73,6 @@ def errors_from_arrays(pred_joints, gt_joints, pred_vertices, gt_vertices,
       'joints_mask': real & (has_3d_joints > 0),
       'vertices_mask': real & (has_smpl > 0),
   }
-
-
-def model_errors(outputs, batch, gt_vertices_fine, regress_h36m, topology):
-  """Per-example errors of model outputs on a batch (see `errors_from_arrays`)."""
-  pred = losses.centre_predictions(outputs, regress_h36m)
-  gt = losses.ground_truth(batch, gt_vertices_fine, regress_h36m, topology)
-  return errors_from_arrays(
-      pred['mesh_joints'], gt['joints_3d'][..., :3], pred['vertices_fine'],
-      gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
 
 
 @flax.struct.dataclass

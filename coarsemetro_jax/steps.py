@@ -1,6 +1,6 @@
 """TF-free training core: device mesh, sharded TrainState, optimiser, jitted steps.
 
-Layout (reference/style.md Sec. 3-4): one device-mesh axis 'data' (AxisType.Auto);
+Layout: one device-mesh axis 'data' (AxisType.Auto);
 the batch is sharded over it, the train state is replicated or, with
 `config.param_sharding = 'fsdp'`, its large arrays (params and AdamW moments)
 are sharded over 'data' too and XLA inserts the all-gathers / reduce-scatters.
@@ -42,9 +42,9 @@ import numpy as np
 import optax
 
 from coarsemetro_jax import body_model
-from coarsemetro_jax import flip_test
 from coarsemetro_jax import losses
 from coarsemetro_jax import metrics
+from coarsemetro_jax import mirror
 
 DATA_AXIS = 'data'
 
@@ -336,23 +336,48 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
   return lambda state, batch, rng: jitted(state, batch, rng, body)
 
 
+def predictions(outputs, regress_h36m=None):
+  """The predictions eval and inference report, from model outputs.
+
+  With `regress_h36m` (vertices [B, V, 3] -> H36M joints [B, 17, 3]) the mesh
+  and its joints are centred as the metrics centre them
+  (`losses.centre_predictions`): pred_vertices [B, V, 3] and pred_3d_joints
+  [B, 14, 3] (the J14 regressed from the mesh) minus the mesh's H36M pelvis.
+  Without it (no body model), the raw mesh and the joint tokens. Also pred_cam
+  [B, 3] and pred_2d_joints [B, 14, 2], the joints' weak-perspective
+  projection in [-1, 1] crop units. All float32.
+  """
+  if regress_h36m is None:
+    outputs = {k: jnp.asarray(v, jnp.float32) for k, v in outputs.items()}
+    vertices, joints3d = outputs['pred_3d_vertices_fine'], outputs['pred_3d_joints']
+    cam = outputs['pred_cam']
+  else:
+    pred = losses.centre_predictions(outputs, regress_h36m)
+    vertices, joints3d, cam = pred['vertices_fine'], pred['mesh_joints'], pred['cam']
+  return {
+      'pred_cam': cam,
+      'pred_vertices': vertices,
+      'pred_3d_joints': joints3d,
+      'pred_2d_joints': losses.orthographic_projection(joints3d, cam),
+  }
+
+
 def make_eval_step(config, model, body, topology, state_sharding_, batch_sharding_,
                    flip=None):
   """Jitted `eval_step(state, batch) -> (metrics.EvalMetrics, predictions)`.
 
   `flip` (default `config.eval_flip`): average with the mirrored image's
-  prediction (flip_test.py).
+  prediction (mirror.py).
 
   The collection (replicated) is merged over batches by the caller; padded
-  examples (`mask` 0) count nowhere. Predictions (batch-sharded) for pictures:
-  pred_cam [B, 3]; pred_vertices [B, 6890, 3] and pred_3d_joints [B, 14, 3]
-  (mesh joints) centred at the mesh's H36M pelvis; pred_2d_joints [B, 14, 2]
-  their weak-perspective projection in [-1, 1] crop units.
+  examples (`mask` 0) count nowhere. The predictions (batch-sharded, for
+  pictures) are `predictions` with the body model's H36M regressor; the
+  metrics are computed on them.
   """
   device_mesh = batch_sharding_.mesh
   repl = replicated(device_mesh)
   flip = config.eval_flip if flip is None else flip
-  flip_perm = flip_test.mirror_permutation(body.v_template) if flip else None
+  flip_perm = mirror.mirror_permutation(body.v_template) if flip else None
   body = jax.device_put(body, repl)
 
   def eval_step(state, batch, body):
@@ -361,20 +386,14 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
     if flip_perm is None:
       outputs = apply(batch['image'])
     else:
-      outputs = flip_test.flip_averaged_outputs(apply, batch['image'], flip_perm)
+      outputs = mirror.flip_averaged_outputs(apply, batch['image'], flip_perm)
     regress = functools.partial(body_model.h36m_joints, body)
-    pred = losses.centre_predictions(outputs, regress)
+    pred = predictions(outputs, regress)
     gt = losses.ground_truth(batch, _ground_truth_mesh(body, batch), regress, topology)
     errors = metrics.errors_from_arrays(
-        pred['mesh_joints'], gt['joints_3d'][..., :3], pred['vertices_fine'],
+        pred['pred_3d_joints'], gt['joints_3d'][..., :3], pred['pred_vertices'],
         gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
-    predictions = {
-        'pred_cam': pred['cam'],
-        'pred_vertices': pred['vertices_fine'],
-        'pred_3d_joints': pred['mesh_joints'],
-        'pred_2d_joints': losses.orthographic_projection(pred['mesh_joints'], pred['cam']),
-    }
-    return metrics.eval_metrics(errors), predictions
+    return metrics.eval_metrics(errors), pred
 
   jitted = jax.jit(eval_step, in_shardings=(state_sharding_, batch_sharding_, repl),
                    out_shardings=(repl, batch_sharding_))

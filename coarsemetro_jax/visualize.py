@@ -6,9 +6,9 @@ No JAX and no TensorFlow here: training (`train._write_pictures`), inference
 Camera convention (FastMETRO/METRO): x right, y down, z forward; weak
 perspective pred_cam = (s, tx, ty) maps a vertex X to s * (X[:2] + [tx, ty])
 in normalised crop coordinates, where -1 and 1 are the crop borders, i.e. the
-continuous pixel coordinate is (x2d + 1) * S / 2 (`data_pipelines/augment.py`).
-Meshes are drawn with the synthetic data's z-buffer rasterizer (nearest
-triangle per pixel centre) and flat Lambertian shading.
+continuous pixel coordinate is (x2d + 1) * S / 2 (`image_ops`). Meshes are
+drawn with the z-buffer `rasterizer` (nearest triangle per pixel centre; the
+synthetic data is rendered with it too) and flat Lambertian shading.
 """
 
 import os
@@ -16,8 +16,8 @@ import os
 import cv2
 import numpy as np
 
-from data_pipelines import augment
-from data_pipelines.synthetic import rasterizer
+from coarsemetro_jax import image_ops
+from coarsemetro_jax import rasterizer
 
 MESH_COLOR = np.array([0.63, 0.74, 0.92])      # light blue, RGB in [0, 1]
 MESH_ALPHA = 0.85                              # mesh over the image
@@ -32,7 +32,7 @@ HEAT_ALPHA = 0.5                               # heat map over the image
 def denormalize(images):
   """ImageNet-normalised float [N, H, W, 3] -> uint8 RGB [N, H, W, 3]."""
   images = np.asarray(images, np.float32)
-  rgb = images * np.float32(augment.IMAGENET_STD) + np.float32(augment.IMAGENET_MEAN)
+  rgb = images * np.float32(image_ops.IMAGENET_STD) + np.float32(image_ops.IMAGENET_MEAN)
   return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 

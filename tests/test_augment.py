@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from coarsemetro_jax import image_ops
 from coarsemetro_jax import joints
 from data_pipelines import augment
 
@@ -90,8 +91,8 @@ def test_joints_2d_match_metro_transform(params):
   """Normalised joints = METRO's 2 t(x) / S - 1 before its int rounding."""
   label = _label()
   scale = params.sc * label['scale']
-  matrix = augment.crop_matrix(label['center'], scale, S, params.rot,
-                               params.flip)
+  matrix = image_ops.crop_matrix(label['center'], scale, S, params.rot,
+                                 params.flip)
   out = augment.transform_joints_2d(label['joints_2d'], matrix, S, params.flip)
   t = metro_get_transform(label['center'], scale, S, params.rot)
   ref = np.c_[label['joints_2d'][:, :2], np.ones(24)] @ t[:2].T
@@ -251,17 +252,3 @@ def test_sample_params_follow_metro_distribution():
   nonzero = rots[rots != 0]
   assert abs(np.std(nonzero) - 28.5) < 3  # N(0, 30) clipped at +-60
   assert np.mean(scs == 1.25) > 0.1  # clipping piles up at the bounds
-
-
-def test_color_normalize_matches_metro_arithmetic():
-  rng = np.random.default_rng(3)
-  image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
-  image[0, 0] = [255, 250, 0]
-  pn = (1.4, 0.6, 1.1)  # 250 * 1.4 clips at 255
-  # METRO: clip(x * pn), / 255, torchvision Normalize(mean, std).
-  ref = np.clip(image.astype(np.float64) * pn, 0, 255) / 255
-  ref = (ref - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-  out = augment.color_normalize(image, pn)
-  assert out.dtype == np.float32 and out.shape == image.shape
-  np.testing.assert_allclose(out, ref, atol=1e-5)
-  np.testing.assert_allclose(out[0, 0, 0], (1 - 0.485) / 0.229, rtol=1e-6)

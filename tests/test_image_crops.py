@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from coarsemetro_jax import image_crops
-from data_pipelines import augment
+from coarsemetro_jax import image_ops
 
 
 def write_image(path, image):
@@ -33,7 +33,7 @@ def test_large_images_are_averaged_not_aliased():
   assert abs(grey.mean() - 127.5) < 2 and grey.std() < 8
   np.testing.assert_array_equal(crop[:28, :28], 0)            # the quadrant stays put
   # The plain bilinear warp aliases the stripes (what averaging avoids).
-  plain = augment.warp_image(stripes, image_crops.crop_image('big', stripes, None, 64).matrix, 64)
+  plain = image_ops.warp_image(stripes, image_crops.crop_image('big', stripes, None, 64).matrix, 64)
   assert plain[40:, 40:].std() > 50
   # Same geometry as the plain warp: the quadrant's edge at crop pixel 32.
   edge = np.argmax(crop[10, :, 0] > 60)                # first grey column
@@ -42,7 +42,7 @@ def test_large_images_are_averaged_not_aliased():
   yy, xx = np.mgrid[:1000, :1500]
   smooth = np.stack([xx * 0.15, yy * 0.2, (xx + yy) * 0.1], -1).astype(np.uint8)
   got = image_crops.crop_image('smooth', smooth, (300, 100, 800, 700), 64)
-  want = augment.warp_image(smooth, got.matrix, 64)
+  want = image_ops.warp_image(smooth, got.matrix, 64)
   assert np.abs(got.pixels.astype(int) - want).max() <= 2
 
 
@@ -93,6 +93,21 @@ def test_huge_image_is_refused(tmp_path):
 def test_box_outside_the_image(bbox, message):
   with pytest.raises(image_crops.ImageError, match=message):
     image_crops.crop_image('im.png', np.zeros((100, 120, 3), np.uint8), bbox, 64)
+
+
+@pytest.mark.parametrize('shape, bbox, message', [
+    ((1, 1, 3), None, r'tiny.png: the image is 1 x 1 px; at least 32 px on each side'),
+    ((31, 200, 3), None, r'the image is 200 x 31 px'),
+    ((31, 200, 3), (0, 0, 100, 20), r'the image is 200 x 31 px'),
+    ((100, 120, 3), (10, 10, 20, 26), r'box x,y,w,h = 10,10,20,26 gives a 31.2 px crop'),
+])
+def test_too_small_images_and_boxes_are_refused(shape, bbox, message):
+  with pytest.raises(image_crops.ImageError, match=message):
+    image_crops.crop_image('tiny.png', np.zeros(shape, np.uint8), bbox, 64)
+  # The smallest accepted sizes: 32 px sides, a box giving a 32 px crop.
+  assert image_crops.crop_image('ok.png', np.zeros((32, 32, 3), np.uint8), None, 64)
+  image = np.zeros((100, 120, 3), np.uint8)
+  assert image_crops.crop_image('ok.png', image, (10, 10, 20, 26.7), 64, padding=1.2)
 
 
 @pytest.mark.parametrize('text, message', [

@@ -188,6 +188,7 @@ def test_run_writes_meshes_joints_and_pictures(tiny_checkpoint, topology, tmp_pa
   write_image(folder / 'b.jpg', rng.integers(0, 256, (60, 60), dtype=np.uint8))
   write_image(folder / 'c.png', rng.integers(0, 256, (90, 90, 3), dtype=np.uint8))
   (folder / 'broken.png').write_bytes(b'\x89PNG truncated')
+  write_image(folder / 'dot.png', np.full((1, 1, 3), 128, np.uint8))   # a 1 x 1 image
   boxes = tmp_path / 'boxes.json'
   boxes.write_text(json.dumps({'c.png': [10, 10, 50, 60], 'a.png': [-10, 5, 40, 70]}))
   regressor = random_regressor(6890)
@@ -196,10 +197,14 @@ def test_run_writes_meshes_joints_and_pictures(tiny_checkpoint, topology, tmp_pa
   out = tmp_path / 'out'
   result = infer.run(config, checkpoint, [str(folder)], str(out), bboxes_json=str(boxes),
                      batch_size=2, attention=spec, h36m_regressor=regressor, progress=False)
-  # One bad image is reported; the others are processed (two batches, the last padded).
+  # Bad images are reported; the others are processed (two batches, the last padded).
   assert result.written == ['a', 'b', 'c']
-  assert [p for p, _ in result.failures] == [str(folder / 'broken.png')]
+  assert [p for p, _ in result.failures] == [str(folder / 'broken.png'),
+                                             str(folder / 'dot.png')]
   assert 'not a readable image' in result.failures[0][1]
+  assert result.failures[1][1] == (f'{folder / "dot.png"}: the image is 1 x 1 px; at least '
+                                   '32 px on each side is needed')
+  assert not (out / 'dot.obj').exists()
   faces = topology.faces[0]
   for stem in result.written:
     record = json.loads((out / f'{stem}.json').read_text())

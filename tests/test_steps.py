@@ -358,6 +358,41 @@ def test_eval_flip_averages_with_the_mirrored_prediction(eight_devices):
   assert np.abs(mirror_v - plain['pred_3d_vertices_fine']).max() > 1e-4
 
 
+def test_predictions_centre_at_the_regressed_pelvis_or_pass_through():
+  rng = np.random.default_rng(0)
+  outputs = {
+      'pred_cam': np.float32([[0.9, 0.1, -0.2], [1.1, -0.3, 0.05]]),
+      'pred_3d_joints': rng.normal(size=(2, 14, 3)).astype(np.float32),
+      'pred_3d_vertices_fine': rng.normal(size=(2, 12, 3)).astype(np.float32),
+      'pred_3d_vertices_intermediate': rng.normal(size=(2, 6, 3)).astype(np.float32),
+      'pred_3d_vertices_coarse': rng.normal(size=(2, 3, 3)).astype(np.float32),
+  }
+  regressor = rng.random((17, 12)).astype(np.float32)
+  regressor /= regressor.sum(1, keepdims=True)
+  got = steps.predictions(outputs, lambda v: jnp.einsum('jv,bvc->bjc', regressor, v))
+  # NumPy reference: the mesh and its J14 minus the mesh's H36M pelvis (J17 index 0).
+  j17 = np.einsum('jv,bvc->bjc', regressor, outputs['pred_3d_vertices_fine'])
+  pelvis = j17[:, :1]
+  joints = j17[:, list(joint_tables.H36M_J17_TO_J14)] - pelvis
+  cam = outputs['pred_cam']
+  np.testing.assert_allclose(got['pred_vertices'],
+                             outputs['pred_3d_vertices_fine'] - pelvis, atol=1e-6)
+  np.testing.assert_allclose(got['pred_3d_joints'], joints, atol=1e-6)
+  np.testing.assert_array_equal(got['pred_cam'], cam)
+  np.testing.assert_allclose(got['pred_2d_joints'],
+                             cam[:, None, :1] * (joints[..., :2] + cam[:, None, 1:]),
+                             atol=1e-6)
+  # Without a regressor: the raw mesh and the joint tokens, projected.
+  raw = steps.predictions(outputs)
+  np.testing.assert_array_equal(raw['pred_vertices'], outputs['pred_3d_vertices_fine'])
+  np.testing.assert_array_equal(raw['pred_3d_joints'], outputs['pred_3d_joints'])
+  tokens = outputs['pred_3d_joints']
+  np.testing.assert_allclose(raw['pred_2d_joints'],
+                             cam[:, None, :1] * (tokens[..., :2] + cam[:, None, 1:]),
+                             atol=1e-6)
+  assert all(v.dtype == jnp.float32 for v in (*got.values(), *raw.values()))
+
+
 # ----------------------------------------------------------------------------
 # BatchNorm groups, optimiser, sharding rules (no model compile).
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from coarsemetro_jax import joints
+from coarsemetro_jax import rasterizer
 from data_pipelines import metro_tsv
 from data_pipelines.synthetic import body_np
 from data_pipelines.synthetic import generate
 from data_pipelines.synthetic import pose_sampler as ps
-from data_pipelines.synthetic import rasterizer
 from data_pipelines.synthetic import render
 
 BACKENDS = ['numpy'] + (['numba'] if rasterizer.HAVE_NUMBA else [])

@@ -105,12 +105,14 @@ class CoarseMETRO(nn.Module):
         vertices = tfm.TokenLinear(self.vertex_tokens[s], dtype=self.dtype,
                                    name=f'vertex_upsample_{s - 1}')(previous)  # [B, V_s, D_s]
       stage = tfm.Transformer(
-          1, self.num_heads, ffn_dim, self.dropout, self.vertex_attention,
-          self.memory_includes_cam, self.dtype, name=f'transformer_{s + 1}')
+          num_layers=1, num_heads=self.num_heads, ffn_dim=ffn_dim, dropout=self.dropout,
+          vertex_attention=self.vertex_attention,
+          memory_includes_cam=self.memory_includes_cam, dtype=self.dtype,
+          name=f'transformer_{s + 1}')
       cam, img, tokens = stage(
           img, cam, jnp.concatenate([joints, vertices], 1),
-          tfm.sine_position_encoding(h, w, dim), None,
-          previous if self.vertex_attention != 'none' else None,
+          pos=tfm.sine_position_encoding(h, w, dim), self_mask=None,
+          vertex_memory=previous if self.vertex_attention != 'none' else None,
           deterministic=deterministic)
       joints, vertices = tokens[:, :self.num_joints], tokens[:, self.num_joints:]
 

@@ -1,6 +1,6 @@
 """FastMETRO-S/M/L (`FastMETRO_Body_Network`, released layout), in Flax.
 
-Forward pass of the released PyTorch code (FastMETRO reference §1.2):
+Forward pass of the released PyTorch code (`FastMETRO_Body_Network.forward`):
 backbone -> conv_1x1 -> 49 image tokens; transformer_1 (width 512) over
 [cam; image] and [14 joints; 431 vertices] with the adjacency mask ->
 dim_reduce_* to 128 -> transformer_2 -> cam_predictor / xyz_regressor ->
@@ -63,17 +63,18 @@ class FastMETRO(nn.Module):
     mask = self.topology.decoder_attention_mask(self.num_joints)  # [J+V, J+V]
 
     def transformer(name, ffn_dim):
-      return tfm.Transformer(self.num_layers, self.num_heads, ffn_dim, self.dropout,
-                             dtype=self.dtype, name=name)
+      return tfm.Transformer(num_layers=self.num_layers, num_heads=self.num_heads,
+                             ffn_dim=ffn_dim, dropout=self.dropout, dtype=self.dtype,
+                             name=name)
 
     cam, img, jv = transformer('transformer_1', self.ffn_dims[0])(
-        img, cam, jv, tfm.sine_position_encoding(h, w, d1), mask,
+        img, cam, jv, pos=tfm.sine_position_encoding(h, w, d1), self_mask=mask,
         deterministic=deterministic)
     cam = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_enc_cam')(cam)
     img = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_enc_img')(img)
     jv = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_dec')(jv)
     cam, _, jv = transformer('transformer_2', self.ffn_dims[1])(
-        img, cam, jv, tfm.sine_position_encoding(h, w, d2), mask,
+        img, cam, jv, pos=tfm.sine_position_encoding(h, w, d2), self_mask=mask,
         deterministic=deterministic)
     pred_cam = tfm.TorchDense(3, dtype=self.dtype, name='cam_predictor')(cam)[:, 0]   # [B, 3]
     xyz = tfm.TorchDense(3, dtype=self.dtype, name='xyz_regressor')(jv)                # [B, J+V, 3]

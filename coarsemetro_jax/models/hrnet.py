@@ -1,8 +1,7 @@
 """HRNet-W{32,48,64} (HRNet-Image-Classification) as a feature extractor.
 
 [B, H, W, 3] -> [B, H/32, W/32, 2048]: the classification network without its
-classifier, exactly as FastMETRO/METRO's `hrnet_cls_net_featmaps.py` runs it
-(FastMETRO reference §2):
+classifier, exactly as FastMETRO/METRO's `hrnet_cls_net_featmaps.py` runs it:
 
   stem      conv1 3x3/s2 + bn1 + ReLU, conv2 3x3/s2 + bn2 + ReLU    (64 ch, H/4)
   layer1    4 Bottlenecks, 64 -> 256 ch
@@ -26,11 +25,12 @@ joined by '_' (`stage3.2.fuse_layers.2.0.1.0.weight` ->
 `stage3_2/fuse_layers_2_0_1_0/kernel`, convert/tables.flax_name), so the
 conversion table (convert/hrnet_table.py) is a plain listing. The classifier
 (Linear 2048 -> 1000) is in the PyTorch state dict but never used; it has no
-Flax counterpart. W64: 126,010,944 parameters here, 128,059,944 with the
-classifier, 28.96 GFLOPs at 224 px (coarsemetro_jax.profile; HRNet-W64-C's
-published 28.97G). Parity with a PyTorch HRNet-W64 at 224 px: 2.2e-6 of the
-output's max (tests/test_hrnet.py, COARSEMETRO_W64_PARITY=1). Convolutions pad explicitly and symmetrically, BatchNorm uses
-momentum 0.9 / eps 1e-5 (models/resnet.py).
+Flax counterpart. W64 has 126,010,944 parameters here, 128,059,944 with the
+classifier, and 28.96 GFLOPs at 224 px (as counted by coarsemetro_jax.profile;
+HRNet-W64-C publishes 28.97G). tests/test_hrnet.py checks the outputs against
+a PyTorch HRNet (W64 at 224 px with COARSEMETRO_W64_PARITY=1). Convolutions
+pad explicitly and symmetrically, BatchNorm uses momentum 0.9 / eps 1e-5
+(models/resnet.py).
 
 The structural knobs beyond `width` (stem_width, stage_modules, num_blocks,
 head_channels, final_channels) exist for CPU-sized test variants; the HRNet

@@ -158,8 +158,9 @@ class EncoderLayer(nn.Module):
     drop = lambda y, name: nn.Dropout(self.dropout, name=name)(y, deterministic=deterministic)
     s = layer_norm('norm1')(x)
     qk = s + pos.astype(s.dtype)
-    x = x + drop(MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name='self_attn')(
-        qk, qk, s, deterministic=deterministic), 'dropout1')
+    attn = MultiHeadAttention(num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype,
+                              name='self_attn')
+    x = x + drop(attn(qk, qk, s, deterministic=deterministic), 'dropout1')
     s = layer_norm('norm2')(x)
     x = x + drop(_ffn(s, self.ffn_dim, self.dropout, deterministic, self.dtype), 'dropout2')
     return x
@@ -185,7 +186,8 @@ class DecoderLayer(nn.Module):
     # t [B, Lt, E]; memory [B, Lm, E]; memory_pos [Lm, E]; self_mask [Lt, Lt];
     # vertex_memory [B, Lv, E] (previous-resolution vertex tokens).
     drop = lambda y, name: nn.Dropout(self.dropout, name=name)(y, deterministic=deterministic)
-    mha = lambda name: MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name=name)
+    mha = lambda name: MultiHeadAttention(num_heads=self.num_heads, dropout=self.dropout,
+                                          dtype=self.dtype, name=name)
 
     def vertex_block(t):
       s = layer_norm('norm_vertex')(t)
@@ -199,7 +201,8 @@ class DecoderLayer(nn.Module):
     if self.vertex_attention == 'beginning':
       t = vertex_block(t)
     s = layer_norm('norm1')(t)   # FastMETRO's query_pos is zero: no query pos.
-    t = t + drop(mha('self_attn')(s, s, s, self_mask, deterministic=deterministic), 'dropout1')
+    t = t + drop(mha('self_attn')(s, s, s, mask=self_mask, deterministic=deterministic),
+                 'dropout1')
     s = layer_norm('norm2')(t)
     t = t + drop(mha('multihead_attn')(
         s, memory + memory_pos.astype(memory.dtype), memory,
@@ -222,8 +225,9 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, pos, *, deterministic):
     for i in range(self.num_layers):
-      x = EncoderLayer(self.num_heads, self.ffn_dim, self.dropout, self.dtype,
-                       name=f'layers_{i}')(x, pos, deterministic=deterministic)
+      x = EncoderLayer(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+                       dtype=self.dtype, name=f'layers_{i}')(
+                           x, pos, deterministic=deterministic)
     return layer_norm('norm')(x)
 
 
@@ -240,10 +244,11 @@ class Decoder(nn.Module):
   def __call__(self, t, memory, memory_pos, self_mask=None, vertex_memory=None, *,
                deterministic):
     for i in range(self.num_layers):
-      t = DecoderLayer(self.num_heads, self.ffn_dim, self.dropout, self.vertex_attention,
-                       self.dtype, name=f'layers_{i}')(
-                           t, memory, memory_pos, self_mask, vertex_memory,
-                           deterministic=deterministic)
+      t = DecoderLayer(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+                       vertex_attention=self.vertex_attention, dtype=self.dtype,
+                       name=f'layers_{i}')(
+                           t, memory, memory_pos, self_mask=self_mask,
+                           vertex_memory=vertex_memory, deterministic=deterministic)
     return layer_norm('norm')(t)
 
 
@@ -268,14 +273,16 @@ class Transformer(nn.Module):
     e = img.shape[-1]
     enc_pos = jnp.concatenate([jnp.zeros((1, e), pos.dtype), pos], 0)   # [1+N, E]
     x = jnp.concatenate([cam, img], 1)                                  # [B, 1+N, E]
-    x = Encoder(self.num_layers, self.num_heads, self.ffn_dim, self.dropout, self.dtype,
-                name='encoder')(x, enc_pos, deterministic=deterministic)
+    x = Encoder(num_layers=self.num_layers, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
+                dropout=self.dropout, dtype=self.dtype, name='encoder')(
+                    x, enc_pos, deterministic=deterministic)
     cam_f, img_f = x[:, :1], x[:, 1:]
     memory, memory_pos = (x, enc_pos) if self.memory_includes_cam else (img_f, pos)
-    t = Decoder(self.num_layers, self.num_heads, self.ffn_dim, self.dropout,
-                self.vertex_attention, self.dtype, name='decoder')(
-                    tgt, memory, memory_pos, self_mask, vertex_memory,
-                    deterministic=deterministic)
+    t = Decoder(num_layers=self.num_layers, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
+                dropout=self.dropout, vertex_attention=self.vertex_attention,
+                dtype=self.dtype, name='decoder')(
+                    tgt, memory, memory_pos, self_mask=self_mask,
+                    vertex_memory=vertex_memory, deterministic=deterministic)
     return cam_f, img_f, t
 
 

@@ -22,10 +22,10 @@ import cv2
 import numpy as np
 import scipy.sparse
 
+from coarsemetro_jax import rasterizer
 from data_pipelines.synthetic import appearance
 from data_pipelines.synthetic import body_np
 from data_pipelines.synthetic import pose_sampler
-from data_pipelines.synthetic import rasterizer
 
 FOCAL_CROP = 5000.0  # px, on the CROP_SIZE crop (SPIN/METRO).
 CROP_SIZE = 224

@@ -1,4 +1,4 @@
-"""Flip test: mirror permutations and mapping mirrored predictions back."""
+"""Mirror test-time augmentation: vertex permutations, mirrored outputs mapped back."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from coarsemetro_jax import body_model
-from coarsemetro_jax import flip_test
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import losses
+from coarsemetro_jax import mirror
 from configs import embedded
 
 
@@ -31,7 +31,7 @@ def test_mirror_permutation_pairs_mirrored_vertices():
   v = symmetric_mesh(rng)
   order = rng.permutation(len(v))                 # partners at arbitrary indices
   v = v[order]
-  perm = flip_test.mirror_permutation(v)
+  perm = mirror.mirror_permutation(v)
   np.testing.assert_allclose(v[perm], v * [-1, 1, 1], atol=1e-6)
   np.testing.assert_array_equal(perm[perm], np.arange(len(v)))
   on_plane = np.flatnonzero(np.abs(v[:, 0]) < 1e-9)
@@ -42,7 +42,7 @@ def test_mirror_permutation_rejects_an_asymmetric_template():
   v = symmetric_mesh(np.random.default_rng(1))
   v[3, 0] += 0.05                                 # one vertex 5 cm off
   with pytest.raises(ValueError, match='vertex 3 mirrored is 50.0 mm'):
-    flip_test.mirror_permutation(v)
+    mirror.mirror_permutation(v)
 
 
 def test_embedded_template_is_symmetric():
@@ -50,7 +50,7 @@ def test_embedded_template_is_symmetric():
   body = body_model.load_body_model(config.body_model.path,
                                     config.body_model.h36m_regressor)
   v = np.asarray(body.v_template)
-  perm = flip_test.mirror_permutation(v)
+  perm = mirror.mirror_permutation(v)
   assert (perm[perm] == np.arange(len(v))).mean() > 0.99
   assert np.median(np.linalg.norm(v[perm] - v * [-1, 1, 1], axis=1)) < 1e-4
 
@@ -67,9 +67,9 @@ def _outputs(rng, v, b=3):
 def test_unflipped_prediction_projects_to_the_mirrored_image():
   rng = np.random.default_rng(2)
   v = symmetric_mesh(rng)
-  perm = flip_test.mirror_permutation(v)
+  perm = mirror.mirror_permutation(v)
   out = _outputs(rng, v)
-  back = flip_test.unflip_outputs(out, perm)
+  back = mirror.unflip_outputs(out, perm)
   # The point that projects to u in the mirrored crop projects to -u here, and
   # vertex i of the mirrored body is vertex perm[i] of this one.
   proj = np.asarray(losses.orthographic_projection(out['pred_3d_vertices_fine'],
@@ -81,33 +81,33 @@ def test_unflipped_prediction_projects_to_the_mirrored_image():
   np.testing.assert_allclose(back['pred_3d_joints'],
                              j[:, list(joint_tables.J14_FLIP_PERM)] * [-1, 1, 1])
   # Mapping back twice is the identity.
-  twice = flip_test.unflip_outputs(back, perm)
-  for k in flip_test.FLIPPED_KEYS:
+  twice = mirror.unflip_outputs(back, perm)
+  for k in mirror.FLIPPED_KEYS:
     np.testing.assert_allclose(twice[k], out[k], rtol=1e-6)
 
 
 def test_flip_average_of_an_equivariant_model_is_its_prediction():
   rng = np.random.default_rng(3)
   v = symmetric_mesh(rng)
-  perm = flip_test.mirror_permutation(v)
+  perm = mirror.mirror_permutation(v)
   images = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
   plain, other = _outputs(rng, v), _outputs(rng, v)
-  mirrored_plain = flip_test.unflip_outputs(plain, perm)   # mirroring is an involution
+  mirrored_plain = mirror.unflip_outputs(plain, perm)   # mirroring is an involution
 
   def model(x):   # plain on the images, its mirror image on the mirrored images
     is_mirror = jnp.all(x == images[:, :, ::-1])
     return jax.tree.map(lambda a, b: jnp.where(is_mirror, a, b),
                         {**other, **mirrored_plain}, plain)
 
-  avg = jax.jit(lambda x: flip_test.flip_averaged_outputs(model, x, perm))(images)
+  avg = jax.jit(lambda x: mirror.flip_averaged_outputs(model, x, perm))(images)
   for k, value in plain.items():
     np.testing.assert_allclose(avg[k], value, rtol=1e-6, atol=1e-7, err_msg=k)
   # A model that predicts something else on the mirrored image gets averaged.
   def biased(x):
     is_mirror = jnp.all(x == images[:, :, ::-1])
     return jax.tree.map(lambda a, b: jnp.where(is_mirror, a, b), other, plain)
-  avg = flip_test.flip_averaged_outputs(biased, images, perm)
-  back = flip_test.unflip_outputs(other, perm)
+  avg = mirror.flip_averaged_outputs(biased, images, perm)
+  back = mirror.unflip_outputs(other, perm)
   np.testing.assert_allclose(avg['pred_cam'], 0.5 * (plain['pred_cam'] + back['pred_cam']),
                              rtol=1e-6)
   np.testing.assert_allclose(avg['pred_3d_vertices_coarse'],

@@ -1,4 +1,4 @@
-"""Flip test: average a prediction with that of the mirrored image.
+"""Mirror (flip) test: average a prediction with that of the mirrored image.
 
 The model runs on the image and on its left-right mirror; the mirrored
 prediction is mapped back (x negated, left and right swapped) and the two are
