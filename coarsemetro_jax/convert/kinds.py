@@ -3,7 +3,7 @@
 Kind names:
   resnet50-imagenet                torchvision ImageNet ResNet-50 (resnet50-0676ba61.pth);
                                    backbone only, `fc` ignored
-  hrnet-w{32,48,64}-imagenet       HRNet classification file (needs hrnet_table.py)
+  hrnet-w{32,48,64}-imagenet       HRNet classification file; `classifier` ignored
   resnet-imagenet                  torchvision-layout ResNet of config.model.resnet_*
   fastmetro-{S,M,L}-{r50,h64,...}  FastMETRO_Body_Network state dict (1/2/3 layers)
   coarsemetro-S-{r50,h64,...}      CoarseMETRO state dict (tables.py docstring)
@@ -161,27 +161,20 @@ def _mismatch(keys, table):
 def detect_kind(keys, config):
   """The kind whose table matches `keys` exactly; else a ValueError naming the closest."""
   keys = set(keys)
-  scores, unavailable = [], []
+  scores = []
   for kind in candidate_kinds(config):
-    try:
-      table = kind_table(kind, config)
-    except NotImplementedError:
-      unavailable.append(kind)
-      continue
-    missing, unexpected = _mismatch(keys, table)
+    missing, unexpected = _mismatch(keys, kind_table(kind, config))
     if not missing and not unexpected:
       return kind
     scores.append((len(missing) + len(unexpected), kind, missing, unexpected))
   scores.sort(key=lambda s: s[0])
   _, kind, missing, unexpected = scores[0]
-  note = (f'\n  (not tried, their tables are not available: {", ".join(unavailable)})'
-          if unavailable else '')
   raise ValueError(
       f'the checkpoint matches no known kind; closest is {kind} with '
       f'{len(missing)} missing and {len(unexpected)} unexpected keys\n'
       + state_dict_lib.listing('missing', missing) + '\n'
       + state_dict_lib.listing('unexpected', unexpected)
-      + note + '\n  pass --kind to force one, or --config for a model with other '
+      + '\n  pass --kind to force one, or --config for a model with other '
       'widths/stages')
 
 
