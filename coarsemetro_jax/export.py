@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coarsemetro_jax import build
 from coarsemetro_jax import infer
 
 BATCH = 'b'   # name of the symbolic batch dimension
@@ -99,7 +100,7 @@ def main(argv):
   cfg = flags.FLAGS
   config = cfg.config
   try:
-    model, _ = infer.build(config)
+    model = build.build(config, body=False).model
     variables = infer.load_variables(config, model, cfg.checkpoint)
   except (ValueError, OSError) as e:
     raise SystemExit(f'error: {e}') from e

@@ -32,13 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from coarsemetro_jax import attention_maps
+from coarsemetro_jax import build as build_lib
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import image_crops
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import losses
 from coarsemetro_jax import mesh_io
-from coarsemetro_jax import mesh_topology
-from coarsemetro_jax import models
 from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from data_pipelines import augment
@@ -55,9 +54,8 @@ MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
 
 def build(config):
   """(model, topology) for `config`."""
-  topology = mesh_topology.load_topology(config.topology.hierarchy,
-                                         config.topology.adjmat_prefix)
-  return models.build_model(config.model, topology), topology
+  topology, _, model = build_lib.build(config, body=False)
+  return model, topology
 
 
 def abstract_variables(model, image_size):
@@ -250,7 +248,7 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
     boxes = {p: parsed[0 if len(parsed) == 1 else i] for i, p in enumerate(paths)}
   if bboxes_json:
     boxes.update(image_crops.read_bboxes_json(bboxes_json))
-  model, topology = build(config)
+  topology, _, model = build_lib.build(config, body=False)
   variables = load_variables(config, model, checkpoint)
   if isinstance(h36m_regressor, str):
     h36m_regressor = load_h36m_regressor(config)

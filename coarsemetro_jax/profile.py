@@ -40,8 +40,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from coarsemetro_jax import mesh_topology
-from coarsemetro_jax import models
+from coarsemetro_jax import build
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model configuration.',
                                           lock_config=True)
@@ -202,9 +201,7 @@ def format_table(rows):
 def main(argv):
   del argv
   config = _CONFIG.value
-  topology = mesh_topology.load_topology(config.topology.hierarchy,
-                                         config.topology.adjmat_prefix)
-  model = models.build_model(config.model, topology)
+  model = build.build(config, body=False).model
   counts = profile_model(model, _IMAGE_SIZE.value)
   print(format_table([(model_label(config), counts)]))
   print(f"\nbackbone: {counts['backbone_params'] / 1e6:.2f}M params, "
