@@ -301,9 +301,8 @@ def _parse_ints(values, name):
 def _define_flags():
   """Command-line flags (defined only when run as a program)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Model configuration file.',
-                                  lock_config=True)
+  from coarsemetro_jax import config_files  # pylint: disable=g-import-not-at-top
+  config_files.define_flag('config', 'Model configuration file.')
   flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
                       'checkpoint.')
   flags.DEFINE_multi_string('images', [], 'Image files, folders or globs (paths after the '
