@@ -134,7 +134,7 @@ def check_key(config, key, source):
                         f'it has no field {part!r} (override {key!r})')
     if part not in node:
       close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
-      hint = f' (did you mean {".".join(walked + close)}?)' if close else ''
+      hint = f'. Did you mean "{close[0]}" instead of "{part}"?' if close else ''
       raise ConfigError(f'config {source} has no field {".".join(walked + [part])!r}{hint}')
     node = node[part]
     walked.append(part)
