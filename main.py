@@ -28,12 +28,11 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from coarsemetro_jax import config_files
 from coarsemetro_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                          lock_config=True)
+_CONFIG = config_files.define_flag('config', 'Training configuration file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train (resumes from the workdir) or eval (latest checkpoint '

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coarsemetro_jax import build
 from coarsemetro_jax import infer
 
 BATCH = 'b'   # name of the symbolic batch dimension
@@ -99,7 +100,7 @@ def main(argv):
   cfg = flags.FLAGS
   config = cfg.config
   try:
-    model, _ = infer.build(config)
+    model = build.build(config, body=False).model
     variables = infer.load_variables(config, model, cfg.checkpoint)
   except (ValueError, OSError) as e:
     raise SystemExit(f'error: {e}') from e
@@ -117,9 +118,8 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Model configuration file.',
-                                  lock_config=True)
+  from coarsemetro_jax import config_files  # pylint: disable=g-import-not-at-top
+  config_files.define_flag('config', 'Model configuration file.')
   flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
                       'checkpoint.')
   flags.DEFINE_string('out', None, 'Output file for the serialized artifact.')

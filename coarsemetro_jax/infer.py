@@ -32,13 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from coarsemetro_jax import attention_maps
+from coarsemetro_jax import build as build_lib
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import image_crops
 from coarsemetro_jax import image_ops
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import mesh_io
-from coarsemetro_jax import mesh_topology
-from coarsemetro_jax import models
 from coarsemetro_jax import steps
 from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
@@ -51,13 +50,6 @@ MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
 
 # ----------------------------------------------------------------------------
 # Model.
-
-
-def build(config):
-  """(model, topology) for `config`."""
-  topology = mesh_topology.load_topology(config.topology.hierarchy,
-                                         config.topology.adjmat_prefix)
-  return models.build_model(config.model, topology), topology
 
 
 def abstract_variables(model, image_size):
@@ -242,7 +234,7 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
     boxes = {p: parsed[0 if len(parsed) == 1 else i] for i, p in enumerate(paths)}
   if bboxes_json:
     boxes.update(image_crops.read_bboxes_json(bboxes_json))
-  model, topology = build(config)
+  topology, _, model = build_lib.build(config, body=False)
   variables = load_variables(config, model, checkpoint)
   if isinstance(h36m_regressor, str):
     h36m_regressor = load_h36m_regressor(config)
@@ -295,9 +287,8 @@ def _parse_ints(values, name):
 def _define_flags():
   """Command-line flags (defined only when run as a program)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Model configuration file.',
-                                  lock_config=True)
+  from coarsemetro_jax import config_files  # pylint: disable=g-import-not-at-top
+  config_files.define_flag('config', 'Model configuration file.')
   flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
                       'checkpoint.')
   flags.DEFINE_multi_string('images', [], 'Image files, folders or globs (paths after the '

@@ -11,10 +11,10 @@ The model never hard-codes SMPL: it receives a `MeshTopology`, loaded from
   `csc_matrix` (no scipy objects are created, no other code can run) and never
   touch M, so neither psbody nor chumpy is needed.
 
-Optionally FastMETRO's decoder adjacency (`smpl_431_adjmat_{indices,values,
-size}.pt`, PyTorch legacy serialisation) is read with the torch-free reader in
-`coarsemetro_jax.convert.torch_file`; without it the same graph is derived
-from A[2] plus self-loops, which is what those files hold.
+The decoder's adjacency on the coarsest level is derived from A[-1] plus
+self-loops. FastMETRO's own copy of it (`smpl_431_adjmat_*.pt`, read by
+`coarsemetro_jax/convert/adjacency.py`) holds the same graph and can be passed
+in as arrays instead.
 
 Plain-array layout written by `save_hierarchy` (level l = 0 is the finest):
   F{l}                       int32 [F_l, 3] faces of level l
@@ -73,10 +73,10 @@ class MeshTopology:
     """Fixed barycentric up-sampling as a gather. [..., V_from, C] -> [..., V_to, C].
 
     Works on numpy and jax arrays; equals the dense product `U @ vertices`.
-    One gather per neighbour slot k, summed: on XLA:CPU at batch 16 this took
-    0.2 ms forward and 1.8 ms with its gradient, against 15.4 and 7.1 ms for a
-    [..., V_l, K, C] gather reduced over K (its layout puts the batch between
-    the vertex and neighbour axes).
+    One gather per neighbour slot k, summed, rather than one [..., V_l, K, C]
+    gather reduced over K: that gather's layout puts the batch between the
+    vertex and neighbour axes, which makes it and its gradient much slower on
+    XLA:CPU.
     """
     for level in range(from_level - 1, to_level - 1, -1):
       indices, weights = self.up_indices[level], self.up_weights[level]
@@ -113,13 +113,16 @@ class MeshTopology:
 # Loading.
 
 
-def load_topology(path='', adjmat_prefix=''):
+def load_topology(path='', adjmat=None, adjmat_source='adjmat'):
   """Loads a hierarchy: '' for the embedded body, else a GraphCMR-style npz.
 
   Args:
     path: `mesh_downsampling.npz` (GraphCMR's pickled layout or ours).
-    adjmat_prefix: optional path prefix of FastMETRO's decoder adjacency files,
-      e.g. `.../smpl_431_adjmat` for `smpl_431_adjmat_{indices,values,size}.pt`.
+    adjmat: optional decoder adjacency of the coarsest level, replacing the one
+      derived from the hierarchy: a dense or scipy-sparse [V_c, V_c] matrix, or
+      the COO arrays (indices [2, N], values [N], size (V_c, V_c)) that
+      FastMETRO stores. Non-zero entries are edges (self-loops included).
+    adjmat_source: how error messages name `adjmat` (e.g. its files).
   """
   path = path or EMBEDDED_HIERARCHY
   if not os.path.exists(path):
@@ -136,8 +139,8 @@ def load_topology(path='', adjmat_prefix=''):
   except zipfile.BadZipFile as e:
     raise TopologyError(f'{path!r} is not an .npz (zip) file: {e}') from e
   topology = _build(mats, source=path)
-  if adjmat_prefix:
-    adjacency = _load_adjmat_pt(adjmat_prefix, topology.num_vertices[-1])
+  if adjmat is not None:
+    adjacency = _coarse_adjacency(adjmat, topology.num_vertices[-1], adjmat_source)
     topology = dataclasses.replace(topology, coarse_adjacency=adjacency)
   return topology
 
@@ -297,24 +300,28 @@ def _build(mats, source):
                       source=source)
 
 
-def _load_adjmat_pt(prefix, num_coarse):
-  """Reads FastMETRO's `<prefix>_{indices,values,size}.pt` into a bool matrix."""
-  from coarsemetro_jax.convert import torch_file  # pylint: disable=g-import-not-at-top
-  files = {k: f'{prefix}_{k}.pt' for k in ('indices', 'values', 'size')}
-  for f in files.values():
-    if not os.path.exists(f):
-      raise TopologyError(f'decoder adjacency file not found: {f!r}')
-  indices = np.asarray(torch_file.load(files['indices']))
-  values = np.asarray(torch_file.load(files['values']))
-  size = tuple(int(s) for s in torch_file.load(files['size']))
-  if size != (num_coarse, num_coarse) or indices.shape != (2, values.shape[0]):
-    raise TopologyError(
-        f'{prefix}_*.pt: adjacency of size {size} with indices {indices.shape} '
-        f'does not fit the coarsest mesh level ({num_coarse} vertices)')
-  adjacency = np.zeros(size, bool)
-  nonzero = values != 0
-  adjacency[indices[0, nonzero], indices[1, nonzero]] = True
-  return adjacency
+def _coarse_adjacency(adjmat, num_coarse, source):
+  """bool [V_c, V_c] from a dense/sparse matrix or (indices, values, size)."""
+  if isinstance(adjmat, (tuple, list)):
+    if len(adjmat) != 3:
+      raise TopologyError(f'{source}: expected (indices, values, size) or a matrix, '
+                          f'got a sequence of {len(adjmat)}')
+    indices, values = np.asarray(adjmat[0]), np.asarray(adjmat[1])
+    size = tuple(int(s) for s in adjmat[2])
+    if (size != (num_coarse, num_coarse) or indices.shape != (2, values.shape[0])
+        or (indices.size and not 0 <= indices.min() <= indices.max() < num_coarse)):
+      raise TopologyError(
+          f'{source}: adjacency of size {size} with indices {indices.shape} '
+          f'does not fit the coarsest mesh level ({num_coarse} vertices)')
+    adjacency = np.zeros(size, bool)
+    nonzero = values != 0
+    adjacency[indices[0, nonzero], indices[1, nonzero]] = True
+    return adjacency
+  dense = np.asarray(adjmat.toarray() if hasattr(adjmat, 'toarray') else adjmat)
+  if dense.shape != (num_coarse, num_coarse):
+    raise TopologyError(f'{source}: adjacency matrix of shape {dense.shape} does not fit '
+                        f'the coarsest mesh level ({num_coarse} vertices)')
+  return dense != 0
 
 
 # ----------------------------------------------------------------------------

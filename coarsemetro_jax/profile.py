@@ -15,8 +15,7 @@ eval mode) with fvcore's conventions, which the paper used:
 Each operation is attributed to the Flax module that issued it (the jaxpr name
 stack). Scopes, chosen because they reproduce the paper's FastMETRO rows:
   * transformer params: everything but the backbone and the learned
-    431 -> 1723 up-sampling layer (conv_1x1, tokens, heads included; FastMETRO
-    reference §1.9);
+    431 -> 1723 up-sampling layer (conv_1x1, tokens and heads included);
   * transformer FLOPs and activations: the encoder-decoder blocks
     (`transformer_*` modules). The small layers around them (conv_1x1, width
     reductions, token up-samplers, heads) are reported separately as
@@ -31,21 +30,15 @@ backbone (35.1M - 23.5M), i.e. the non-backbone column, learned layer included.
 import collections
 import dataclasses
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
-from coarsemetro_jax import mesh_topology
-from coarsemetro_jax import models
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model configuration.',
-                                          lock_config=True)
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Input resolution.')
+from coarsemetro_jax import build
+from coarsemetro_jax import config_files
 
 EXCLUDED_FROM_TRANSFORMER_PARAMS = ('coarse2intermediate_upsample',)
 # Paper Table 1: transformer params (M), GFLOPs, activations (M), overall params (M).
@@ -199,13 +192,18 @@ def format_table(rows):
   return '\n'.join(lines)
 
 
+def _define_flags():
+  """Command-line flags (defined only when run as a program)."""
+  config_files.define_flag('config', 'Model configuration file.')
+  flags.DEFINE_integer('image_size', 224, 'Input resolution.')
+  flags.mark_flags_as_required(['config'])
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
-  topology = mesh_topology.load_topology(config.topology.hierarchy,
-                                         config.topology.adjmat_prefix)
-  model = models.build_model(config.model, topology)
-  counts = profile_model(model, _IMAGE_SIZE.value)
+  config = flags.FLAGS.config
+  model = build.build(config, body=False).model
+  counts = profile_model(model, flags.FLAGS.image_size)
   print(format_table([(model_label(config), counts)]))
   print(f"\nbackbone: {counts['backbone_params'] / 1e6:.2f}M params, "
         f"{counts['backbone_gflops']:.2f} GFLOPs; whole model {counts['total_gflops']:.2f} "
@@ -213,4 +211,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
   app.run(main)

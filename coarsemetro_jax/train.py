@@ -23,10 +23,8 @@ from clu import periodic_actions
 import jax
 import numpy as np
 
-from coarsemetro_jax import body_model as body_model_lib
+from coarsemetro_jax import build as build_lib
 from coarsemetro_jax import checkpoints
-from coarsemetro_jax import mesh_topology
-from coarsemetro_jax import models
 from coarsemetro_jax import steps
 from data_pipelines import datasets
 
@@ -63,16 +61,6 @@ class _SigtermFlag:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def build(config):
-  """Topology, body model and model for `config`."""
-  topology = mesh_topology.load_topology(config.topology.hierarchy,
-                                         config.topology.adjmat_prefix)
-  body = body_model_lib.load_body_model(config.body_model.path,
-                                        config.body_model.h36m_regressor)
-  model = models.build_model(config.model, topology)
-  return topology, body, model
 
 
 def abstract_train_state(config, model, device_mesh, image_shape, steps_per_epoch):
@@ -216,7 +204,7 @@ def train_and_evaluate(config, workdir, mode='train'):
     raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  topology, body, model = build(config)
+  topology, body, model = build_lib.build(config)
   data = datasets.Datasets.create(config)
   device_mesh = steps.make_device_mesh()
   batch_sharding = steps.batch_sharding(device_mesh)

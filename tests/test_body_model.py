@@ -323,3 +323,38 @@ def test_h36m_and_j14_joints_are_anatomical(body):
                              j17[list(joints_lib.H36M_J17_TO_J14)], atol=1e-6)
   assert conf[list(joints_lib.J24_TO_J14)].min() == 1
   assert conf[joints_lib.J24_NAMES.index('Jaw')] == 0
+
+
+def _coo(dense):
+  rows, cols = np.nonzero(dense)
+  return np.stack([rows, cols]), dense[rows, cols], dense.shape
+
+
+def test_adjmat_arrays_replace_the_derived_adjacency():
+  derived = mesh_topology.load_topology().coarse_adjacency          # bool [431, 431]
+  assert derived.shape == (431, 431) and derived.diagonal().all()
+  # Drop one edge (both directions) and row-normalise, as FastMETRO's values are.
+  i, j = np.argwhere(np.triu(derived, 1))[0]
+  edited = derived.copy()
+  edited[i, j] = edited[j, i] = False
+  weights = edited / edited.sum(1, keepdims=True)
+  indices, values, size = _coo(weights)
+  zero_entry = (np.array([[i], [j]]), np.zeros(1), size)   # explicit zero: no edge
+  scipy_sparse = pytest.importorskip('scipy.sparse')
+  for adjmat in ((indices, values, size), weights, scipy_sparse.csr_matrix(weights),
+                 (np.concatenate([indices, zero_entry[0]], 1),
+                  np.concatenate([values, zero_entry[1]]), size)):
+    topology = mesh_topology.load_topology(adjmat=adjmat)
+    np.testing.assert_array_equal(topology.coarse_adjacency, edited)
+    assert not topology.decoder_attention_mask(14)[14 + i, 14 + j]
+
+
+@pytest.mark.parametrize('adjmat, message', [
+    ((np.zeros((2, 0), np.int64), np.zeros(0), (430, 430)), r'size \(430, 430\)'),
+    ((np.array([[0], [431]]), np.ones(1), (431, 431)), r'indices \(2, 1\)'),
+    ((np.zeros((3, 4), np.int64), np.ones(4), (431, 431)), r'indices \(3, 4\)'),
+    (np.eye(430), r'shape \(430, 430\)'),
+])
+def test_adjmat_that_does_not_fit_is_refused(adjmat, message):
+  with pytest.raises(mesh_topology.TopologyError, match=r'^adj_\*\.pt: .*' + message):
+    mesh_topology.load_topology(adjmat=adjmat, adjmat_source='adj_*.pt')

@@ -1,9 +1,12 @@
 """Every recipe in configs/ builds its model and schedule (shapes via jax.eval_shape)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from coarsemetro_jax import config_files
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import steps
@@ -20,6 +23,19 @@ RECIPES = {
     'tiny': tiny.get_config,
     'embedded': embedded.get_config,
 }
+
+
+# The same recipes as command lines name them (config_files.load).
+RECIPE_FILES = {'r50': 'r50.py', 'h64': 'h64.py', 'fastmetro-S-r50': 'fastmetro.py:S-r50',
+                'tiny': 'tiny.py', 'embedded': 'embedded.py'}
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES))
+def test_recipe_file_loads_as_on_the_command_line(name):
+  spec = os.path.join(os.path.dirname(os.path.abspath(r50.__file__)), RECIPE_FILES[name])
+  config = config_files.load(spec)
+  assert config.is_locked
+  assert config.to_dict() == RECIPES[name]().to_dict()
 
 
 @pytest.fixture(scope='module')

@@ -240,3 +240,13 @@ def test_error_output_exists(tmp_path, capsys, fastmetro_file):
                       f'{TINY}:fastmetro')
   assert code == 1 and 'already exists' in err
   assert not os.listdir(tmp_path / 'out')
+
+
+def test_error_config_file(tmp_path, capsys, fastmetro_file, monkeypatch):
+  path, _ = fastmetro_file
+  _expect_failure(capsys, tmp_path, path, "config file 'no/such/config.py'", '--config',
+                  'no/such/config.py')
+  # Without --config the default is the checkout's configs/r50.py; an installed
+  # package has none, and says so.
+  monkeypatch.setattr(kinds, 'REPO_CONFIGS', str(tmp_path / 'configs'))
+  _expect_failure(capsys, tmp_path, path, 'no --config given')

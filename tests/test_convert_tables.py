@@ -45,7 +45,7 @@ def test_layouts_are_inverse():
   assert tables.TO_FLAX['conv'](w)[6, 4, 2, 7] == w[7, 2, 6, 4]   # HWIO
 
 
-# FastMETRO reference §1.9: (keys, parameters) per variant.
+# FastMETRO's released state dicts: (keys, parameters) per variant.
 FASTMETRO_COUNTS = {'S': (403, 33_549_398), 'M': (463, 41_368_662), 'L': (523, 49_187_926)}
 
 
@@ -96,7 +96,7 @@ def test_resnet50_imagenet_accounting():
   assert set(reference) - set(expected) == {'fc.weight', 'fc.bias'}
   assert all(tables.is_ignored(k, table) for k in ('fc.weight', 'fc.bias'))
   assert {k: reference[k] for k in expected} == dict(expected)
-  assert _param_count(expected) == 23_508_032      # §1.9 backbone parameters
+  assert _param_count(expected) == 23_508_032      # FastMETRO-*-R50's backbone parameters
 
 
 @pytest.mark.parametrize('vertex_attention', ['none', 'beginning'])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from coarsemetro_jax import export
+from coarsemetro_jax import build
 from coarsemetro_jax import infer
 
 from test_infer import random_regressor
@@ -18,7 +19,7 @@ from test_infer import tiny_config
 def tiny(topology):
   del topology  # skips when no mesh hierarchy is available
   config = tiny_config()
-  model, _ = infer.build(config)
+  model = build.build(config, body=False).model
   variables = random_variables(model, config.data.image_size)
   return model, variables, random_regressor(6890)
 

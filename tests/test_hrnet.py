@@ -21,19 +21,18 @@ from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax.convert import __main__ as cli
 from coarsemetro_jax.convert import checkpoint
-from coarsemetro_jax.convert import hrnet_table
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 from coarsemetro_jax.models import hrnet
 
-# FastMETRO reference §2: HRNet-W64 state dict (classifier included).
+# HRNet-W64's ImageNet state dict (classifier included).
 W64_KEYS, W64_PARAMS = 1956, 128_059_944
 CLASSIFIER_PARAMS = 2048 * 1000 + 1000
 W64_KEY_GROUPS = {'layer1': 78, 'transition1': 12, 'stage2': 108, 'transition2': 6,
                   'stage3': 744, 'transition3': 6, 'stage4': 864, 'incre_modules': 96,
                   'downsamp_modules': 21, 'final_layer': 7, 'classifier': 2}
-# FastMETRO reference §1.9: FastMETRO-L-H64.
+# FastMETRO-L-H64's released state dict.
 FASTMETRO_L_H64_KEYS, FASTMETRO_L_H64_PARAMS = 2161, 153_739_838
 # A CPU-sized HRNet with every structural feature: 2-4 branches, chained
 # modules, multi-step down-fuses, incre downsample shortcuts.
@@ -88,7 +87,7 @@ def test_w32():
   width, params = 32, 41_232_680 - CLASSIFIER_PARAMS
   variables = _abstract(hrnet.HRNet(width=width), 224)
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params'])) == params
-  shapes = state_dict_lib.torch_shapes(hrnet_table.backbone_table(width, '', 'backbone/'),
+  shapes = state_dict_lib.torch_shapes(tables.hrnet_backbone_table(width, '', 'backbone/'),
                                        {c: {'backbone': v} for c, v in variables.items()})
   assert shapes['stage4.2.branches.3.3.conv2.weight'] == (8 * width, 8 * width, 3, 3)
   assert shapes['final_layer.0.weight'] == (2048, 1024, 1, 1)
@@ -174,7 +173,7 @@ def _converted_small(torch, seed=0, structure=None, size=64):
   reference = random_init.randomize_(_torch_reference(torch, 8, meta=False, **structure), seed)
   model = hrnet.HRNet(width=8, **structure)
   state = {k: v.numpy() for k, v in reference.state_dict().items()}
-  table = hrnet_table.table(8, '', '', **structure)
+  table = tables.hrnet_backbone_table(8, '', '', **structure)
   variables, report = state_dict_lib.to_flax(state, table, _abstract(model, size))
   assert {k for k in report.ignored if not k.endswith('num_batches_tracked')} == {
       'classifier.weight', 'classifier.bias'}
@@ -273,7 +272,7 @@ def test_w64_parity():
   reference = random_init.randomize_(_torch_reference(torch, 64, meta=False), seed=4).eval()
   model = hrnet.HRNet(width=64)
   state = {k: v.numpy() for k, v in reference.state_dict().items()}
-  variables, _ = state_dict_lib.to_flax(state, hrnet_table.backbone_table(64, '', ''),
+  variables, _ = state_dict_lib.to_flax(state, tables.hrnet_backbone_table(64, '', ''),
                                         _abstract(model, 224))
   images = np.random.default_rng(4).standard_normal((1, 224, 224, 3)).astype(np.float32)
   with torch.no_grad():

@@ -12,6 +12,7 @@ import pytest
 
 from coarsemetro_jax import attention_maps
 from coarsemetro_jax import checkpoints
+from coarsemetro_jax import build
 from coarsemetro_jax import infer
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import mesh_io
@@ -63,7 +64,7 @@ def random_regressor(num_vertices, seed=0):
 def tiny_checkpoint(topology, tmp_path_factory):
   del topology  # skips when no mesh hierarchy is available
   config = tiny_config()
-  model, _ = infer.build(config)
+  model = build.build(config, body=False).model
   variables = random_variables(model, config.data.image_size)
   path = str(tmp_path_factory.mktemp('ckpt') / 'tiny')
   convert_checkpoint.save_converted(path, variables,
@@ -244,7 +245,7 @@ def test_run_writes_meshes_joints_and_pictures(tiny_checkpoint, topology, tmp_pa
 def test_attention_maps_are_head_averaged_rows(topology):
   del topology  # skips when no mesh hierarchy is available
   config = tiny_config()
-  model, _ = infer.build(config)
+  model = build.build(config, body=False).model
   variables = infer.abstract_variables(model, config.data.image_size)
   images = jax.ShapeDtypeStruct((2, 64, 64, 3), np.float32)
   # The model's tree of sown weights (no compilation), filled with random rows.
@@ -277,7 +278,7 @@ def test_attention_maps_are_head_averaged_rows(topology):
 def test_checkpoint_of_another_config(tiny_checkpoint):
   _, checkpoint = tiny_checkpoint
   config = tiny_config('fastmetro')
-  model, _ = infer.build(config)
+  model = build.build(config, body=False).model
   with pytest.raises(checkpoints.CheckpointError,
                      match='(?s)missing in the checkpoint.*fastmetro.*another config') as e:
     infer.load_variables(config, model, checkpoint)

@@ -454,10 +454,10 @@ def test_real_decoder_mask_has_3005_allowed_vertex_pairs(smpl_topology_dir):
   assert mask.shape == (445, 445)
   assert mask[14:, 14:].sum() == 3005
   assert mask[:14].all() and mask[:, :14].all()
-  pytest.importorskip('coarsemetro_jax.convert.torch_file')
+  from coarsemetro_jax.convert import adjacency  # pylint: disable=g-import-not-at-top
   from_files = mesh_topology.load_topology(
       str(smpl_topology_dir / 'mesh_downsampling.npz'),
-      adjmat_prefix=str(smpl_topology_dir / 'smpl_431_adjmat'))
+      adjacency.read_adjmat(str(smpl_topology_dir / 'smpl_431_adjmat')))
   np.testing.assert_array_equal(from_files.coarse_adjacency, derived.coarse_adjacency)
 
 

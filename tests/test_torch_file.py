@@ -27,7 +27,7 @@ def test_fastmetro_adjacency_files(smpl_topology_dir):
   assert size == (431, 431)
   assert indices.min() == 0 and indices.max() == 430
   # Row-normalised adjacency with self-loops: each row sums to 1 and holds its
-  # diagonal; 4-11 entries per row (FastMETRO reference §1.4).
+  # diagonal; 4-11 entries per row.
   row_sums = np.zeros(431)
   np.add.at(row_sums, indices[0], values)
   np.testing.assert_allclose(row_sums, 1.0, rtol=1e-6)
@@ -292,3 +292,21 @@ def test_fastmetro_mask_equals_topology_mask(smpl_topology_dir):
   blocked[14:, 14:] = adjacency == 0
   topology = mesh_topology.load_topology(str(smpl_topology_dir / 'mesh_downsampling.npz'))
   np.testing.assert_array_equal(topology.decoder_attention_mask(14), ~blocked)
+
+
+def test_read_adjmat_returns_the_three_files(tmp_path):
+  # FastMETRO's layout: COO indices [2, N], values [N] and the size, one file each.
+  from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax.convert import adjacency  # pylint: disable=g-import-not-at-top
+  indices = np.array([[0, 0, 1, 2], [0, 1, 1, 2]], np.int64)
+  values = np.array([0.5, 0.5, 1.0, 1.0], np.float32)
+  torch_writer.save(indices, tmp_path / 'adj_indices.pt')
+  torch_writer.save(values, tmp_path / 'adj_values.pt')
+  torch_writer.save((3, 3), tmp_path / 'adj_size.pt')
+  got_indices, got_values, size = adjacency.read_adjmat(str(tmp_path / 'adj'))
+  np.testing.assert_array_equal(got_indices, indices)
+  np.testing.assert_array_equal(got_values, values)
+  assert size == (3, 3)
+  (tmp_path / 'adj_values.pt').unlink()
+  with pytest.raises(mesh_topology.TopologyError, match='adj_values.pt'):
+    adjacency.read_adjmat(str(tmp_path / 'adj'))

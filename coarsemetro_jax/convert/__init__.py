@@ -4,6 +4,7 @@ Modules:
   torch_file   `load(path)`: PyTorch .pth/.bin/.pt files (zip and legacy
                serialisations) without torch; restricted unpickler.
   torch_writer `save(tree, path)`: zip serialisation that torch.load reads.
+  adjacency    `read_adjmat(prefix)`: FastMETRO's decoder adjacency files as arrays.
   tables       explicit module tables (name map + layout per module kind) and
                CoarseMETRO's PyTorch key layout (documented there).
   state_dict   `to_flax(state_dict, table, target)` / `to_torch(variables, table)`

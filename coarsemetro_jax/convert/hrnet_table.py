@@ -1,18 +1,19 @@
-"""Conversion table of HRNet (HRNet-Image-Classification / METRO `get_cls_net`).
+"""HRNet's modules (HRNet-Image-Classification / METRO `get_cls_net`), in state-dict order.
 
-Used for the ImageNet files (`hrnetv2_w64_imagenet_pretrained.pth`: torch
-prefix '') and for the backbone of FastMETRO-*-H64 / CoarseMETRO-S-H64
-(torch prefix 'backbone.'). Every module maps to the Flax path given by
-`tables.flax_name` (models/hrnet.py names its submodules that way). The unused
-`classifier` (Linear 2048 -> 1000) is in every such state dict and is ignored
-(FastMETRO reference §2); `incre_modules`, `downsamp_modules` and
-`final_layer` produce the 2048-channel map FastMETRO uses and are converted.
+`module_rows` lists every PyTorch module with its row kind; `tables.py` turns
+the listing into the conversion table (`tables.hrnet_backbone_table`), used for
+the ImageNet files (`hrnetv2_w64_imagenet_pretrained.pth`: torch prefix '') and
+for the backbone of FastMETRO-*-H64 / CoarseMETRO-S-H64 (torch prefix
+'backbone.'). Every module maps to the Flax path given by `tables.flax_name`
+(models/hrnet.py names its submodules that way). The `classifier` (Linear
+2048 -> 1000) is in every such state dict but unused by FastMETRO, so it is
+ignored; `incre_modules`, `downsamp_modules` and `final_layer` produce the
+2048-channel map FastMETRO uses and are converted.
 
 W64: 1954 converted keys (1956 with the classifier), 126,010,944 parameters
 (128,059,944 with the classifier).
 """
 
-from coarsemetro_jax.convert import tables
 from coarsemetro_jax.models import hrnet
 
 EXPANSION = 4
@@ -70,16 +71,3 @@ def module_rows(width, stem_width=64, stage_modules=hrnet.STAGE_MODULES,
     _conv_bn(rows, f'downsamp_modules.{i}', 'conv_bias')
   _conv_bn(rows, 'final_layer', 'conv_bias')
   return rows
-
-
-def table(width, torch_prefix='', flax_prefix='', **structure):
-  """Table of an HRNet with `models/hrnet.HRNet` fields (width, **structure)."""
-  rows = [tables.Row(kind, tables._join(torch_prefix, m),  # pylint: disable=protected-access
-                     tables._join(flax_prefix, tables.flax_name(m)))  # pylint: disable=protected-access
-          for m, kind in module_rows(width, **structure)]
-  return tables.Table(rows, ignored=[tables._join(torch_prefix, 'classifier.')])  # pylint: disable=protected-access
-
-
-def backbone_table(width, torch_prefix, flax_prefix):
-  """HRNet-W{width} as FastMETRO and the ImageNet files use it (the converter's hook)."""
-  return table(width, torch_prefix, flax_prefix)

@@ -3,7 +3,7 @@
 Kind names:
   resnet50-imagenet                torchvision ImageNet ResNet-50 (resnet50-0676ba61.pth);
                                    backbone only, `fc` ignored
-  hrnet-w{32,48,64}-imagenet       HRNet classification file (needs hrnet_table.py)
+  hrnet-w{32,48,64}-imagenet       HRNet classification file; `classifier` ignored
   resnet-imagenet                  torchvision-layout ResNet of config.model.resnet_*
   fastmetro-{S,M,L}-{r50,h64,...}  FastMETRO_Body_Network state dict (1/2/3 layers)
   coarsemetro-S-{r50,h64,...}      CoarseMETRO state dict (tables.py docstring)
@@ -16,14 +16,13 @@ the conversion runs with (configs/r50.py unless --config is given).
 
 import contextlib
 import copy
-import importlib.util
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coarsemetro_jax import config_files
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax.convert import state_dict as state_dict_lib
@@ -32,6 +31,8 @@ from coarsemetro_jax.convert import tables
 FASTMETRO_SIZES = {'S': 1, 'M': 2, 'L': 3}
 BACKBONE_TAGS = {'r50': ('resnet50', 64), 'h64': ('hrnet', 64), 'h48': ('hrnet', 48),
                  'h32': ('hrnet', 32), 'resnet': ('resnet', 64)}
+# A source checkout's configs/ (not installed with the package): the default
+# model config of the command line when --config is not given.
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs')
 
@@ -41,23 +42,14 @@ REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def load_config(spec=''):
-  """Loads `get_config([arg])` from 'path/to/config.py[:arg]'; '' = configs/r50.py."""
-  path, _, arg = (spec or os.path.join(REPO_CONFIGS, 'r50.py')).partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} not found (pass --config path/to/config.py)')
-  spec_ = importlib.util.spec_from_file_location(
-      f'_convert_config_{abs(hash(path))}', path)
-  module = importlib.util.module_from_spec(spec_)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  added = root not in sys.path
-  if added:   # configs import each other as `from configs import r50`
-    sys.path.insert(0, root)
-  try:
-    spec_.loader.exec_module(module)
-  finally:
-    if added:
-      sys.path.remove(root)
-  return module.get_config(arg) if arg else module.get_config()
+  """The locked config of 'path/to/config.py[:arg]'; '' = the checkout's configs/r50.py."""
+  if not spec:
+    spec = os.path.join(REPO_CONFIGS, 'r50.py')
+    if not os.path.isfile(spec):
+      raise config_files.ConfigError(
+          f'no --config given and there is no {spec} (configs/ is not installed with the '
+          'package); pass --config path/to/configs/r50.py or the model\'s config')
+  return config_files.load(spec)
 
 
 def _backbone_tag(model_config):
@@ -161,27 +153,20 @@ def _mismatch(keys, table):
 def detect_kind(keys, config):
   """The kind whose table matches `keys` exactly; else a ValueError naming the closest."""
   keys = set(keys)
-  scores, unavailable = [], []
+  scores = []
   for kind in candidate_kinds(config):
-    try:
-      table = kind_table(kind, config)
-    except NotImplementedError:
-      unavailable.append(kind)
-      continue
-    missing, unexpected = _mismatch(keys, table)
+    missing, unexpected = _mismatch(keys, kind_table(kind, config))
     if not missing and not unexpected:
       return kind
     scores.append((len(missing) + len(unexpected), kind, missing, unexpected))
   scores.sort(key=lambda s: s[0])
   _, kind, missing, unexpected = scores[0]
-  note = (f'\n  (not tried, their tables are not available: {", ".join(unavailable)})'
-          if unavailable else '')
   raise ValueError(
       f'the checkpoint matches no known kind; closest is {kind} with '
       f'{len(missing)} missing and {len(unexpected)} unexpected keys\n'
       + state_dict_lib.listing('missing', missing) + '\n'
       + state_dict_lib.listing('unexpected', unexpected)
-      + note + '\n  pass --kind to force one, or --config for a model with other '
+      + '\n  pass --kind to force one, or --config for a model with other '
       'widths/stages')
 
 

@@ -21,8 +21,8 @@ before it (`transformer_1.encoder.layers.0.self_attn` ->
 `nn.Sequential` ResNet (`backbone.0` = conv1, `.1` = bn1, `.4`-`.7` =
 layer1-4), which the ResNet rows spell out.
 
-FastMETRO (`FastMETRO_Body_Network`, FastMETRO reference §1.9) maps key for key
-onto models/fastmetro.py. CoarseMETRO has no released PyTorch code; its
+FastMETRO's released state dicts (`FastMETRO_Body_Network`, no `module.`
+prefix) map key for key onto models/fastmetro.py. CoarseMETRO has no released PyTorch code; its
 PyTorch layout is defined here, in FastMETRO's naming style, from the Flax
 module names of models/coarsemetro.py (S stages, s = 1..S; E_s = stage_dims):
 
@@ -47,16 +47,17 @@ module names of models/coarsemetro.py (S stages, s = 1..S; E_s = stage_dims):
   cam_predictor.*, xyz_regressor.*    Linear(E_S -> 3)
   coarse2intermediate_upsample.*      Linear(431 -> 1723) along the vertex axis
 
-Backbones: `backbone_table` returns the table of `config.model.backbone`;
-HRNet's comes from `coarsemetro_jax/convert/hrnet_table.py`
-(`backbone_table(width, torch_prefix, flax_prefix) -> Table`), added with the
-HRNet port.
+Backbones: `backbone_table` returns the table of `config.model.backbone`:
+torchvision's ResNet (`resnet_table`) or HRNet (`hrnet_backbone_table`, from
+the module listing in hrnet_table.py).
 """
 
 import dataclasses
 import re
 
 import numpy as np
+
+from coarsemetro_jax.convert import hrnet_table
 
 ROW_KINDS = ('conv', 'conv_bias', 'linear', 'embedding', 'layer_norm', 'batch_norm', 'mha')
 
@@ -195,6 +196,13 @@ def resnet_table(depths, width, torch_prefix='', flax_prefix='', sequential=Fals
   return Table(rows)
 
 
+def hrnet_backbone_table(width, torch_prefix='', flax_prefix='', **structure):
+  """HRNet-W{width} (`models/hrnet.HRNet` fields width, **structure); classifier ignored."""
+  rows = [row(kind, _join(torch_prefix, m), _join(flax_prefix, flax_name(m)))
+          for m, kind in hrnet_table.module_rows(width, **structure)]
+  return Table(rows, ignored=[_join(torch_prefix, 'classifier.')])
+
+
 def backbone_table(model_config, torch_prefix, flax_prefix, imagenet=False):
   """Table of `model_config.backbone`.
 
@@ -214,13 +222,7 @@ def backbone_table(model_config, torch_prefix, flax_prefix, imagenet=False):
       table.ignored += [_join(torch_prefix, 'fc.weight'), _join(torch_prefix, 'fc.bias')]
     return table
   if name == 'hrnet':
-    try:
-      from coarsemetro_jax.convert import hrnet_table  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise NotImplementedError(
-          'HRNet checkpoints need coarsemetro_jax/convert/hrnet_table.py '
-          '(added with the HRNet backbone port)') from e
-    return hrnet_table.backbone_table(model_config.hrnet_width, torch_prefix, flax_prefix)
+    return hrnet_backbone_table(model_config.hrnet_width, torch_prefix, flax_prefix)
   raise ValueError(f'no conversion table for backbone {name!r}')
 
 
@@ -252,13 +254,13 @@ def transformer_table(name, num_layers, vertex_attention='none'):
   return Table(rows)
 
 
-# FastMETRO's optional SMPL-parameter regressor (§1.7) has no Flax counterpart;
-# its keys are read and skipped (the mesh outputs do not depend on it).
+# FastMETRO's optional SMPL-parameter regressor has no Flax counterpart; its
+# keys are read and skipped (the mesh outputs do not depend on it).
 FASTMETRO_IGNORED = ['smpl_parameter_regressor.']
 
 
 def fastmetro_table(model_config):
-  """`FastMETRO_Body_Network` in its registration order (§1.9)."""
+  """`FastMETRO_Body_Network` in its module registration (state-dict) order."""
   table = backbone_table(model_config, 'backbone.', 'backbone/')
   for t in (1, 2):
     table += transformer_table(f'transformer_{t}', model_config.fastmetro_layers)
