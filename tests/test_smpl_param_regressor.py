@@ -149,3 +149,14 @@ def test_flax_to_torch_to_flax_is_exact():
   again, _ = state_dict_lib.to_flax(state, table, variables)
   for path, value in state_dict_lib.flatten(variables).items():
     np.testing.assert_array_equal(state_dict_lib.flatten(again)[path], value, err_msg=path)
+
+
+def test_svd_rotation_gradient_matches_torch():
+  rng = np.random.default_rng(6)
+  raw = rng.normal(size=(32, 3, 3)).astype(np.float32)
+  weight = rng.normal(size=(32, 3, 3)).astype(np.float32)
+  ours = jax.grad(lambda m: jnp.sum(spr.svd_rotation(m) * weight))(jnp.asarray(raw))
+  x = torch.from_numpy(raw).requires_grad_(True)
+  (torch_spr.svd_rotation(x) * torch.from_numpy(weight)).sum().backward()
+  assert np.all(np.isfinite(ours))
+  np.testing.assert_allclose(ours, x.grad.numpy(), atol=1e-4, rtol=1e-4)
