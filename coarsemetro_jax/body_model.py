@@ -159,13 +159,18 @@ def forward(body, pose, betas):
   Returns:
     vertices [B, V, 3] and joints [B, 24, 3].
   """
-  b = pose.shape[0]
+  pose = jnp.asarray(pose, body.v_template.dtype)
+  return forward_rotmats(body, rodrigues(pose.reshape(pose.shape[0], -1, 3)), betas)
+
+
+def forward_rotmats(body, rotmats, betas):
+  """`forward` with the pose as local rotation matrices [B, 24, 3, 3]."""
+  b = rotmats.shape[0]
   dtype = body.v_template.dtype
-  pose = jnp.asarray(pose, dtype).reshape(b, -1, 3)
+  rotmats = jnp.asarray(rotmats, dtype)                                # [B, 24, 3, 3]
   v_shaped = shaped_vertices(body, jnp.asarray(betas, dtype))        # [B, V, 3]
   rest = jnp.einsum('jv,bvc->bjc', body.j_regressor, v_shaped,
                     precision=_HIGHEST)                                # [B, 24, 3]
-  rotmats = rodrigues(pose)                                            # [B, 24, 3, 3]
   if body.posedirs is not None:
     feature = (rotmats[:, 1:] - jnp.eye(3, dtype=dtype)).reshape(b, -1)  # [B, 207]
     v_shaped = v_shaped + jnp.matmul(feature, body.posedirs,

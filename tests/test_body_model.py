@@ -358,3 +358,25 @@ def test_adjmat_arrays_replace_the_derived_adjacency():
 def test_adjmat_that_does_not_fit_is_refused(adjmat, message):
   with pytest.raises(mesh_topology.TopologyError, match=r'^adj_\*\.pt: .*' + message):
     mesh_topology.load_topology(adjmat=adjmat, adjmat_source='adj_*.pt')
+
+
+def test_forward_rotmats_matches_axis_angle_path_and_reference():
+  rng = np.random.default_rng(7)
+  arrays, body = _tiny_body(rng)
+  pose = rng.normal(0, 0.6, (3, 72))
+  betas = rng.normal(0, 1, (3, 4))
+  # Rotation matrices from SciPy, not from bm.rodrigues.
+  rotmats = Rotation.from_rotvec(pose.reshape(-1, 3)).as_matrix().reshape(3, 24, 3, 3)
+  verts, joints = jax.jit(bm.forward_rotmats)(body, jnp.asarray(rotmats, jnp.float32),
+                                              jnp.asarray(betas, jnp.float32))
+  ref_verts, ref_joints = forward(body, jnp.asarray(pose, jnp.float32),
+                                  jnp.asarray(betas, jnp.float32))
+  np.testing.assert_allclose(verts, ref_verts, atol=1e-5)
+  np.testing.assert_allclose(joints, ref_joints, atol=1e-5)
+  posedirs = arrays['posedirs'].reshape(-1, 207).T
+  for i in range(3):
+    np_verts, np_joints = reference_lbs(
+        arrays['v_template'], arrays['shapedirs'], posedirs, arrays['j_regressor'],
+        arrays['weights'], pose[i], betas[i])
+    np.testing.assert_allclose(verts[i], np_verts, atol=1e-4)
+    np.testing.assert_allclose(joints[i], np_joints, atol=1e-4)
