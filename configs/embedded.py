@@ -59,6 +59,7 @@ def get_config():
   # (single view / flip test) against 95.2 / 93.5 (full runs, 2026-12-05).
   config.model.joint_mask_ratio = 0.0
 
+  config.data.source = 'synthetic'
   config.data.image_size = 96
   # Batch 32: the step does not keep 2 cores busy at 16, so 32 examples cost
   # 1.8x the time of 16 (isolated step 127 against 69.7 ms), and 5,400 steps

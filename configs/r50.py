@@ -72,7 +72,7 @@ def get_config():
   # ----------------------------------------------------------------- data
   # data_pipelines/input_pipeline.py; reference §4 (format, augmentation).
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tsv'               # 'tsv' (METRO yamls) | 'tfds'
+  config.data.source = 'tsv'               # 'tsv' (METRO yamls) | 'tfds' | 'synthetic'
   config.data.train_yaml = ''
   config.data.eval_yaml = ''
   # source='tfds': a build of data_pipelines/tfds_metro.py (may be gs://).
@@ -97,7 +97,7 @@ def get_config():
   # The embedded dataset (data_pipelines/synthetic), used when no train_yaml
   # is given; generated into `dir` on first use and cached there.
   config.data.synthetic = ml_collections.ConfigDict()
-  config.data.synthetic.dir = 'data/embedded'
+  config.data.synthetic.dir = 'data/synthetic'   # one subdirectory per set of parameters
   config.data.synthetic.num_train = 10_000
   config.data.synthetic.num_test = 1_000
   config.data.synthetic.seed = 0
