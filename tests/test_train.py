@@ -337,8 +337,9 @@ def test_misspelled_config_override_fails(tmp_path):
       [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={tmp_path}',
        '--config.data.batchsize=4'],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-  assert run.returncode != 0
+  assert run.returncode == 2
   assert 'Did you mean "batch_size" instead of "batchsize"?' in run.stderr
+  assert 'Traceback' not in run.stderr
   assert os.listdir(tmp_path) == []
 
 
