@@ -24,6 +24,7 @@ MPVPE 0.00 on H36M, whose labels have no SMPL); its count is 0.
 import flax
 import jax.numpy as jnp
 from clu import metrics as clu_metrics
+import numpy as np
 
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import losses
@@ -73,6 +74,48 @@ def errors_from_arrays(pred_joints, gt_joints, pred_vertices, gt_vertices,
       'joints_mask': real & (has_3d_joints > 0),
       'vertices_mask': real & (has_smpl > 0),
   }
+
+
+def _best_rotation(src, dst):
+  """[N, 3, 3] rotations R minimising |src @ R - dst| (Kabsch; src [N, J, 3], dst [J, 3])."""
+  u, _, vt = np.linalg.svd(np.einsum('nja,jb->nab', src, dst))
+  u[:, :, -1] *= np.sign(np.linalg.det(u @ vt))[:, None]          # no reflections
+  return u @ vt
+
+
+def procrustes_mean(poses, iterations=5):
+  """The mean body pose [J, 3] of root-free J14 poses [N, J, 3] (NumPy).
+
+  A plain average of camera-frame poses seen from many directions collapses
+  towards a point (a "baseline" no model could lose to). Each pose is instead
+  rotated onto the running mean before averaging (generalised Procrustes,
+  rotation only), and the result is given the orientation that best fits the
+  plain average and is centred at the hip midpoint (where MPJPE centres poses).
+  """
+  poses = np.asarray(poses, np.float64)
+  centred = poses - poses.mean(1, keepdims=True)                   # [N, J, 3]
+  mean = centred[0]
+  for _ in range(iterations):
+    rot = _best_rotation(centred, mean)                            # [N, 3, 3]
+    mean = np.einsum('nja,nab->jb', centred, rot) / len(centred)
+  mean = mean @ _best_rotation(mean[None], centred.mean(0))[0]
+  hips = 0.5 * (mean[joint_tables.J14_R_HIP] + mean[joint_tables.J14_L_HIP])
+  return mean - hips
+
+
+def mean_pose_baseline(train_joints, test_joints):
+  """MPJPE / PA-MPJPE (mm) of always predicting the training set's mean pose.
+
+  Args:
+    train_joints, test_joints: [N, 14, 3] root-relative J14 joints of the
+      examples with 3D joints (`data_pipelines.datasets.j14_joints`).
+  Returns:
+    {'mpjpe', 'pa_mpjpe': mm, 'count': test examples}.
+  """
+  test = np.asarray(test_joints, np.float32)
+  pred = np.broadcast_to(procrustes_mean(train_joints), test.shape).astype(np.float32)
+  mm = lambda fn: MM_PER_M * float(np.asarray(fn(pred, test)).mean())
+  return {'mpjpe': mm(mpjpe), 'pa_mpjpe': mm(pa_mpjpe), 'count': int(len(test))}
 
 
 @flax.struct.dataclass

@@ -5,9 +5,12 @@ Order of initialisation (idempotent restarts, as big_vision):
   2. else `config.init_from` (a converted PyTorch checkpoint: whole model, or
      backbone-only ImageNet weights);
   3. else scratch.
-Data: `config.data.train_yaml` / `eval_yaml` (METRO TSV) or TFDS; with neither
-set, the embedded synthetic dataset in `config.data.synthetic.dir` is used and
-generated first if absent (same on-disk format and pipeline as real data).
+Every input (the data, the body model, the topology, init_from) is checked
+first (`check_inputs`), before anything is rendered, built or compiled.
+Data: `config.data.source` is 'tsv' (`train_yaml` / `eval_yaml`, METRO TSV),
+'tfds', or 'synthetic': the embedded synthetic dataset, rendered as a step of
+its own into a directory under `config.data.synthetic.dir` unless it is
+already there (same on-disk format and pipeline as real data).
 The data order is a function of the step, so a resumed run sees the same
 batches as an uninterrupted one.
 """
@@ -23,14 +26,29 @@ from clu import periodic_actions
 import jax
 import numpy as np
 
+from coarsemetro_jax import body_model as body_model_lib
 from coarsemetro_jax import build as build_lib
 from coarsemetro_jax import checkpoints
+from coarsemetro_jax import mesh_topology
+from coarsemetro_jax import metrics as metrics_lib
 from coarsemetro_jax import steps
+from data_pipelines import bad_rows
 from data_pipelines import datasets
+from data_pipelines import metro_labels
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/Inf loss or gradient; the last good checkpoint is kept."""
+
+
+# What a user fixes in the config (CONFIG_ERRORS) or in the files it names
+# (INPUT_ERRORS); their messages say what and where, so a command line prints
+# them as one line.
+CONFIG_ERRORS = (datasets.DataConfigError,)
+INPUT_ERRORS = (datasets.InputError, bad_rows.TooManyBadRowsError,
+                metro_labels.BadRowError, checkpoints.CheckpointError,
+                body_model_lib.BodyModelError, mesh_topology.TopologyError,
+                NonFiniteLossError)
 
 
 class _SigtermFlag:
@@ -61,6 +79,55 @@ class _SigtermFlag:
   def restore(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_file(key, path, error, what):
+  """One line for the log; `error` unless `path` is a readable file."""
+  if not os.path.isfile(path) or not os.access(path, os.R_OK):
+    raise error(f'config.{key}: {what} not found or not readable: {path}')
+  return f'config.{key}: {path}'
+
+
+def check_model_inputs(config):
+  """Checks the files of the body model, the topology and init_from exist.
+
+  Their contents are checked where they are read; this only makes a missing
+  file fail before any work. Returns one line per input for the log.
+  """
+  lines = []
+  files = (('body_model.path', body_model_lib.BodyModelError, 'body model'),
+           ('body_model.h36m_regressor', body_model_lib.BodyModelError, 'H36M regressor'),
+           ('topology.hierarchy', mesh_topology.TopologyError, 'mesh hierarchy'))
+  for key, error, what in files:
+    section, name = key.split('.')
+    path = config[section][name]
+    lines.append(_check_file(key, path, error, what) if path else
+                 f'config.{key}: embedded')
+  prefix = config.topology.adjmat_prefix
+  if prefix:
+    lines += [_check_file('topology.adjmat_prefix', f'{prefix}_{k}.pt',
+                          mesh_topology.TopologyError, 'decoder adjacency file')
+              for k in ('indices', 'values', 'size')]
+  if config.init_from:
+    if not os.path.exists(config.init_from) or not os.access(config.init_from, os.R_OK):
+      raise checkpoints.CheckpointError(
+          f'config.init_from: not found or not readable: {config.init_from}')
+    lines.append(f'config.init_from: {config.init_from}')
+  else:
+    lines.append('config.init_from: unset (a new run starts from random weights)')
+  return lines
+
+
+def check_inputs(config):
+  """Checks every input of a run before any work; logs one line per input.
+
+  Raises:
+    datasets.DataConfigError: config.data names no complete data source.
+    datasets.InputError, body_model.BodyModelError, mesh_topology.TopologyError,
+    checkpoints.CheckpointError: an input file is missing or unreadable.
+  """
+  for line in datasets.check_inputs(config.data) + check_model_inputs(config):
+    logging.info('input %s', line)
 
 
 def abstract_train_state(config, model, device_mesh, image_shape, steps_per_epoch):
@@ -165,6 +232,13 @@ def metrics_table(results, baseline=None):
   return '\n'.join(lines)
 
 
+def skipped_rows_line(skipped):
+  """'Skipped rows: ...' of {'train' | 'eval': {file: rows}} (this host's reads)."""
+  parts = [f'{n} in {path} ({split})' for split, files in skipped.items()
+           for path, n in files.items()]
+  return 'Skipped rows: ' + (', '.join(parts) if parts else 'none')
+
+
 def _write_pictures(writer, step, first, topology, workdir, num_images):
   """Image summary and PNG of predicted meshes over eval images."""
   from coarsemetro_jax import visualize  # pylint: disable=g-import-not-at-top
@@ -191,21 +265,28 @@ def train_and_evaluate(config, workdir, mode='train'):
   Returns:
     The summary written to eval_results.json ('step', 'eval' metrics in mm
     with '<metric>_count' examples, 'eval_no_flip' the same without the flip
-    test when config.eval_flip is on, 'mean_pose_baseline', 'train' last-step
-    losses, 'picture'), or None when stopped by SIGTERM/preemption (after
+    test when config.eval_flip is on, 'mean_pose_baseline' (synthetic data),
+    'train' last-step losses, 'skipped_rows' {'train' | 'eval': {file: rows}},
+    'picture'), or None when stopped by SIGTERM/preemption (after
     checkpointing).
   Raises:
     NonFiniteLossError: a NaN/Inf loss or gradient norm (the last good
       checkpoint is kept).
     checkpoints.CheckpointError: mode 'eval' without a checkpoint, or an
       init_from checkpoint of another model.
+    CONFIG_ERRORS, INPUT_ERRORS: a setting or an input to fix (`check_inputs`,
+      or too many bad rows).
   """
   if mode not in ('train', 'eval'):
     raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
   workdir = os.path.abspath(workdir)
+  check_inputs(config)
+  rendered = None
+  if config.data.source == 'synthetic':
+    rendered = datasets.prepare_synthetic(config.data)
   os.makedirs(workdir, exist_ok=True)
   topology, body, model = build_lib.build(config)
-  data = datasets.Datasets.create(config)
+  data = datasets.Datasets.create(config, rendered)
   device_mesh = steps.make_device_mesh()
   batch_sharding = steps.batch_sharding(device_mesh)
   num_steps = steps.total_train_steps(config, data.steps_per_epoch)
@@ -259,9 +340,9 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
   pending, last_train = None, None
   batches = data.train_batches(batch_sharding, start_step)
   # Python's cyclic GC would otherwise walk the whole object graph of JAX,
-  # TensorFlow and Flax in each of its full collections; freezing what exists
-  # now takes it out of those walks (the embedded run's dispatch thread spent 8.2 ms of
-  # CPU per step, 5.9 ms with this). Objects made in the loop are still collected.
+  # TensorFlow and Flax in each of its full collections, on the thread that
+  # dispatches the steps; freezing what exists now takes it out of those walks.
+  # Objects made in the loop are still collected.
   gc.collect()
   gc.freeze()
   try:
@@ -319,11 +400,17 @@ def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
 
   With `no_flip_step` (config.eval_flip on) the table has a row for each
   protocol: single view, then with the flip test; 'eval' in the summary is
-  the configured one (flip test) and 'eval_no_flip' the single view.
+  the configured one (flip test) and 'eval_no_flip' the single view. The
+  mean-pose baseline is scored on synthetic data only (it reads every label of
+  the training set). The run ends with the rows it skipped in each file.
   """
   result, first = evaluate(eval_step, state, data, batch_sharding)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
-  baseline = data.mean_pose_baseline() if data.is_embedded else None
+  baseline = None
+  if data.synthetic:
+    baseline = metrics_lib.mean_pose_baseline(
+        datasets.j14_joints(data.data_config.train_yaml),
+        datasets.j14_joints(data.data_config.eval_yaml))
   name = f'{config.model.name} step {step}'
   summary = {'step': step, 'eval': result, 'mean_pose_baseline': baseline}
   rows = [(name, result)]
@@ -335,6 +422,9 @@ def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
   table = metrics_table(rows, baseline)
   if train_metrics is not None:
     summary['train'] = train_metrics      # the last step's loss terms
+  summary['skipped_rows'] = data.skipped_rows()
+  skipped = skipped_rows_line(summary['skipped_rows'])
+  logging.info('%s', skipped)
   if jax.process_index() == 0:
     try:
       if config.num_eval_images > 0:   # 0: no picture
@@ -347,6 +437,7 @@ def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
     with open(os.path.join(workdir, 'eval_results.md'), 'w') as f:
       f.write(table + '\n')
     print(table, flush=True)
+    print(skipped, flush=True)
     if 'picture' in summary:
       print(f"Predicted meshes over test images: {summary['picture']}", flush=True)
   return summary

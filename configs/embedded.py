@@ -46,6 +46,7 @@ def get_config():
   # underfits: it trained better without.
   config.model.joint_mask_ratio = 0.0
 
+  config.data.source = 'synthetic'
   config.data.image_size = 96
   # At batch 16 the step does not keep 2 cores busy: 32 examples take less than
   # twice the time of 16, so more examples fit in the same time.

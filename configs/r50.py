@@ -74,7 +74,7 @@ def get_config():
   # train_yaml and eval_yaml (or source='tfds'); source='synthetic' runs it on
   # the synthetic dataset below instead.
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tsv'               # 'tsv' (METRO yamls) | 'tfds'
+  config.data.source = 'tsv'               # 'tsv' (METRO yamls) | 'tfds' | 'synthetic'
   config.data.train_yaml = ''
   config.data.eval_yaml = ''
   # source='tfds': a build of data_pipelines/tfds_metro.py (may be gs://).
@@ -100,7 +100,7 @@ def get_config():
   # synthetic): generated on first use and cached under `dir`, in a directory
   # keyed by these generation parameters, so no run overwrites another's.
   config.data.synthetic = ml_collections.ConfigDict()
-  config.data.synthetic.dir = 'data/embedded'
+  config.data.synthetic.dir = 'data/synthetic'   # one subdirectory per set of parameters
   config.data.synthetic.num_train = 10_000
   config.data.synthetic.num_test = 1_000
   config.data.synthetic.seed = 0

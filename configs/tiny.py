@@ -25,6 +25,7 @@ def get_config(arg='coarsemetro'):
   config.model.stage_ffn_dims = (64, 32, 32)
   config.model.fastmetro_dims = (32, 16)
   config.model.fastmetro_ffn_dims = (64, 32)
+  config.data.source = 'synthetic'
   config.data.image_size = 64
   config.data.batch_size = 8
   config.data.eval_batch_size = 8

@@ -8,6 +8,8 @@ usable without TensorFlow):
                   and the joint/pose transforms (NumPy + OpenCV).
   input_pipeline  tf.data per host: create_train_dataset, create_eval_dataset,
                   to_global_batch, global_batches.
+  bad_rows        counts, logs and limits the rows a pipeline skips.
+  datasets        a run's data from config.data (tsv, tfds or synthetic).
   tfds_metro      TFDS builder (`Metro`) that stores a METRO dataset as
                   TFRecord shards; config.data.source = 'tfds' reads it.
   synthetic/      embedded-body synthetic dataset writer (same TSV format).

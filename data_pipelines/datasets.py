@@ -1,13 +1,22 @@
-"""The datasets a training run uses: real METRO/TFDS data, or the embedded set.
+"""The datasets of a training run, resolved from `config.data`.
 
-With `config.data.train_yaml` set (or `source = 'tfds'`) the configured data
-is used. Otherwise the embedded synthetic dataset (rendered from the CC0 body,
-same METRO TSV format) is read from `config.data.synthetic.dir`, generated
-there first if absent; a `synthetic_done.json` marker records the generation
-parameters, so a change of them regenerates instead of silently reusing.
+`config.data.source` names them:
+  'tsv'        METRO yamls: `train_yaml` and `eval_yaml`, both required;
+  'tfds'       a build of data_pipelines/tfds_metro.py in `tfds_data_dir`;
+  'synthetic'  the embedded synthetic dataset (rendered from the CC0 body, same
+               METRO TSV format), which the run prepares first with
+               `prepare_synthetic`.
+
+A synthetic dataset lives in a directory of its own under
+`config.data.synthetic.dir`, named after its generation parameters, so that
+datasets made with other parameters never replace each other. A finished one
+(it has a `synthetic_done.json` marker) is reused; the only thing ever removed
+is this dataset's own unfinished render (`<name>.partial`).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -17,110 +26,239 @@ import ml_collections
 import numpy as np
 
 from coarsemetro_jax import joints as joint_tables
-from coarsemetro_jax import metrics
+from data_pipelines import bad_rows as bad_rows_lib
 from data_pipelines import input_pipeline
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
 DONE_MARKER = 'synthetic_done.json'
+SOURCES = ('tsv', 'tfds', 'synthetic')
+SYNTHETIC_PARAMS = ('num_train', 'num_test', 'seed', 'image_size')
 
 
-def ensure_synthetic(synthetic_config):
-  """Generates the embedded dataset unless an identical one is cached; returns its dir."""
-  out = os.path.abspath(synthetic_config.dir)
-  params = {k: synthetic_config[k] for k in ('num_train', 'num_test', 'seed', 'image_size')}
+class DataConfigError(ValueError):
+  """config.data does not name usable data (a setting to fix, not a file)."""
+
+
+class InputError(ValueError):
+  """An input of the run (a yaml or a file it names) is missing or unusable."""
+
+
+# ------------------------------------------------------------ start-up checks
+
+
+def check_config(data_config):
+  """Raises DataConfigError unless `data_config` names one source completely."""
+  source = data_config.source
+  if source not in SOURCES:
+    raise DataConfigError(f'config.data.source must be one of {list(SOURCES)}, '
+                          f'got {source!r}')
+  yamls = ('train_yaml', 'eval_yaml')
+  if source == 'tsv':
+    unset = [f'config.data.{k}' for k in yamls if not data_config[k]]
+    if unset:
+      raise DataConfigError(
+          f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} unset "
+          "(config.data.source='tsv'): point at METRO dataset yamls with "
+          '--config.data.train_yaml=/path/train.yaml '
+          '--config.data.eval_yaml=/path/valid.yaml, or run this recipe on the '
+          'embedded synthetic data with --config.data.source=synthetic')
+  elif source == 'tfds':
+    if not data_config.tfds_data_dir:
+      raise DataConfigError("config.data.tfds_data_dir is unset (config.data.source='tfds'): "
+                            'point it at a build of data_pipelines/tfds_metro.py')
+  else:
+    given = [f'config.data.{k}' for k in yamls if data_config[k]]
+    if given:
+      raise DataConfigError(
+          f"{' and '.join(given)} set while config.data.source='synthetic': "
+          'add --config.data.source=tsv to train on those yamls')
+    synthetic = data_config.synthetic
+    if synthetic.num_train < data_config.batch_size or synthetic.num_test < 1:
+      raise DataConfigError(
+          f'config.data.synthetic needs num_train >= config.data.batch_size '
+          f'({data_config.batch_size}) and num_test >= 1, got '
+          f'{synthetic.num_train} and {synthetic.num_test}')
+    if synthetic.image_size < 32:
+      raise DataConfigError(f'config.data.synthetic.image_size must be >= 32, got '
+                            f'{synthetic.image_size}')
+
+
+def _yaml_rows(key, path):
+  """Rows of the dataset `config.data.<key>` names, after checking its files."""
+  try:
+    # Resolves every file the yaml names and checks each .lineidx against its tsv.
+    return len(metro_tsv.MetroDataset(path))
+  except (OSError, ValueError) as e:
+    raise InputError(f'config.data.{key}: {e}') from e
+
+
+def _tfds_rows(data_config, key):
+  """Examples of the TFDS split `config.data.<key>` names."""
+  # Imported here: TFDS is needed only for this source.
+  from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
+  split = data_config[key]
+  try:
+    return tfds_metro.num_examples(data_config.tfds_data_dir, split)
+  except Exception as e:  # pylint: disable=broad-except
+    # TFDS reports a missing build or split with several exception types.
+    raise InputError(f'config.data.{key}={split!r} in {data_config.tfds_data_dir}: '
+                     f'{type(e).__name__}: {e}') from e
+
+
+def check_inputs(data_config):
+  """Checks the data a run will read; returns one line per input for the log.
+
+  Raises:
+    DataConfigError: the settings name no complete source.
+    InputError: a yaml, a file it names or its .lineidx is missing or unusable,
+      or a TFDS split is not built.
+  """
+  check_config(data_config)
+  if data_config.source == 'tsv':
+    return [f'config.data.{k}: {data_config[k]} ({_yaml_rows(k, data_config[k])} rows)'
+            for k in ('train_yaml', 'eval_yaml')]
+  if data_config.source == 'tfds':
+    return [f'config.data.{k}: {data_config[k]} in {data_config.tfds_data_dir} '
+            f'({_tfds_rows(data_config, k)} examples)'
+            for k in ('tfds_train_split', 'tfds_eval_split')]
+  out = synthetic_dir(data_config.synthetic)
+  state = 'cached' if os.path.exists(os.path.join(out, DONE_MARKER)) else 'to render'
+  return [f'config.data.source: synthetic, {out} ({state})']
+
+
+# ---------------------------------------------------------- synthetic dataset
+
+
+def synthetic_dir(synthetic_config):
+  """The directory of the synthetic dataset with these generation parameters."""
+  p = {k: synthetic_config[k] for k in SYNTHETIC_PARAMS}
+  name = (f"train{p['num_train']}_test{p['num_test']}_seed{p['seed']}_"
+          f"{p['image_size']}px")
+  return os.path.join(os.path.abspath(synthetic_config.dir), name)
+
+
+@contextlib.contextmanager
+def _exclusive(directory):
+  """Holds an exclusive lock on `directory`: one render in it at a time."""
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)   # released by the OS if the process dies
+    yield
+  finally:
+    os.close(fd)
+
+
+def _is_finished(out, params):
+  """True if `out` holds this finished dataset; raises if it holds anything else."""
   marker = os.path.join(out, DONE_MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
-      if json.load(f) == params:
-        return out
-    logging.warning('%s was generated with other parameters; regenerating', out)
-  # Imported here: rendering is only needed when the data is not cached.
-  from data_pipelines.synthetic import generate  # pylint: disable=g-import-not-at-top
-  tmp = out + '.partial'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  print(f'Generating the embedded synthetic dataset in {out} '
-        f"({params['num_train']} train / {params['num_test']} test images) ...", flush=True)
-  assets = generate.load_assets()
-  workers = synthetic_config.workers or os.cpu_count() or 1
-  for split, num in (('train', params['num_train']), ('test', params['num_test'])):
-    generate.generate_split(assets, tmp, split, num, params['seed'], params['image_size'],
-                            workers)
-  with open(os.path.join(tmp, DONE_MARKER), 'w') as f:
-    json.dump(params, f)
-  shutil.rmtree(out, ignore_errors=True)
-  os.replace(tmp, out)
+      found = json.load(f)
+    if found == params:
+      return True
+    raise InputError(f'{out} holds a synthetic dataset made with {found}, not {params}; '
+                     'it is left as it is: move it away or set config.data.synthetic.dir')
+  if os.path.exists(out):
+    raise InputError(f'{out} exists but is not a finished synthetic dataset (no '
+                     f'{DONE_MARKER}); it is left as it is: move it away or set '
+                     'config.data.synthetic.dir')
+  return False
+
+
+def prepare_synthetic(data_config):
+  """Renders the synthetic dataset of `data_config.synthetic` unless it is there.
+
+  Returns:
+    Its directory (train.yaml and test.yaml in METRO TSV format).
+  Raises:
+    InputError: the directory holds something other than this dataset.
+  """
+  synthetic = data_config.synthetic
+  params = {k: synthetic[k] for k in SYNTHETIC_PARAMS}
+  out = synthetic_dir(synthetic)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with _exclusive(os.path.dirname(out)):   # a second run waits here, then reuses it
+    if _is_finished(out, params):
+      logging.info('Using the synthetic dataset in %s', out)
+      return out
+    tmp = out + '.partial'
+    if os.path.exists(tmp):
+      # Ours (same name) and unfinished: the lock shows no render is running.
+      logging.warning('Removing %s, left by an interrupted render', tmp)
+      shutil.rmtree(tmp)
+    # Imported here: rendering is only needed when the data is not there.
+    from data_pipelines.synthetic import generate  # pylint: disable=g-import-not-at-top
+    os.makedirs(tmp)
+    print(f'Rendering the synthetic dataset into {out} '
+          f"({params['num_train']} train / {params['num_test']} test images) ...",
+          flush=True)
+    assets = generate.load_assets()
+    workers = synthetic.workers or os.cpu_count() or 1
+    for split, num in (('train', params['num_train']), ('test', params['num_test'])):
+      generate.generate_split(assets, tmp, split, num, params['seed'], params['image_size'],
+                              workers)
+    with open(os.path.join(tmp, DONE_MARKER), 'w') as f:
+      json.dump(params, f)
+    os.replace(tmp, out)
   return out
 
 
-def _best_rotation(src, dst):
-  """[N, 3, 3] rotations R minimising |src @ R - dst| (Kabsch; src [N, J, 3], dst [J, 3])."""
-  u, _, vt = np.linalg.svd(np.einsum('nja,jb->nab', src, dst))
-  u[:, :, -1] *= np.sign(np.linalg.det(u @ vt))[:, None]          # no reflections
-  return u @ vt
+# ------------------------------------------------------------------ labels
 
 
-def procrustes_mean(poses, iterations=5):
-  """The mean body pose [J, 3] of root-free J14 poses [N, J, 3].
-
-  A plain average of camera-frame poses seen from many directions collapses
-  towards a point (a "baseline" no model could lose to). Each pose is instead
-  rotated onto the running mean before averaging (generalised Procrustes,
-  rotation only), and the result is given the orientation that best fits the
-  plain average and is centred at the hip midpoint (where MPJPE centres poses).
-  """
-  poses = np.asarray(poses, np.float64)
-  centred = poses - poses.mean(1, keepdims=True)                   # [N, J, 3]
-  mean = centred[0]
-  for _ in range(iterations):
-    rot = _best_rotation(centred, mean)                            # [N, 3, 3]
-    mean = np.einsum('nja,nab->jb', centred, rot) / len(centred)
-  mean = mean @ _best_rotation(mean[None], centred.mean(0))[0]
-  hips = 0.5 * (mean[joint_tables.J14_R_HIP] + mean[joint_tables.J14_L_HIP])
-  return mean - hips
-
-
-def _j14_joints(dataset):
-  """Root-free J14 3D joints [N, 14, 3] and has_3d_joints [N] of a METRO dataset's labels."""
-  out, has = [], []
+def j14_joints(yaml_path):
+  """Root-relative J14 3D joints [N, 14, 3] of the examples with 3D joints."""
+  dataset = metro_tsv.MetroDataset(yaml_path)
+  out = []
   for source, row in dataset.rows:
-    fields = dataset.label_files[source].read_row(int(row))
-    label = metro_labels.parse_label_text(fields[1])
-    j = label['joints_3d'][:, :3]
-    out.append(j[list(joint_tables.J24_TO_J14)] - j[joint_tables.J24_PELVIS])
-    has.append(label['has_3d_joints'])
-  return np.stack(out), np.asarray(has)
+    label_file = dataset.label_files[source]
+    fields = label_file.read_row(int(row))
+    try:
+      label = metro_labels.parse_label_text(fields[1])
+    except ValueError as e:
+      raise metro_labels.BadRowError(f'{label_file.path} row {row}: {e}') from e
+    if label['has_3d_joints']:
+      j = label['joints_3d'][:, :3]
+      out.append(j[list(joint_tables.J24_TO_J14)] - j[joint_tables.J24_PELVIS])
+  return np.stack(out).reshape(-1, len(joint_tables.J24_TO_J14), 3)
+
+
+# ---------------------------------------------------------------- datasets
 
 
 @dataclasses.dataclass
 class Datasets:
   """Resolved data config, sizes and iterators for one training run."""
   config: ml_collections.ConfigDict     # the full config
-  data_config: ml_collections.ConfigDict
-  is_embedded: bool
+  data_config: ml_collections.ConfigDict   # source 'tsv' or 'tfds', paths filled in
+  synthetic: bool
   num_train: int
+  train_bad_rows: bad_rows_lib.BadRows
+  eval_bad_rows: bad_rows_lib.BadRows   # one for every evaluation of the run
 
   @classmethod
-  def create(cls, config):
+  def create(cls, config, rendered_dir=None):
+    """The datasets of `config`; `rendered_dir`: from `prepare_synthetic`."""
     data_config = ml_collections.ConfigDict(config.data.to_dict())
-    embedded = data_config.source == 'tsv' and not data_config.train_yaml
-    if embedded:
-      directory = ensure_synthetic(config.data.synthetic)
-      data_config.train_yaml = os.path.join(directory, 'train.yaml')
-      data_config.eval_yaml = data_config.eval_yaml or os.path.join(directory, 'test.yaml')
+    check_config(data_config)
+    synthetic = data_config.source == 'synthetic'
+    if synthetic:
+      if rendered_dir is None:
+        raise ValueError("config.data.source='synthetic': pass the directory of "
+                         'prepare_synthetic(config.data)')
+      data_config.source = 'tsv'
+      data_config.train_yaml = os.path.join(rendered_dir, 'train.yaml')
+      data_config.eval_yaml = os.path.join(rendered_dir, 'test.yaml')
     if data_config.source == 'tsv':
-      if not data_config.eval_yaml:
-        raise ValueError('config.data.eval_yaml is required with config.data.train_yaml')
-      num_train = len(metro_tsv.MetroDataset(data_config.train_yaml))
+      num_train = _yaml_rows('train_yaml', data_config.train_yaml)
     else:
-      from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
-      num_train = tfds_metro.num_examples(data_config.tfds_data_dir,
-                                          data_config.tfds_train_split)
+      num_train = _tfds_rows(data_config, 'tfds_train_split')
     if num_train < data_config.batch_size:
-      raise ValueError(f'the training set has {num_train} examples, fewer than one '
-                       f'global batch (config.data.batch_size={data_config.batch_size})')
-    return cls(config, data_config, embedded, num_train)
+      raise DataConfigError(f'the training set has {num_train} examples, fewer than one '
+                            f'global batch (config.data.batch_size={data_config.batch_size})')
+    bad_rows = lambda: bad_rows_lib.BadRows(max_fraction=data_config.max_bad_fraction)
+    return cls(config, data_config, synthetic, num_train, bad_rows(), bad_rows())
 
   @property
   def steps_per_epoch(self):
@@ -131,25 +269,19 @@ class Datasets:
 
     The order and augmentation are functions of the example index, so starting
     at `start_step` (skipped as row indices, before any decoding) reproduces
-    the uninterrupted run's batches exactly.
+    the uninterrupted run's batches exactly. Past the bad-row limit the
+    iterator raises bad_rows.TooManyBadRowsError.
     """
     ds = input_pipeline.create_train_dataset(
-        self.data_config, seed=self.config.seed,
-        shuffle=self.data_config.shuffle, start_step=start_step)
-    return input_pipeline.global_batches(ds, sharding, self.data_config.device_prefetch)
+        self.data_config, seed=self.config.seed, shuffle=self.data_config.shuffle,
+        bad_rows=self.train_bad_rows, start_step=start_step)
+    return input_pipeline.global_batches(ds, sharding, self.data_config.device_prefetch,
+                                         bad_rows=self.train_bad_rows)
 
   def eval_batches(self, sharding):
-    return input_pipeline.global_batches(
-        input_pipeline.create_eval_dataset(self.data_config), sharding)
+    ds = input_pipeline.create_eval_dataset(self.data_config, bad_rows=self.eval_bad_rows)
+    return input_pipeline.global_batches(ds, sharding, bad_rows=self.eval_bad_rows)
 
-  def mean_pose_baseline(self):
-    """MPJPE / PA-MPJPE (mm) of always predicting the training set's mean J14 pose."""
-    train, has_train = _j14_joints(metro_tsv.MetroDataset(self.data_config.train_yaml))
-    test, has_test = _j14_joints(metro_tsv.MetroDataset(self.data_config.eval_yaml))
-    mean_pose = procrustes_mean(train[has_train > 0])
-    test = test[has_test > 0]
-    pred = np.broadcast_to(mean_pose, test.shape).astype(np.float32)
-    test = test.astype(np.float32)
-    mm = lambda fn: metrics.MM_PER_M * float(np.asarray(fn(pred, test)).mean())
-    return {'mpjpe': mm(metrics.mpjpe), 'pa_mpjpe': mm(metrics.pa_mpjpe),
-            'count': int(len(test))}
+  def skipped_rows(self):
+    """{'train' | 'eval': {file: distinct rows skipped}} on this host so far."""
+    return {'train': self.train_bad_rows.per_file(), 'eval': self.eval_bad_rows.per_file()}

@@ -28,16 +28,19 @@ its stream with `mask`=0 examples up to the same number of batches.
 
 Bad rows (corrupt base64/JPEG, unusable label, NaNs, truncated rows; see
 `metro_tsv`) are skipped, counted and logged with their file and row by a
-`BadRows` object; past `max_bad_fraction` of the host's rows the pipeline
-fails. Missing files and malformed yamls fail when the dataset is created.
+`bad_rows.BadRows` object. Past `max_bad_fraction` of the host's rows the
+prepare function stops decoding and flags its chunks; a TensorFlow assertion
+then ends the stream (no Python exception is ever raised inside tf.data), and
+`global_batches(..., bad_rows=...)` stops tf.data and raises
+`bad_rows.TooManyBadRowsError` with the limit, the count and the last bad rows
+in the caller's thread. Missing files and malformed yamls fail when the dataset
+is created.
 """
 
-import collections
 import functools
 import queue
 import threading
 
-from absl import logging
 import jax
 import numpy as np
 # TensorFlow is imported only by the tf.data code in data_pipelines (the
@@ -45,13 +48,13 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines import augment
+from data_pipelines import bad_rows as bad_rows_lib
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
-# Rows prepared per tf.numpy_function call. tf.data's per-call and per-element
-# overhead cost more CPU than decoding and warping a small crop: chunks of 8
-# cut the pipeline's CPU per batch of 16 at 96 px by a third (14.7 -> 10.1 ms
-# with one map thread).
+# Rows prepared per tf.numpy_function call. For small crops tf.data's
+# per-call and per-element overhead costs more CPU than decoding and warping a
+# row, so each call prepares several rows.
 ROWS_PER_CALL = 8
 
 
@@ -76,34 +79,9 @@ def empty_example(size):
           for name, (shape, dtype) in example_spec(size).items()}
 
 
-class BadRows:
-  """Counts and logs skipped rows; fails once too many distinct rows are bad.
-
-  Shared by the parallel map's threads. `count` counts every skip (a bad row
-  is skipped again in each epoch); `rows` holds the distinct bad rows.
-  """
-
-  def __init__(self, num_rows, max_fraction):
-    self.limit = max(10, int(max_fraction * num_rows))
-    self.count = 0
-    self.rows = set()
-    self.messages = collections.deque(maxlen=20)
-    self._lock = threading.Lock()
-
-  def record(self, row_id, message):
-    with self._lock:
-      self.count += 1
-      first = row_id not in self.rows
-      self.rows.add(row_id)
-      self.messages.append(message)
-      num_rows = len(self.rows)
-    if first:
-      logging.warning('input pipeline: skipping bad row (%d distinct so far): '
-                      '%s', num_rows, message)
-    if num_rows > self.limit:
-      raise RuntimeError(
-          f'input pipeline: {num_rows} distinct bad rows exceed the limit of '
-          f'{self.limit} (config.data.max_bad_fraction); last: {message}')
+# The assertion that ends a stream past the limit; `BadRows.check` has the details.
+_STOP_MESSAGE = ('input pipeline: too many bad rows (config.data.max_bad_fraction); '
+                 'see the bad rows logged above')
 
 
 def _process(jpeg, label, params, size, where):
@@ -134,15 +112,28 @@ def _stacked(examples, spec):
 
 
 def _chunk_spec(spec):
-  return [dtype for _, dtype in spec.values()]
+  return [dtype for _, dtype in spec.values()] + [tf.bool]
+
+
+def _guarded(load, bad_rows, spec, size):
+  """`load` whose outputs end with the `stop` flag; nothing is decoded past the limit."""
+
+  def fn(*args):
+    if bad_rows.exceeded:
+      return _stacked([empty_example(size)] * len(args[0]), spec) + (np.True_,)
+    return load(*args) + (np.bool_(bad_rows.exceeded),)
+  return fn
 
 
 def _as_chunk(values, size):
   """numpy_function outputs -> dict of [rows, ...] tensors (static trailing shapes)."""
+  *values, stop = values
   out = {}
   for value, (name, (shape, _)) in zip(values, example_spec(size).items()):
     value.set_shape((None,) + shape)  # the last eval chunk may be short
     out[name] = value
+  stop.set_shape(())
+  out['stop'] = stop
   return out
 
 
@@ -169,7 +160,8 @@ def _tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
     return _stacked([load_one(c, i) for c, i in zip(counters, indices)], spec)
 
   def fn(counters, indices):
-    values = tf.numpy_function(load, [counters, indices], _chunk_spec(spec))
+    values = tf.numpy_function(_guarded(load, bad_rows, spec, size),
+                               [counters, indices], _chunk_spec(spec))
     return _as_chunk(values, size)
   return fn
 
@@ -199,7 +191,8 @@ def _tfds_loader(bad_rows, params_fn, size, split, epoch_length):
   def fn(counters, ex):
     inputs = [counters, ex['index'], ex['key'], ex['image']]
     inputs += [ex[n] for n in label_names]
-    values = tf.numpy_function(load, inputs, _chunk_spec(spec))
+    values = tf.numpy_function(_guarded(load, bad_rows, spec, size), inputs,
+                               _chunk_spec(spec))
     return _as_chunk(values, size)
   return fn
 
@@ -260,7 +253,7 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
   size = data_config.image_size
   params_fn = _params_fn(data_config, seed, train)
   # The map already prepares chunks in parallel; OpenCV's own thread pool on
-  # crops this small only adds CPU (0.86 against 0.34 ms per row at 96 px).
+  # crops this small only adds CPU (its hand-offs cost more than the work).
   augment.single_threaded_opencv()
   parallel = data_config.num_parallel_calls
   parallel = tf.data.AUTOTUNE if parallel < 0 else parallel
@@ -268,8 +261,7 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
     dataset = metro_tsv.MetroDataset(yaml_path)
     num_rows = len(dataset)
     start, end = host_range(num_rows, process_index, process_count)
-    if bad_rows is None:
-      bad_rows = BadRows(end - start, data_config.max_bad_fraction)
+    bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
     ds = tf.data.Dataset.range(start, end)
     if shuffle:  # the whole index: an exact permutation every epoch
       ds = ds.shuffle(end - start, seed=seed, reshuffle_each_iteration=True)
@@ -279,8 +271,7 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
     from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
     num_rows = tfds_metro.num_examples(data_config.tfds_data_dir, tfds_split)
     start, end = host_range(num_rows, process_index, process_count)
-    if bad_rows is None:
-      bad_rows = BadRows(end - start, data_config.max_bad_fraction)
+    bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
     ds = tfds_metro.read_split(data_config.tfds_data_dir, tfds_split,
                                start=start, end=end, shuffle_files=shuffle,
                                seed=seed)
@@ -300,8 +291,22 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
   return ds.map(_drop_bad_rows), num_rows
 
 
+def _host_bad_rows(bad_rows, num_rows, data_config):
+  if bad_rows is None:
+    bad_rows = bad_rows_lib.BadRows(max_fraction=data_config.max_bad_fraction)
+  if bad_rows.limit is None:
+    bad_rows.set_num_rows(num_rows)
+  return bad_rows
+
+
 def _drop_bad_rows(chunk):
-  good = chunk['mask'] > 0
+  """Drops the bad rows of a chunk; a chunk prepared past the bad-row limit fails."""
+  chunk = dict(chunk)
+  stop = chunk.pop('stop')
+  # A native TensorFlow error: a Python one raised in tf.data's threads would
+  # reach the host wrapped in a PyFunc traceback, or abort the process.
+  with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(stop), [_STOP_MESSAGE])]):
+    good = tf.identity(chunk['mask']) > 0
   return {name: tf.boolean_mask(value, good) for name, value in chunk.items()}
 
 
@@ -317,7 +322,8 @@ def create_train_dataset(data_config, *, seed=0, process_index=None,
     process_index, process_count: this host and the number of hosts
       (default: jax.process_index(), jax.process_count()).
     shuffle: reshuffle every epoch (False: rows in order, for tests).
-    bad_rows: optional BadRows to inspect the skipped rows.
+    bad_rows: optional BadRows to inspect the skipped rows; pass the same one
+      to `global_batches`, which raises its error past the limit.
     start_step: resume: skip the examples of this many batches before
       decoding them. The batches then equal the uninterrupted run's, unless
       bad rows were among the skipped examples (each shifts them by one).
@@ -395,13 +401,37 @@ def to_global_batch(batch, sharding):
       batch)
 
 
-def global_batches(dataset, sharding, ahead=0):
+def numpy_batches(dataset, bad_rows=None):
+  """The dataset's batches as NumPy; raises TooManyBadRowsError past the bad-row limit.
+
+  Every batch is checked, so the error comes as soon as the limit is crossed,
+  and tf.data (its threads included) is stopped before it is raised.
+  """
+  iterator = dataset.as_numpy_iterator()
+  while bad_rows is None or not bad_rows.exceeded:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      break
+    except tf.errors.InvalidArgumentError:   # the assertion in `_drop_bad_rows`
+      if bad_rows is None or not bad_rows.exceeded:
+        raise
+      break
+    yield batch
+  del iterator
+  if bad_rows is not None:
+    bad_rows.check()
+
+
+def global_batches(dataset, sharding, ahead=0, bad_rows=None):
   """Iterates a host-local tf.data.Dataset as global batches.
 
   ahead > 0: a background thread fetches and transfers up to `ahead` batches
   before they are asked for (`BackgroundIterator`; call its `close()`).
+  bad_rows: the dataset's BadRows; past its limit the iterator raises
+  TooManyBadRowsError (in the caller's thread).
   """
-  batches = (to_global_batch(b, sharding) for b in dataset.as_numpy_iterator())
+  batches = (to_global_batch(b, sharding) for b in numpy_batches(dataset, bad_rows))
   return BackgroundIterator(batches, ahead) if ahead > 0 else batches
 
 

@@ -1,4 +1,6 @@
-"""Every recipe in configs/ builds its model and schedule (shapes via jax.eval_shape)."""
+"""Every recipe in configs/ builds its model (shapes via jax.eval_shape) and names its data."""
+
+import os
 
 import os
 
@@ -15,6 +17,7 @@ from configs import fastmetro
 from configs import h64
 from configs import r50
 from configs import tiny
+from data_pipelines import datasets
 
 RECIPES = {
     'r50': r50.get_config,
@@ -75,3 +78,33 @@ def test_embedded_recipe_token_grid_and_schedule():
   assert float(lr_fn(warmup)) == pytest.approx(config.optim.lr)
   assert float(lr_fn((3 * warmup + total) // 4)) == pytest.approx(0.75 * config.optim.lr)
   assert float(lr_fn(total)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize('name', ['r50', 'h64', 'fastmetro-S-r50'])
+def test_real_data_recipes_need_their_data(name):
+  """Recipes for real data fail on unset yamls; synthetic data is an explicit choice."""
+  config = RECIPES[name]()
+  assert config.data.source == 'tsv'
+  with pytest.raises(datasets.DataConfigError) as e:
+    datasets.check_config(config.data)
+  message = str(e.value)
+  assert message.startswith('config.data.train_yaml and config.data.eval_yaml are unset')
+  for hint in ('--config.data.train_yaml=', '--config.data.eval_yaml=',
+               '--config.data.source=synthetic'):
+    assert hint in message
+  config.data.source = 'synthetic'
+  datasets.check_config(config.data)
+
+
+def test_synthetic_recipes_render_into_their_own_directories():
+  configs = [tiny.get_config(), embedded.get_config()]
+  for config in configs:
+    assert config.data.source == 'synthetic' and not config.data.train_yaml
+    datasets.check_config(config.data)
+  dirs = [datasets.synthetic_dir(c.data.synthetic) for c in configs]
+  assert len(set(dirs)) == 2
+  assert {os.path.dirname(d) for d in dirs} == {os.path.abspath('data/synthetic')}
+  # Yamls with a synthetic source are ambiguous: refused, naming the fix.
+  configs[0].data.eval_yaml = 'valid.yaml'
+  with pytest.raises(datasets.DataConfigError, match='eval_yaml set.*--config.data.source=tsv'):
+    datasets.check_config(configs[0].data)

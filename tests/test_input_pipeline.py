@@ -9,9 +9,11 @@ import cv2
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import r50
 from data_pipelines import augment
+from data_pipelines import bad_rows
 from data_pipelines import input_pipeline
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
@@ -198,7 +200,7 @@ def _write_with_bad_rows(out_dir, n=10):
 def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
   yaml_path = _write_with_bad_rows(tmp_path)
   data = _config(yaml_path, batch_size=3, eval_batch_size=4)
-  bad = input_pipeline.BadRows(10, 0.01)
+  bad = bad_rows.BadRows(10, 0.01)
   ds = input_pipeline.create_train_dataset(
       data, process_index=0, process_count=1, shuffle=False, bad_rows=bad)
   ids = np.concatenate([_ids(b) for b in ds.take(4).as_numpy_iterator()])
@@ -213,7 +215,7 @@ def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
   assert f'{lab} row 6: 3d_joints has non-finite values' in text
   assert f"{lab} row 8: label has no 'center'" in text
 
-  bad = input_pipeline.BadRows(10, 0.01)
+  bad = bad_rows.BadRows(10, 0.01)
   ds = input_pipeline.create_eval_dataset(
       data, process_index=1, process_count=2, bad_rows=bad)
   batches = list(ds.as_numpy_iterator())
@@ -225,18 +227,43 @@ def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
   assert bad.count == 2
 
 
-def test_too_many_bad_rows_fail(tmp_path):
+def test_too_many_bad_rows_fail_in_the_callers_thread(tmp_path):
   yaml_path = metro_tsv.write_split(str(tmp_path), 'train', _examples(12))
   img_path = tmp_path / 'train.img.tsv'
   rows = [(line.split('\t')[0], base64.b64encode(b'junk').decode())
           for line in img_path.read_text().splitlines()]
   metro_tsv.write_tsv(str(img_path), rows)
   data = _config(yaml_path)
-  ds = input_pipeline.create_train_dataset(data, process_index=0,
-                                           process_count=1)
-  with pytest.raises(Exception,
-                     match=r'1\d distinct bad rows exceed the limit of 10'):
+  message = (r'1\d distinct bad rows exceed the limit of 10 \(config.data.max_bad_fraction=0.01\); '
+             rf'last: {img_path} row \d+: JPEG does not decode; ')
+  existing = _prefetch_threads()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  for ahead in (0, 2):   # in this thread, and from the prefetch thread
+    bad = bad_rows.BadRows(max_fraction=0.01)
+    ds = input_pipeline.create_train_dataset(data, process_index=0, process_count=1,
+                                             bad_rows=bad)
+    batches = input_pipeline.global_batches(ds, sharding, ahead, bad_rows=bad)
+    with pytest.raises(bad_rows.TooManyBadRowsError, match=message):
+      next(batches)
+    assert bad.limit == 10 and bad.exceeded
+  assert not _prefetch_threads(existing)
+  # Read without the host check, the stream still fails (a TensorFlow error,
+  # not a Python one raised inside tf.data).
+  ds = input_pipeline.create_train_dataset(data, process_index=0, process_count=1)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='too many bad rows') as e:
     next(ds.as_numpy_iterator())
+  assert 'PyFunc' not in str(e.value)
+
+
+def test_eval_over_the_bad_row_limit_fails_instead_of_padding(tmp_path):
+  yaml_path = _write_with_bad_rows(tmp_path)
+  data = _config(yaml_path, eval_batch_size=2)
+  bad = bad_rows.BadRows(10, 0.01)
+  bad.limit = 3                 # below the floor of 10, so that 4 bad rows of 10 exceed it
+  ds = input_pipeline.create_eval_dataset(data, process_index=0, process_count=1,
+                                          bad_rows=bad)
+  with pytest.raises(bad_rows.TooManyBadRowsError, match='4 distinct bad rows exceed'):
+    list(input_pipeline.numpy_batches(ds, bad))
 
 
 def test_bad_files_fail_when_the_dataset_is_created(tmp_path, yaml_path):

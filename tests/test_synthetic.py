@@ -389,3 +389,17 @@ def test_cli_writes_splits_and_contact_sheet(tmp_path):
   assert len(metro_tsv.MetroDataset(tmp_path / 'd' / 'train.yaml')) == 2
   assert len(metro_tsv.MetroDataset(tmp_path / 'd' / 'test.yaml')) == 1
   assert cv2.imread(str(sheet)).shape == (64, 4 * 64, 3)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--num_train', '0', '--num_test', '0'], 'nothing to generate'),
+    (['--num_train', '-1'], 'need num_train, num_test >= 0'),
+])
+def test_cli_refuses_arguments_that_write_nothing(tmp_path, capsys, args, message):
+  from data_pipelines.synthetic import __main__ as cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    cli.main(['--out', str(tmp_path / 'd'), *args])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert message in err[-1] and err[-1].startswith('python -m data_pipelines.synthetic: error:')
+  assert not (tmp_path / 'd').exists()

@@ -4,6 +4,7 @@ Runs share one dataset and one persistent compilation cache (every run
 compiles the same programs), so only the first run pays for XLA compiles.
 """
 
+import base64
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import huge_pages
 from coarsemetro_jax import joints as joint_tables
+from coarsemetro_jax import metrics
 from coarsemetro_jax import train
 from coarsemetro_jax.convert import checkpoint as convert_checkpoint
 from configs import tiny
@@ -98,7 +100,7 @@ RUN_SETTINGS = {
 def make_config(data_dir, **overrides):
   """configs/tiny.py on the test data with RUN_SETTINGS and `overrides` ('a.b' keys)."""
   config = tiny.get_config()
-  settings = {'data.train_yaml': os.path.join(data_dir, 'train.yaml'),
+  settings = {'data.source': 'tsv', 'data.train_yaml': os.path.join(data_dir, 'train.yaml'),
               'data.eval_yaml': os.path.join(data_dir, 'test.yaml'),
               **RUN_SETTINGS, **overrides}
   for key, value in settings.items():
@@ -158,6 +160,9 @@ def test_train_and_evaluate_writes_checkpoints_results_and_picture(straight_run)
   with open(os.path.join(workdir, 'eval_results.json')) as f:
     assert json.load(f) == summary
   assert summary['step'] == NUM_STEPS
+  # Real data: no mean-pose baseline; the run ends with the rows it skipped.
+  assert summary['mean_pose_baseline'] is None
+  assert summary['skipped_rows'] == {'train': {}, 'eval': {}}
   for name in ('mpjpe', 'pa_mpjpe', 'mpve'):
     assert np.isfinite(summary['eval'][name]) and summary['eval'][name] > 0
   # PA-MPJPE aligns with the best similarity: never worse than MPJPE.
@@ -239,6 +244,30 @@ def test_nan_batch_trips_the_guard_and_keeps_the_last_good_checkpoint(
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(good))
 
 
+def _corrupt_images(path, rows):
+  lines = [line.split('\t') for line in open(path).read().splitlines()]
+  for row in rows:
+    lines[row][1] = base64.b64encode(b'not a jpeg').decode()
+  metro_tsv.write_tsv(path, [tuple(line) for line in lines])
+
+
+def test_run_ends_with_the_rows_it_skipped_in_each_file(tmp_path, capsys):
+  data = str(tmp_path / 'data')
+  metro_tsv.write_split(data, 'train', _examples(NUM_TRAIN, 0))
+  metro_tsv.write_split(data, 'test', _examples(NUM_TEST, 1))
+  train_img, test_img = (os.path.join(data, f'{s}.img.tsv') for s in ('train', 'test'))
+  _corrupt_images(train_img, [0, 1])       # in the first batch (file order)
+  _corrupt_images(test_img, [3])
+  config = make_config(data, **{'num_train_steps': 1, 'num_eval_images': 0,
+                                'data.shuffle': False})
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['skipped_rows'] == {'train': {train_img: 2}, 'eval': {test_img: 1}}
+  with open(tmp_path / 'run' / 'eval_results.json') as f:
+    assert json.load(f)['skipped_rows'] == summary['skipped_rows']
+  assert (f'Skipped rows: 2 in {train_img} (train), 1 in {test_img} (eval)'
+          in capsys.readouterr().out.splitlines())
+
+
 def test_init_from_loads_converted_weights(straight_run, data_dir, tmp_path):
   straight_dir, straight_summary = straight_run
   variables = saved_variables(straight_dir, 4)
@@ -308,8 +337,9 @@ def test_misspelled_config_override_fails(tmp_path):
       [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={tmp_path}',
        '--config.data.batchsize=4'],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-  assert run.returncode != 0
+  assert run.returncode == 2
   assert 'Did you mean "batch_size" instead of "batchsize"?' in run.stderr
+  assert 'Traceback' not in run.stderr
   assert os.listdir(tmp_path) == []
 
 
@@ -341,7 +371,7 @@ def test_two_processes_match_one_process(straight_run, data_dir, tmp_path):
   evaluate.
   """
   straight_dir, _ = straight_run
-  settings = {'data.train_yaml': os.path.join(data_dir, 'train8.yaml'),
+  settings = {'data.source': 'tsv', 'data.train_yaml': os.path.join(data_dir, 'train8.yaml'),
               'data.eval_yaml': os.path.join(data_dir, 'test.yaml'),
               'data.shuffle': False}
   one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
@@ -383,38 +413,87 @@ def test_two_processes_match_one_process(straight_run, data_dir, tmp_path):
                      rtol=1e-5, atol=2e-7)
 
 
-def test_embedded_dataset_is_generated_once_and_cached(tmp_path):
-  config = tiny.get_config()
-  synthetic = config.data.synthetic
-  synthetic.dir = str(tmp_path / 'embedded')
-  synthetic.num_train, synthetic.num_test = 3, 2
-  synthetic.image_size, synthetic.workers = 64, 1
-  config.data.batch_size = 2
-  data = datasets.Datasets.create(config)
-  assert data.is_embedded and data.num_train == 3 and data.steps_per_epoch == 1
-  assert data.data_config.eval_yaml == os.path.join(synthetic.dir, 'test.yaml')
-  assert len(metro_tsv.MetroDataset(data.data_config.eval_yaml)) == 2
-  tsv = os.path.join(synthetic.dir, 'train.img.tsv')
-  stamp = os.stat(tsv).st_mtime_ns
-  datasets.Datasets.create(config)            # cached: not rendered again
-  assert os.stat(tsv).st_mtime_ns == stamp
-  synthetic.seed = 1                          # other parameters: regenerated
-  datasets.Datasets.create(config)
-  assert os.stat(tsv).st_mtime_ns != stamp
-  assert not os.path.exists(synthetic.dir + '.partial')
-  # Mean-pose baseline: always predicting the training set's mean J14 pose,
-  # scored on the test examples with 3D joints.
-  baseline = data.mean_pose_baseline()
+def _write_marker(directory, params):
+  os.makedirs(directory)
+  with open(os.path.join(directory, datasets.DONE_MARKER), 'w') as f:
+    json.dump(params, f)
+  with open(os.path.join(directory, 'sentinel'), 'w') as f:
+    f.write('user data')
 
-  def j14(yaml_path):   # root-relative J14 of the examples with 3D joints
+
+def test_synthetic_run_keeps_other_datasets_and_scores_the_mean_pose(
+    data_dir, tmp_path, capsys):
+  """A tiny run on synthetic data renders its own directory and deletes nothing."""
+  root = tmp_path / 'synthetic'
+  config = make_config(data_dir, **{
+      'data.source': 'synthetic', 'data.train_yaml': '', 'data.eval_yaml': '',
+      'data.synthetic.dir': str(root), 'data.synthetic.num_train': 8,
+      'data.synthetic.num_test': 3, 'data.synthetic.image_size': 64,
+      'data.synthetic.workers': 1, 'num_train_steps': 1, 'num_eval_images': 0})
+  # The dataset of another config (r50's defaults, as a README run leaves it)
+  # and an interrupted render of this one.
+  other = str(root / os.path.basename(datasets.synthetic_dir(tiny.get_config().data.synthetic)))
+  _write_marker(other, {k: tiny.get_config().data.synthetic[k]
+                        for k in datasets.SYNTHETIC_PARAMS})
+  own = datasets.synthetic_dir(config.data.synthetic)
+  assert os.path.dirname(own) == str(root) and own != other
+  os.makedirs(own + '.partial')
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  with open(os.path.join(other, 'sentinel')) as f:
+    assert f.read() == 'user data'
+  assert not os.path.exists(own + '.partial')
+  assert len(metro_tsv.MetroDataset(os.path.join(own, 'test.yaml'))) == 3
+  assert summary['step'] == 1
+  # The mean-pose baseline: always predicting the training set's mean J14 pose,
+  # scored on the test examples with 3D joints (NumPy reference below).
+  def j14(yaml_path):
     j = np.stack([l['joints_3d'][:, :3] for l in labels(yaml_path) if l['has_3d_joints']])
     return j[:, list(joint_tables.J24_TO_J14)] - j[:, joint_tables.J24_PELVIS][:, None]
 
-  train_j, test_j = j14(data.data_config.train_yaml), j14(data.data_config.eval_yaml)
+  train_j, test_j = (j14(os.path.join(own, f'{s}.yaml')) for s in ('train', 'test'))
   hip = lambda x: x - (x[..., 2:3, :] + x[..., 3:4, :]) / 2
   # (procrustes_mean itself: tests/test_mean_pose_baseline.py)
-  mean_pose = datasets.procrustes_mean(train_j)
+  mean_pose = metrics.procrustes_mean(train_j)
   mpjpe = np.linalg.norm(hip(mean_pose) - hip(test_j), axis=-1).mean()
-  assert baseline['count'] == len(test_j)
+  baseline = summary['mean_pose_baseline']
+  assert baseline['count'] == len(test_j) == 3
   assert baseline['mpjpe'] == pytest.approx(1000 * mpjpe, rel=1e-5)
   assert 0 < baseline['pa_mpjpe'] <= baseline['mpjpe']
+  assert summary['skipped_rows'] == {'train': {}, 'eval': {}}
+  out = capsys.readouterr().out
+  assert '| mean-pose baseline |' in out and 'Skipped rows: none' in out
+
+
+def test_synthetic_dataset_is_cached_by_parameters_and_never_replaced(tmp_path):
+  config = tiny.get_config()
+  synthetic = config.data.synthetic
+  synthetic.dir = str(tmp_path)
+  synthetic.num_train, synthetic.num_test = 8, 2
+  synthetic.image_size, synthetic.workers = 64, 1
+  first = datasets.prepare_synthetic(config.data)
+  tsv = os.path.join(first, 'train.img.tsv')
+  stamp = os.stat(tsv).st_mtime_ns
+  assert datasets.prepare_synthetic(config.data) == first   # cached: not rendered again
+  assert os.stat(tsv).st_mtime_ns == stamp
+  synthetic.seed = 1                      # other parameters: another directory
+  second = datasets.prepare_synthetic(config.data)
+  assert second != first and os.stat(tsv).st_mtime_ns == stamp
+  assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(d) for d in (first, second))
+  data = datasets.Datasets.create(config, second)
+  assert data.synthetic and data.num_train == 8 and data.steps_per_epoch == 1
+  assert data.data_config.source == 'tsv'
+  assert data.data_config.eval_yaml == os.path.join(second, 'test.yaml')
+  # A directory of that name that is not this dataset is refused, not replaced.
+  synthetic.seed = 2
+  foreign = datasets.synthetic_dir(synthetic)
+  os.makedirs(foreign)
+  with pytest.raises(datasets.InputError, match='not a finished synthetic dataset'):
+    datasets.prepare_synthetic(config.data)
+  assert os.listdir(foreign) == []
+  with open(os.path.join(foreign, datasets.DONE_MARKER), 'w') as f:
+    json.dump({'num_train': 5}, f)
+  with pytest.raises(datasets.InputError, match='made with .* left as it is'):
+    datasets.prepare_synthetic(config.data)
+  # Building the datasets renders nothing.
+  with pytest.raises(ValueError, match='prepare_synthetic'):
+    datasets.Datasets.create(config)

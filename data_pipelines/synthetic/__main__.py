@@ -38,6 +38,8 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if args.num_train < 0 or args.num_test < 0 or args.image_size < 32 or args.workers < 1:
     p.error('need num_train, num_test >= 0, image_size >= 32 and workers >= 1')
+  if args.num_train == 0 and args.num_test == 0:
+    p.error('nothing to generate: --num_train and --num_test are both 0')
   return args
 
 
