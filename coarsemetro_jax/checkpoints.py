@@ -5,7 +5,7 @@ A training workdir holds `checkpoints/<step>/` written by an orbax
   state   the TrainState (step, params, batch_stats, opt_state), StandardSave
   meta    JSON: step, epoch, the model config and its label
 `python -m coarsemetro_jax.convert` writes a single orbax directory of
-{'params', 'batch_stats'} (coarsemetro_jax/convert/checkpoint.py).
+{'params', 'batch_stats'} (coarsemetro_jax/convert/orbax_variables.py).
 `load_variables` accepts any of: a workdir (latest step), a step directory,
 its `state` item, or a converted directory.
 """
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from coarsemetro_jax.convert import checkpoint as convert_checkpoint
+from coarsemetro_jax.convert import orbax_variables
 
 CHECKPOINT_DIR = 'checkpoints'
 STATE_ITEM, META_ITEM = 'state', 'meta'
@@ -102,6 +102,6 @@ def load_variables(path, variables):
   directory = resolve(path)
   expected = {c: variables[c] for c in ('params', 'batch_stats') if variables.get(c)}
   try:
-    return convert_checkpoint.restore_into(directory, expected)
+    return orbax_variables.restore_into(directory, expected)
   except (ValueError, FileNotFoundError) as e:
     raise CheckpointError(f'cannot load {path}: {e}') from e

@@ -40,7 +40,7 @@ from coarsemetro_jax import mesh_io
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import visualize
-from coarsemetro_jax.convert import checkpoint as convert_checkpoint
+from coarsemetro_jax.convert import orbax_variables
 from data_pipelines import augment
 
 # config.model fields that do not change the weights (left out of mismatch hints).
@@ -96,7 +96,7 @@ def checkpoint_model_config(path):
       (os.path.join(os.path.dirname(directory), checkpoints.META_ITEM, 'metadata'),
        lambda d: d['model']),
       (os.path.join(directory, '_CHECKPOINT_METADATA'),
-       lambda d: d['custom_metadata'][convert_checkpoint.METADATA_KEY]['model'])]
+       lambda d: d['custom_metadata'][orbax_variables.METADATA_KEY]['model'])]
   for file, get in candidates:
     try:
       with open(file) as f:

@@ -21,7 +21,7 @@ import time
 
 import ml_collections
 
-from coarsemetro_jax.convert import checkpoint
+from coarsemetro_jax.convert import orbax_variables
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
@@ -57,7 +57,7 @@ def _model_differences(a, b):
 def to_jax(src, out, kind='', config_spec=''):
   """Converts a PyTorch file; returns the conversion Report."""
   config = kinds.load_config(config_spec)
-  state, notes = checkpoint.read_state_dict(src, progress=_progress_printer(src))
+  state, notes = orbax_variables.read_state_dict(src, progress=_progress_printer(src))
   for note in notes:
     print(f'{src}: {note}')
   kind = kinds.normalize_kind(kind) if kind else kinds.detect_kind(state.keys(), config)
@@ -74,7 +74,7 @@ def to_jax(src, out, kind='', config_spec=''):
   target = kinds.abstract_variables(kind_config, scope)
   variables, report = state_dict_lib.to_flax(state, table, target, source=src)
   print(report.summary())
-  checkpoint.save_converted(out, variables, {
+  orbax_variables.save_converted(out, variables, {
       'kind': kind, 'scope': scope, 'source': os.path.abspath(src),
       'model': kind_config.model.to_dict(),
       'converted_tensors': len(report.converted), 'ignored_keys': report.ignored})
@@ -86,7 +86,7 @@ def to_torch(src, out, kind='', config_spec=''):
   """Writes a JAX checkpoint directory as a PyTorch state dict file."""
   if os.path.exists(out):
     raise FileExistsError(f'{out} already exists; choose a new --out file')
-  variables, metadata = checkpoint.read_converted(src)
+  variables, metadata = orbax_variables.read_converted(src)
   if config_spec or kind:
     config = kinds.load_config(config_spec)
     scope = 'model'
