@@ -92,24 +92,19 @@ def initial_state(config, model, steps_per_epoch, device_mesh, manager):
 
   origin is 'resumed', 'init_from' or 'scratch'. A resume restores the whole
   TrainState (step, params, batch_stats, AdamW moments) into its shardings
-  without running the initialiser; `init_from` (a converted PyTorch
+  without running the initialiser, from the newest step that reads back and
+  matches its checksums (a corrupt newer one is moved aside with a warning;
+  none intact is a CheckpointError); `init_from` (a converted PyTorch
   checkpoint, a training workdir or step directory) replaces params and
   batch_stats of a fresh state and starts at step 0.
   """
   image_shape = (config.data.image_size, config.data.image_size, 3)
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info('Resuming from %s step %d', manager.directory, latest)
+  if manager.latest_step() is not None:
+    logging.info('Resuming from %s step %d', manager.directory, manager.latest_step())
     abstract, state_sharding = abstract_train_state(config, model, device_mesh,
                                                     image_shape, steps_per_epoch)
-    try:
-      restored = manager.restore(latest, args=checkpoints.restore_args(abstract))
-    except (ValueError, KeyError) as e:
-      raise checkpoints.CheckpointError(
-          f'{manager.directory} step {latest} does not fit this config (another model '
-          f'or optimiser?); use a new --workdir, or config.init_from to start from its '
-          f'weights: {e}') from e
-    return restored[checkpoints.STATE_ITEM], state_sharding, 'resumed'
+    state, _ = checkpoints.restore_newest_intact(manager, abstract)
+    return state, state_sharding, 'resumed'
   state, state_sharding = steps.create_train_state(
       config, model, jax.random.key(config.seed), device_mesh, image_shape,
       steps_per_epoch=steps_per_epoch)

@@ -21,8 +21,9 @@ import time
 
 import ml_collections
 
-from coarsemetro_jax.convert import orbax_variables
+from coarsemetro_jax import checkpoints
 from coarsemetro_jax.convert import kinds
+from coarsemetro_jax.convert import orbax_variables
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 from coarsemetro_jax.convert import torch_writer
@@ -54,8 +55,17 @@ def _model_differences(a, b):
           if a.get(k) != b.get(k)]
 
 
+def _check_paths(src, out, kind):
+  """Before any reading: --out must be new and --src must exist."""
+  if os.path.exists(out):
+    raise FileExistsError(f'{out} already exists; choose a new --out {kind}')
+  if not os.path.exists(src):
+    raise FileNotFoundError(f'--src {src} does not exist')
+
+
 def to_jax(src, out, kind='', config_spec=''):
   """Converts a PyTorch file; returns the conversion Report."""
+  _check_paths(src, out, 'directory')
   config = kinds.load_config(config_spec)
   state, notes = orbax_variables.read_state_dict(src, progress=_progress_printer(src))
   for note in notes:
@@ -83,10 +93,9 @@ def to_jax(src, out, kind='', config_spec=''):
 
 
 def to_torch(src, out, kind='', config_spec=''):
-  """Writes a JAX checkpoint directory as a PyTorch state dict file."""
-  if os.path.exists(out):
-    raise FileExistsError(f'{out} already exists; choose a new --out file')
-  variables, metadata = orbax_variables.read_converted(src)
+  """Writes a JAX checkpoint (converted, training step or workdir) as a PyTorch state dict file."""
+  _check_paths(src, out, 'file')
+  variables, metadata = checkpoints.read_variables(src)
   if config_spec or kind:
     config = kinds.load_config(config_spec)
     scope = 'model'
