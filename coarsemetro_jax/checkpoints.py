@@ -183,12 +183,14 @@ def set_aside(manager, step):
   return target
 
 
-def restore_newest_intact(manager, abstract_state):
+def restore_newest_intact(manager, abstract_state, set_aside_corrupt=True):
   """(state, step) of the newest intact step in `manager`, or None when it has none.
 
-  Each newer, corrupt step gets one warning naming it, the reason and where
-  it was moved (`set_aside`). When no step is intact, all stay where they are
-  (a rerun fails the same way instead of starting afresh).
+  Each newer, corrupt step gets one warning naming it and the reason; with
+  `set_aside_corrupt` (training: the run will save that step number again) it
+  is moved aside (`set_aside`), else left in place. When no step is intact,
+  all stay where they are (a rerun fails the same way instead of starting
+  afresh).
 
   Raises:
     CheckpointError: a step of another config (no fallback: a user error), or
@@ -202,13 +204,12 @@ def restore_newest_intact(manager, abstract_state):
       corrupt.append((step, e))
       continue
     for bad, error in corrupt:
-      moved = set_aside(manager, bad)
-      logging.warning('Corrupt checkpoint, moved to %s; resuming from step %d instead. %s',
-                      moved, step, error)
+      where = f'moved to {set_aside(manager, bad)}' if set_aside_corrupt else 'left in place'
+      logging.warning('Corrupt checkpoint (%s); using step %d instead. %s', where, step, error)
     return state, step
   if corrupt:
-    raise CheckpointError(f'{manager.directory}: no intact checkpoint to resume from '
-                          '(nothing was moved or deleted):\n'
+    raise CheckpointError(f'{manager.directory}: no intact checkpoint (nothing was moved '
+                          'or deleted):\n'
                           + '\n'.join(f'  {e}' for _, e in corrupt))
   return None
 

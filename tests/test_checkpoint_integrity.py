@@ -145,7 +145,7 @@ def _digest(path):
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _resume(data_dir, workdir):
+def _resume(data_dir, workdir, mode='train'):
   """train.initial_state as train_and_evaluate calls it."""
   config = _config(data_dir)
   _, _, model = train.build(config)
@@ -153,7 +153,7 @@ def _resume(data_dir, workdir):
                                      config.keep_checkpoints)
   try:
     state, _, origin = train.initial_state(config, model, 2, steps.make_device_mesh(),
-                                           manager)
+                                           manager, mode)
   finally:
     manager.close()
   return _numpy(state), origin
@@ -184,8 +184,8 @@ def test_resume_skips_a_corrupt_step_and_keeps_it(saved, workdir, caplog, corrup
   step_dir = os.path.join(workdir, 'checkpoints', '4')
   moved = step_dir + checkpoints.CORRUPT_SUFFIX
   [warning] = _warnings(caplog)
-  assert re.search(re.escape(step_dir) + '[: ]', warning) and f'moved to {moved};' in warning
-  assert 'resuming from step 2' in warning
+  assert re.search(re.escape(step_dir) + '[: ]', warning) and f'(moved to {moved})' in warning
+  assert 'using step 2 instead' in warning
   # A truncated file fails to read; overwritten bytes fail zstd's decoding or,
   # where the frame still decodes, the checksums.
   reasons = (('cannot be read', 'do not match their saved checksums')
@@ -195,6 +195,17 @@ def test_resume_skips_a_corrupt_step_and_keeps_it(saved, workdir, caplog, corrup
   assert not os.path.exists(step_dir)
   assert _digest(bad_file.replace(step_dir, moved)) == digest
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4.corrupt']
+
+
+def test_eval_mode_uses_the_newest_intact_step_and_moves_nothing(saved, workdir, caplog):
+  data_dir, _, states = saved
+  _truncate(_largest_data_file(workdir, 4))
+  with caplog.at_level(logging.WARNING):
+    state, _ = _resume(data_dir, workdir, mode='eval')
+  _assert_trees_equal(state.params, states[2].params)
+  [warning] = _warnings(caplog)
+  assert '(left in place); using step 2 instead' in warning
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
 
 
 def test_resumed_run_saves_the_step_again_and_keeps_the_corrupt_one(saved, workdir, caplog):
@@ -222,7 +233,7 @@ def test_no_intact_step_is_one_clear_error(saved, workdir):
   _overwrite_middle(_largest_data_file(workdir, 4))
   _truncate(_largest_data_file(workdir, 2))
   with pytest.raises(checkpoints.CheckpointError,
-                     match=r'(?s)no intact checkpoint to resume from.*'
+                     match=r'(?s)no intact checkpoint \(nothing was moved.*'
                            r'/checkpoints/4[: ].*/checkpoints/2 cannot be read'):
     _resume(data_dir, workdir)
   # Nothing moved: a rerun fails the same way instead of starting from scratch.
