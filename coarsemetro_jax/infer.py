@@ -71,6 +71,8 @@ def load_variables(config, model, checkpoint):
   abstract = abstract_variables(model, config.data.image_size)
   try:
     return checkpoints.load_variables(checkpoint, abstract)
+  except checkpoints.CorruptCheckpointError:
+    raise                  # its own message; not a question of the config
   except checkpoints.CheckpointError as e:
     if not os.path.exists(checkpoint):
       raise

@@ -30,6 +30,7 @@ import tensorstore as ts
 
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import checksums
+from coarsemetro_jax import infer
 from coarsemetro_jax import steps
 from coarsemetro_jax import train
 from coarsemetro_jax.convert import __main__ as convert_cli
@@ -255,7 +256,7 @@ def test_another_configs_checkpoint_is_not_taken_for_corruption(saved, workdir):
 
 
 def test_load_variables_verifies_and_falls_back_in_a_workdir(saved, workdir, caplog):
-  _, _, states = saved
+  data_dir, _, states = saved
   step4 = os.path.join(workdir, 'checkpoints', '4')
   # A silently changed array: the file's bytes no longer match the checksum
   # saved with them (here the saved checksum of one kernel is changed instead).
@@ -284,6 +285,12 @@ def test_load_variables_verifies_and_falls_back_in_a_workdir(saved, workdir, cap
   with pytest.raises(checkpoints.CorruptCheckpointError,
                      match=re.escape(step4) + '/state cannot be read'):
     checkpoints.load_variables(step4, variables)
+  # infer says the same, without a hint at another config.
+  config = _config(data_dir)
+  model, _ = infer.build(config)
+  with pytest.raises(checkpoints.CorruptCheckpointError) as e:
+    infer.load_variables(config, model, step4)
+  assert 'cannot be read' in str(e.value) and 'another config' not in str(e.value)
 
 
 def test_converted_checkpoints_carry_and_verify_checksums(saved, tmp_path):
