@@ -40,7 +40,7 @@ from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import mesh_io
 from coarsemetro_jax import steps
 from coarsemetro_jax import visualize
-from coarsemetro_jax.convert import checkpoint as convert_checkpoint
+from coarsemetro_jax.convert import orbax_variables
 
 # config.model fields that do not change the weights (left out of mismatch hints).
 RUNTIME_MODEL_FIELDS = ('dropout', 'compute_dtype', 'backbone_remat', 'joint_mask_ratio',
@@ -63,6 +63,8 @@ def load_variables(config, model, checkpoint):
   abstract = abstract_variables(model, config.data.image_size)
   try:
     return checkpoints.load_variables(checkpoint, abstract)
+  except checkpoints.CorruptCheckpointError:
+    raise                  # its own message; not a question of the config
   except checkpoints.CheckpointError as e:
     if not os.path.exists(checkpoint):
       raise
@@ -88,7 +90,7 @@ def checkpoint_model_config(path):
       (os.path.join(os.path.dirname(directory), checkpoints.META_ITEM, 'metadata'),
        lambda d: d['model']),
       (os.path.join(directory, '_CHECKPOINT_METADATA'),
-       lambda d: d['custom_metadata'][convert_checkpoint.METADATA_KEY]['model'])]
+       lambda d: d['custom_metadata'][orbax_variables.METADATA_KEY]['model'])]
   for file, get in candidates:
     try:
       with open(file) as f:

@@ -142,29 +142,25 @@ def abstract_train_state(config, model, device_mesh, image_shape, steps_per_epoc
                       abstract, sharding), sharding
 
 
-def initial_state(config, model, steps_per_epoch, device_mesh, manager):
+def initial_state(config, model, steps_per_epoch, device_mesh, manager, mode='train'):
   """(state, state_sharding, origin) from the workdir, `init_from`, or scratch.
 
   origin is 'resumed', 'init_from' or 'scratch'. A resume restores the whole
   TrainState (step, params, batch_stats, AdamW moments) into its shardings
-  without running the initialiser; `init_from` (a converted PyTorch
-  checkpoint, a training workdir or step directory) replaces params and
-  batch_stats of a fresh state and starts at step 0.
+  without running the initialiser, from the newest step that reads back and
+  matches its checksums (a corrupt newer one gets a warning and, in mode
+  'train', is moved aside; none intact is a CheckpointError); `init_from` (a
+  converted PyTorch checkpoint, a training workdir or step directory)
+  replaces params and batch_stats of a fresh state and starts at step 0.
   """
   image_shape = (config.data.image_size, config.data.image_size, 3)
-  latest = manager.latest_step()
-  if latest is not None:
-    logging.info('Resuming from %s step %d', manager.directory, latest)
+  if manager.latest_step() is not None:
+    logging.info('Resuming from %s step %d', manager.directory, manager.latest_step())
     abstract, state_sharding = abstract_train_state(config, model, device_mesh,
                                                     image_shape, steps_per_epoch)
-    try:
-      restored = manager.restore(latest, args=checkpoints.restore_args(abstract))
-    except (ValueError, KeyError) as e:
-      raise checkpoints.CheckpointError(
-          f'{manager.directory} step {latest} does not fit this config (another model '
-          f'or optimiser?); use a new --workdir, or config.init_from to start from its '
-          f'weights: {e}') from e
-    return restored[checkpoints.STATE_ITEM], state_sharding, 'resumed'
+    state, _ = checkpoints.restore_newest_intact(manager, abstract,
+                                                 set_aside_corrupt=mode == 'train')
+    return state, state_sharding, 'resumed'
   state, state_sharding = steps.create_train_state(
       config, model, jax.random.key(config.seed), device_mesh, image_shape,
       steps_per_epoch=steps_per_epoch)
@@ -310,7 +306,7 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
     raise checkpoints.CheckpointError(
         f'--mode=eval needs a checkpoint in {manager.directory} or config.init_from')
   state, state_sharding, origin = initial_state(config, model, steps_per_epoch,
-                                                device_mesh, manager)
+                                                device_mesh, manager, mode)
   start_step = int(jax.device_get(state.step))
   eval_step = steps.make_eval_step(config, model, body, topology, state_sharding,
                                    batch_sharding)

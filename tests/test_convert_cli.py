@@ -15,7 +15,7 @@ import pytest
 from configs import tiny
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax.convert import __main__ as cli
-from coarsemetro_jax.convert import checkpoint
+from coarsemetro_jax.convert import orbax_variables
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
@@ -58,8 +58,8 @@ def test_cli_round_trip(tmp_path, capsys, name):
 
   # config.init_from: the orbax directory restores into the model's variables.
   target = kinds.abstract_variables(config)
-  restored = _flat(checkpoint.restore_into(out, target))
-  state, _ = checkpoint.read_state_dict(src)
+  restored = _flat(orbax_variables.restore_into(out, target))
+  state, _ = orbax_variables.read_state_dict(src)
   direct, _ = state_dict_lib.to_flax(state, tables.model_table(config.model), target)
   direct = _flat(direct)
   assert restored.keys() == direct.keys()
@@ -135,7 +135,7 @@ def test_backbone_only_checkpoint_merges(tmp_path, capsys):
   assert "using the 'state_dict' entry" in stdout
   assert 'resnet-imagenet (backbone only' in stdout and 'fc.bias, fc.weight' in stdout
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), kinds.abstract_variables(config))
-  merged = checkpoint.restore_into(tmp_path / 'bb', zeros)
+  merged = orbax_variables.restore_into(tmp_path / 'bb', zeros)
   np.testing.assert_array_equal(merged['params']['backbone']['conv1']['kernel'],
                                 net.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(merged['batch_stats']['backbone']['layer4_0']['bn3']['var'],
@@ -146,7 +146,7 @@ def test_backbone_only_checkpoint_merges(tmp_path, capsys):
   other.model.resnet_width = 16
   with pytest.raises(ValueError, match=r'mis-shaped or mis-typed \(85\): batch_stats/backbone/'
                                        r'bn1/mean: checkpoint \[8\] float32, model \[16\]'):
-    checkpoint.restore_into(tmp_path / 'bb', kinds.abstract_variables(other))
+    orbax_variables.restore_into(tmp_path / 'bb', kinds.abstract_variables(other))
 
 
 # -------------------------------------------------------------------- errors

@@ -15,7 +15,7 @@ from configs import r50
 from configs import tiny
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
-from coarsemetro_jax.convert import checkpoint
+from coarsemetro_jax.convert import orbax_variables
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
@@ -53,7 +53,7 @@ def _through_file(model, tmp_path):
   """torch.save the state dict and read it back without torch."""
   path = tmp_path / 'model.pth'
   torch.save(model.state_dict(), path)
-  state, notes = checkpoint.read_state_dict(path)
+  state, notes = orbax_variables.read_state_dict(path)
   assert not notes
   return state
 

@@ -20,7 +20,6 @@ from configs import r50
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax.convert import __main__ as cli
-from coarsemetro_jax.convert import checkpoint
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables

@@ -18,7 +18,7 @@ from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import mesh_io
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import visualize
-from coarsemetro_jax.convert import checkpoint as convert_checkpoint
+from coarsemetro_jax.convert import orbax_variables
 from configs import tiny
 
 import conftest
@@ -67,7 +67,7 @@ def tiny_checkpoint(topology, tmp_path_factory):
   model = build.build(config, body=False).model
   variables = random_variables(model, config.data.image_size)
   path = str(tmp_path_factory.mktemp('ckpt') / 'tiny')
-  convert_checkpoint.save_converted(path, variables,
+  orbax_variables.save_converted(path, variables,
                                     {'kind': 'test', 'scope': 'model',
                                      'model': config.model.to_dict()})
   return config, path

@@ -26,7 +26,7 @@ from coarsemetro_jax import huge_pages
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import metrics
 from coarsemetro_jax import train
-from coarsemetro_jax.convert import checkpoint as convert_checkpoint
+from coarsemetro_jax.convert import orbax_variables
 from configs import tiny
 from data_pipelines import datasets
 from data_pipelines import metro_tsv
@@ -272,7 +272,7 @@ def test_init_from_loads_converted_weights(straight_run, data_dir, tmp_path):
   straight_dir, straight_summary = straight_run
   variables = saved_variables(straight_dir, 4)
   converted = str(tmp_path / 'converted')
-  convert_checkpoint.save_converted(converted, variables,
+  orbax_variables.save_converted(converted, variables,
                                     {'kind': 'test', 'scope': 'model'})
   # Eval only, one batch of 16 (5 padding rows) instead of two of 8: the same
   # weights give the same metrics, counted over the same examples.
@@ -290,7 +290,7 @@ def test_init_from_loads_converted_weights(straight_run, data_dir, tmp_path):
   other = jax.tree.map(lambda x: x, variables)
   del other['params']['backbone']['conv1']
   other['params']['extra'] = {'kernel': np.zeros((2, 2), np.float32)}
-  convert_checkpoint.save_converted(str(tmp_path / 'other'), other,
+  orbax_variables.save_converted(str(tmp_path / 'other'), other,
                                     {'kind': 'test', 'scope': 'model'})
   with pytest.raises(checkpoints.CheckpointError, match=(r'(?s)missing in the checkpoint \(1\): '
                                  r'params/backbone/conv1/kernel.*'

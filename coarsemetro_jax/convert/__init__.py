@@ -10,8 +10,8 @@ Modules:
   state_dict   `to_flax(state_dict, table, target)` / `to_torch(variables, table)`
                with strict accounting (`ConversionError`), `torch_shapes`.
   kinds        checkpoint kinds, `detect_kind`, `apply_kind`, `abstract_variables`.
-  checkpoint   `read_state_dict`, orbax `save_converted` / `read_converted`, and
-               `restore_into(directory, variables)` for `config.init_from`.
+  orbax_variables  `read_state_dict`, orbax `save_converted` / `read_converted`,
+               and `restore_into(directory, variables)` for `config.init_from`.
   __main__     `python -m coarsemetro_jax.convert --src FILE --out DIR [--kind K]
                [--config configs/X.py[:arg]] [--to-torch]`.
 

@@ -21,8 +21,9 @@ import time
 
 import ml_collections
 
-from coarsemetro_jax.convert import checkpoint
+from coarsemetro_jax import checkpoints
 from coarsemetro_jax.convert import kinds
+from coarsemetro_jax.convert import orbax_variables
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 from coarsemetro_jax.convert import torch_writer
@@ -54,10 +55,19 @@ def _model_differences(a, b):
           if a.get(k) != b.get(k)]
 
 
+def _check_paths(src, out, kind):
+  """Before any reading: --out must be new and --src must exist."""
+  if os.path.exists(out):
+    raise FileExistsError(f'{out} already exists; choose a new --out {kind}')
+  if not os.path.exists(src):
+    raise FileNotFoundError(f'--src {src} does not exist')
+
+
 def to_jax(src, out, kind='', config_spec=''):
   """Converts a PyTorch file; returns the conversion Report."""
+  _check_paths(src, out, 'directory')
   config = kinds.load_config(config_spec)
-  state, notes = checkpoint.read_state_dict(src, progress=_progress_printer(src))
+  state, notes = orbax_variables.read_state_dict(src, progress=_progress_printer(src))
   for note in notes:
     print(f'{src}: {note}')
   kind = kinds.normalize_kind(kind) if kind else kinds.detect_kind(state.keys(), config)
@@ -74,7 +84,7 @@ def to_jax(src, out, kind='', config_spec=''):
   target = kinds.abstract_variables(kind_config, scope)
   variables, report = state_dict_lib.to_flax(state, table, target, source=src)
   print(report.summary())
-  checkpoint.save_converted(out, variables, {
+  orbax_variables.save_converted(out, variables, {
       'kind': kind, 'scope': scope, 'source': os.path.abspath(src),
       'model': kind_config.model.to_dict(),
       'converted_tensors': len(report.converted), 'ignored_keys': report.ignored})
@@ -83,10 +93,9 @@ def to_jax(src, out, kind='', config_spec=''):
 
 
 def to_torch(src, out, kind='', config_spec=''):
-  """Writes a JAX checkpoint directory as a PyTorch state dict file."""
-  if os.path.exists(out):
-    raise FileExistsError(f'{out} already exists; choose a new --out file')
-  variables, metadata = checkpoint.read_converted(src)
+  """Writes a JAX checkpoint (converted, training step or workdir) as a PyTorch state dict file."""
+  _check_paths(src, out, 'file')
+  variables, metadata = checkpoints.read_variables(src)
   if config_spec or kind:
     config = kinds.load_config(config_spec)
     scope = 'model'
