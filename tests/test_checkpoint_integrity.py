@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
+from coarsemetro_jax import build
 from coarsemetro_jax import checkpoints
 from coarsemetro_jax import checksums
 from coarsemetro_jax import infer
@@ -57,6 +58,7 @@ def _examples(n, seed):
 
 def _config(data_dir):
   config = tiny.get_config()
+  config.data.source = 'tsv'
   config.data.train_yaml = os.path.join(data_dir, 'train.yaml')
   config.data.eval_yaml = os.path.join(data_dir, 'test.yaml')
   config.data.num_parallel_calls = 2
@@ -85,7 +87,7 @@ def saved(tmp_path_factory):
   metro_tsv.write_split(data_dir, 'test', _examples(NUM_TEST, 1))
   workdir = str(tmp_path_factory.mktemp('workdir'))
   config = _config(data_dir)
-  _, _, model = train.build(config)
+  model = build.build(config).model
   mesh = steps.make_device_mesh()
   state, _ = steps.create_train_state(config, model, jax.random.key(0), mesh,
                                       (64, 64, 3), steps_per_epoch=2)
@@ -149,7 +151,7 @@ def _digest(path):
 def _resume(data_dir, workdir, mode='train'):
   """train.initial_state as train_and_evaluate calls it."""
   config = _config(data_dir)
-  _, _, model = train.build(config)
+  model = build.build(config).model
   manager = checkpoints.make_manager(workdir, config.checkpoint_every_steps,
                                      config.keep_checkpoints)
   try:
@@ -245,7 +247,7 @@ def test_another_configs_checkpoint_is_not_taken_for_corruption(saved, workdir):
   data_dir, _, _ = saved
   config = _config(data_dir)
   config.model.stage_dims = (32, 16, 8)
-  _, _, model = train.build(config)
+  model = build.build(config).model
   manager = checkpoints.make_manager(workdir, 2, 2)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'(?s)step 4 does not fit this config.*mis-shaped') as e:
@@ -287,7 +289,7 @@ def test_load_variables_verifies_and_falls_back_in_a_workdir(saved, workdir, cap
     checkpoints.load_variables(step4, variables)
   # infer says the same, without a hint at another config.
   config = _config(data_dir)
-  model, _ = infer.build(config)
+  model = build.build(config, body=False).model
   with pytest.raises(checkpoints.CorruptCheckpointError) as e:
     infer.load_variables(config, model, step4)
   assert 'cannot be read' in str(e.value) and 'another config' not in str(e.value)
