@@ -12,6 +12,8 @@ Run from the repository root, as modules (`--help` lists each one's flags):
                                          examples/s per parallelism
   python -m benchmarks.synthetic_render  synthetic-data rendering, samples/s
                                          per core and a 10k-set estimate
+  python -m benchmarks.crop_difference   'metro' vs 'continuous' crop: image,
+                                         shift and 2D keypoint differences
 
 The first three take `--tiny --quick` for a smoke run (configs/tiny.py models,
 two rounds) and need torch: their PyTorch side is the `torch_reference`

@@ -83,6 +83,15 @@ def get_config():
   config.data.tfds_eval_split = 'validation'
   config.data.image_size = 224
   config.data.image_dtype = 'float32'      # 'float32' | 'bfloat16'
+  # How image and 2D joints are cropped: 'metro' (the released METRO/FastMETRO
+  # crop: integer box, cv2.resize, truncated keypoints) or 'continuous' (one
+  # exact affine for image and joints; data_pipelines/augment.py).
+  # Evaluation (r50, h64, fastmetro): 'metro', so converted checkpoints get the
+  # released evaluation's inputs bit for bit; training: 'continuous', a quarter
+  # of 'metro''s CPU time, image and joints exactly aligned (python -m
+  # benchmarks.crop_difference compares the two).
+  config.data.crop = 'metro'
+  config.data.train_crop = 'continuous'
   config.data.batch_size = 64              # global: 16 per GPU x 4 in the paper
   config.data.eval_batch_size = 64         # global; padded with mask=0
   # METRO/GraphCMR augmentation: sc ~ clip(N(1, f), 1 +- f), rotation

@@ -27,6 +27,8 @@ def get_config(arg='coarsemetro'):
   config.model.fastmetro_ffn_dims = (64, 32)
   config.data.source = 'synthetic'
   config.data.image_size = 64
+  # Evaluation crops 'continuous' like training: the synthetic data's convention.
+  config.data.crop = 'continuous'
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
   config.num_epochs = 1

@@ -18,6 +18,9 @@ resizes a padded, rotated crop, and negates normalised x on a flip while the
 image mirrors about (S - 1) / 2 (one pixel apart); here image and joints use
 the same continuous matrix. The warped image is kept as uint8 (METRO keeps
 float), i.e. rounded to the nearest level before the colour noise.
+`config.data.crop = 'metro'` (data_pipelines/metro_crop.py) repeats METRO's
+arithmetic for the image and 2D joints instead; `label_targets` then gives the
+rest of the example with the same parameters.
 """
 
 import dataclasses
@@ -44,11 +47,14 @@ single_threaded_opencv = image_ops.single_threaded_opencv
 
 @dataclasses.dataclass(frozen=True)
 class AugParams:
-  """Per-example augmentation parameters (defaults: test time, no change)."""
+  """Per-example crop and augmentation parameters (defaults: test time, no change)."""
   flip: bool = False
   rot: float = 0.0                     # degrees
   sc: float = 1.0                      # multiplies the label's scale
   pn: tuple = (1.0, 1.0, 1.0)          # per-channel (R, G, B) noise
+  # How image and 2D joints are cropped: 'continuous' (`process_example`) or
+  # 'metro' (metro_crop.image_and_joints_2d); config.data.crop / train_crop.
+  crop: str = 'continuous'
 
 
 def sample_params(rng, *, scale_factor=SCALE_FACTOR, rot_factor=ROT_FACTOR,
@@ -116,19 +122,36 @@ def transform_pose(pose, rot=0.0, flip=False):
   return out.astype(np.float32)
 
 
+def label_targets(label, params):
+  """The targets that do not depend on the crop, rotated and flipped by `params`.
+
+  Returns:
+    dict: joints_3d [24, 4], pose [72], betas [10], has_2d_joints,
+    has_3d_joints, has_smpl (float32).
+  """
+  return {
+      'joints_3d': transform_joints_3d(label['joints_3d'], params.rot,
+                                       params.flip),
+      'pose': transform_pose(label['pose'], params.rot, params.flip),
+      'betas': np.asarray(label['betas'], np.float32),
+      'has_2d_joints': np.float32(label['has_2d_joints']),
+      'has_3d_joints': np.float32(label['has_3d_joints']),
+      'has_smpl': np.float32(label['has_smpl']),
+  }
+
+
 def process_example(image, label, params, size):
-  """Crops and augments one example.
+  """Crops (continuously) and augments one example.
 
   Args:
     image: RGB uint8 [H, W, 3].
     label: `metro_labels.parse_label` dict.
-    params: AugParams (AugParams() at test time).
+    params: AugParams (AugParams() at test time); `params.crop` is not read.
     size: crop side S.
 
   Returns:
     dict: image uint8 [S, S, 3] (the crop, before `color_normalize`), pn [3]
-    float32 (the colour noise), joints_2d, joints_3d, pose, betas,
-    has_2d_joints, has_3d_joints, has_smpl.
+    float32 (the colour noise), joints_2d, and the `label_targets`.
   """
   matrix = image_ops.crop_matrix(label['center'], params.sc * label['scale'],
                                  size, params.rot, params.flip)
@@ -137,11 +160,5 @@ def process_example(image, label, params, size):
       'pn': np.asarray(params.pn, np.float32),
       'joints_2d': transform_joints_2d(label['joints_2d'], matrix, size,
                                        params.flip),
-      'joints_3d': transform_joints_3d(label['joints_3d'], params.rot,
-                                       params.flip),
-      'pose': transform_pose(label['pose'], params.rot, params.flip),
-      'betas': np.asarray(label['betas'], np.float32),
-      'has_2d_joints': np.float32(label['has_2d_joints']),
-      'has_3d_joints': np.float32(label['has_3d_joints']),
-      'has_smpl': np.float32(label['has_smpl']),
+      **label_targets(label, params),
   }

@@ -53,6 +53,10 @@ def check_config(data_config):
   if source not in SOURCES:
     raise DataConfigError(f'config.data.source must be one of {list(SOURCES)}, '
                           f'got {source!r}')
+  for key in ('crop', 'train_crop'):
+    if data_config.get(key) not in input_pipeline.CROPS:
+      raise DataConfigError(f'config.data.{key} must be one of {list(input_pipeline.CROPS)}, '
+                            f'got {data_config.get(key)!r}')
   yamls = ('train_yaml', 'eval_yaml')
   if source == 'tsv':
     unset = [f'config.data.{k}' for k in yamls if not data_config[k]]

@@ -8,9 +8,11 @@
 Each host reads a contiguous 1/process_count slice of the dataset's rows (the
 linelist order) and prepares examples in a parallel `map`, one
 `tf.numpy_function` per chunk of `ROWS_PER_CALL` rows; for each row: read it,
-cv2 JPEG decode, one
-`cv2.warpAffine` for crop/scale/rotation/flip, the label transforms, and the
-colour noise plus ImageNet normalisation as one `cv2.LUT` (OpenCV releases the
+cv2 JPEG decode, the crop of `config.data.crop` (evaluation) or `train_crop`
+(training): 'continuous' is one `cv2.warpAffine` for crop/scale/rotation/flip
+and the colour noise plus ImageNet normalisation as one `cv2.LUT`, 'metro' the
+released METRO/FastMETRO arithmetic (metro_crop.py); then the label transforms
+(OpenCV releases the
 GIL). It batches `batch_size / process_count` examples per host, and
 `to_global_batch` turns a host batch into global arrays with
 `jax.make_array_from_process_local_data`.
@@ -37,6 +39,7 @@ in the caller's thread. Missing files and malformed yamls fail when the dataset
 is created.
 """
 
+import dataclasses
 import functools
 import queue
 import threading
@@ -49,6 +52,7 @@ import tensorflow as tf
 
 from data_pipelines import augment
 from data_pipelines import bad_rows as bad_rows_lib
+from data_pipelines import metro_crop
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
@@ -84,26 +88,49 @@ _STOP_MESSAGE = ('input pipeline: too many bad rows (config.data.max_bad_fractio
                  'see the bad rows logged above')
 
 
+# config.data.crop (evaluation) and train_crop (training): how the image and
+# its 2D joints are cropped. 'continuous': one exact affine for both
+# (augment.process_example); 'metro': the released METRO/FastMETRO arithmetic,
+# integer box and truncated keypoints (metro_crop).
+CROPS = ('continuous', 'metro')
+
+
+def _crop(data_config, train):
+  key = 'train_crop' if train else 'crop'
+  value = data_config.get(key)
+  if value not in CROPS:
+    raise ValueError(f'config.data.{key} must be one of {list(CROPS)}, got {value!r}')
+  return value
+
+
 def _process(jpeg, label, params, size, where):
-  """Decodes and augments one example; raises BadRowError naming `where`."""
+  """Decodes, crops and augments one example; raises BadRowError naming `where`."""
   image = augment.decode_jpeg(jpeg)
   if image is None:
     raise metro_labels.BadRowError(f'{where}: JPEG does not decode')
-  out = augment.process_example(image, label, params, size)
-  out['image'] = augment.color_normalize(out['image'], out.pop('pn'))
+  if params.crop == 'metro':
+    # Already noised, clipped and ImageNet-normalised, as the released code.
+    out = augment.label_targets(label, params)
+    out['image'], out['joints_2d'] = metro_crop.image_and_joints_2d(
+        image, label['center'], params.sc * label['scale'], label['joints_2d'],
+        size, params.rot, params.flip, params.pn)
+  else:
+    out = augment.process_example(image, label, params, size)
+    out['image'] = augment.color_normalize(out['image'], out.pop('pn'))
   out['mask'] = np.float32(1)
   return out
 
 
 def _params_fn(data_config, seed, train):
   """(epoch, row) -> AugParams: METRO sampling (train) or identity (eval)."""
+  crop = _crop(data_config, train)
   if not train:
-    return lambda epoch, row: augment.AugParams()
-  return lambda epoch, row: augment.sample_params(
+    return lambda epoch, row: augment.AugParams(crop=crop)
+  return lambda epoch, row: dataclasses.replace(augment.sample_params(
       np.random.default_rng((seed, int(epoch), int(row))),
       scale_factor=data_config.scale_factor,
       rot_factor=data_config.rot_factor,
-      noise_factor=data_config.noise_factor)
+      noise_factor=data_config.noise_factor), crop=crop)
 
 
 def _stacked(examples, spec):

@@ -37,7 +37,8 @@ Two points where the released code is ill-defined, handled here:
   gave an empty crop there; here nothing is cut.
 
 Labels must keep the JSON's float64 centre, scale and keypoints: rounding them
-to float32 first moves box corners and keypoints across integer boundaries.
+to float32 first moves box corners and keypoints across integer boundaries
+(`metro_labels.parse_label` and the TFDS build keep them float64).
 """
 
 import cv2

@@ -8,7 +8,7 @@ order of `joints.J24_NAMES`:
   camera frame with a confidence column, pose [72] SMPL axis-angle, betas [10],
   has_2d_joints / has_3d_joints / has_smpl in {0, 1}, optional gender (unused).
 
-`parse_label` turns it into the float32 arrays of a batch; `encode_label`
+`parse_label` turns it into the arrays of a batch; `encode_label`
 validates one before a writer stores it; both raise ValueError naming the
 field. `BadRowError` is the error the readers (metro_tsv, tfds_metro, the input
 pipeline) raise for one unusable row, a label that does not parse included; the
@@ -24,6 +24,10 @@ from coarsemetro_jax import joints
 NUM_J24 = len(joints.J24_NAMES)
 NUM_POSE = 3 * joints.NUM_SMPL_JOINTS
 NUM_BETAS = joints.NUM_BETAS
+# The crop's inputs keep the JSON's float64 values: the official crop
+# (data_pipelines/metro_crop.py) truncates box corners and keypoints to
+# integers, and float32 rounding moves some of them across an integer.
+FLOAT64_FIELDS = ('center', 'scale', 'joints_2d')
 # (label field, has_* flag, shape, parsed name) of the optional label fields.
 _OPTIONAL_FIELDS = (
     ('2d_joints', 'has_2d_joints', (NUM_J24, 3), 'joints_2d'),
@@ -58,7 +62,7 @@ def _flag(label, name):
 
 
 def _field(label, name, shape):
-  """A label array of `shape` (float32), squeezing a leading 1 as METRO does."""
+  """A label array of `shape` (float64), squeezing a leading 1 as METRO does."""
   value = np.asarray(label[name], dtype=np.float64)
   if value.ndim == len(shape) + 1 and value.shape[0] == 1:
     value = value[0]
@@ -70,7 +74,7 @@ def _field(label, name, shape):
 
 
 def parse_label(label):
-  """Parses one METRO label dict into float32 arrays (the batch fields).
+  """Parses one METRO label dict into the arrays of a batch.
 
   `center` and `scale` are required and must be finite (scale > 0). A missing
   optional field gives zeros with its has_* flag 0. A field whose flag is 1 must
@@ -82,8 +86,9 @@ def parse_label(label):
     label: the dict from the label tsv (lists or arrays).
 
   Returns:
-    dict with center [2], scale [], joints_2d [24, 3], joints_3d [24, 4],
-    pose [72], betas [10], has_2d_joints, has_3d_joints, has_smpl [] (float32).
+    dict with center [2], scale [], joints_2d [24, 3] (float64, as the JSON
+    holds them: FLOAT64_FIELDS), joints_3d [24, 4], pose [72], betas [10],
+    has_2d_joints, has_3d_joints, has_smpl [] (float32).
 
   Raises:
     ValueError: naming the offending field.
@@ -103,7 +108,7 @@ def parse_label(label):
   if not (np.isfinite(scale) and scale > 0):
     raise ValueError(f'scale must be finite and > 0, got {scale}')
 
-  out = {'center': center.astype(np.float32), 'scale': np.float32(scale)}
+  out = {'center': center, 'scale': np.float64(scale)}
   flags = {}
   for field, flag_name, shape, name in _OPTIONAL_FIELDS:
     flag = _flag(label, flag_name) if label.get(field) is not None else 0.0
@@ -111,8 +116,9 @@ def parse_label(label):
     # unusable for the SMPL losses, so both must be present for it to hold.
     flag = min(flag, flags.get(flag_name, 1.0))
     flags[flag_name] = flag
+    dtype = np.float64 if name in FLOAT64_FIELDS else np.float32
     if label.get(field) is None:
-      out[name] = np.zeros(shape, np.float32)
+      out[name] = np.zeros(shape, dtype)
       continue
     value = _field(label, field, shape)
     bad = ~np.isfinite(value)
@@ -121,7 +127,7 @@ def parse_label(label):
         raise ValueError(f'{field} has non-finite values while {flag_name}=1')
       # Joints: drop the whole joint (visibility / confidence included).
       value[bad.any(axis=1) if value.ndim == 2 else bad] = 0.0
-    out[name] = value.astype(np.float32)
+    out[name] = value.astype(dtype)
   for flag_name, flag in flags.items():
     out[flag_name] = np.float32(flag)
   return out

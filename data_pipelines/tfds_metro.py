@@ -18,7 +18,9 @@ Build (any machine with the TSVs; the output dir may be gs://...):
 
 Read: `tfds_metro.Metro(data_dir='/data/tfds').as_dataset(split='train')`, or
 set config.data.source='tfds', config.data.tfds_data_dir, and the split names.
-Bad rows (see metro_tsv) are logged and left out while building.
+Bad rows (see metro_tsv) are logged and left out while building. Version
+1.1.0 stores the crop's label inputs in float64; a 1.0.0 build (float32) is not
+read by this code and must be built again.
 """
 
 import os
@@ -32,7 +34,9 @@ from data_pipelines import augment
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
-# Label arrays stored per example, with their shapes (float32).
+# Label arrays stored per example, with their shapes; float32 except the
+# crop's inputs, stored as float64 like `parse_label` gives them, so that the
+# 'metro' crop (config.data.crop) truncates the same values as from the TSVs.
 LABEL_FEATURES = {
     'center': (2,),
     'scale': (),
@@ -49,8 +53,11 @@ LABEL_FEATURES = {
 class Metro(tfds.core.GeneratorBasedBuilder):
   """METRO-format human mesh datasets (images + J24/SMPL labels)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'METRO TSV rows: JPEG bytes + parsed label.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'METRO TSV rows: JPEG bytes + parsed label.',
+      '1.1.0': 'center, scale and joints_2d in float64 (the JSON values).',
+  }
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -75,7 +82,12 @@ class Metro(tfds.core.GeneratorBasedBuilder):
                                      encoding_format='jpeg'),
     }
     for name, shape in LABEL_FEATURES.items():
-      features[name] = tfds.features.Tensor(shape=shape, dtype=np.float32)
+      if name in metro_labels.FLOAT64_FIELDS:
+        # As raw bytes: a tf.train.Example float list would round to float32.
+        features[name] = tfds.features.Tensor(shape=shape, dtype=np.float64,
+                                              encoding=tfds.features.Encoding.BYTES)
+      else:
+        features[name] = tfds.features.Tensor(shape=shape, dtype=np.float32)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split('\n')[0],

@@ -1,6 +1,7 @@
 """tf.data pipelines: batch contract, NumPy reference, hosts, bad rows."""
 
 import base64
+import json
 import re
 import threading
 import time
@@ -14,7 +15,9 @@ import tensorflow as tf
 from configs import r50
 from data_pipelines import augment
 from data_pipelines import bad_rows
+from data_pipelines import datasets
 from data_pipelines import input_pipeline
+from data_pipelines import metro_crop
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
 
@@ -51,6 +54,7 @@ def _config(yaml_path, batch_size=4, eval_batch_size=8):
   data.batch_size = batch_size
   data.eval_batch_size = eval_batch_size
   data.num_parallel_calls = 2
+  data.crop = 'continuous'   # r50 evaluates with 'metro' (tested at the end)
   return data
 
 
@@ -323,3 +327,119 @@ def test_background_iterator_keeps_order_reraises_and_stops():
   # Closed before its first item was taken: the thread stops too.
   input_pipeline.BackgroundIterator(endless(), 1).close()
   assert not _prefetch_threads(existing)
+
+
+# ---------------------------------------------------------------------------
+# config.data.crop / train_crop = 'metro': the official crop, to the last bit.
+
+
+def _metro_examples():
+  """`_examples` plus two rows whose float32-rounded labels cross integers.
+
+  At S = 32 and scale 0.2 (h = 40 px) the box starts at int(cx - 20) and a
+  keypoint lands at int(0.8 (x - cx) + 16) + 1: cx = 25 - 1e-9 starts the box
+  at 4 (at 5 from float32's 25.0), x = 26.25 - 1e-8 lands at 17 (18 in float32).
+  """
+  examples = list(_examples(6, seed=1))
+  for ex, dx in zip(examples[:2], (0.0, -3.5)):
+    label = ex['label']
+    label['center'] = [25 - 1e-9 + dx, 24 - 1e-9]
+    label['scale'] = 0.2
+    label['2d_joints'][:4, :2] = [[26.25 - 1e-8 + dx, 23.75 - 1e-8]] * 4
+  return examples
+
+
+@pytest.fixture(name='metro_yaml', scope='module')
+def fixture_metro_yaml(tmp_path_factory):
+  out = tmp_path_factory.mktemp('metro_crop')
+  return metro_tsv.write_split(str(out), 'train', _metro_examples())
+
+
+def _json_label(dataset, index):
+  """The row's label dict as the JSON holds it (float64), like the official reader."""
+  source, row = dataset.rows[index]
+  return json.loads(dataset.label_files[source].read_row(int(row))[1])[0]
+
+
+def _metro_reference(dataset, index, params):
+  """metro_crop applied to the row's JPEG and JSON label; the 3D targets from augment."""
+  ex, label = dataset.read(index), _json_label(dataset, index)
+  image, joints_2d = metro_crop.image_and_joints_2d(
+      metro_crop.decode_image(ex['jpeg']), label['center'], params.sc * label['scale'],
+      np.asarray(label['2d_joints']), S, params.rot, params.flip, params.pn)
+  out = augment.process_example(augment.decode_jpeg(ex['jpeg']), ex['label'], params, S)
+  return {**out, 'image': image, 'joints_2d': joints_2d}
+
+
+_TARGETS = ('image', 'joints_2d', 'joints_3d', 'pose', 'betas', 'has_2d_joints',
+            'has_3d_joints', 'has_smpl')
+
+
+def test_metro_eval_batches_equal_the_official_crop(metro_yaml):
+  data = _config(metro_yaml, eval_batch_size=8)
+  data.crop = 'metro'
+  dataset = metro_tsv.MetroDataset(metro_yaml)
+  [batch] = input_pipeline.create_eval_dataset(
+      data, process_index=0, process_count=1).as_numpy_iterator()
+  np.testing.assert_array_equal(batch['mask'], [1] * 6 + [0] * 2)
+  np.testing.assert_array_equal(_ids(batch)[:6], range(6))
+  for i in range(6):
+    ref = _metro_reference(dataset, i, augment.AugParams())
+    for name in _TARGETS:
+      assert batch[name][i].dtype == np.float32
+      np.testing.assert_array_equal(batch[name][i], ref[name], err_msg=f'row {i} {name}')
+  # 'continuous' is another crop: its keypoint T(p) (crop px) becomes
+  # int(T(p)) + 1 here, 0 to 1 px more (up to 2 px left of or above the crop,
+  # where int() rounds up).
+  data.crop = 'continuous'
+  [cont] = input_pipeline.create_eval_dataset(
+      data, process_index=0, process_count=1).as_numpy_iterator()
+  assert np.any(cont['image'][:6] != batch['image'][:6])
+  shift = (batch['joints_2d'][:6, :, :2] - cont['joints_2d'][:6, :, :2]) * S / 2   # crop px
+  assert shift.min() >= -1e-4 and 0.3 < shift.mean() < 0.7 and shift.max() < 2
+
+
+def test_metro_train_batches_use_the_sampled_parameters(metro_yaml):
+  data = _config(metro_yaml, batch_size=6)
+  data.train_crop = 'metro'
+  seed = 4
+  dataset = metro_tsv.MetroDataset(metro_yaml)
+  ds = input_pipeline.create_train_dataset(data, seed=seed, process_index=0,
+                                           process_count=1, shuffle=False)
+  batch = next(ds.as_numpy_iterator())
+  flips = []
+  for i in range(6):
+    params = augment.sample_params(np.random.default_rng((seed, 0, i)))
+    flips.append(params.flip)
+    ref = _metro_reference(dataset, i, params)
+    for name in _TARGETS:
+      np.testing.assert_array_equal(batch[name][i], ref[name], err_msg=f'row {i} {name}')
+  assert any(flips) and not all(flips)
+
+
+def test_metro_crop_from_tfds_equals_tsv(metro_yaml, tmp_path):
+  # Imported here: the other tests of this file do not need TFDS.
+  from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
+  tfds_metro.Metro(data_dir=str(tmp_path), yamls={'validation': metro_yaml}).download_and_prepare()
+  data = _config(metro_yaml, eval_batch_size=8)
+  data.crop = 'metro'
+  [tsv] = input_pipeline.create_eval_dataset(
+      data, process_index=0, process_count=1).as_numpy_iterator()
+  data.source, data.tfds_data_dir = 'tfds', str(tmp_path)
+  [tfds] = input_pipeline.create_eval_dataset(
+      data, process_index=0, process_count=1).as_numpy_iterator()
+  for name in tsv:
+    np.testing.assert_array_equal(tfds[name], tsv[name], err_msg=name)
+
+
+@pytest.mark.parametrize('key', ['crop', 'train_crop'])
+def test_unknown_crop_is_one_error_naming_the_key(yaml_path, key):
+  data = _config(yaml_path)
+  data[key] = 'metr'
+  message = rf"config.data.{key} must be one of \['continuous', 'metro'\], got 'metr'"
+  with pytest.raises(datasets.DataConfigError, match=message):
+    datasets.check_config(data)
+  create = (input_pipeline.create_train_dataset if key == 'train_crop'
+            else input_pipeline.create_eval_dataset)
+  with pytest.raises(ValueError, match=message):
+    create(data, process_index=0, process_count=1)

@@ -329,6 +329,7 @@ def test_input_pipeline_reads_generated_split(assets, tmp_path):
   data = r50.get_config().data
   data.train_yaml = data.eval_yaml = yaml_path
   data.image_size, data.eval_batch_size, data.num_parallel_calls = 64, 4, 1
+  data.crop = 'continuous'   # the synthetic data's convention (configs/embedded.py)
   batches = list(input_pipeline.create_eval_dataset(data).as_numpy_iterator())
   assert len(batches) == 1
   b = batches[0]
