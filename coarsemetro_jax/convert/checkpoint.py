@@ -11,6 +11,9 @@ A converted checkpoint is an orbax `StandardCheckpointer` directory holding
                        weights: `restore_into` merges it into a fresh model
   model   config.model used for the conversion (for --to-torch)
   source  the converted file
+  carried_keys  the source keys kept unchanged under the tree's `carried`
+          entry (no Flax counterpart: HRNet's classifier, BatchNorm counters;
+          `state_dict.Report.carried`), in source order, for --to-torch
 
 `restore_into(directory, variables)` is what `config.init_from` uses.
 """
@@ -18,13 +21,17 @@ A converted checkpoint is an orbax `StandardCheckpointer` directory holding
 import collections
 import os
 
+from absl import logging
 import jax
 import numpy as np
 
+from coarsemetro_jax.convert import smpl_param_table
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import torch_file
 
 METADATA_KEY = 'coarsemetro_convert'
+CARRIED = 'carried'   # tree entry of the carried source tensors, nested at the key's dots
+_HEAD = smpl_param_table.FLAX_PREFIX.rstrip('/')
 # Containers other training scripts wrap a state dict in.
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
 
@@ -59,12 +66,15 @@ def _is_state_dict(obj):
           and all(isinstance(v, np.ndarray) for v in obj.values()))
 
 
-def save_converted(directory, variables, metadata):
-  """Writes variables (numpy) with `metadata` to a new orbax directory."""
+def save_converted(directory, variables, metadata, carried=None):
+  """Writes variables (numpy) with `metadata` (and carried tensors) to a new orbax directory."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f'{directory} already exists; choose a new --out directory')
+  if carried:
+    variables = {**variables, CARRIED: state_dict_lib.unflatten(carried, sep='.')}
+    metadata = {**metadata, 'carried_keys': list(carried)}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory, variables, custom_metadata={METADATA_KEY: metadata})
     ckptr.wait_until_finished()
@@ -72,6 +82,9 @@ def save_converted(directory, variables, metadata):
 
 def read_converted(directory):
   """(variables as numpy, conversion metadata or {}) of an orbax directory.
+
+  A converted directory's carried tensors come back as variables['carried']
+  (torch key -> np.ndarray in source order, dtypes exact: int64 counters too).
 
   Training checkpoints (a TrainState with `params`/`batch_stats` fields) are
   accepted too, given as the step directory of a CheckpointManager (its
@@ -97,12 +110,19 @@ def read_converted(directory):
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           step_metadata.item_metadata.tree)
+    if isinstance(target, dict) and CARRIED in target:   # as numpy: int64 stays int64
+      target[CARRIED] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                                     step_metadata.item_metadata.tree[CARRIED])
     tree = ckptr.restore(directory, target)
   if not isinstance(tree, dict) or 'params' not in tree:
     raise ValueError(f'{directory}: checkpoint has no top-level "params" entry '
                      f'(found {sorted(tree) if isinstance(tree, dict) else type(tree)})')
   variables = {c: jax.tree.map(np.asarray, tree[c]) for c in ('params', 'batch_stats')
                if c in tree and tree[c]}
+  if tree.get(CARRIED):
+    flat = state_dict_lib.flatten(tree[CARRIED], sep='.')
+    variables[CARRIED] = collections.OrderedDict(
+        (k, flat[k]) for k in metadata.get('carried_keys', sorted(flat)))
   return variables, metadata
 
 
@@ -116,11 +136,13 @@ def restore_into(directory, variables):
       shardings of the result.
   Returns:
     New variables: the checkpoint's values; for a backbone-only checkpoint the
-    backbone subtree is replaced and everything else kept from `variables`.
+    backbone subtree is replaced and everything else kept from `variables`;
+    likewise the SMPL-parameter head when the checkpoint has none (warning).
   Raises:
     ValueError: listing missing, unexpected and mis-shaped leaves.
   """
   loaded, metadata = read_converted(directory)
+  loaded.pop(CARRIED, None)   # no Flax counterpart: for --to-torch only
   scope = metadata.get('scope', 'model')
   flat_want = {f'{c}/{p}': v for c in variables
                for p, v in state_dict_lib.flatten(variables[c]).items()}
@@ -134,6 +156,16 @@ def restore_into(directory, variables):
     raise ValueError(f'{directory}: unknown conversion scope {scope!r}')
   problems = []
   missing = [p for p in want if p not in flat_got]
+  # FastMETRO trains its SMPL-parameter head on a trained network (loaded with
+  # strict=False): a checkpoint with none of the head's leaves fills the rest,
+  # and the head keeps the (concrete) values in `variables`.
+  head = [p for p in missing if _HEAD in p.split('/')]
+  if (head and not any(_HEAD in p.split('/') for p in flat_got)
+      and not any(isinstance(want[p], jax.ShapeDtypeStruct) for p in head)):
+    logging.warning('%s has no SMPL-parameter head: its %d leaves keep their initial values',
+                    directory, len(head))
+    want = {p: v for p, v in want.items() if p not in head}
+    missing = [p for p in missing if p not in head]
   unexpected = [p for p in flat_got if p not in want]
   bad = [f'{p}: checkpoint {list(np.shape(flat_got[p]))} {np.asarray(flat_got[p]).dtype}, '
          f'model {list(want[p].shape)} {np.dtype(want[p].dtype)}'
