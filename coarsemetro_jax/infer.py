@@ -16,7 +16,9 @@ in batches of `--batch_size` (the last one zero-padded, so it compiles once).
 Per image, in --output_dir: <name>.obj and <name>.ply (the 6890-vertex mesh in
 the camera frame: x right, y down, z forward, metres, centred at the pelvis
 when the config's body model is available),
-<name>.json (camera, 14 joints in 3D, in the crop and in image pixels),
+<name>.json (camera, 14 joints in 3D, in the crop and in image pixels; with
+the SMPL-parameter head also the SMPL pose as axis-angle and rotation
+matrices, and the betas),
 <name>.png (crop | mesh overlay | side view) and, with --attention,
 <name>_attention.png. An image that cannot be used is reported and skipped.
 """
@@ -162,6 +164,53 @@ def output_stem(path, used):
   return name
 
 
+def rotmat_to_axis_angle(rotmats):
+  """Rotation matrices [..., 3, 3] -> axis-angle vectors [..., 3] (float64), angle in [0, pi].
+
+  theta = atan2(|w|, (tr R - 1) / 2) with w = vee(R - R^T) / 2 = sin(theta) u.
+  For theta < pi/2 the vector is theta / sin(theta) * w (the ratio from its
+  series near 0, so the identity gives 0 and tiny angles keep their
+  precision). Near pi, w vanishes and carries no direction: the axis comes
+  from the symmetric part, (R + R^T) / 2 - cos(theta) I = (1 - cos(theta))
+  u u^T, its largest column normalised, signed to agree with w (at exactly pi
+  either sign is the same rotation).
+  """
+  r = np.asarray(rotmats, np.float64)
+  w = 0.5 * np.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0],
+                      r[..., 1, 0] - r[..., 0, 1]], -1)                  # sin(theta) u
+  sin = np.linalg.norm(w, axis=-1)
+  cos = 0.5 * (np.trace(r, axis1=-2, axis2=-1) - 1.0)
+  theta = np.arctan2(sin, cos)
+  tiny = theta < 1e-4
+  ratio = np.where(tiny, 1.0 + theta ** 2 / 6.0,
+                   theta / np.where(tiny, 1.0, np.sin(theta)))           # theta / sin(theta)
+  small = ratio[..., None] * w
+  sym = 0.5 * (r + np.swapaxes(r, -1, -2)) - cos[..., None, None] * np.eye(3)
+  diag = np.diagonal(sym, axis1=-2, axis2=-1)                            # (1 - cos) u_k^2
+  k = np.argmax(diag, -1)
+  column = np.take_along_axis(sym, k[..., None, None], -1)[..., 0]       # (1 - cos) u_k u
+  norm = np.sqrt(np.maximum(np.take_along_axis(diag, k[..., None], -1)
+                            * (1.0 - cos)[..., None], 0.0))              # (1 - cos) |u_k|
+  axis = column / np.where(norm > 0, norm, 1.0)    # (0 only near theta = 0: not used there)
+  axis *= np.where(np.sum(axis * w, -1, keepdims=True) < 0, -1.0, 1.0)
+  large = theta[..., None] * axis
+  return np.where((theta < np.pi / 2)[..., None], small, large)
+
+
+def smpl_param_record(pred):
+  """The JSON entry of the SMPL-parameter head's pose and shape (None without the head)."""
+  if 'pred_rotmat' not in pred:
+    return None
+  rotmat = np.asarray(pred['pred_rotmat'], np.float64)                  # [24, 3, 3]
+  return {
+      'pose_axis_angle': rotmat_to_axis_angle(rotmat).tolist(),         # [24, 3]
+      'pose_rotmat': rotmat.tolist(),
+      'betas': np.asarray(pred['pred_betas'], np.float64).tolist(),     # [10]
+      'joints': 'the 24 SMPL joints, root (global orientation) first; pose_axis_angle '
+                'is the 72-value SMPL pose',
+  }
+
+
 def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True):
   """Mesh files, JSON, picture (and attention panel) of one image."""
   base = os.path.join(out_dir, stem)
@@ -194,6 +243,9 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True
                          'model: not centred)'},
       'notes': crop.notes,
   }
+  smpl = smpl_param_record(pred)
+  if smpl is not None:
+    record['smpl'] = smpl
   with open(base + '.json', 'w') as f:   # one key per line, arrays on one line
     f.write('{\n' + ',\n'.join(f' {json.dumps(k)}: {json.dumps(v)}'
                                 for k, v in record.items()) + '\n}\n')

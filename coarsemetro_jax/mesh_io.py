@@ -37,7 +37,7 @@ def write_ply(path, vertices, faces, comment=''):
   vertices = np.ascontiguousarray(vertices, '<f4')
   face_rows = np.zeros(len(faces), _PLY_FACE)
   face_rows['n'], face_rows['i'] = 3, np.asarray(faces)
-  header = (f'ply\nformat binary_little_endian 1.0\n'
+  header = ('ply\nformat binary_little_endian 1.0\n'
             + (f'comment {comment}\n' if comment else '')
             + f'element vertex {len(vertices)}\nproperty float x\nproperty float y\n'
             f'property float z\nelement face {len(faces)}\n'

@@ -27,11 +27,17 @@ What is synchronised across devices:
 Mixed precision: `config.model.compute_dtype = 'bfloat16'` runs the model in
 bf16 with float32 params and optimiser state; model outputs, losses and
 metrics are float32.
+
+SMPL-parameter head (`config.model.smpl_param_regressor`): the train loss is
+`smpl_param_loss.total_loss` of L_smpl and the usual loss (`with_smpl_param_loss`),
+and the eval also scores the mesh of the predicted parameters
+(`smpl_param_errors`: 'smpl_mpjpe', 'smpl_pa_mpjpe', 'smpl_mpve').
 """
 
 import functools
 from typing import Any, Callable
 
+from clu import metrics as clu_metrics
 import flax
 from flax.training import train_state
 import jax
@@ -45,6 +51,7 @@ from coarsemetro_jax import body_model
 from coarsemetro_jax import losses
 from coarsemetro_jax import metrics
 from coarsemetro_jax import mirror
+from coarsemetro_jax import smpl_param_loss
 
 DATA_AXIS = 'data'
 
@@ -320,6 +327,9 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
                                        config.bn_group_size)
       loss, terms = losses.compute_loss(outputs, batch, gt_vertices, regress,
                                         topology, config.loss)
+      if config.model.smpl_param_regressor:
+        loss, terms = with_smpl_param_loss(loss, terms, outputs, batch, gt_vertices,
+                                           regress, topology, body, config.loss)
       return loss, (terms, new_stats)
 
     (loss, (terms, new_stats)), grads = jax.value_and_grad(
@@ -336,6 +346,21 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
   return lambda state, batch, rng: jitted(state, batch, rng, body)
 
 
+def with_smpl_param_loss(usual, terms, outputs, batch, gt_vertices, regress_h36m, topology,
+                         body, loss_config):
+  """(`smpl_param x L_smpl + smpl_param_usual x usual`, terms).
+
+  The terms are the usual loss's, plus 'usual' (its total), 'smpl' (L_smpl)
+  and L_smpl's own terms ('smpl_params', 'smpl_joints_3d', ...).
+  """
+  smpl_total, smpl_terms = smpl_param_loss.smpl_loss(
+      outputs, batch, gt_vertices, regress_h36m, topology, body,
+      use_has_2d_joints=loss_config.use_has_2d_joints)
+  total = smpl_param_loss.total_loss(smpl_total, usual, loss_config.smpl_param,
+                                     loss_config.smpl_param_usual)
+  return total, {**terms, 'usual': usual, 'smpl': smpl_total, **smpl_terms}
+
+
 def predictions(outputs, regress_h36m=None):
   """The predictions eval and inference report, from model outputs.
 
@@ -345,7 +370,9 @@ def predictions(outputs, regress_h36m=None):
   [B, 14, 3] (the J14 regressed from the mesh) minus the mesh's H36M pelvis.
   Without it (no body model), the raw mesh and the joint tokens. Also pred_cam
   [B, 3] and pred_2d_joints [B, 14, 2], the joints' weak-perspective
-  projection in [-1, 1] crop units. All float32.
+  projection in [-1, 1] crop units. All float32. A model with the
+  SMPL-parameter head also passes pred_rotmat [B, 24, 3, 3] and pred_betas
+  [B, 10] through.
   """
   if regress_h36m is None:
     outputs = {k: jnp.asarray(v, jnp.float32) for k, v in outputs.items()}
@@ -354,12 +381,44 @@ def predictions(outputs, regress_h36m=None):
   else:
     pred = losses.centre_predictions(outputs, regress_h36m)
     vertices, joints3d, cam = pred['vertices_fine'], pred['mesh_joints'], pred['cam']
+  head = {k: jnp.asarray(outputs[k], jnp.float32) for k in ('pred_rotmat', 'pred_betas')
+          if k in outputs}
   return {
       'pred_cam': cam,
       'pred_vertices': vertices,
       'pred_3d_joints': joints3d,
       'pred_2d_joints': losses.orthographic_projection(joints3d, cam),
+      **head,
   }
+
+
+def _smpl_average(name, mask):
+  return metrics.MaskedAverage.from_fun(
+      lambda **out: {'values': out[f'smpl_{name}'], 'mask': out[mask]})
+
+
+# metrics.EvalMetrics plus the same metrics of the SMPL-parameter head's mesh.
+SMPLEvalMetrics = clu_metrics.Collection.create(
+    **metrics.EvalMetrics.__annotations__,
+    smpl_mpjpe=_smpl_average('mpjpe', 'joints_mask'),
+    smpl_pa_mpjpe=_smpl_average('pa_mpjpe', 'joints_mask'),
+    smpl_mpve=_smpl_average('mpve', 'vertices_mask'))
+
+
+def smpl_param_errors(body, regress_h36m, outputs, gt, batch):
+  """Per-example errors of the mesh of pred_rotmat/pred_betas, keys 'smpl_<metric>'.
+
+  As FastMETRO scores its parametric results: the body model's mesh of the
+  predicted parameters, centred at its regressed H36M pelvis
+  (`smpl_param_loss.smpl_mesh_predictions`), against the same ground truth
+  and masks as the non-parametric mesh (`metrics.errors_from_arrays`).
+  """
+  pred = smpl_param_loss.smpl_mesh_predictions(body, regress_h36m, outputs['pred_rotmat'],
+                                               outputs['pred_betas'])
+  errors = metrics.errors_from_arrays(
+      pred['mesh_joints'], gt['joints_3d'][..., :3], pred['vertices_fine'],
+      gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
+  return {f'smpl_{k}': v for k, v in errors.items() if not k.endswith('_mask')}
 
 
 def make_eval_step(config, model, body, topology, state_sharding_, batch_sharding_,
@@ -372,7 +431,9 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
   The collection (replicated) is merged over batches by the caller; padded
   examples (`mask` 0) count nowhere. The predictions (batch-sharded, for
   pictures) are `predictions` with the body model's H36M regressor; the
-  metrics are computed on them.
+  metrics are computed on them. With the SMPL-parameter head the collection
+  is `SMPLEvalMetrics` (`smpl_param_errors`; with `flip`, of the plain image's
+  parameters: rotations and betas are not averaged).
   """
   device_mesh = batch_sharding_.mesh
   repl = replicated(device_mesh)
@@ -393,6 +454,9 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
     errors = metrics.errors_from_arrays(
         pred['pred_3d_joints'], gt['joints_3d'][..., :3], pred['pred_vertices'],
         gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
+    if config.model.smpl_param_regressor:
+      errors.update(smpl_param_errors(body, regress, outputs, gt, batch))
+      return SMPLEvalMetrics.single_from_model_output(**errors), pred
     return metrics.eval_metrics(errors), pred
 
   jitted = jax.jit(eval_step, in_shardings=(state_sharding_, batch_sharding_, repl),

@@ -56,6 +56,9 @@ def get_config():
   # Start of the learned 431 -> 1723 up-sampling: 'random' (nn.Linear, as
   # FastMETRO and the paper) or 'hierarchy' (the mesh hierarchy's U^T).
   config.model.upsample_init = 'random'
+  # FastMETRO's SMPL-parameter head on the 1723 mesh (pred_rotmat, pred_betas,
+  # smpl_* eval metrics); released weights convert as the -smplparam kinds.
+  config.model.smpl_param_regressor = False
   # FastMETRO (configs/fastmetro.py).
   config.model.fastmetro_layers = 1        # S=1, M=2, L=3 per transformer
   config.model.fastmetro_dims = (512, 128)
@@ -150,6 +153,10 @@ def get_config():
   config.loss.edge_gt = 5.0
   config.loss.edge_self = 1e-4
   config.loss.normal = 0.1
+  # With the head: smpl_param x L_smpl + smpl_param_usual x the loss above
+  # (smpl_param_loss.py); FastMETRO's weights (its 3DPW fine-tuning: usual 1).
+  config.loss.smpl_param = 1000.0
+  config.loss.smpl_param_usual = 1e-8
 
   # ------------------------------------------------------------ optimiser
   # AdamW + global-norm clipping (paper Sec. 4; coarsemetro_jax/steps.py).

@@ -2,7 +2,6 @@
 
 import os
 
-import os
 
 import jax
 import jax.numpy as jnp

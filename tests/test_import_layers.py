@@ -24,6 +24,7 @@ CORE = {
     'coarsemetro_jax.body_model',
     'coarsemetro_jax.joints',
     'coarsemetro_jax.losses',
+    'coarsemetro_jax.smpl_param_loss',
     'coarsemetro_jax.metrics',
     'coarsemetro_jax.steps',
     'coarsemetro_jax.image_ops',

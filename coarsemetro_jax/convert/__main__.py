@@ -12,6 +12,10 @@
 --config (path[:arg], default configs/r50.py) supplies the model fields the kind
 does not fix (CoarseMETRO widths/stages, image size); it must build the same
 model as the checkpoint. Nothing is written when the conversion fails.
+Source tensors with no Flax counterpart (HRNet's classifier, BatchNorm
+counters) travel with the converted directory and --to-torch writes them
+back: converting a PyTorch file and exporting it again gives the same keys
+and tensors.
 """
 
 import argparse
@@ -87,7 +91,8 @@ def to_jax(src, out, kind='', config_spec=''):
   orbax_variables.save_converted(out, variables, {
       'kind': kind, 'scope': scope, 'source': os.path.abspath(src),
       'model': kind_config.model.to_dict(),
-      'converted_tensors': len(report.converted), 'ignored_keys': report.ignored})
+      'converted_tensors': len(report.converted), 'ignored_keys': report.ignored},
+                            carried=report.carried)
   print(f'wrote {out}')
   return report
 
@@ -96,6 +101,7 @@ def to_torch(src, out, kind='', config_spec=''):
   """Writes a JAX checkpoint (converted, training step or workdir) as a PyTorch state dict file."""
   _check_paths(src, out, 'file')
   variables, metadata = checkpoints.read_variables(src)
+  carried = variables.pop(orbax_variables.CARRIED, {})
   if config_spec or kind:
     config = kinds.load_config(config_spec)
     scope = 'model'
@@ -109,7 +115,10 @@ def to_torch(src, out, kind='', config_spec=''):
     raise ValueError(f'{src} was not written by this converter: pass --config '
                      '(and --kind for a backbone-only checkpoint)')
   table = tables.model_table(model_config, scope)
-  state = state_dict_lib.to_torch(variables, table)
+  state = state_dict_lib.to_torch(variables, table, carried=carried)
+  for module in state_dict_lib.missing_carried(table, carried):
+    print(f'note: {src} holds no {module}.* (a source module with no Flax counterpart, '
+          'kept only by a conversion); the file lacks it: load it with strict=False')
   torch_writer.save(state, out)
   n = sum(tables.num_params(v.shape) for k, v in state.items()
           if not k.endswith(('num_batches_tracked', 'running_mean', 'running_var')))
@@ -123,8 +132,9 @@ def main(argv=None):
       prog='python -m coarsemetro_jax.convert',
       description=__doc__.split('\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog='Kinds: resnet50-imagenet, fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64} '
-             '(detected from the keys unless --kind is given).')
+      epilog='Kinds: resnet50-imagenet, fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}, '
+             'each with -smplparam for the SMPL-parameter head (detected from the keys '
+             'unless --kind is given).')
   parser.add_argument('--src', required=True,
                       help='PyTorch .pth/.bin/.pt file (or, with --to-torch, a JAX checkpoint dir)')
   parser.add_argument('--out', required=True,

@@ -2,21 +2,25 @@
 
 Kind names:
   resnet50-imagenet                torchvision ImageNet ResNet-50 (resnet50-0676ba61.pth);
-                                   backbone only, `fc` ignored
-  hrnet-w{32,48,64}-imagenet       HRNet classification file; `classifier` ignored
+                                   backbone only, `fc` carried
+  hrnet-w{32,48,64}-imagenet       HRNet classification file; `classifier` carried
   resnet-imagenet                  torchvision-layout ResNet of config.model.resnet_*
   fastmetro-{S,M,L}-{r50,h64,...}  FastMETRO_Body_Network state dict (1/2/3 layers)
   coarsemetro-S-{r50,h64,...}      CoarseMETRO state dict (tables.py docstring)
   ...-resnet                       either model on config.model.resnet_* (tests)
+  ...-smplparam                    either model with the SMPL-parameter head (FastMETRO's
+                                   parametric checkpoints: fastmetro-L-h64-smplparam)
 
-A kind fixes config.model.{name, backbone, hrnet_width, fastmetro_layers};
-every other model field (widths, CoarseMETRO stages) comes from the config
-the conversion runs with (configs/r50.py unless --config is given).
+A kind fixes config.model.{name, backbone, hrnet_width, fastmetro_layers,
+smpl_param_regressor}; every other model field (widths, CoarseMETRO stages)
+comes from the config the conversion runs with (configs/r50.py unless
+--config is given).
 """
 
 import contextlib
 import copy
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +37,7 @@ BACKBONE_TAGS = {'r50': ('resnet50', 64), 'h64': ('hrnet', 64), 'h48': ('hrnet',
                  'h32': ('hrnet', 32), 'resnet': ('resnet', 64)}
 # A source checkout's configs/ (not installed with the package): the default
 # model config of the command line when --config is not given.
+SMPL_PARAM_SUFFIX = 'smplparam'   # kind suffix of a model with the SMPL-parameter head
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs')
 
@@ -71,20 +76,33 @@ def kind_of(model_config, scope='model'):
   size = ({v: k for k, v in FASTMETRO_SIZES.items()}.get(model_config.fastmetro_layers,
                                                          str(model_config.fastmetro_layers))
           if model_config.name == 'fastmetro' else 'S')
-  return f'{model_config.name}-{size}-{_backbone_tag(model_config)}'
+  head = f'-{SMPL_PARAM_SUFFIX}' if model_config.get('smpl_param_regressor', False) else ''
+  return f'{model_config.name}-{size}-{_backbone_tag(model_config)}{head}'
 
 
 def normalize_kind(kind):
   """Accepts the release spelling: 'FastMETRO-S-R50' -> 'fastmetro-S-r50'."""
   parts = kind.strip().split('-')
-  if len(parts) == 3 and parts[0].lower() in ('fastmetro', 'coarsemetro'):
-    return f'{parts[0].lower()}-{parts[1].upper()}-{parts[2].lower()}'
+  if len(parts) in (3, 4) and parts[0].lower() in ('fastmetro', 'coarsemetro'):
+    return '-'.join([parts[0].lower(), parts[1].upper()] + [p.lower() for p in parts[2:]])
   return kind.strip().lower()
+
+
+def _backbone_of_tag(tag):
+  """'r50' / 'h64' / 'resnet' / any 'h<width>' -> (backbone, hrnet width), else None."""
+  if tag in BACKBONE_TAGS:
+    return BACKBONE_TAGS[tag]
+  if re.fullmatch(r'h[1-9]\d*', tag):
+    return 'hrnet', int(tag[1:])
+  return None
 
 
 def parse_kind(kind):
   """Kind -> (scope, overrides of config.model)."""
   parts = normalize_kind(kind).split('-')
+  head = len(parts) == 4 and parts[3] == SMPL_PARAM_SUFFIX
+  if head:
+    parts = parts[:3]
   if parts[-1] == 'imagenet':
     bb = '-'.join(parts[:-1])
     if bb == 'resnet50':
@@ -93,10 +111,10 @@ def parse_kind(kind):
       return 'backbone', {'backbone': 'resnet'}
     if bb.startswith('hrnet-w') and bb[7:].isdigit():
       return 'backbone', {'backbone': 'hrnet', 'hrnet_width': int(bb[7:])}
-  elif len(parts) == 3 and parts[2] in BACKBONE_TAGS:
+  elif len(parts) == 3 and _backbone_of_tag(parts[2]):
     name, size, tag = parts
-    backbone, width = BACKBONE_TAGS[tag]
-    overrides = {'name': name, 'backbone': backbone}
+    backbone, width = _backbone_of_tag(tag)
+    overrides = {'name': name, 'backbone': backbone, 'smpl_param_regressor': head}
     if backbone == 'hrnet':
       overrides['hrnet_width'] = width
     if name == 'fastmetro' and size in FASTMETRO_SIZES:
@@ -104,7 +122,8 @@ def parse_kind(kind):
     if name == 'coarsemetro' and size == 'S':
       return 'model', overrides
   raise ValueError(f'unknown checkpoint kind {kind!r}; kinds look like resnet50-imagenet, '
-                   'fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}')
+                   'fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}, '
+                   f'fastmetro-L-h64-{SMPL_PARAM_SUFFIX}')
 
 
 def apply_kind(kind, config):
@@ -130,7 +149,8 @@ def candidate_kinds(config):
     tags.append('resnet')
   kinds = []
   for tag in tags:
-    kinds += [f'fastmetro-{s}-{tag}' for s in FASTMETRO_SIZES] + [f'coarsemetro-S-{tag}']
+    models = [f'fastmetro-{s}-{tag}' for s in FASTMETRO_SIZES] + [f'coarsemetro-S-{tag}']
+    kinds += models + [f'{m}-{SMPL_PARAM_SUFFIX}' for m in models]
   kinds += ['resnet50-imagenet', 'hrnet-w64-imagenet']
   if config.model.backbone == 'resnet':
     kinds.append('resnet-imagenet')
@@ -143,22 +163,31 @@ def kind_table(kind, config):
 
 
 def _mismatch(keys, table):
+  """(missing, unexpected, carried) keys of a file for a table."""
   expected = set(tables.torch_keys(table))
   _, ignorable = tables.expand(table)
   missing = expected - keys
-  unexpected = {k for k in keys - expected - set(ignorable) if not tables.is_ignored(k, table)}
-  return missing, unexpected
+  rest = keys - expected - set(ignorable)
+  carried = {k for k in rest if tables.carrying_module(k, table)}
+  unexpected = {k for k in rest - carried if not tables.is_ignored(k, table)}
+  return missing, unexpected, carried
 
 
 def detect_kind(keys, config):
-  """The kind whose table matches `keys` exactly; else a ValueError naming the closest."""
+  """The kind whose table matches `keys` exactly; else a ValueError naming the closest.
+
+  When several match (a parametric FastMETRO file also fits the plain kind,
+  which carries the regressor), the kind that converts the most keys wins.
+  """
   keys = set(keys)
-  scores = []
+  scores, exact = [], []
   for kind in candidate_kinds(config):
-    missing, unexpected = _mismatch(keys, kind_table(kind, config))
+    missing, unexpected, carried = _mismatch(keys, kind_table(kind, config))
     if not missing and not unexpected:
-      return kind
+      exact.append((len(carried), len(exact), kind))   # ties: candidate order
     scores.append((len(missing) + len(unexpected), kind, missing, unexpected))
+  if exact:
+    return min(exact)[2]
   scores.sort(key=lambda s: s[0])
   _, kind, missing, unexpected = scores[0]
   raise ValueError(

@@ -13,6 +13,9 @@ A converted checkpoint is an orbax `StandardCheckpointer` directory holding
   source  the converted file
   checksums  {array path: uint32} (coarsemetro_jax/checksums.py), verified on
           every read
+  carried_keys  the source keys kept unchanged under the tree's `carried`
+          entry (no Flax counterpart: HRNet's classifier, BatchNorm counters;
+          `state_dict.Report.carried`), in source order, for --to-torch
 
 `read_converted` also reads a training checkpoint's `state` item (its checksums
 come from the step's meta item: `coarsemetro_jax.checkpoints` passes them).
@@ -29,10 +32,13 @@ import jax
 import numpy as np
 
 from coarsemetro_jax import checksums as checksums_lib
+from coarsemetro_jax.convert import smpl_param_table
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import torch_file
 
 METADATA_KEY = 'coarsemetro_convert'
+CARRIED = 'carried'   # tree entry of the carried source tensors, nested at the key's dots
+_HEAD = smpl_param_table.FLAX_PREFIX.rstrip('/')
 # Containers other training scripts wrap a state dict in.
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'   # orbax's per-checkpoint metadata
@@ -74,12 +80,15 @@ def _is_state_dict(obj):
           and all(isinstance(v, np.ndarray) for v in obj.values()))
 
 
-def save_converted(directory, variables, metadata):
-  """Writes variables (numpy) with `metadata` and their checksums to a new orbax directory."""
+def save_converted(directory, variables, metadata, carried=None):
+  """Writes variables (numpy), carried source tensors, `metadata` and checksums to a new directory."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f'{directory} already exists; choose a new --out directory')
+  if carried:
+    variables = {**variables, CARRIED: state_dict_lib.unflatten(carried, sep='.')}
+    metadata = {**metadata, 'carried_keys': list(carried)}
   metadata = {**metadata, 'checksums': checksums_lib.tree_checksums(variables)}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory, variables, custom_metadata={METADATA_KEY: metadata})
@@ -103,6 +112,9 @@ def item_directory(directory):
 
 def read_converted(directory, expected_checksums=None):
   """(variables as numpy, conversion metadata or {}) of an orbax directory, verified.
+
+  A converted directory's carried tensors come back as variables['carried']
+  (torch key -> np.ndarray in source order, dtypes exact: int64 counters too).
 
   Training checkpoints (a TrainState with `params`/`batch_stats` fields) are
   accepted too, given as the step directory of a CheckpointManager (its
@@ -130,7 +142,7 @@ def read_converted(directory, expected_checksums=None):
   if not isinstance(tree, dict) or 'params' not in tree:
     raise ValueError(f'{directory}: checkpoint has no top-level "params" entry '
                      f'(found {sorted(tree) if isinstance(tree, dict) else type(tree)})')
-  variables = {c: tree[c] for c in ('params', 'batch_stats') if tree.get(c)}
+  variables = {c: tree[c] for c in ('params', 'batch_stats', CARRIED) if tree.get(c)}
   if expected_checksums is None:
     expected_checksums = metadata.get('checksums')
   if expected_checksums is None:
@@ -141,7 +153,12 @@ def read_converted(directory, expected_checksums=None):
       checksums_lib.verify(variables, expected_checksums, directory)
     except checksums_lib.ChecksumError as e:
       raise UnreadableCheckpointError(str(e)) from e
-  return jax.tree.map(np.asarray, variables), metadata
+  variables = jax.tree.map(np.asarray, variables)
+  if CARRIED in variables:
+    flat = state_dict_lib.flatten(variables[CARRIED], sep='.')
+    variables[CARRIED] = collections.OrderedDict(
+        (k, flat[k]) for k in metadata.get('carried_keys', sorted(flat)))
+  return variables, metadata
 
 
 def _restore_on_one_device(directory):
@@ -165,6 +182,9 @@ def _restore_on_one_device(directory):
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           tree_metadata)
+    if isinstance(target, dict) and CARRIED in target:   # as numpy: int64 stays int64
+      target[CARRIED] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                                     tree_metadata[CARRIED])
     return ckptr.restore(directory, target), metadata
 
 
@@ -262,10 +282,12 @@ def fit_variables(loaded, metadata, variables, name):
     name: the checkpoint's path, for messages.
   Returns:
     New variables: the checkpoint's values; for a backbone-only checkpoint the
-    backbone subtree is replaced and everything else kept from `variables`.
+    backbone subtree is replaced and everything else kept from `variables`;
+    likewise the SMPL-parameter head when the checkpoint has none (warning).
   Raises:
     ValueError: listing missing, unexpected and mis-shaped leaves.
   """
+  loaded = {c: v for c, v in loaded.items() if c != CARRIED}   # for --to-torch only
   scope = metadata.get('scope', 'model')
   flat_want = {f'{c}/{p}': v for c in variables
                for p, v in state_dict_lib.flatten(variables[c]).items()}
@@ -279,6 +301,16 @@ def fit_variables(loaded, metadata, variables, name):
     raise ValueError(f'{name}: unknown conversion scope {scope!r}')
   problems = []
   missing = [p for p in want if p not in flat_got]
+  # FastMETRO trains its SMPL-parameter head on a trained network (loaded with
+  # strict=False): a checkpoint with none of the head's leaves fills the rest,
+  # and the head keeps the (concrete) values in `variables`.
+  head = [p for p in missing if _HEAD in p.split('/')]
+  if (head and not any(_HEAD in p.split('/') for p in flat_got)
+      and not any(isinstance(want[p], jax.ShapeDtypeStruct) for p in head)):
+    logging.warning('%s has no SMPL-parameter head: its %d leaves keep their initial values',
+                    name, len(head))
+    want = {p: v for p, v in want.items() if p not in head}
+    missing = [p for p in missing if p not in head]
   unexpected = [p for p in flat_got if p not in want]
   bad = [f'{p}: checkpoint {list(np.shape(flat_got[p]))} {np.asarray(flat_got[p]).dtype}, '
          f'model {list(want[p].shape)} {np.dtype(want[p].dtype)}'

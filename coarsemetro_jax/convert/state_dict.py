@@ -4,14 +4,17 @@
 variables {'params', 'batch_stats'} shaped like `target` (the abstract tree of
 `jax.eval_shape(model.init, ...)`). It refuses to return a partial result:
 
-* every source key is converted exactly once or is deliberately ignored
-  (`Table.ignored`, BatchNorm `num_batches_tracked`),
+* every source key is converted exactly once, carried (a `carried` row of
+  the table, or a BatchNorm `num_batches_tracked`: no Flax counterpart, kept
+  unchanged in `Report.carried`) or deliberately dropped (`Table.ignored`),
 * every Flax leaf of `target` is filled exactly once,
 * shapes match after the layout change, and dtypes match; only lossless
   widening of floats (float16/bfloat16 -> float32) is accepted,
 
 otherwise a `ConversionError` lists the missing, unexpected and mis-shaped
-keys. `to_torch` is the inverse; Flax -> torch -> Flax is bit-exact.
+keys. `to_torch` is the inverse: given the carried tensors back it writes
+the source's keys and tensors exactly (torch -> Flax -> torch is lossless),
+and Flax -> torch -> Flax is bit-exact.
 """
 
 import collections
@@ -38,8 +41,11 @@ class ConversionError(ValueError):
 class Report:
   """What a conversion did, for the summary table."""
   converted: list[tuple[str, str, tuple[int, ...], str]]   # torch key, flax path, shape, dtype
-  ignored: list[str]
+  ignored: list[str]          # dropped: keys of `Table.ignored`
   widened: list[str]
+  # torch key -> np.ndarray, in source order: tensors with no Flax counterpart
+  # that travel with the converted checkpoint (`to_torch(..., carried=)`).
+  carried: dict = dataclasses.field(default_factory=collections.OrderedDict)
 
   def summary(self, group_depth=1):
     """Markdown table: tensors, parameters and BatchNorm statistics per module."""
@@ -54,13 +60,19 @@ class Report:
     lines += [f'| {n} | {c} | {p:,} | {s:,} |' for n, (c, p, s) in groups.items()]
     totals = [sum(g[i] for g in groups.values()) for i in range(3)]
     lines.append(f'| **total** | {totals[0]} | {totals[1]:,} | {totals[2]:,} |')
-    counters = [k for k in self.ignored if k.endswith('.num_batches_tracked')]
-    others = [k for k in self.ignored if not k.endswith('.num_batches_tracked')]
+    counters = [k for k in self.carried if k.endswith('.num_batches_tracked')]
+    others = [k for k in self.carried if not k.endswith('.num_batches_tracked')]
     if counters:
-      lines.append(f'\nignored {len(counters)} BatchNorm num_batches_tracked counters')
+      lines.append(f'\ncarried {len(counters)} BatchNorm num_batches_tracked counters')
     if others:
       shown = ', '.join(others[:8]) + (' ...' if len(others) > 8 else '')
-      lines.append(f'ignored {len(others)} other source keys (deliberately): {shown}')
+      n = sum(tables.num_params(self.carried[k].shape) for k in others)
+      lines.append(f'carried {len(others)} source tensors with no Flax counterpart '
+                   f'({n:,} values; kept with the checkpoint, written back by --to-torch): '
+                   f'{shown}')
+    if self.ignored:
+      shown = ', '.join(self.ignored[:8]) + (' ...' if len(self.ignored) > 8 else '')
+      lines.append(f'dropped {len(self.ignored)} source keys (deliberately): {shown}')
     if self.widened:
       lines.append(f'widened {len(self.widened)} float16/bfloat16 tensors to float32')
     return '\n'.join(lines)
@@ -118,8 +130,10 @@ def to_flax(state_dict, table, target, source='checkpoint'):
   ignorable = set(ignorable)
 
   missing = [k for k in by_torch if k not in state_dict]
-  unexpected = [k for k in state_dict
-                if k not in by_torch and k not in ignorable and not tables.is_ignored(k, table)]
+  carried = [k for k in state_dict
+             if k not in by_torch and (k in ignorable or tables.carrying_module(k, table))]
+  unexpected = [k for k in state_dict if k not in by_torch and k not in carried
+                and not tables.is_ignored(k, table)]
   unfilled = [p for p in flat_target
               if p not in {f'{leaf.collection}/{leaf.flax}' for leaf in leaves}]
   unknown = [f'{leaf.torch} -> {leaf.collection}/{leaf.flax}' for leaf in leaves
@@ -158,10 +172,14 @@ def to_flax(state_dict, table, target, source='checkpoint'):
     problems.append(listing('mis-shaped or mis-typed keys', bad))
   _raise(problems, f'{source} does not match the model')
 
-  ignored = sorted((k for k in state_dict if k not in by_torch), key=tables.natural_key)
+  carried = set(carried)
+  ignored = sorted((k for k in state_dict if k not in by_torch and k not in carried),
+                   key=tables.natural_key)
   out = {c: unflatten({p[len(c) + 1:]: v for p, v in flat_out.items()
                        if p.startswith(c + '/')}) for c in target}
-  return out, Report(converted, ignored, widened)
+  kept = collections.OrderedDict((k, np.array(v)) for k, v in state_dict.items()
+                                 if k in carried)   # own copies, source order
+  return out, Report(converted, ignored, widened, kept)
 
 
 def _ndim(layout, src):
@@ -176,12 +194,22 @@ def _torch_shape(layout, flax_shape):
   return flax_shape
 
 
-def to_torch(variables, table, num_batches_tracked=0):
+def to_torch(variables, table, num_batches_tracked=0, carried=None):
   """Flax variables -> ordered state dict (torch key -> np.ndarray), strictly.
 
-  BatchNorm `num_batches_tracked` (not tracked by Flax) is written as
-  `num_batches_tracked` (int64 scalar) so that a strict `load_state_dict`
-  accepts the file.
+  Args:
+    variables: {'params', 'batch_stats'} of the table's model.
+    table: `tables.Table`.
+    num_batches_tracked: the BatchNorm counter (not tracked by Flax, int64
+      scalar) written where `carried` has none, so that a strict
+      `load_state_dict` accepts the file.
+    carried: `Report.carried` of the conversion (torch key -> array): written
+      back unchanged, each at its carried row's place (counters after their
+      BatchNorm's running_var). A carried row with no tensors here is left out
+      (`missing_carried` names them).
+  Raises:
+    ConversionError: variables and table disagree, or a carried tensor has
+      no carried row (or BatchNorm) to go to.
   """
   tables.check_table(table)
   leaves, ignorable = tables.expand(table)
@@ -195,16 +223,34 @@ def to_torch(variables, table, num_batches_tracked=0):
     problems.append(listing('Flax leaves the table needs but the variables lack', missing))
   if extra:
     problems.append(listing('Flax leaves not covered by the table', extra))
+  carried = carried or {}
+  homeless = [k for k in carried
+              if k not in ignorable and not tables.carrying_module(k, table)]
+  if homeless:
+    problems.append(listing('carried tensors the table has no place for', homeless))
   _raise(problems, 'variables do not match the conversion table')
   nbt = {k.rsplit('.', 1)[0]: k for k in ignorable}
   out = collections.OrderedDict()
-  for leaf in leaves:
-    value = np.asarray(flat[f'{leaf.collection}/{leaf.flax}'])
-    out[leaf.torch] = np.array(tables.TO_TORCH[leaf.layout](value), order='C')
-    module = leaf.torch.rsplit('.', 1)[0]
-    if leaf.torch.endswith('running_var') and module in nbt:
-      out[nbt[module]] = np.array(num_batches_tracked, np.int64)
+  for r in table.rows:
+    if r.kind in tables.CARRIED_KINDS:
+      out.update((k, np.asarray(v)) for k, v in carried.items()
+                 if tables.carrying_module(k, table) == r.torch)
+    for leaf in tables.expand_row(r)[0]:
+      value = np.asarray(flat[f'{leaf.collection}/{leaf.flax}'])
+      out[leaf.torch] = np.array(tables.TO_TORCH[leaf.layout](value), order='C')
+      module = leaf.torch.rsplit('.', 1)[0]
+      if leaf.torch.endswith('running_var') and module in nbt:
+        key = nbt[module]
+        out[key] = np.asarray(carried[key] if key in carried
+                              else np.array(num_batches_tracked, np.int64))
   return out
+
+
+def missing_carried(table, carried):
+  """Carried (not optional) rows of `table` without any tensor in `carried` (a
+  trained or older checkpoint has none): the export lacks their keys."""
+  have = {tables.carrying_module(k, table) for k in carried or {}}
+  return [m for m in tables.carried_modules(table, ('carried',)) if m not in have]
 
 
 def torch_shapes(table, target):

@@ -14,6 +14,17 @@ into parameter leaves with a fixed layout (`expand`):
   mha          in_proj_weight [3E, E], in_proj_bias,      params in_proj/kernel [E, 3E] (q|k|v
                out_proj.weight, out_proj.bias             column blocks, kept packed), in_proj/bias,
                                                           out_proj/kernel, out_proj/bias
+  carried      every key under the module                 none: the tensors travel unchanged with
+                                                          the converted checkpoint and are written
+                                                          back at this row's place by `to_torch`
+  optional     as carried, for a module only some files   none
+               have (FastMETRO's regressor, plain kind)
+
+Nothing is dropped silently: a source key is converted, carried (its module
+has no Flax counterpart: HRNet's `classifier`, torchvision's `fc`, FastMETRO's
+SMPL-parameter regressor on a model without the head; BatchNorm
+`num_batches_tracked` counters) or listed in `Table.ignored`, so that a
+PyTorch -> JAX -> PyTorch round trip gives back the same keys and tensors.
 
 Module names follow one rule, `flax_name`: a numeric component joins the one
 before it (`transformer_1.encoder.layers.0.self_attn` ->
@@ -22,7 +33,9 @@ before it (`transformer_1.encoder.layers.0.self_attn` ->
 layer1-4), which the ResNet rows spell out.
 
 FastMETRO's released state dicts (`FastMETRO_Body_Network`, no `module.`
-prefix) map key for key onto models/fastmetro.py. CoarseMETRO has no released PyTorch code; its
+prefix) map key for key onto models/fastmetro.py, the parametric checkpoints'
+`smpl_parameter_regressor.*` onto its SMPL-parameter head
+(`config.model.smpl_param_regressor`; `smpl_param_table`). CoarseMETRO has no released PyTorch code; its
 PyTorch layout is defined here, in FastMETRO's naming style, from the Flax
 module names of models/coarsemetro.py (S stages, s = 1..S; E_s = stage_dims):
 
@@ -46,6 +59,8 @@ module names of models/coarsemetro.py (S stages, s = 1..S; E_s = stage_dims):
                                       on xyz coordinates)
   cam_predictor.*, xyz_regressor.*    Linear(E_S -> 3)
   coarse2intermediate_upsample.*      Linear(431 -> 1723) along the vertex axis
+  smpl_parameter_regressor.*          with config.model.smpl_param_regressor: FastMETRO's
+                                      SMPL-parameter regressor on the 1723 mesh
 
 Backbones: `backbone_table` returns the table of `config.model.backbone`:
 torchvision's ResNet (`resnet_table`) or HRNet (`hrnet_backbone_table`, from
@@ -58,8 +73,11 @@ import re
 import numpy as np
 
 from coarsemetro_jax.convert import hrnet_table
+from coarsemetro_jax.convert import smpl_param_table as smpl_param_listing
 
-ROW_KINDS = ('conv', 'conv_bias', 'linear', 'embedding', 'layer_norm', 'batch_norm', 'mha')
+ROW_KINDS = ('conv', 'conv_bias', 'linear', 'embedding', 'layer_norm', 'batch_norm', 'mha',
+             'carried', 'optional')
+CARRIED_KINDS = ('carried', 'optional')   # rows with no Flax counterpart
 
 # Layouts: torch array -> Flax array, and back.
 TO_FLAX = {
@@ -79,7 +97,7 @@ class Row:
   """One PyTorch module and the Flax module it becomes."""
   kind: str
   torch: str     # dotted module path, e.g. 'transformer_1.encoder.norm'
-  flax: str      # '/'-joined Flax module path
+  flax: str      # '/'-joined Flax module path ('' for a carried row)
 
   def __post_init__(self):
     if self.kind not in ROW_KINDS:
@@ -97,10 +115,12 @@ class Leaf:
 
 @dataclasses.dataclass
 class Table:
-  """Rows plus the source keys that are deliberately not converted.
+  """Rows plus the source keys that are deliberately dropped.
 
   `ignored` holds exact keys or prefixes ending in '.'; they may be absent
-  from a checkpoint. `num_batches_tracked` buffers are always ignorable.
+  from a checkpoint (no table lists any today: keys without a Flax
+  counterpart are carried rows). `num_batches_tracked` buffers are always
+  optional; when present they are carried.
   """
   rows: list[Row]
   ignored: list[str] = dataclasses.field(default_factory=list)
@@ -121,6 +141,8 @@ def flax_name(torch_module):
 
 
 def row(kind, torch_module, flax_module=None):
+  if kind in CARRIED_KINDS:
+    return Row(kind, torch_module, '')
   return Row(kind, torch_module, flax_module or flax_name(torch_module))
 
 
@@ -129,34 +151,43 @@ def _join(prefix, name):
 
 
 def expand(table):
-  """Rows -> leaves (in table order) and the ignorable num_batches_tracked keys."""
+  """Rows -> leaves (in table order) and the optional num_batches_tracked keys."""
   leaves, ignorable = [], []
   for r in table.rows:
-    t = lambda name: f'{r.torch}.{name}'
-    f = lambda name: f'{r.flax}/{name}'
-    if r.kind in ('conv', 'conv_bias'):
-      leaves.append(Leaf(t('weight'), 'params', f('kernel'), 'conv'))
-      if r.kind == 'conv_bias':
-        leaves.append(Leaf(t('bias'), 'params', f('bias'), 'copy'))
-    elif r.kind == 'linear':
-      leaves += [Leaf(t('weight'), 'params', f('kernel'), 'linear'),
-                 Leaf(t('bias'), 'params', f('bias'), 'copy')]
-    elif r.kind == 'embedding':
-      leaves.append(Leaf(t('weight'), 'params', f('embedding'), 'copy'))
-    elif r.kind == 'layer_norm':
-      leaves += [Leaf(t('weight'), 'params', f('scale'), 'copy'),
-                 Leaf(t('bias'), 'params', f('bias'), 'copy')]
-    elif r.kind == 'batch_norm':
-      leaves += [Leaf(t('weight'), 'params', f('scale'), 'copy'),
-                 Leaf(t('bias'), 'params', f('bias'), 'copy'),
-                 Leaf(t('running_mean'), 'batch_stats', f('mean'), 'copy'),
-                 Leaf(t('running_var'), 'batch_stats', f('var'), 'copy')]
-      ignorable.append(t('num_batches_tracked'))
-    elif r.kind == 'mha':
-      leaves += [Leaf(t('in_proj_weight'), 'params', f('in_proj/kernel'), 'linear'),
-                 Leaf(t('in_proj_bias'), 'params', f('in_proj/bias'), 'copy'),
-                 Leaf(t('out_proj.weight'), 'params', f('out_proj/kernel'), 'linear'),
-                 Leaf(t('out_proj.bias'), 'params', f('out_proj/bias'), 'copy')]
+    row_leaves, row_ignorable = expand_row(r)
+    leaves += row_leaves
+    ignorable += row_ignorable
+  return leaves, ignorable
+
+
+def expand_row(r):
+  """One row's leaves and its num_batches_tracked key (a carried row has none)."""
+  leaves, ignorable = [], []
+  t = lambda name: f'{r.torch}.{name}'
+  f = lambda name: f'{r.flax}/{name}'
+  if r.kind in ('conv', 'conv_bias'):
+    leaves.append(Leaf(t('weight'), 'params', f('kernel'), 'conv'))
+    if r.kind == 'conv_bias':
+      leaves.append(Leaf(t('bias'), 'params', f('bias'), 'copy'))
+  elif r.kind == 'linear':
+    leaves += [Leaf(t('weight'), 'params', f('kernel'), 'linear'),
+               Leaf(t('bias'), 'params', f('bias'), 'copy')]
+  elif r.kind == 'embedding':
+    leaves.append(Leaf(t('weight'), 'params', f('embedding'), 'copy'))
+  elif r.kind == 'layer_norm':
+    leaves += [Leaf(t('weight'), 'params', f('scale'), 'copy'),
+               Leaf(t('bias'), 'params', f('bias'), 'copy')]
+  elif r.kind == 'batch_norm':
+    leaves += [Leaf(t('weight'), 'params', f('scale'), 'copy'),
+               Leaf(t('bias'), 'params', f('bias'), 'copy'),
+               Leaf(t('running_mean'), 'batch_stats', f('mean'), 'copy'),
+               Leaf(t('running_var'), 'batch_stats', f('var'), 'copy')]
+    ignorable.append(t('num_batches_tracked'))
+  elif r.kind == 'mha':
+    leaves += [Leaf(t('in_proj_weight'), 'params', f('in_proj/kernel'), 'linear'),
+               Leaf(t('in_proj_bias'), 'params', f('in_proj/bias'), 'copy'),
+               Leaf(t('out_proj.weight'), 'params', f('out_proj/kernel'), 'linear'),
+               Leaf(t('out_proj.bias'), 'params', f('out_proj/bias'), 'copy')]
   return leaves, ignorable
 
 
@@ -197,10 +228,10 @@ def resnet_table(depths, width, torch_prefix='', flax_prefix='', sequential=Fals
 
 
 def hrnet_backbone_table(width, torch_prefix='', flax_prefix='', **structure):
-  """HRNet-W{width} (`models/hrnet.HRNet` fields width, **structure); classifier ignored."""
+  """HRNet-W{width} (`models/hrnet.HRNet` fields width, **structure); classifier carried."""
   rows = [row(kind, _join(torch_prefix, m), _join(flax_prefix, flax_name(m)))
           for m, kind in hrnet_table.module_rows(width, **structure)]
-  return Table(rows, ignored=[_join(torch_prefix, 'classifier.')])
+  return Table(rows + [row('carried', _join(torch_prefix, 'classifier'))])
 
 
 def backbone_table(model_config, torch_prefix, flax_prefix, imagenet=False):
@@ -211,7 +242,7 @@ def backbone_table(model_config, torch_prefix, flax_prefix, imagenet=False):
     torch_prefix: 'backbone.' inside FastMETRO/CoarseMETRO, '' for an ImageNet file.
     flax_prefix: Flax path of the backbone module ('backbone/').
     imagenet: the source is the backbone's own ImageNet classification file
-      (torchvision layout, classifier head ignored).
+      (torchvision layout, its classifier `fc` carried).
   """
   name = model_config.backbone
   if name in ('resnet50', 'resnet'):
@@ -219,7 +250,7 @@ def backbone_table(model_config, torch_prefix, flax_prefix, imagenet=False):
     width = 64 if name == 'resnet50' else model_config.resnet_width
     table = resnet_table(depths, width, torch_prefix, flax_prefix, sequential=not imagenet)
     if imagenet:
-      table.ignored += [_join(torch_prefix, 'fc.weight'), _join(torch_prefix, 'fc.bias')]
+      table += Table([row('carried', _join(torch_prefix, 'fc'))])
     return table
   if name == 'hrnet':
     return hrnet_backbone_table(model_config.hrnet_width, torch_prefix, flax_prefix)
@@ -254,9 +285,32 @@ def transformer_table(name, num_layers, vertex_attention='none'):
   return Table(rows)
 
 
-# FastMETRO's optional SMPL-parameter regressor has no Flax counterpart; its
-# keys are read and skipped (the mesh outputs do not depend on it).
-FASTMETRO_IGNORED = ['smpl_parameter_regressor.']
+def smpl_param_table(torch_prefix=smpl_param_listing.TORCH_PREFIX,
+                     flax_prefix=smpl_param_listing.FLAX_PREFIX):
+  """FastMETRO's SMPL-parameter regressor (convert/smpl_param_table.py).
+
+  Args:
+    torch_prefix: prefix of the regressor's keys ('' for its own state dict).
+    flax_prefix: Flax path of the `SMPLParamRegressor` module ('' when it is
+      the top-level module).
+  """
+  return Table([row(kind, _join(torch_prefix, m), _join(flax_prefix, flax_name(m)))
+                for m, kind in smpl_param_listing.module_rows()])
+
+
+def smpl_param_head(model_config):
+  """The SMPL-parameter head's rows when `config.model.smpl_param_regressor` is on.
+
+  When it is off, FastMETRO's released regressor (a checkpoint of the
+  parametric model converted for the plain one) is carried; the plain
+  FastMETRO files lack it, and a CoarseMETRO file never has it without the
+  flag.
+  """
+  if model_config.get('smpl_param_regressor', False):
+    return smpl_param_table()
+  if model_config.name == 'fastmetro':
+    return Table([row('optional', smpl_param_listing.TORCH_PREFIX.rstrip('.'))])
+  return Table([])
 
 
 def fastmetro_table(model_config):
@@ -269,9 +323,8 @@ def fastmetro_table(model_config):
       + [row('embedding', n) for n in ('cam_token_embed', 'joint_token_embed',
                                        'vertex_token_embed')]
       + [row('linear', 'xyz_regressor'), row('linear', 'cam_predictor'),
-         row('conv_bias', 'conv_1x1'), row('linear', 'coarse2intermediate_upsample')],
-      ignored=list(FASTMETRO_IGNORED))
-  return table
+         row('conv_bias', 'conv_1x1'), row('linear', 'coarse2intermediate_upsample')])
+  return table + smpl_param_head(model_config)
 
 
 def coarsemetro_table(model_config):
@@ -291,7 +344,7 @@ def coarsemetro_table(model_config):
   table += Table([row('linear', 'cam_predictor'), row('linear', 'xyz_regressor'),
                   row('linear', f'vertex_upsample.{len(dims) - 1}'),
                   row('linear', 'coarse2intermediate_upsample')])
-  return table
+  return table + smpl_param_head(model_config)
 
 
 def model_table(model_config, scope='model'):
@@ -306,12 +359,26 @@ def model_table(model_config, scope='model'):
 
 
 def torch_keys(table):
-  """The state-dict keys a table converts (its ignorable keys excluded)."""
+  """The state-dict keys a table converts (optional and carried keys excluded)."""
   return [leaf.torch for leaf in expand(table)[0]]
 
 
+def carried_modules(table, kinds=CARRIED_KINDS):
+  """Torch module paths of the carried (and optional) rows, in table order."""
+  return [r.torch for r in table.rows if r.kind in kinds]
+
+
+def carrying_module(key, table):
+  """The carried module (row) that `key` belongs to, or None."""
+  for module in carried_modules(table):
+    if key == module or key.startswith(module + '.'):
+      return module
+  return None
+
+
 def check_table(table):
-  """Every torch key and every Flax path appears once (a table-writing guard)."""
+  """Every torch key and every Flax path appears once, and no carried module
+  holds a converted key (a table-writing guard)."""
   leaves, _ = expand(table)
   for attr in ('torch', 'flax'):
     names = [getattr(leaf, attr) if attr == 'torch' else (leaf.collection, leaf.flax)
@@ -319,6 +386,9 @@ def check_table(table):
     dup = sorted({str(n) for n in names if names.count(n) > 1})
     if dup:
       raise ValueError(f'conversion table maps {attr} names more than once: {dup[:5]}')
+  overlap = [leaf.torch for leaf in leaves if carrying_module(leaf.torch, table)]
+  if overlap:
+    raise ValueError(f'conversion table both converts and carries: {overlap[:5]}')
 
 
 def natural_key(name):

@@ -54,7 +54,8 @@ def build_model(model_config, topology):
         joint_mask_ratio=model_config.joint_mask_ratio,
         joint_mask_value=model_config.joint_mask_value,
         num_joints=model_config.num_joints,
-        upsample_init=model_config.upsample_init, dtype=dtype)
+        upsample_init=model_config.upsample_init,
+        smpl_param_regressor=model_config.smpl_param_regressor, dtype=dtype)
   if model_config.name == 'fastmetro':
     return fastmetro.FastMETRO(
         backbone=backbone, topology=topology,
@@ -63,6 +64,7 @@ def build_model(model_config, topology):
         ffn_dims=tuple(model_config.fastmetro_ffn_dims),
         num_heads=model_config.num_heads, dropout=model_config.dropout,
         num_joints=model_config.num_joints,
-        upsample_init=model_config.upsample_init, dtype=dtype)
+        upsample_init=model_config.upsample_init,
+        smpl_param_regressor=model_config.smpl_param_regressor, dtype=dtype)
   raise ValueError(f"config.model.name must be 'coarsemetro' or 'fastmetro', "
                    f'got {model_config.name!r}')

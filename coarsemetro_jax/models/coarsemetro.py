@@ -19,7 +19,8 @@ Forward pass:
   heads: cam_predictor (s, tx, ty); xyz_regressor (shared by joints and
   vertices) -> 14 x 3 joints and 384 x 3 vertex points; `vertex_upsample_2`
   (384 -> 431) gives the coarse mesh; learned 431 -> 1723 and fixed 1723 ->
-  6890 up-sampling as FastMETRO.
+  6890 up-sampling as FastMETRO; optionally FastMETRO's SMPL-parameter head
+  on the 1723 mesh (`smpl_param_regressor`, fastmetro.smpl_param_outputs).
 
 Choices where the paper is silent are config fields (configs/r50.py documents
 the values picked to reproduce Table 1 and why):
@@ -68,6 +69,7 @@ class CoarseMETRO(nn.Module):
   joint_mask_value: float = 0.01
   num_joints: int = 14
   upsample_init: str = 'random'   # 'random' | 'hierarchy' (mesh_outputs)
+  smpl_param_regressor: bool = False   # FastMETRO's SMPL-parameter head
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -122,5 +124,8 @@ class CoarseMETRO(nn.Module):
     coarse = tfm.TokenLinear(self.topology.num_vertices[-1], dtype=self.dtype,
                              name=f'vertex_upsample_{len(self.stage_dims) - 1}')(
                                  xyz_regressor(vertices))                # [B, 431, 3]
-    return fastmetro.mesh_outputs(self.topology, pred_cam, pred_joints, coarse,
-                                  self.dtype, self.upsample_init)
+    outputs = fastmetro.mesh_outputs(self.topology, pred_cam, pred_joints, coarse,
+                                     self.dtype, self.upsample_init)
+    if self.smpl_param_regressor:
+      outputs = fastmetro.smpl_param_outputs(outputs, train)
+    return outputs

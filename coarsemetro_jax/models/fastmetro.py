@@ -5,13 +5,17 @@ backbone -> conv_1x1 -> 49 image tokens; transformer_1 (width 512) over
 [cam; image] and [14 joints; 431 vertices] with the adjacency mask ->
 dim_reduce_* to 128 -> transformer_2 -> cam_predictor / xyz_regressor ->
 learned 431 -> 1723 (`coarse2intermediate_upsample`) -> fixed 1723 -> 6890.
-S/M/L differ only in layers per transformer (1/2/3).
+S/M/L differ only in layers per transformer (1/2/3). With
+`smpl_param_regressor` (the released `use_smpl_param_regressor`), the
+SMPL-parameter head reads the raw intermediate mesh and adds pred_rotmat and
+pred_betas (`smpl_param_outputs`).
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from coarsemetro_jax import mesh_topology
+from coarsemetro_jax.models import smpl_param_regressor as spr
 from coarsemetro_jax.models import transformer as tfm
 
 EMBED_INIT = nn.initializers.normal(1.0)   # torch nn.Embedding: N(0, 1)
@@ -45,6 +49,7 @@ class FastMETRO(nn.Module):
   dropout: float = 0.1
   num_joints: int = 14
   upsample_init: str = 'random'   # 'random' | 'hierarchy' (mesh_outputs)
+  smpl_param_regressor: bool = False   # the SMPL-parameter head (smpl_param_outputs)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -78,8 +83,9 @@ class FastMETRO(nn.Module):
         deterministic=deterministic)
     pred_cam = tfm.TorchDense(3, dtype=self.dtype, name='cam_predictor')(cam)[:, 0]   # [B, 3]
     xyz = tfm.TorchDense(3, dtype=self.dtype, name='xyz_regressor')(jv)                # [B, J+V, 3]
-    return mesh_outputs(self.topology, pred_cam, xyz[:, :self.num_joints],
-                        xyz[:, self.num_joints:], self.dtype, self.upsample_init)
+    outputs = mesh_outputs(self.topology, pred_cam, xyz[:, :self.num_joints],
+                           xyz[:, self.num_joints:], self.dtype, self.upsample_init)
+    return smpl_param_outputs(outputs, train) if self.smpl_param_regressor else outputs
 
 
 UPSAMPLE_INITS = ('random', 'hierarchy')
@@ -113,3 +119,15 @@ def mesh_outputs(topology, pred_cam, joints, coarse, dtype, upsample_init='rando
       'pred_3d_vertices_intermediate': f32(intermediate),
       'pred_3d_vertices_fine': fine,
   }
+
+
+def smpl_param_outputs(outputs, train):
+  """`outputs` plus the SMPL-parameter head's pred_rotmat [B, 24, 3, 3] and pred_betas [B, 10].
+
+  Must be called inside a compact method (creates `smpl_parameter_regressor`,
+  the released attribute name). The head reads the raw intermediate mesh
+  (not pelvis-centred), detached, as FastMETRO does; its BatchNorm follows
+  `train`.
+  """
+  head = spr.SMPLParamRegressor(name='smpl_parameter_regressor')
+  return {**outputs, **head(outputs['pred_3d_vertices_intermediate'], train)}
