@@ -265,7 +265,7 @@ def _global_order(num_rows, global_batch_size, local_rows, *, seed, shuffle,
     positions, rows = tf.numpy_function(
         lambda e: ordering.host_positions(num_rows, global_batch_size, local_rows, int(e),
                                           seed=seed, shuffle=shuffle, start=start),
-        [epoch], (tf.int64, tf.int64), stateful=False)
+        [epoch], (tf.int64, tf.int64))
     positions.set_shape([None])
     rows.set_shape([None])
     return tf.data.Dataset.from_tensor_slices((positions, rows))
