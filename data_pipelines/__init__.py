@@ -8,6 +8,9 @@ usable without TensorFlow):
                   and the joint/pose transforms (NumPy + OpenCV).
   input_pipeline  tf.data per host: create_train_dataset, create_eval_dataset,
                   to_global_batch, global_batches.
+  ordering        the global order of training rows and each process's share
+                  of every global batch (NumPy).
+  prefetch        BackgroundIterator: the training batches, fetched ahead.
   bad_rows        counts, logs and limits the rows a pipeline skips.
   datasets        a run's data from config.data (tsv, tfds or synthetic).
   tfds_metro      TFDS builder (`Metro`) that stores a METRO dataset as
@@ -29,6 +32,6 @@ Batch dict (every pipeline, every source; B = host-local batch until
   betas          [B, 10] float32 SMPL shape.
   has_2d_joints, has_3d_joints, has_smpl
                  [B] float32 in {0, 1}: which supervision the example carries.
-  mask           [B] float32: 1 for real examples, 0 for eval padding (all 1 in
-                 training).
+  mask           [B] float32: 1 for real examples, 0 for eval padding and, in
+                 training, for a bad row that keeps its slot (all-zero fields).
 """

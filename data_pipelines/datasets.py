@@ -30,6 +30,7 @@ from data_pipelines import bad_rows as bad_rows_lib
 from data_pipelines import input_pipeline
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
+from data_pipelines import ordering
 
 DONE_MARKER = 'synthetic_done.json'
 SOURCES = ('tsv', 'tfds', 'synthetic')
@@ -271,14 +272,17 @@ class Datasets:
   def train_batches(self, sharding, start_step=0):
     """Endless global batches; batch k is the same whether or not the run resumed.
 
-    The order and augmentation are functions of the example index, so starting
-    at `start_step` (skipped as row indices, before any decoding) reproduces
-    the uninterrupted run's batches exactly. Past the bad-row limit the
-    iterator raises bad_rows.TooManyBadRowsError.
+    The order and augmentation are functions of the example's global position
+    (`data_pipelines.ordering`), so starting at `start_step` (computed, with
+    nothing before it decoded) reproduces the uninterrupted run's batches
+    exactly, and with the TSV source they are the same for any number of
+    processes: each reads the rows that its devices of `sharding` hold. Past
+    the bad-row limit the iterator raises bad_rows.TooManyBadRowsError.
     """
+    local_rows = ordering.process_rows(sharding, self.data_config.batch_size)
     ds = input_pipeline.create_train_dataset(
         self.data_config, seed=self.config.seed, shuffle=self.data_config.shuffle,
-        bad_rows=self.train_bad_rows, start_step=start_step)
+        bad_rows=self.train_bad_rows, start_step=start_step, local_rows=local_rows)
     return input_pipeline.global_batches(ds, sharding, self.data_config.device_prefetch,
                                          bad_rows=self.train_bad_rows)
 

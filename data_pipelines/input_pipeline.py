@@ -5,8 +5,8 @@
   for batch in global_batches(train_ds, batch_sharding):  # jax.Arrays
     ...
 
-Each host reads a contiguous 1/process_count slice of the dataset's rows (the
-linelist order) and prepares examples in a parallel `map`, one
+Each host reads its own rows (below) and prepares examples in a parallel
+`map`, one
 `tf.numpy_function` per chunk of `ROWS_PER_CALL` rows; for each row: read it,
 cv2 JPEG decode, the crop of `config.data.crop` (evaluation) or `train_crop`
 (training): 'continuous' is one `cv2.warpAffine` for crop/scale/rotation/flip
@@ -17,22 +17,36 @@ GIL). It batches `batch_size / process_count` examples per host, and
 `to_global_batch` turns a host batch into global arrays with
 `jax.make_array_from_process_local_data`.
 
-Training: the host's rows are reshuffled every epoch (the full index for TSV;
-shuffled files plus a `shuffle_buffer` for TFDS), augmented with the §4.3
-parameters drawn from `np.random.default_rng((seed, epoch, row))`, where row is
-the example's position in the dataset (linelist order), and batched with
-drop_remainder. Keying the parameters on the row rather than the stream
-position keeps them independent of read order, parallelism, skipped bad rows
-and the source, so the TSV and TFDS sources yield the same batches.
+Training (TSV source): the global batch at step t is the same whatever the
+number of hosts (`ordering`: one permutation of all rows per epoch from
+(seed, epoch), epochs concatenated, batch t = positions [tB, (t+1)B)); each
+host reads and decodes only its own slots of each global batch
+(`ordering.process_rows` of the batch sharding; by default the contiguous
+block of process p), and a resumed run (`start_step`) computes where to start
+instead of reading up to it. Examples are augmented with the §4.3 parameters
+drawn from `np.random.default_rng((seed, epoch, row))`, where row is the
+example's position in the dataset (linelist order). Keying the parameters on
+the row rather than the stream position keeps them independent of the host,
+read order, parallelism and the source.
+The TFDS source keeps a host-local order: its TFRecord shards are read in
+sequence, not by index, so each host reads a contiguous 1/process_count slice
+of the examples and shuffles it (files plus a `shuffle_buffer`); 1 and N hosts
+then train on different batches. (An ArrayRecord build would allow reading by
+index, `tfds.core.DatasetBuilder.as_data_source`, and so the global order.)
 Evaluation: no augmentation (sc=1, r=0, no flip: the crop box is 200 * scale
-around the centre, §6); every example is seen once across hosts; each host pads
-its stream with `mask`=0 examples up to the same number of batches.
+around the centre, §6); every example is seen once across hosts (each reads a
+contiguous slice); each host pads its stream with `mask`=0 examples up to the
+same number of batches.
 
 Bad rows (corrupt base64/JPEG, unusable label, NaNs, truncated rows; see
-`metro_tsv`) are skipped, counted and logged with their file and row by a
-`bad_rows.BadRows` object. Past `max_bad_fraction` of the host's rows the
-prepare function stops decoding and flags its chunks; a TensorFlow assertion
-then ends the stream (no Python exception is ever raised inside tf.data), and
+`metro_tsv`) are counted and logged with their file and row by a
+`bad_rows.BadRows` object. In training a bad row keeps its slot as an all-zero
+example with `mask` 0, which the losses ignore (it still enters the BatchNorm
+batch statistics), so later batches do not shift (and stay host-independent);
+in evaluation it is dropped and the host's padding grows by one. Past
+`max_bad_fraction` of the host's rows the prepare function stops decoding and
+flags its chunks; a TensorFlow assertion then ends the stream (no Python
+exception is ever raised inside tf.data), and
 `global_batches(..., bad_rows=...)` stops tf.data and raises
 `bad_rows.TooManyBadRowsError` with the limit, the count and the last bad rows
 in the caller's thread. Missing files and malformed yamls fail when the dataset
@@ -41,8 +55,6 @@ is created.
 
 import dataclasses
 import functools
-import queue
-import threading
 
 import jax
 import numpy as np
@@ -55,6 +67,8 @@ from data_pipelines import bad_rows as bad_rows_lib
 from data_pipelines import metro_crop
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
+from data_pipelines import ordering
+from data_pipelines import prefetch
 
 # Rows prepared per tf.numpy_function call. For small crops tf.data's
 # per-call and per-element overhead costs more CPU than decoding and warping a
@@ -73,7 +87,7 @@ def example_spec(size):
       'has_2d_joints': ((), tf.float32),
       'has_3d_joints': ((), tf.float32),
       'has_smpl': ((), tf.float32),
-      'mask': ((), tf.float32),  # 0: bad row (dropped) or eval padding
+      'mask': ((), tf.float32),  # 0: bad row or eval padding
   }
 
 
@@ -269,13 +283,32 @@ def _dtype(data_config):
   return dtypes[data_config.image_dtype]
 
 
+def _global_order(num_rows, global_batch_size, local_rows, *, seed, shuffle,
+                  start_step):
+  """Endless (global position, row) of this host's slots (`ordering`), from start_step."""
+  start = start_step * global_batch_size
+
+  def one_epoch(epoch):
+    positions, rows = tf.numpy_function(
+        lambda e: ordering.host_positions(num_rows, global_batch_size, local_rows, int(e),
+                                          seed=seed, shuffle=shuffle, start=start),
+        [epoch], (tf.int64, tf.int64))
+    positions.set_shape([None])
+    rows.set_shape([None])
+    return tf.data.Dataset.from_tensor_slices((positions, rows))
+  return tf.data.Dataset.counter(start // num_rows).flat_map(one_epoch)
+
+
 def _examples(data_config, *, yaml_path, tfds_split, train, seed,
               process_index, process_count, shuffle, bad_rows,
-              skip_examples=0):
-  """Host-local stream of chunks of good processed rows (and the source size).
+              start_step=0, local_rows=None):
+  """Host-local stream of chunks of processed rows (and the source size).
 
   Each element is a dict of [<= ROWS_PER_CALL, ...] tensors in stream order,
-  the bad rows already dropped; callers `rebatch` them.
+  bad rows as `empty_example`s, plus the bad-row `stop` flag; callers keep
+  (`_keep_slots`) or drop (`_drop_bad_rows`) the bad rows, then `rebatch`.
+  Training on the TSV source reads the host's slots `local_rows` of the global
+  order; otherwise the host reads its `host_range`.
   """
   size = data_config.image_size
   params_fn = _params_fn(data_config, seed, train)
@@ -289,10 +322,15 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
     num_rows = len(dataset)
     start, end = host_range(num_rows, process_index, process_count)
     bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
-    ds = tf.data.Dataset.range(start, end)
-    if shuffle:  # the whole index: an exact permutation every epoch
-      ds = ds.shuffle(end - start, seed=seed, reshuffle_each_iteration=True)
-    loader = _tsv_loader(dataset, bad_rows, params_fn, size, end - start)
+    if train:
+      # Positions count from the start of the global stream: the example at
+      # position g is in epoch g // num_rows. Nothing before start_step is read.
+      ds = _global_order(num_rows, data_config.batch_size, local_rows, seed=seed,
+                         shuffle=shuffle, start_step=start_step)
+      loader = _tsv_loader(dataset, bad_rows, params_fn, size, num_rows)
+    else:
+      ds = tf.data.Dataset.range(start, end).enumerate()
+      loader = _tsv_loader(dataset, bad_rows, params_fn, size, end - start)
   elif data_config.source == 'tfds':
     # Imported here: TFDS is needed only for this source.
     from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
@@ -305,17 +343,17 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
     if shuffle:
       ds = ds.shuffle(data_config.shuffle_buffer, seed=seed,
                       reshuffle_each_iteration=True)
+    if train:
+      ds = ds.repeat()
+    # Element k of the host's stream is in epoch k // (end - start). Skipping
+    # here costs no decoding (the JPEGs are still undecoded bytes).
+    local = len(local_rows) if train else 0
+    ds = ds.enumerate().skip(start_step * local)
     loader = _tfds_loader(bad_rows, params_fn, size, tfds_split, end - start)
   else:
     raise ValueError(f"config.data.source must be 'tsv' or 'tfds', got "
                      f'{data_config.source!r}')
-  if train:
-    ds = ds.repeat()
-  # Counting before the bad rows are dropped: element k is in epoch k // n.
-  # Skipping here costs no decoding (the rows are only indices so far).
-  ds = ds.enumerate().skip(skip_examples)
-  ds = ds.batch(ROWS_PER_CALL).map(loader, num_parallel_calls=parallel)
-  return ds.map(_drop_bad_rows), num_rows
+  return ds.batch(ROWS_PER_CALL).map(loader, num_parallel_calls=parallel), num_rows
 
 
 def _host_bad_rows(bad_rows, num_rows, data_config):
@@ -326,21 +364,35 @@ def _host_bad_rows(bad_rows, num_rows, data_config):
   return bad_rows
 
 
-def _drop_bad_rows(chunk):
-  """Drops the bad rows of a chunk; a chunk prepared past the bad-row limit fails."""
+def _assert_not_stopped(chunk):
+  """The chunk without its `stop` flag; a chunk prepared past the bad-row limit fails."""
   chunk = dict(chunk)
   stop = chunk.pop('stop')
   # A native TensorFlow error: a Python one raised in tf.data's threads would
   # reach the host wrapped in a PyFunc traceback, or abort the process.
   with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(stop), [_STOP_MESSAGE])]):
-    good = tf.identity(chunk['mask']) > 0
+    return {name: tf.identity(value) for name, value in chunk.items()}
+
+
+def _keep_slots(chunk):
+  """Training: bad rows stay as mask-0 examples, so no later example moves."""
+  return _assert_not_stopped(chunk)
+
+
+def _drop_bad_rows(chunk):
+  """Evaluation: drops the bad rows of a chunk (the padding replaces them)."""
+  chunk = _assert_not_stopped(chunk)
+  good = chunk['mask'] > 0
   return {name: tf.boolean_mask(value, good) for name, value in chunk.items()}
 
 
 def create_train_dataset(data_config, *, seed=0, process_index=None,
                          process_count=None, shuffle=True, bad_rows=None,
-                         start_step=0):
+                         start_step=0, local_rows=None):
   """Endless host-local training batches (batch keys: data_pipelines).
+
+  With the TSV source, host p's batch t holds rows `local_rows` of global
+  batch t (module docstring, `ordering`), the same for any number of hosts.
 
   Args:
     data_config: config.data (source, train_yaml or tfds fields, image_size,
@@ -348,12 +400,14 @@ def create_train_dataset(data_config, *, seed=0, process_index=None,
     seed: shuffling and augmentation seed.
     process_index, process_count: this host and the number of hosts
       (default: jax.process_index(), jax.process_count()).
-    shuffle: reshuffle every epoch (False: rows in order, for tests).
+    shuffle: a new order every epoch (False: rows in order, for tests).
     bad_rows: optional BadRows to inspect the skipped rows; pass the same one
       to `global_batches`, which raises its error past the limit.
-    start_step: resume: skip the examples of this many batches before
-      decoding them. The batches then equal the uninterrupted run's, unless
-      bad rows were among the skipped examples (each shifts them by one).
+    start_step: resume: start at global batch `start_step`, with nothing
+      before it decoded; the batches equal the uninterrupted run's.
+    local_rows: this host's slots of a global batch, sorted
+      (`ordering.process_rows` of the batch sharding); default the contiguous
+      block of process_index. TSV source only.
 
   Returns:
     tf.data.Dataset of dicts of [batch_size / process_count, ...] tensors.
@@ -364,13 +418,21 @@ def create_train_dataset(data_config, *, seed=0, process_index=None,
   process_index, process_count = _process_args(process_index, process_count)
   local = _local_batch_size(data_config.batch_size, process_count,
                             'batch_size')
+  if local_rows is None:
+    local_rows = ordering.contiguous_rows(data_config.batch_size, process_index,
+                                          process_count)
+  local_rows = np.asarray(local_rows, np.int64)
+  if len(local_rows) != local or np.any(np.diff(local_rows) <= 0) or not (
+      0 <= local_rows[0] and local_rows[-1] < data_config.batch_size):
+    raise ValueError(f'local_rows must be {local} increasing slots in '
+                     f'[0, {data_config.batch_size}), got {local_rows.tolist()}')
   ds, _ = _examples(data_config, yaml_path=data_config.train_yaml,
                     tfds_split=data_config.tfds_train_split, train=True,
                     seed=seed, process_index=process_index,
                     process_count=process_count, shuffle=shuffle,
-                    bad_rows=bad_rows, skip_examples=start_step * local)
-  # Chunks of good rows -> full batches (static shapes for jit).
-  ds = ds.rebatch(local, drop_remainder=True)
+                    bad_rows=bad_rows, start_step=start_step, local_rows=local_rows)
+  # Chunks -> full batches (static shapes for jit).
+  ds = ds.map(_keep_slots).rebatch(local, drop_remainder=True)
   if _dtype(data_config) != tf.float32:
     ds = ds.map(functools.partial(_cast_images, dtype=_dtype(data_config)),
                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -404,6 +466,7 @@ def create_eval_dataset(data_config, *, yaml_path=None, tfds_split=None,
       tfds_split=tfds_split or data_config.tfds_eval_split, train=False,
       seed=0, process_index=process_index, process_count=process_count,
       shuffle=False, bad_rows=bad_rows)
+  ds = ds.map(_drop_bad_rows)
   largest = max(end - start for start, end in (
       host_range(num_rows, p, process_count) for p in range(process_count)))
   num_batches = -(-largest // local)
@@ -440,10 +503,12 @@ def numpy_batches(dataset, bad_rows=None):
       batch = next(iterator)
     except StopIteration:
       break
-    except tf.errors.InvalidArgumentError:   # the assertion in `_drop_bad_rows`
+    except tf.errors.InvalidArgumentError:   # the assertion in `_assert_not_stopped`
       if bad_rows is None or not bad_rows.exceeded:
         raise
       break
+    if bad_rows is not None and bad_rows.exceeded:
+      break   # prepared while the limit was crossed: it may be all bad rows
     yield batch
   del iterator
   if bad_rows is not None:
@@ -454,73 +519,9 @@ def global_batches(dataset, sharding, ahead=0, bad_rows=None):
   """Iterates a host-local tf.data.Dataset as global batches.
 
   ahead > 0: a background thread fetches and transfers up to `ahead` batches
-  before they are asked for (`BackgroundIterator`; call its `close()`).
+  before they are asked for (`prefetch.BackgroundIterator`; call its `close()`).
   bad_rows: the dataset's BadRows; past its limit the iterator raises
   TooManyBadRowsError (in the caller's thread).
   """
   batches = (to_global_batch(b, sharding) for b in numpy_batches(dataset, bad_rows))
-  return BackgroundIterator(batches, ahead) if ahead > 0 else batches
-
-
-_END = object()
-
-
-class BackgroundIterator:
-  """Runs `iterator` up to `size` items ahead in a daemon thread.
-
-  The training loop's host work per batch (tf.data hand-off, the transfer to
-  the devices) then overlaps the previous step instead of delaying the next
-  dispatch. Items come out in order; an exception raised by `iterator` is
-  re-raised here with its own message; `close()` (or dropping this object)
-  stops the thread.
-  """
-
-  def __init__(self, iterator, size):
-    items = queue.Queue(maxsize=size)
-    stop = threading.Event()
-
-    def put(item):
-      while not stop.is_set():
-        try:
-          items.put(item, timeout=0.1)
-          return True
-        except queue.Full:
-          continue
-      return False
-
-    def produce():   # refers to neither self nor the consumer: dropping it stops this
-      try:
-        for item in iterator:
-          if not put((item, None)):
-            return
-        put((_END, None))
-      except BaseException as e:  # pylint: disable=broad-except
-        put((None, e))
-
-    self._items, self._stop = items, stop
-    self._thread = threading.Thread(target=produce, name='batch_prefetch', daemon=True)
-    self._thread.start()
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._stop.is_set():
-      raise StopIteration
-    item, error = self._items.get()
-    if error is not None:
-      self.close()
-      raise error
-    if item is _END:
-      self.close()
-      raise StopIteration
-    return item
-
-  def close(self):
-    """Stops the thread (after the item it is producing, if any)."""
-    self._stop.set()
-    if self._thread is not threading.current_thread():
-      self._thread.join(timeout=60)
-
-  def __del__(self):
-    self._stop.set()
+  return prefetch.BackgroundIterator(batches, ahead) if ahead > 0 else batches

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from coarsemetro_jax import steps
 from configs import r50
 from data_pipelines import augment
 from data_pipelines import bad_rows
@@ -20,6 +21,8 @@ from data_pipelines import input_pipeline
 from data_pipelines import metro_crop
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
+from data_pipelines import ordering
+from data_pipelines import prefetch
 
 S = 32
 BATCH_KEYS = {'image', 'joints_2d', 'joints_3d', 'pose', 'betas',
@@ -79,13 +82,17 @@ def _ids(batch):
   return np.round(batch['betas'][:, 0]).astype(int)
 
 
+def _permutation(seed, epoch, n):
+  """The documented global order of one epoch (data_pipelines/ordering.py)."""
+  return np.random.default_rng((seed, epoch)).permutation(n)
+
+
 def test_train_batches_match_numpy_reference(yaml_path):
   data = _config(yaml_path)
   seed = 7
   ds = input_pipeline.create_train_dataset(data, seed=seed, process_index=1,
                                            process_count=2)
   dataset = metro_tsv.MetroDataset(yaml_path)
-  assert input_pipeline.host_range(13, 1, 2) == (6, 13)  # 2 per host batch
   batches = list(ds.take(4).as_numpy_iterator())
   for batch in batches:
     assert set(batch) == BATCH_KEYS
@@ -98,14 +105,16 @@ def test_train_batches_match_numpy_reference(yaml_path):
       assert batch[name].shape == (2,) and batch[name].dtype == np.float32
     np.testing.assert_array_equal(batch['mask'], 1)
   ids = np.concatenate([_ids(b) for b in batches])
-  # Each epoch is a permutation of this host's rows.
-  assert sorted(ids[:7]) == list(range(6, 13))
-  assert set(ids[7:]) <= set(range(6, 13))
-  # Row r in epoch e used rng((seed, e, r)); 7 rows per epoch on this host.
+  # Host 1 of 2 holds slots 2, 3 of each global batch of 4: global positions
+  # 2, 3, 6, 7, 10, 11 (epoch 0 of 13 rows), 14, 15 (epoch 1, its rows 1, 2).
+  positions = np.array([2, 3, 6, 7, 10, 11, 14, 15])
+  orders = [_permutation(seed, e, 13) for e in (0, 1)]
+  np.testing.assert_array_equal(ids, [orders[g // 13][g % 13] for g in positions])
+  # Row r at position g used rng((seed, g // 13, r)).
   flat = {k: np.concatenate([b[k] for b in batches]) for k in BATCH_KEYS}
   for n in (0, 3, 7):
     params = augment.sample_params(
-        np.random.default_rng((seed, n // 7, ids[n])))
+        np.random.default_rng((seed, positions[n] // 13, ids[n])))
     ref = _reference(dataset, ids[n], params)
     np.testing.assert_allclose(flat['image'][n], ref['image'], atol=1e-5)
     for name in ('joints_2d', 'joints_3d', 'pose', 'betas', 'has_2d_joints',
@@ -138,6 +147,73 @@ def test_train_resume_skips_to_the_same_batches(yaml_path):
   for x, y in zip(full[4:], resumed):  # 4 batches of 4 > one 13-row epoch
     for name in x:
       np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def _assemble(local_batches, local_rows, global_batch_size):
+  """Process-local batches -> the global batch, each process's rows in its slots."""
+  out = {}
+  for name, first in local_batches[0].items():
+    out[name] = np.zeros((global_batch_size,) + first.shape[1:], first.dtype)
+    for batch, rows in zip(local_batches, local_rows):
+      out[name][rows] = batch[name]
+  return out
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path, process_count):
+  """P processes' batches make the 1-process batches: same rows, augmentation, bad slots.
+
+  Also resumed at a mid-epoch step, and across epoch boundaries (10 rows,
+  batches of 4: batches 2 and 4 straddle two epochs).
+  """
+  yaml_path = _write_with_bad_rows(tmp_path)        # rows 1, 4, 6, 8 are bad
+  data = _config(yaml_path, batch_size=4)
+  seed = 5
+
+  def batches(num, **kwargs):
+    ds = input_pipeline.create_train_dataset(data, seed=seed, **kwargs)
+    return list(ds.take(num).as_numpy_iterator())
+
+  one = batches(6, process_index=0, process_count=1)
+  order = np.concatenate([_permutation(seed, e, 10) for e in range(3)])
+  for t, batch in enumerate(one):
+    rows = order[4 * t:4 * t + 4]
+    good = ~np.isin(rows, [1, 4, 6, 8])   # a bad row keeps its slot, mask 0
+    np.testing.assert_array_equal(batch['mask'], good)
+    np.testing.assert_array_equal(_ids(batch)[good], rows[good])
+    assert not batch['image'][~good].any() and not batch['has_smpl'][~good].any()
+  assert not all(b['mask'].all() for b in one)   # some slots are bad ones
+
+  splits = [[ordering.contiguous_rows(4, p, process_count) for p in range(process_count)]]
+  if process_count == 2:   # a mesh whose processes' devices interleave
+    splits.append([np.array([0, 2]), np.array([1, 3])])
+  for local_rows in splits:
+    for start_step in (0, 3):
+      hosts = [batches(6 - start_step, process_index=p, process_count=process_count,
+                       start_step=start_step, local_rows=rows)
+               for p, rows in enumerate(local_rows)]
+      for t, local in enumerate(zip(*hosts), start_step):
+        glob = _assemble(local, local_rows, 4)
+        for name in BATCH_KEYS:
+          np.testing.assert_array_equal(
+              glob[name], one[t][name],
+              err_msg=f'{name}, batch {t}, start_step {start_step}, {local_rows}')
+
+
+def test_process_rows_follow_the_mesh_device_order():
+  devices = jax.devices()
+  # The project's mesh: each process's devices are a contiguous block.
+  sharding = steps.batch_sharding(steps.make_device_mesh())
+  for p in range(2):
+    np.testing.assert_array_equal(
+        ordering.process_rows(sharding, 16, devices[4 * p:4 * p + 4]),
+        ordering.contiguous_rows(16, p, 2))
+  np.testing.assert_array_equal(ordering.process_rows(sharding, 16), np.arange(16))
+  # A mesh that interleaves two processes' devices: 2 rows per device.
+  mesh = jax.sharding.Mesh(np.array(devices)[[0, 4, 1, 5, 2, 6, 3, 7]], ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.P('data'))
+  np.testing.assert_array_equal(ordering.process_rows(sharding, 16, devices[:4]),
+                                [0, 1, 4, 5, 8, 9, 12, 13])
 
 
 def test_eval_sees_every_example_once_across_hosts(yaml_path):
@@ -201,18 +277,23 @@ def _write_with_bad_rows(out_dir, n=10):
   return yaml_path
 
 
-def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
+def test_bad_rows_keep_their_slot_and_are_counted_and_logged(tmp_path, caplog):
   yaml_path = _write_with_bad_rows(tmp_path)
   data = _config(yaml_path, batch_size=3, eval_batch_size=4)
   bad = bad_rows.BadRows(10, 0.01)
   ds = input_pipeline.create_train_dataset(
       data, process_index=0, process_count=1, shuffle=False, bad_rows=bad)
-  ids = np.concatenate([_ids(b) for b in ds.take(4).as_numpy_iterator()])
-  # Rows in order, the bad ones left out; the stream goes on into epoch 2.
-  np.testing.assert_array_equal(ids, [0, 2, 3, 5, 7, 9, 0, 2, 3, 5, 7, 9])
+  batches = list(ds.take(4).as_numpy_iterator())
+  flat = {k: np.concatenate([b[k] for b in batches]) for k in BATCH_KEYS}
+  # Rows 0-9 then 0, 1 in order; the bad ones stay as all-zero mask-0 examples.
+  np.testing.assert_array_equal(flat['mask'], [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 1, 0])
+  good = flat['mask'] > 0
+  np.testing.assert_array_equal(_ids(flat)[good], [0, 2, 3, 5, 7, 9, 0])
+  for name in BATCH_KEYS:
+    assert not flat[name][~good].any(), name
   img, lab = str(tmp_path / 'train.img.tsv'), str(tmp_path / 'train.label.tsv')
   assert bad.rows == {(img, 1), (img, 4), (img, 6), (img, 8)}
-  assert bad.count >= 8  # each skipped once per epoch (and on read-ahead)
+  assert bad.count >= 5  # each skipped once per epoch (and on read-ahead)
   text = caplog.text
   assert f'{img} row 1: bad base64' in text
   assert f'{img} row 4: JPEG does not decode' in text
@@ -247,15 +328,18 @@ def test_too_many_bad_rows_fail_in_the_callers_thread(tmp_path):
     ds = input_pipeline.create_train_dataset(data, process_index=0, process_count=1,
                                              bad_rows=bad)
     batches = input_pipeline.global_batches(ds, sharding, ahead, bad_rows=bad)
+    # All-bad batches keep their slots, so a few may come before the limit
+    # (10) is crossed; no batch prepared after it is ever returned.
     with pytest.raises(bad_rows.TooManyBadRowsError, match=message):
-      next(batches)
+      for _ in range(3):    # the 12 rows' batches
+        next(batches)
     assert bad.limit == 10 and bad.exceeded
   assert not _prefetch_threads(existing)
   # Read without the host check, the stream still fails (a TensorFlow error,
   # not a Python one raised inside tf.data).
   ds = input_pipeline.create_train_dataset(data, process_index=0, process_count=1)
   with pytest.raises(tf.errors.InvalidArgumentError, match='too many bad rows') as e:
-    next(ds.as_numpy_iterator())
+    list(ds.take(3).as_numpy_iterator())
   assert 'PyFunc' not in str(e.value)
 
 
@@ -296,13 +380,13 @@ def _prefetch_threads(existing=()):
 
 def test_background_iterator_keeps_order_reraises_and_stops():
   existing = _prefetch_threads()
-  assert list(input_pipeline.BackgroundIterator(iter(range(7)), 2)) == list(range(7))
+  assert list(prefetch.BackgroundIterator(iter(range(7)), 2)) == list(range(7))
 
   def failing():
     yield 'a'
     raise metro_labels.BadRowError('row 3 of train.img.tsv: not a JPEG')
 
-  batches = input_pipeline.BackgroundIterator(failing(), 2)
+  batches = prefetch.BackgroundIterator(failing(), 2)
   assert next(batches) == 'a'
   with pytest.raises(metro_labels.BadRowError, match='row 3 of train.img.tsv'):
     next(batches)
@@ -316,7 +400,7 @@ def test_background_iterator_keeps_order_reraises_and_stops():
       yield i
       i += 1
 
-  batches = input_pipeline.BackgroundIterator(endless(), 3)
+  batches = prefetch.BackgroundIterator(endless(), 3)
   assert [next(batches) for _ in range(5)] == list(range(5))
   time.sleep(0.2)
   assert len(produced) <= 5 + 3 + 1     # at most `size` ahead (+1 waiting to be put)
@@ -325,7 +409,7 @@ def test_background_iterator_keeps_order_reraises_and_stops():
   with pytest.raises(StopIteration):
     next(batches)
   # Closed before its first item was taken: the thread stops too.
-  input_pipeline.BackgroundIterator(endless(), 1).close()
+  prefetch.BackgroundIterator(endless(), 1).close()
   assert not _prefetch_threads(existing)
 
 

@@ -30,6 +30,8 @@ from coarsemetro_jax.convert import orbax_variables
 from configs import tiny
 from data_pipelines import datasets
 from data_pipelines import metro_tsv
+from data_pipelines import ordering
+import multihost_main  # tests/: main.py that saves the global batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN = 24      # 3 steps per epoch at batch 8: resume crosses an epoch boundary
@@ -77,8 +79,6 @@ def data_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('metro'))
   metro_tsv.write_split(out, 'train', _examples(NUM_TRAIN, 0))
   metro_tsv.write_split(out, 'test', _examples(NUM_TEST, 1))
-  # One global batch: with shuffle off, 1 and 2 hosts see the same batches.
-  metro_tsv.write_split(out, 'train8', _examples(8, 0))
   return out
 
 
@@ -362,30 +362,37 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(straight_run, data_dir, tmp_path):
+def test_two_processes_match_one_process(straight_run, data_dir, tmp_path, monkeypatch):
   """jax.distributed on loopback: 2 processes x 4 CPU devices == 1 x 8.
 
   Both continue the straight run's step-2 checkpoint (restored into their own
-  device layout; no initialiser to compile) for 2 steps on one global batch in
-  file order, so both hosts' rows 0-3 and 4-7 make the 1-process batch, then
-  evaluate.
+  device layout; no initialiser to compile) for 2 steps with shuffling and
+  augmentation on, BatchNorm in groups of 4 (each process's rows make one
+  group), then evaluate. Each process reads only its half of every global
+  batch, yet the global batches (gathered and saved by tests/multihost_main.py)
+  are the 1-process ones bit for bit, and so are the params up to the float
+  noise of a different reduction order across processes.
   """
   straight_dir, _ = straight_run
-  settings = {'data.source': 'tsv', 'data.train_yaml': os.path.join(data_dir, 'train8.yaml'),
+  settings = {'data.source': 'tsv', 'data.train_yaml': os.path.join(data_dir, 'train.yaml'),
               'data.eval_yaml': os.path.join(data_dir, 'test.yaml'),
-              'data.shuffle': False}
+              'data.shuffle': True, 'bn_group_size': 4}
   one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
   for workdir in (one_dir, two_dir):
     shutil.copytree(os.path.join(straight_dir, 'checkpoints', '2'),
                     os.path.join(workdir, 'checkpoints', '2'))
-  one = train.train_and_evaluate(make_config(data_dir, **settings), one_dir)
+  monkeypatch.setattr(datasets.Datasets, 'train_batches', multihost_main.recording(
+      datasets.Datasets.train_batches, str(tmp_path / 'one_batches')))
+  config = make_config(data_dir, **settings)
+  one = train.train_and_evaluate(config, one_dir)
 
   overrides = [f'--config.{k}={v}' for k, v in {**RUN_SETTINGS, **settings}.items()]
   port = _free_port()
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
          'JAX_DISABLE_MOST_OPTIMIZATIONS': '1', 'JAX_PLATFORMS': 'cpu'}
   procs = [subprocess.Popen(
-      [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={two_dir}',
+      [sys.executable, 'tests/multihost_main.py', str(tmp_path / 'two_batches'),
+       '--config=configs/tiny.py', f'--workdir={two_dir}',
        f'--coordinator_address=localhost:{port}', '--num_processes=2',
        f'--process_id={i}', *overrides],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -398,6 +405,20 @@ def test_two_processes_match_one_process(straight_run, data_dir, tmp_path):
         proc.kill()
   for i, (proc, out) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0, f'process {i} failed:\n{out[-5000:]}'
+
+  for step in (3, 4):
+    a = np.load(tmp_path / 'one_batches' / f'batch_{step}.npz')
+    b = np.load(tmp_path / 'two_batches' / f'batch_{step}.npz')
+    assert sorted(a) == sorted(b)
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name], err_msg=f'{name}, step {step}')
+    # The shuffled global order (the test rows' flags follow their index).
+    rows = ordering.global_batch_rows(NUM_TRAIN, 8, step - 1, seed=config.seed)
+    assert sorted(rows) != list(rows)
+    np.testing.assert_array_equal(a['has_smpl'], rows % 4 != 2)
+    np.testing.assert_array_equal(a['has_3d_joints'], rows % 3 != 1)
+    np.testing.assert_array_equal(a['mask'], 1)
+
   with open(os.path.join(two_dir, 'eval_results.json')) as f:
     two = json.load(f)
   assert two['step'] == one['step'] == NUM_STEPS
