@@ -59,6 +59,14 @@ def check_report(report, config, devices):
   assert analytic <= report.per_chip(train.flops) <= FLOPS_FACTOR * analytic
 
 
+def needs_libtpu(monkeypatch):
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip('libtpu is not installed (requirements-tpu.txt)')
+  # Compiling takes no TPU: another libtpu process (a parallel test, an aot
+  # run) may hold libtpu's lock meanwhile.
+  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+
 def test_tiny_compiles_for_8_cpu_devices():
   config = tiny.get_config()
   target = aot.make_target('cpu:8')
@@ -86,11 +94,7 @@ def test_fsdp_shards_params_and_optimizer_state():
 
 
 def test_tiny_compiles_for_a_v5e_slice(monkeypatch):
-  if importlib.util.find_spec('libtpu') is None:
-    pytest.skip('libtpu is not installed (requirements-tpu.txt)')
-  # Compiling takes no TPU: another libtpu process (a parallel test, an aot
-  # run) may hold libtpu's lock meanwhile.
-  monkeypatch.setenv('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  needs_libtpu(monkeypatch)
   config = tiny.get_config()
   target = aot.make_target('v5e:2x2')
   assert target.chip is aot.CHIPS['v5e'] and target.num_chips == 4
@@ -101,6 +105,26 @@ def test_tiny_compiles_for_a_v5e_slice(monkeypatch):
     assert step.temporaries > 0 and step.arguments >= report.params + report.batch
   text = aot.format_report(report, config)
   assert 'lower bound, not a measurement' in text and 'fits' in text
+
+
+@pytest.mark.parametrize('name, devices, chips, kind', [
+    ('v4:2x2x1', 8, 4, 'v4'),     # two TensorCores (devices) per v4 chip
+    ('v5p:2x2x2', 8, 8, 'v5p'),
+    ('v5e:4x4', 16, 16, 'v5e'),
+    ('v6e:4x4', 16, 16, 'v6e'),
+])
+def test_tpu_topologies_count_chips(name, devices, chips, kind, monkeypatch):
+  needs_libtpu(monkeypatch)
+  target = aot.make_target(name)
+  assert len(target.devices) == devices and target.num_chips == chips
+  assert target.chip is aot.CHIPS[kind]
+
+
+def test_local_devices_without_topology():
+  target = aot.make_target('')
+  assert len(target.devices) == jax.device_count() and target.devices_per_chip == 1
+  assert target.chip is None   # CPU: no published HBM or peak
+  assert aot.make_target('', peak_tflops=2.0).chip.peak_bf16_flops == 2e12
 
 
 @pytest.mark.parametrize('argv, message', [
