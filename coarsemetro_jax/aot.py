@@ -15,14 +15,15 @@ Over those devices the command builds the training's own device mesh, state
 and batch shardings (steps.py) and lowers the real `train_step` and
 `eval_step` for abstract inputs (no weights, no data): the state from
 `jax.eval_shape`, the batch from the batch contract (data_pipelines/__init__.py)
-at the global batch `per_chip_batch x chips`. Per chip it prints the state's
+at the global batch `--per_chip_batch` (default 16, the paper's images per
+GPU) x chips; config.data.batch_size is not used. Per chip it prints the state's
 bytes, XLA's buffer assignment (arguments, outputs, temporaries, and the
 donated bytes the new state reuses), the peak against the chip's HBM, XLA's
 FLOPs per step next to profile.py's analytic count, and the roofline step time
 at the chip's peak bf16 rate: a lower bound, not a measurement.
 
-Exit status: 0 when both steps fit, 1 when one does not (the sizes are
-printed), 2 for a bad flag, config or topology name.
+Exit status: 0 when the compiled steps (--steps, default both) fit, 1 when
+one does not (the sizes are printed), 2 for a bad flag, config or topology.
 """
 
 import dataclasses
@@ -308,7 +309,6 @@ def compile_steps(config, target, per_chip_batch, step_names=STEP_NAMES):
                    f'config.bn_group_size {group}')
   try:
     topology, body, model = build_model(config)
-    models.compute_dtype(config.model)
   except ValueError as e:   # a config value out of its choices
     raise AotError(_first_line(e)) from e
   image_size = config.data.image_size
