@@ -311,9 +311,18 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
   per-step keys are folded from it with `state.step`. GT meshes come from the
   body model inside the step.
   """
-  device_mesh = batch_sharding_.mesh
-  repl = replicated(device_mesh)
-  body = jax.device_put(body, repl)
+  jitted = jit_train_step(config, model, topology, state_sharding_, batch_sharding_)
+  body = jax.device_put(body, replicated(batch_sharding_.mesh))
+  return lambda state, batch, rng: jitted(state, batch, rng, body)
+
+
+def jit_train_step(config, model, topology, state_sharding_, batch_sharding_):
+  """`make_train_step`'s step as `jitted(state, batch, rng, body)`.
+
+  Takes the body model as an argument, so it can be lowered for abstract
+  inputs on devices that hold no data (coarsemetro_jax/aot.py).
+  """
+  repl = replicated(batch_sharding_.mesh)
 
   def train_step(state, batch, rng, body):
     rngs = step_rngs(rng, state.step)
@@ -340,10 +349,9 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
     out.update({f'loss_{k}': v for k, v in terms.items()})
     return new_state, out
 
-  jitted = jax.jit(train_step,
-                   in_shardings=(state_sharding_, batch_sharding_, repl, repl),
-                   out_shardings=(state_sharding_, repl), donate_argnums=0)
-  return lambda state, batch, rng: jitted(state, batch, rng, body)
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding_, batch_sharding_, repl, repl),
+                 out_shardings=(state_sharding_, repl), donate_argnums=0)
 
 
 def with_smpl_param_loss(usual, terms, outputs, batch, gt_vertices, regress_h36m, topology,
@@ -435,11 +443,21 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
   is `SMPLEvalMetrics` (`smpl_param_errors`; with `flip`, of the plain image's
   parameters: rotations and betas are not averaged).
   """
-  device_mesh = batch_sharding_.mesh
-  repl = replicated(device_mesh)
   flip = config.eval_flip if flip is None else flip
   flip_perm = mirror.mirror_permutation(body.v_template) if flip else None
-  body = jax.device_put(body, repl)
+  jitted = jit_eval_step(config, model, topology, state_sharding_, batch_sharding_,
+                         flip_perm)
+  body = jax.device_put(body, replicated(batch_sharding_.mesh))
+  return lambda state, batch: jitted(state, batch, body)
+
+
+def jit_eval_step(config, model, topology, state_sharding_, batch_sharding_,
+                  flip_perm=None):
+  """`make_eval_step`'s step as `jitted(state, batch, body)` (see `jit_train_step`).
+
+  `flip_perm`: the body's mirror permutation for the flip test, None for none.
+  """
+  repl = replicated(batch_sharding_.mesh)
 
   def eval_step(state, batch, body):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -459,6 +477,5 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
       return SMPLEvalMetrics.single_from_model_output(**errors), pred
     return metrics.eval_metrics(errors), pred
 
-  jitted = jax.jit(eval_step, in_shardings=(state_sharding_, batch_sharding_, repl),
-                   out_shardings=(repl, batch_sharding_))
-  return lambda state, batch: jitted(state, batch, body)
+  return jax.jit(eval_step, in_shardings=(state_sharding_, batch_sharding_, repl),
+                 out_shardings=(repl, batch_sharding_))
