@@ -23,14 +23,14 @@ import os
 import re
 import sys
 
-from coarsemetro_jax import huge_pages  # pylint: disable=g-bad-import-order
+from coarsemetro_jax import huge_pages
 
 if __name__ == '__main__' and (_exec_args := huge_pages.exec_args(os.environ)):
   os.execve(*_exec_args)  # before anything heavy is imported or allocated
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -83,7 +83,7 @@ def main(argv):
     _fail(2, f'unexpected arguments: {argv[1:]}')
   # Imported after the flags are parsed: a mistake in them is reported before
   # TensorFlow and the model code load.
-  from coarsemetro_jax import train  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import train
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,

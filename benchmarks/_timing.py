@@ -99,7 +99,7 @@ def torch_setup():
   arithmetic is many times slower; without this PyTorch would pay for that
   and XLA would not.
   """
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   torch.set_flush_denormal(True)
 
 
@@ -117,7 +117,7 @@ def torch_runs(args):
 
 def with_threads(fn, threads):
   """`fn` run with `threads` PyTorch intra-op threads."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   def call():
     torch.set_num_threads(threads)
@@ -144,7 +144,7 @@ def machine_description():
     with open('/proc/cpuinfo') as f:
       names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
     cpu = names[0] if names else cpu
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   return (f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
           f'{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform.upper()} '
           f'({jax.device_count()} JAX devices); load average (1/5/15 min) '
@@ -298,9 +298,9 @@ class Pair:
 
 def build_pair(name, topology, use_tiny=False, dtype='f32', seed=0):
   """Random PyTorch reference weights, converted to Flax."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch_reference import build  # pylint: disable=g-import-not-at-top
-  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
+  import torch
+  from torch_reference import build
+  from torch_reference import random_init
 
   config = model_config(name, use_tiny, dtype)
   torch.manual_seed(seed)
@@ -334,7 +334,7 @@ def random_input(shape, seed=1):
 
 
 def to_torch_nchw(x):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 

@@ -67,7 +67,7 @@ def _test_yaml(num):
         raise ValueError(f'{out} holds another render; move it away')
     return os.path.join(out, 'test.yaml'), f'{out} (rendered before)'
   # Imported here: rendering is only needed when no test set is there.
-  from data_pipelines.synthetic import generate  # pylint: disable=g-import-not-at-top
+  from data_pipelines.synthetic import generate
   tmp = out + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
   print(f'Rendering {num} embedded test images into {out} ...', flush=True)

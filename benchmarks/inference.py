@@ -40,7 +40,7 @@ def jax_forward(pair, part):
 
 
 def torch_context(dtype):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   stack = contextlib.ExitStack()
   stack.enter_context(torch.inference_mode())
   if dtype == 'bf16':
@@ -55,7 +55,7 @@ def _rel_diff(got, want):
 
 def candidates(pairs, part, batch, args):
   """{(model, framework): (call, warm-up info, output)}; warm-up done here."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   x = _timing.random_input(pairs['fastmetro'].input_shape(part, batch))
   x_jax, x_torch = jax.device_put(x), _timing.to_torch_nchw(x)
   out = {}
@@ -63,7 +63,7 @@ def candidates(pairs, part, batch, args):
     pair = pairs[name]
     variables = pair.variables(part)
     compile_s, compiled = _timing.timed(
-        lambda: jax_forward(pair, part).lower(variables, x_jax).compile())   # pylint: disable=cell-var-from-loop
+        lambda: jax_forward(pair, part).lower(variables, x_jax).compile())
     call = functools.partial(lambda c, v: _timing.block_jax(c(v, x_jax)), compiled, variables)
     first_s, result = _timing.timed(call)
     out[(name, 'JAX')] = (call, {'compile_s': compile_s, 'first_s': first_s}, result)
@@ -85,7 +85,7 @@ def candidates(pairs, part, batch, args):
     try:
       first_s, result = _timing.timed(call)
       out[('fastmetro', f'torch.compile ({args.torch_threads[0]} thr)')] = (call, {'compile_s': first_s}, result)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       print(f'torch.compile failed, skipped: {type(e).__name__}: {e}'.splitlines()[0])
   return out
 

@@ -17,12 +17,12 @@ import os
 for _name in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
   os.environ.setdefault(_name, '1')
 
-import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import tempfile  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import time  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import argparse
+import tempfile
+import time
 
-import cv2  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
+import cv2
+import numpy as np
 
 from coarsemetro_jax import rasterizer
 from data_pipelines.synthetic import appearance

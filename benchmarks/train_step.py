@@ -102,8 +102,8 @@ def new_state(config, variables):
 
 def torch_train_step(module, batch, regressor, pair, dtype):
   """A closure running one eager PyTorch training step; returns the loss."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch_reference import losses as torch_losses  # pylint: disable=g-import-not-at-top
+  import torch
+  from torch_reference import losses as torch_losses
   o = pair.config.optim
   module.train()
   optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
@@ -144,7 +144,7 @@ def candidates(pairs, part, batch, args):
                                                 pair.variables(part)))
     data_jax, rng = jax.device_put(data), jax.random.key(0)
     compile_s, compiled = _timing.timed(
-        lambda: jax_train_step(pair, part, regressor).lower(state, data_jax, rng).compile())  # pylint: disable=cell-var-from-loop
+        lambda: jax_train_step(pair, part, regressor).lower(state, data_jax, rng).compile())
     holder = {'state': state}
 
     def call(compiled=compiled, holder=holder, data_jax=data_jax):

@@ -120,10 +120,10 @@ def cpu_devices(n):
 
 def tpu_devices(name):
   """The devices of TPU slice `name` (e.g. 'v5e:4x4'), from libtpu's compile-only client."""
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies
   try:
     return tuple(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     message = _first_line(e)
     if 'not installed' in message:
       raise AotError(f'--topology={name} needs libtpu: pip install -r '
@@ -328,7 +328,7 @@ def compile_steps(config, target, per_chip_batch, step_names=STEP_NAMES):
   for name in step_names:
     try:
       figures[name] = StepFigures.of(lowered(name).compile())
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       # XLA:TPU reports a program larger than HBM as RESOURCE_EXHAUSTED.
       if 'RESOURCE_EXHAUSTED' in str(e):
         raise DoesNotFit(f'{name} step on {target.name}: {_first_line(e)}') from e

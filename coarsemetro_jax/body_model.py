@@ -385,10 +385,10 @@ class _SmplUnpickler(pickle.Unpickler):
   """Rebuilds numpy arrays and stand-ins; refuses any other global."""
 
   _ALLOWED = {
-      ('numpy.core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
-      ('numpy._core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
-      ('numpy.core.multiarray', 'scalar'): np._core.multiarray.scalar,  # pylint: disable=protected-access
-      ('numpy._core.multiarray', 'scalar'): np._core.multiarray.scalar,  # pylint: disable=protected-access
+      ('numpy.core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
+      ('numpy._core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
+      ('numpy.core.multiarray', 'scalar'): np._core.multiarray.scalar,
+      ('numpy._core.multiarray', 'scalar'): np._core.multiarray.scalar,
       ('numpy', 'ndarray'): np.ndarray,
       ('numpy', 'dtype'): np.dtype,
       ('copy_reg', '_reconstructor'): None,
@@ -402,8 +402,8 @@ class _SmplUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) in self._ALLOWED:
       if name == '_reconstructor':
-        import copyreg  # pylint: disable=g-import-not-at-top
-        return copyreg._reconstructor  # pylint: disable=protected-access
+        import copyreg
+        return copyreg._reconstructor
       return self._ALLOWED[(module, name)]
     if module.split('.')[0] == 'chumpy':
       return _ChStub

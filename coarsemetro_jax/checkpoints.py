@@ -112,7 +112,7 @@ def restore_state(manager, step, abstract_state):
   orbax_variables.quiet_abandoned_reads()
   try:
     restored = manager.restore(step, args=restore_args(abstract_state))
-  except Exception as e:  # pylint: disable=broad-exception-caught
+  except Exception as e:
     if orbax_variables.is_resource_error(e):
       raise
     raise CorruptCheckpointError(
@@ -132,11 +132,11 @@ def restore_state(manager, step, abstract_state):
 
 def _check_fits(step_dir, abstract_state):
   """CheckpointError unless the step's arrays have the paths, shapes and dtypes of the state."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  from etils import epath
   item = os.path.join(step_dir, STATE_ITEM)
   try:
     saved = ocp.StandardCheckpointHandler().metadata(epath.Path(item)).tree
-  except Exception as e:  # pylint: disable=broad-exception-caught
+  except Exception as e:
     raise CorruptCheckpointError(
         f'{step_dir}: its array metadata cannot be read: {orbax_variables.reason(e)}') from e
   want = _shapes(abstract_state)

@@ -114,7 +114,7 @@ def load_file(spec):
       config = get_config(arg) if has_arg else get_config()
   except ConfigError:
     raise
-  except Exception as e:  # pylint: disable=broad-except  # any error in the user's file
+  except Exception as e:  # any error in the user's file
     raise ConfigError(f'config {spec!r}: {type(e).__name__}: {e}') from e
   if not isinstance(config, config_dict.ConfigDict):
     raise ConfigError(f'config {spec!r}: get_config() returned a '
@@ -150,7 +150,7 @@ class _FileParser(flags.ArgumentParser):
     return 'config file'
 
 
-class _ConfigFileFlag(ml_config_flags._ConfigFlag):  # pylint: disable=protected-access
+class _ConfigFileFlag(ml_config_flags._ConfigFlag):
   """ml_collections' config flag (overrides by field type), with a clear bad-key error."""
 
   def _parse(self, argument):

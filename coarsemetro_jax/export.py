@@ -58,7 +58,7 @@ def load(path):
     data = f.read()
   try:
     exported = jax.export.deserialize(bytearray(data))
-  except Exception as e:  # pylint: disable=broad-except  # flatbuffer errors vary
+  except Exception as e:  # flatbuffer errors vary
     raise ValueError(f'{path}: not a serialized jax.export artifact ({e})') from e
   spec = exported.in_avals[0]
 
@@ -76,8 +76,8 @@ def load(path):
 def save_tf_saved_model(directory, model, variables, image_size, h36m_regressor=None):
   """TF SavedModel of the same function via jax2tf (weights as tf.Variables)."""
   # TensorFlow only here: the serving export is optional, the core stays TF-free.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from jax.experimental import jax2tf
   predict = infer.make_predict_fn(model, h36m_regressor)
   params = jax.tree.map(lambda x: tf.Variable(np.asarray(x), trainable=False), variables)
   converted = jax2tf.convert(
@@ -93,8 +93,8 @@ def save_tf_saved_model(directory, model, variables, image_size, h36m_regressor=
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from absl import logging
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every restore step at INFO
   cfg = flags.FLAGS
@@ -116,9 +116,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from coarsemetro_jax import config_files  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from absl import flags
+  from coarsemetro_jax import config_files
   config_files.define_flag('config', 'Model configuration file.')
   flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
                       'checkpoint.')

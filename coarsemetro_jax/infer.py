@@ -105,7 +105,7 @@ def checkpoint_model_config(path):
 def load_h36m_regressor(config):
   """The [17, 6890] H36M regressor of config.body_model, or None (with a warning)."""
   try:
-    from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+    from coarsemetro_jax import body_model
     body = body_model.load_body_model(config.body_model.path,
                                       config.body_model.h36m_regressor)
   except (ImportError, OSError, ValueError) as e:
@@ -340,8 +340,8 @@ def _parse_ints(values, name):
 
 def _define_flags():
   """Command-line flags (defined only when run as a program)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from coarsemetro_jax import config_files  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from coarsemetro_jax import config_files
   config_files.define_flag('config', 'Model configuration file.')
   flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
                       'checkpoint.')
@@ -366,7 +366,7 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags
   flags = absl_flags.FLAGS
   logging.set_verbosity(logging.WARNING)   # orbax logs every restore step at INFO
   images = flags.images + list(argv[1:])
@@ -392,6 +392,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app
   _define_flags()
   app.run(main)

@@ -186,7 +186,7 @@ class _SafeUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) in self._NUMPY:
       return np.ndarray if name == 'ndarray' else (
-          np.dtype if name == 'dtype' else np._core.multiarray._reconstruct)  # pylint: disable=protected-access
+          np.dtype if name == 'dtype' else np._core.multiarray._reconstruct)
     if (module, name) in self._CSC:
       return _CscStub
     raise pickle.UnpicklingError(

@@ -211,6 +211,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import app
   _define_flags()
   app.run(main)

@@ -10,7 +10,7 @@ looks the winning face up in `face_id`.
 import numpy as np
 
 try:
-  import numba  # pylint: disable=g-import-not-at-top
+  import numba
 except ImportError:  # numba is optional: the NumPy path needs nothing.
   numba = None
 

@@ -237,7 +237,7 @@ def skipped_rows_line(skipped):
 
 def _write_pictures(writer, step, first, topology, workdir, num_images):
   """Image summary and PNG of predicted meshes over eval images."""
-  from coarsemetro_jax import visualize  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import visualize
   batch, pred = first['batch'], first['predictions']
   keep = np.flatnonzero(batch['mask'] > 0)[:num_images]
   grid = visualize.prediction_grid(

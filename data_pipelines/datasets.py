@@ -101,11 +101,11 @@ def _yaml_rows(key, path):
 def _tfds_rows(data_config, key):
   """Examples of the TFDS split `config.data.<key>` names."""
   # Imported here: TFDS is needed only for this source.
-  from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
+  from data_pipelines import tfds_metro
   split = data_config[key]
   try:
     return tfds_metro.num_examples(data_config.tfds_data_dir, split)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     # TFDS reports a missing build or split with several exception types.
     raise InputError(f'config.data.{key}={split!r} in {data_config.tfds_data_dir}: '
                      f'{type(e).__name__}: {e}') from e
@@ -193,7 +193,7 @@ def prepare_synthetic(data_config):
       logging.warning('Removing %s, left by an interrupted render', tmp)
       shutil.rmtree(tmp)
     # Imported here: rendering is only needed when the data is not there.
-    from data_pipelines.synthetic import generate  # pylint: disable=g-import-not-at-top
+    from data_pipelines.synthetic import generate
     os.makedirs(tmp)
     print(f'Rendering the synthetic dataset into {out} '
           f"({params['num_train']} train / {params['num_test']} test images) ...",

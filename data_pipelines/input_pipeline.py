@@ -190,7 +190,7 @@ def _tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
       return _process(ex['jpeg'], ex['label'],
                       params_fn(counter // epoch_length, index), size,
                       f'{path} row {row}')
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       # One bad row must not end a long run; BadRows bounds systematic errors.
       message = str(e) if isinstance(e, metro_labels.BadRowError) else (
           f'{path} row {row}: {type(e).__name__}: {e}')
@@ -219,7 +219,7 @@ def _tfds_loader(bad_rows, params_fn, size, split, epoch_length):
     try:
       return _process(jpeg, label, params_fn(counter // epoch_length, index),
                       size, f'{split} key {key}')
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       bad_rows.record((split, key), f'{split} key {key}: {e}')
       return empty_example(size)
 
@@ -333,7 +333,7 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
       loader = _tsv_loader(dataset, bad_rows, params_fn, size, end - start)
   elif data_config.source == 'tfds':
     # Imported here: TFDS is needed only for this source.
-    from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
+    from data_pipelines import tfds_metro
     num_rows = tfds_metro.num_examples(data_config.tfds_data_dir, tfds_split)
     start, end = host_range(num_rows, process_index, process_count)
     bad_rows = _host_bad_rows(bad_rows, end - start, data_config)

@@ -36,7 +36,7 @@ class BackgroundIterator:
           if not put((item, None)):
             return
         put((_END, None))
-      except BaseException as e:  # pylint: disable=broad-except
+      except BaseException as e:
         put((None, e))
 
     self._items, self._stop = items, stop

@@ -6,10 +6,10 @@ _FLAG = '--xla_force_host_platform_device_count=8'
 if _FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
 
-import pathlib  # pylint: disable=g-import-not-at-top
+import pathlib
 
-import jax  # pylint: disable=g-import-not-at-top
-import pytest  # pylint: disable=g-import-not-at-top
+import jax
+import pytest
 
 # Tests compile many small programs: skipping XLA's heavier passes halves the
 # suite's compile time (as the Flax examples' tests do); numerics are unchanged
@@ -38,5 +38,5 @@ def pytest_report_header(config):
 @pytest.fixture(scope='session')
 def topology():
   """The embedded mesh hierarchy (6890/1723/431)."""
-  from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import mesh_topology
   return mesh_topology.load_topology()

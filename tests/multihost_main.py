@@ -17,9 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def recording(train_batches, out_dir):
   """`Datasets.train_batches` that also saves each global batch it yields."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental import multihost_utils
+  import numpy as np
 
   def wrapped(self, sharding, start_step=0):
     batches = train_batches(self, sharding, start_step)
@@ -37,7 +37,7 @@ def recording(train_batches, out_dir):
 
 if __name__ == '__main__':
   sys.path[0] = REPO      # this file's folder is there; main.py expects the repository
-  from data_pipelines import datasets  # pylint: disable=g-import-not-at-top
+  from data_pipelines import datasets
   datasets.Datasets.train_batches = recording(datasets.Datasets.train_batches, sys.argv[1])
   sys.argv = [os.path.join(REPO, 'main.py')] + sys.argv[2:]
   runpy.run_path(sys.argv[0], run_name='__main__')

@@ -76,7 +76,7 @@ def _tiny_body(rng, num_v=40, posedirs=True):
       'weights': weights, 'j_regressor': j_reg,
       'faces': rng.integers(0, num_v, (10, 3)),
       'posedirs': rng.normal(0, 0.1, (num_v, 3, 207)) if posedirs else None}
-  return arrays, bm._assemble(arrays, 'tiny', jnp.float32)  # pylint: disable=protected-access
+  return arrays, bm._assemble(arrays, 'tiny', jnp.float32)
 
 
 def test_forward_with_pose_correctives_matches_reference():
@@ -113,9 +113,9 @@ def test_too_many_betas_is_an_error(body):
 
 def test_jit_cache_hits_across_loads(body):
   forward(body, jnp.zeros((BATCH, 72)), jnp.zeros((BATCH, 10)))
-  size = forward._cache_size()  # pylint: disable=protected-access
+  size = forward._cache_size()
   forward(bm.load_body_model(), jnp.zeros((BATCH, 72)), jnp.zeros((BATCH, 10)))
-  assert forward._cache_size() == size  # pylint: disable=protected-access
+  assert forward._cache_size() == size
 
 
 # ----------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def _fake_smpl_pickle(monkeypatch, arrays):
   chumpy = types.ModuleType('chumpy')
   ch_mod = types.ModuleType('chumpy.ch')
 
-  class Ch:  # pylint: disable=too-few-public-methods
+  class Ch:
     def __init__(self, x):
       self.x = x
       self._cache = {'unused': 1}
@@ -137,7 +137,7 @@ def _fake_smpl_pickle(monkeypatch, arrays):
   chumpy.ch = ch_mod
   csc_mod = types.ModuleType('scipy.sparse.csc')
 
-  class csc_matrix:  # pylint: disable=invalid-name,too-few-public-methods
+  class csc_matrix:
     def __init__(self, dense):
       cols = [np.nonzero(c)[0] for c in dense.T]
       self.indices = np.concatenate(cols).astype(np.int32)
@@ -172,7 +172,7 @@ def test_smpl_pickle_loads_without_chumpy(tmp_path, monkeypatch):
   rng = np.random.default_rng(3)
   arrays, reference = _tiny_body(rng)
   arrays['j_regressor'][arrays['j_regressor'] < 0.02] = 0.0  # sparse-ish
-  reference = bm._assemble(arrays, 'tiny', jnp.float32)  # pylint: disable=protected-access
+  reference = bm._assemble(arrays, 'tiny', jnp.float32)
   path = tmp_path / 'model.pkl'
   with monkeypatch.context() as m:
     path.write_bytes(_fake_smpl_pickle(m, arrays))

@@ -27,8 +27,8 @@ TINY = os.path.join(kinds.REPO_CONFIGS, 'tiny.py')
 
 def _reference(torch, name):
   """Random tiny PyTorch reference (FastMETRO-S or CoarseMETRO) and its config."""
-  from torch_reference import build  # pylint: disable=g-import-not-at-top
-  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
+  from torch_reference import build
+  from torch_reference import random_init
   config = tiny.get_config(name)
   mask, upsample = build.placeholder_tensors(mesh_topology.SMPL_LEVELS, config.model.num_joints)
   model = build.reference_model(config.model, mask, upsample)
@@ -71,7 +71,7 @@ def test_cli_round_trip(tmp_path, capsys, name):
   # the BatchNorm counters (no Flax counterpart: carried) included.
   code, stdout, err = _run(capsys, '--to-torch', '--src', out, '--out', back)
   assert code == 0, err
-  from torch_reference import build  # pylint: disable=g-import-not-at-top
+  from torch_reference import build
   fresh = build.reference_model(config.model, *tensors)
   exported = torch.load(back, weights_only=True)
   assert sorted(exported) == sorted(reference.state_dict())
@@ -128,8 +128,8 @@ def test_half_precision_checkpoint_is_widened():
 
 def test_backbone_only_checkpoint_merges(tmp_path, capsys):
   torch = pytest.importorskip('torch')
-  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
-  from torch_reference import resnet  # pylint: disable=g-import-not-at-top
+  from torch_reference import random_init
+  from torch_reference import resnet
   config = tiny.get_config('coarsemetro')
   net = random_init.randomize_(resnet.ResNet((1, 1, 1, 1), 8), seed=4)
   torch.save({'state_dict': net.state_dict(), 'epoch': 90}, tmp_path / 'imagenet.pth')

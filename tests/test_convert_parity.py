@@ -21,9 +21,9 @@ from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 
 torch = pytest.importorskip('torch')
-from torch_reference import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from torch_reference import random_init  # pylint: disable=g-import-not-at-top,wrong-import-position
-from torch_reference import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_reference import build
+from torch_reference import random_init
+from torch_reference import resnet
 
 TOLERANCE = 1e-4   # max abs difference, float32
 OUTPUTS = ('pred_cam', 'pred_3d_joints', 'pred_3d_vertices_coarse',

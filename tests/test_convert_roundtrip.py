@@ -27,11 +27,11 @@ from coarsemetro_jax.models import hrnet
 import test_convert_parity
 
 torch = pytest.importorskip('torch')
-from torch_reference import build  # pylint: disable=g-import-not-at-top,wrong-import-position
-from torch_reference import fastmetro as torch_fastmetro  # pylint: disable=g-import-not-at-top,wrong-import-position
-from torch_reference import hrnet as torch_hrnet  # pylint: disable=g-import-not-at-top,wrong-import-position
-from torch_reference import random_init  # pylint: disable=g-import-not-at-top,wrong-import-position
-from torch_reference import smpl_param_regressor as torch_spr  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_reference import build
+from torch_reference import fastmetro as torch_fastmetro
+from torch_reference import hrnet as torch_hrnet
+from torch_reference import random_init
+from torch_reference import smpl_param_regressor as torch_spr
 
 KIND = 'fastmetro-L-h64-smplparam'
 # FastMETRO-L-H64's released state dict (2161 keys, 153,739,838 parameters)

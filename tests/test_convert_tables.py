@@ -17,7 +17,7 @@ from coarsemetro_jax.convert import tables
 
 
 def _meta_state_shapes(torch, model_config):
-  from torch_reference import build  # pylint: disable=g-import-not-at-top
+  from torch_reference import build
   with torch.device('meta'):
     mask, upsample = build.placeholder_tensors(mesh_topology.SMPL_LEVELS, model_config.num_joints)
     model = build.reference_model(model_config, mask, upsample)
@@ -87,7 +87,7 @@ def test_full_size_keys_match_torch_reference(model):
 
 def test_resnet50_imagenet_accounting():
   torch = pytest.importorskip('torch')
-  from torch_reference import resnet  # pylint: disable=g-import-not-at-top
+  from torch_reference import resnet
   with torch.device('meta'):
     reference = {k: tuple(v.shape) for k, v in resnet.ResNet().state_dict().items()}
   config, scope = kinds.apply_kind('resnet50-imagenet', r50.get_config())

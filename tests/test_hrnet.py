@@ -54,7 +54,7 @@ def _abstract(module, size):
 
 
 def _torch_reference(torch, width=64, meta=True, **structure):
-  from torch_reference import hrnet as torch_hrnet  # pylint: disable=g-import-not-at-top
+  from torch_reference import hrnet as torch_hrnet
   with torch.device('meta' if meta else 'cpu'):
     return torch_hrnet.HRNet(width, **structure)
 
@@ -119,8 +119,8 @@ def test_w64_imagenet_table_matches_torch_state_dict(w64_variables):
 
 
 def _fastmetro_reference_shapes(torch, model_config):
-  from torch_reference import build  # pylint: disable=g-import-not-at-top
-  from torch_reference import fastmetro  # pylint: disable=g-import-not-at-top
+  from torch_reference import build
+  from torch_reference import fastmetro
   m = model_config
   with torch.device('meta'):
     backbone = _torch_reference(torch, m.hrnet_width)
@@ -168,7 +168,7 @@ def test_h64_config_builds_hrnet_w64():
 
 def _converted_small(torch, seed=0, structure=None, size=64):
   """A random small PyTorch HRNet and its conversion into Flax variables."""
-  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
+  from torch_reference import random_init
   structure = structure or SMALL
   reference = random_init.randomize_(_torch_reference(torch, 8, meta=False, **structure), seed)
   model = hrnet.HRNet(width=8, **structure)
@@ -246,7 +246,7 @@ def test_remat_keeps_variables_and_checkpoints_every_block():
 def test_cli_converts_hrnet_imagenet_file(tmp_path, capsys):
   """`--kind hrnet-w8-imagenet`: the full structure at width 8 (a ~42 MB file)."""
   torch = pytest.importorskip('torch')
-  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
+  from torch_reference import random_init
   reference = random_init.randomize_(_torch_reference(torch, 8, meta=False), seed=2)
   src, out = tmp_path / 'hrnet_w8.pth', tmp_path / 'jax'
   torch.save(reference.state_dict(), src)
@@ -270,7 +270,7 @@ def test_cli_converts_hrnet_imagenet_file(tmp_path, capsys):
                     reason='set COARSEMETRO_W64_PARITY=1 (HRNet-W64 at 224 px on CPU)')
 def test_w64_parity():
   torch = pytest.importorskip('torch')
-  from torch_reference import random_init  # pylint: disable=g-import-not-at-top
+  from torch_reference import random_init
   reference = random_init.randomize_(_torch_reference(torch, 64, meta=False), seed=4).eval()
   model = hrnet.HRNet(width=64)
   state = {k: v.numpy() for k, v in reference.state_dict().items()}

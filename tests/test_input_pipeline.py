@@ -503,7 +503,7 @@ def test_metro_train_batches_use_the_sampled_parameters(metro_yaml):
 
 def test_metro_crop_from_tfds_equals_tsv(metro_yaml, tmp_path):
   # Imported here: the other tests of this file do not need TFDS.
-  from data_pipelines import tfds_metro  # pylint: disable=g-import-not-at-top
+  from data_pipelines import tfds_metro
   tfds_metro.Metro(data_dir=str(tmp_path), yamls={'validation': metro_yaml}).download_and_prepare()
   data = _config(metro_yaml, eval_batch_size=8)
   data.crop = 'metro'

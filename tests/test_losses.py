@@ -291,7 +291,7 @@ def test_bfloat16_outputs_are_scored_in_float32():
 
 
 def test_procrustes_joint_loss_matches_numpy_and_ignores_similarity():
-  from test_metrics import np_similarity_transform, random_rotation  # pylint: disable=g-import-not-at-top
+  from test_metrics import np_similarity_transform, random_rotation
   rng = np.random.default_rng(5)
   gt = rng.normal(size=(B, 14, 4)).astype(np.float32) * 0.3
   gt[..., 3] = rng.uniform(0.2, 1.0, (B, 14))

@@ -448,13 +448,13 @@ def test_sharded_over_8_devices_equals_single_device(tiny_model):
 
 
 def test_real_decoder_mask_has_3005_allowed_vertex_pairs(smpl_topology_dir):
-  from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import mesh_topology
   derived = mesh_topology.load_topology(str(smpl_topology_dir / 'mesh_downsampling.npz'))
   mask = derived.decoder_attention_mask(14)
   assert mask.shape == (445, 445)
   assert mask[14:, 14:].sum() == 3005
   assert mask[:14].all() and mask[:, :14].all()
-  from coarsemetro_jax.convert import adjacency  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax.convert import adjacency
   from_files = mesh_topology.load_topology(
       str(smpl_topology_dir / 'mesh_downsampling.npz'),
       adjacency.read_adjmat(str(smpl_topology_dir / 'smpl_431_adjmat')))
@@ -462,7 +462,7 @@ def test_real_decoder_mask_has_3005_allowed_vertex_pairs(smpl_topology_dir):
 
 
 def test_real_hierarchy_gather_equals_dense_upsampling(smpl_topology_dir):
-  from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import mesh_topology
   topo = mesh_topology.load_topology(str(smpl_topology_dir / 'mesh_downsampling.npz'))
   assert topo.num_vertices == (6890, 1723, 431)
   assert (topo.up_indices[0].shape, topo.up_indices[1].shape) == ((6890, 3), (1723, 3))

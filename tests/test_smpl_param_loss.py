@@ -21,7 +21,7 @@ def _body(rng):
   arrays = {'v_template': rng.normal(size=(V, 3)), 'shapedirs': rng.normal(0, 0.1, (V, 3, 10)),
             'weights': weights, 'j_regressor': j_reg, 'faces': rng.integers(0, V, (4, 3)),
             'posedirs': rng.normal(0, 0.1, (V, 3, 207))}
-  return arrays, bm._assemble(arrays, 'tiny', jnp.float32)  # pylint: disable=protected-access
+  return arrays, bm._assemble(arrays, 'tiny', jnp.float32)
 
 
 def _topology():

@@ -10,8 +10,8 @@ from coarsemetro_jax.convert import tables
 from coarsemetro_jax.models import smpl_param_regressor as spr
 
 torch = pytest.importorskip('torch')
-from torch_reference import random_init  # pylint: disable=g-import-not-at-top,wrong-import-position
-from torch_reference import smpl_param_regressor as torch_spr  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_reference import random_init
+from torch_reference import smpl_param_regressor as torch_spr
 
 TOLERANCE = 1e-5
 BATCH = 16

@@ -21,7 +21,7 @@ BACKENDS = ['numpy'] + (['numba'] if rasterizer.HAVE_NUMBA else [])
 
 @pytest.fixture(scope='module')
 def body():
-  from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import body_model
   return body_model.load_body_model('')
 
 
@@ -205,7 +205,7 @@ def _fit_weak_perspective(points, target):
 
 
 def test_numpy_lbs_matches_body_model(body, arrays):
-  from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import body_model
   rng = np.random.default_rng(0)
   rest = arrays.rest_joints(np.zeros(10))
   poses = np.stack([render.to_camera_pose(ps.sample_pose(rng, rest)) for _ in range(2)])
@@ -252,7 +252,7 @@ def rendered(assets):
 
 
 def test_render_label_matches_body_model_and_image(body, assets, rendered):
-  from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import body_model
   on_body = total = checked = 0
   for out in rendered:
     label, face_id = out['label'], out['face_id']
@@ -322,8 +322,8 @@ def test_write_split_round_trip(assets, tmp_path):
 
 
 def test_input_pipeline_reads_generated_split(assets, tmp_path):
-  from configs import r50  # pylint: disable=g-import-not-at-top
-  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+  from configs import r50
+  from data_pipelines import input_pipeline
   yaml_path, kept = generate.generate_split(assets, tmp_path, 'test', 3, seed=2, image_size=128,
                                             progress=False, keep_first=3)
   data = r50.get_config().data
@@ -383,7 +383,7 @@ def test_spawned_workers_do_not_rerun_the_parents_main_script(assets, tmp_path, 
 
 
 def test_cli_writes_splits_and_contact_sheet(tmp_path):
-  from data_pipelines.synthetic import __main__ as cli  # pylint: disable=g-import-not-at-top
+  from data_pipelines.synthetic import __main__ as cli
   sheet = tmp_path / 'sheet.png'
   cli.main(['--out', str(tmp_path / 'd'), '--num_train', '2', '--num_test', '1', '--workers',
             '1', '--image_size', '64', '--contact_sheet', str(sheet), '--quiet'])
@@ -397,7 +397,7 @@ def test_cli_writes_splits_and_contact_sheet(tmp_path):
     (['--num_train', '-1'], 'need num_train, num_test >= 0'),
 ])
 def test_cli_refuses_arguments_that_write_nothing(tmp_path, capsys, args, message):
-  from data_pipelines.synthetic import __main__ as cli  # pylint: disable=g-import-not-at-top
+  from data_pipelines.synthetic import __main__ as cli
   with pytest.raises(SystemExit) as e:
     cli.main(['--out', str(tmp_path / 'd'), *args])
   assert e.value.code == 2

@@ -283,7 +283,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_fastmetro_mask_equals_topology_mask(smpl_topology_dir):
   # FastMETRO builds its decoder mask from these files (True = blocked); the
   # Flax models build it from the mesh hierarchy (True = attend). Same mask.
-  from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import mesh_topology
   indices = torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_indices.pt')
   values = torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_values.pt')
   adjacency = np.zeros(torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_size.pt'), np.float32)
@@ -296,8 +296,8 @@ def test_fastmetro_mask_equals_topology_mask(smpl_topology_dir):
 
 def test_read_adjmat_returns_the_three_files(tmp_path):
   # FastMETRO's layout: COO indices [2, N], values [N] and the size, one file each.
-  from coarsemetro_jax import mesh_topology  # pylint: disable=g-import-not-at-top
-  from coarsemetro_jax.convert import adjacency  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import mesh_topology
+  from coarsemetro_jax.convert import adjacency
   indices = np.array([[0, 0, 1, 2], [0, 1, 1, 2]], np.int64)
   values = np.array([0.5, 0.5, 1.0, 1.0], np.float32)
   torch_writer.save(indices, tmp_path / 'adj_indices.pt')

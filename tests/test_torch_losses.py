@@ -8,7 +8,7 @@ from configs import tiny
 from coarsemetro_jax import losses
 
 torch = pytest.importorskip('torch')
-from torch_reference import losses as torch_losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from torch_reference import losses as torch_losses
 
 
 def fully_labelled_batch(rng, batch, num_vertices):

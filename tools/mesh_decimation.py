@@ -23,8 +23,8 @@ import numpy as np
 
 def largest_component(tris, num_vertices):
   """Vertex ids (sorted) of the largest edge-connected component."""
-  from scipy.sparse import coo_matrix  # pylint: disable=g-import-not-at-top
-  from scipy.sparse.csgraph import connected_components  # pylint: disable=g-import-not-at-top
+  from scipy.sparse import coo_matrix
+  from scipy.sparse.csgraph import connected_components
   e = np.concatenate([tris[:, [0, 1]], tris[:, [1, 2]], tris[:, [2, 0]]])
   graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])),
                      shape=(num_vertices, num_vertices))
@@ -156,7 +156,7 @@ def closest_points(points, verts, faces, k=16):
   Candidates: the k triangles with the nearest centroids; exact point-triangle
   distance (Ericson, Real-Time Collision Detection 5.1.5), vectorised.
   """
-  from scipy.spatial import cKDTree  # pylint: disable=g-import-not-at-top
+  from scipy.spatial import cKDTree
   tri = verts[faces]                                   # [F, 3, 3]
   _, cand = cKDTree(tri.mean(1)).query(points, k=min(k, len(faces)))
   a, b, c = (tri[cand, i] for i in range(3))           # [N, k, 3]

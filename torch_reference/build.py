@@ -11,7 +11,7 @@ def backbone(model_config):
   """(FastMETRO's backbone module, its output channels)."""
   if model_config.backbone == 'hrnet':
     # The whole HighResolutionNet; its forward returns the 2048-channel map.
-    from torch_reference import hrnet  # pylint: disable=g-import-not-at-top
+    from torch_reference import hrnet
     net = hrnet.HRNet(model_config.hrnet_width)
     return net, net.out_channels
   if model_config.backbone == 'resnet50':

@@ -17,7 +17,7 @@ from torch_reference import fastmetro
 class TokenLinear(nn.Linear):
   """nn.Linear applied along the token axis of [B, N, C]."""
 
-  def forward(self, x):  # pylint: disable=arguments-renamed
+  def forward(self, x):
     return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 

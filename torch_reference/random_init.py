@@ -9,7 +9,7 @@ def randomize_(model, seed=0):
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for module in model.modules():
-      if isinstance(module, nn.modules.batchnorm._BatchNorm):  # pylint: disable=protected-access
+      if isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.weight.uniform_(0.5, 1.0, generator=g)
         module.bias.normal_(0.0, 0.1, generator=g)
         module.running_mean.normal_(0.0, 0.2, generator=g)
@@ -19,7 +19,7 @@ def randomize_(model, seed=0):
         module.weight.normal_(1.0, 0.1, generator=g)
         module.bias.normal_(0.0, 0.1, generator=g)
     done = {id(p) for m in model.modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))  # pylint: disable=protected-access
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
             for p in m.parameters(recurse=False)}
     for param in model.parameters():
       if id(param) in done:

@@ -82,7 +82,7 @@ def _is_state_dict(obj):
 
 def save_converted(directory, variables, metadata, carried=None):
   """Writes variables (numpy), carried source tensors, `metadata` and checksums to a new directory."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f'{directory} already exists; choose a new --out directory')
@@ -135,7 +135,7 @@ def read_converted(directory, expected_checksums=None):
   directory = item_directory(directory)
   try:
     tree, metadata = _restore_on_one_device(directory)
-  except Exception as e:  # pylint: disable=broad-exception-caught
+  except Exception as e:
     if is_resource_error(e):
       raise
     raise UnreadableCheckpointError(f'{directory} cannot be read: {reason(e)}') from e
@@ -163,8 +163,8 @@ def read_converted(directory, expected_checksums=None):
 
 def _restore_on_one_device(directory):
   """(restored tree, conversion metadata or {}) of an item directory."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+  from etils import epath
   quiet_abandoned_reads()
   with ocp.StandardCheckpointer() as ckptr:
     # Only a checkpoint written by a Checkpointer (a converted one) has its own

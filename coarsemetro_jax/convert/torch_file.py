@@ -188,9 +188,9 @@ def _torch_size(dims=()):
 
 def _import_numpy_reconstruct():
   try:
-    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
+    from numpy._core import multiarray
   except ImportError:  # numpy < 2
-    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
+    from numpy.core import multiarray
   return multiarray
 
 

@@ -31,7 +31,7 @@ def build_backbone(model_config):
                          zero_init_residual=model_config.resnet_zero_init_residual,
                          dtype=dtype)
   if name == 'hrnet':
-    from coarsemetro_jax.models import hrnet  # pylint: disable=g-import-not-at-top
+    from coarsemetro_jax.models import hrnet
     return hrnet.HRNet(width=model_config.hrnet_width,
                        remat=model_config.backbone_remat, dtype=dtype)
   raise ValueError(f"config.model.backbone must be 'resnet50', 'resnet' or 'hrnet', "

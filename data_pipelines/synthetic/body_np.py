@@ -128,7 +128,7 @@ def lbs(body, pose, betas):
 def from_body_model(body):
   """BodyArrays (float64 NumPy) from a `coarsemetro_jax.body_model.BodyModel`."""
   # Imported here: worker processes use BodyArrays and never import JAX.
-  from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import body_model
   f64 = lambda x: np.array(x, np.float64)
   v_template = f64(body.v_template)
   num_v = len(v_template)
@@ -161,7 +161,7 @@ def j24_regressor(body, j24_fn, num_vertices):
   feeding the three coordinates of a one-hot vertex batch reads the matrix off
   in blocks (no assumption about how the body model combines its regressors).
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   fn = jax.jit(lambda v: j24_fn(body, v)[0])
   rows = []
   block = 512

@@ -33,7 +33,7 @@ J24_BONES = ((0, 1), (1, 2), (2, 14), (14, 3), (3, 4), (4, 5), (6, 7), (7, 8), (
 def load_assets(body_model_path=''):
   """Render assets from the body model ('' = the embedded body)."""
   # Imported here: the body model is JAX code; workers only get NumPy copies.
-  from coarsemetro_jax import body_model  # pylint: disable=g-import-not-at-top
+  from coarsemetro_jax import body_model
   return render.make_assets(body_np.from_body_model(body_model.load_body_model(body_model_path)))
 
 
