@@ -39,16 +39,20 @@ from coarsemetro_jax import config_files
 
 _CONFIG = config_files.define_flag('config', 'Training configuration file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train (resumes from the workdir) or eval (latest checkpoint '
-                          'in the workdir, else config.init_from).')
-_MULTIHOST = flags.DEFINE_bool('multihost', False,
-                               'Call jax.distributed.initialize() (cluster from the env).')
+_MODE = flags.DEFINE_enum(
+    'mode',
+    'train',
+    ['train', 'eval'],
+    'train (resumes from the workdir) or eval (latest checkpoint '
+    'in the workdir, else config.init_from).',
+)
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False, 'Call jax.distributed.initialize() (cluster from the env).'
+)
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
-_VERBOSE = flags.DEFINE_bool('verbose', False,
-                             'Tracebacks for config and input errors too.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Tracebacks for config and input errors too.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -84,17 +88,25 @@ def main(argv):
   # Imported after the flags are parsed: a mistake in them is reported before
   # TensorFlow and the model code load.
   from coarsemetro_jax import train
+
   if _MULTIHOST.value or _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
   logging.info('GLIBC_TUNABLES=%r', os.environ.get('GLIBC_TUNABLES'))
-  logging.info('process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+      'process %d/%d, %d local / %d global devices (%s)',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+  )
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
-  except (train.CONFIG_ERRORS + train.INPUT_ERRORS) as e:
+  except train.CONFIG_ERRORS + train.INPUT_ERRORS as e:
     if _VERBOSE.value:
       raise
     _fail(2 if isinstance(e, train.CONFIG_ERRORS) else 1, e)

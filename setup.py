@@ -1,4 +1,5 @@
 """Installs coarsemetro_jax (models, training, conversion) and data_pipelines."""
+
 import setuptools
 
 setuptools.setup(

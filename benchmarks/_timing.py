@@ -31,19 +31,19 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from configs import fastmetro as fastmetro_config
-from configs import r50
-from configs import tiny
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
+from configs import fastmetro as fastmetro_config
+from configs import r50
+from configs import tiny
 
 MODELS = ('coarsemetro', 'fastmetro')
 LABELS = {'coarsemetro': 'CoarseMETRO-S', 'fastmetro': 'FastMETRO-S'}
 PARTS = ('full', 'transformer')
-TINY_LEVELS = (60, 24, 10)   # mesh hierarchy of --tiny runs (as the parity tests)
+TINY_LEVELS = (60, 24, 10)  # mesh hierarchy of --tiny runs (as the parity tests)
 
 
 # ----------------------------------------------------------------------------
@@ -53,23 +53,39 @@ TINY_LEVELS = (60, 24, 10)   # mesh hierarchy of --tiny runs (as the parity test
 def parser(description, batch_sizes, reps):
   """Flags shared by the benchmark scripts."""
   p = argparse.ArgumentParser(description=description)
-  p.add_argument('--batch_sizes', default=batch_sizes,
-                 help='comma-separated batch sizes')
+  p.add_argument('--batch_sizes', default=batch_sizes, help='comma-separated batch sizes')
   p.add_argument('--reps', type=int, default=reps, help='timed rounds per batch size')
-  p.add_argument('--dtype', choices=('f32', 'bf16'), default='f32',
-                 help='compute dtype (JAX compute_dtype; PyTorch CPU autocast)')
+  p.add_argument(
+      '--dtype',
+      choices=('f32', 'bf16'),
+      default='f32',
+      help='compute dtype (JAX compute_dtype; PyTorch CPU autocast)',
+  )
   p.add_argument('--parts', default=','.join(PARTS), help='full,transformer')
-  p.add_argument('--models', default=','.join(MODELS),
-                 help='JAX models to run (PyTorch FastMETRO-S, the baseline, always runs)')
+  p.add_argument(
+      '--models',
+      default=','.join(MODELS),
+      help='JAX models to run (PyTorch FastMETRO-S, the baseline, always runs)',
+  )
   p.add_argument('--quick', action='store_true', help='2 rounds: a smoke run')
-  p.add_argument('--tiny', action='store_true',
-                 help='configs/tiny.py models at 64 px (tests); default: R50 at 224 px')
+  p.add_argument(
+      '--tiny',
+      action='store_true',
+      help='configs/tiny.py models at 64 px (tests); default: R50 at 224 px',
+  )
   p.add_argument('--topology', default='', help="mesh_downsampling.npz ('' = random)")
-  p.add_argument('--torch_threads', default=f'{os.cpu_count()},1',
-                 help='PyTorch intra-op thread counts to time FastMETRO-S with (the '
-                 'first also for CoarseMETRO-S); the speed-ups are against the best')
-  p.add_argument('--no_torch_coarsemetro', dest='torch_coarsemetro', action='store_false',
-                 help='skip the PyTorch-eager CoarseMETRO-S rows')
+  p.add_argument(
+      '--torch_threads',
+      default=f'{os.cpu_count()},1',
+      help='PyTorch intra-op thread counts to time FastMETRO-S with (the '
+      'first also for CoarseMETRO-S); the speed-ups are against the best',
+  )
+  p.add_argument(
+      '--no_torch_coarsemetro',
+      dest='torch_coarsemetro',
+      action='store_false',
+      help='skip the PyTorch-eager CoarseMETRO-S rows',
+  )
   return p
 
 
@@ -100,6 +116,7 @@ def torch_setup():
   and XLA would not.
   """
   import torch
+
   torch.set_flush_denormal(True)
 
 
@@ -128,8 +145,11 @@ def with_threads(fn, threads):
 
 def baseline(times):
   """Per round, the fastest PyTorch-eager FastMETRO-S time (over thread counts)."""
-  runs = [t for (name, framework), t in times.items()
-          if name == 'fastmetro' and framework.startswith('PyTorch eager')]
+  runs = [
+      t
+      for (name, framework), t in times.items()
+      if name == 'fastmetro' and framework.startswith('PyTorch eager')
+  ]
   return np.min(np.stack(runs), 0)
 
 
@@ -145,12 +165,15 @@ def machine_description():
       names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
     cpu = names[0] if names else cpu
   import torch
-  return (f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
-          f'{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform.upper()} '
-          f'({jax.device_count()} JAX devices); load average (1/5/15 min) '
-          f'{load_average()}; jax {jax.__version__}, torch {torch.__version__} '
-          f'({torch.get_num_threads()} threads); XLA_FLAGS='
-          f"{os.environ.get('XLA_FLAGS', '')!r}")
+
+  return (
+      f'{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; '
+      f'{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform.upper()} '
+      f'({jax.device_count()} JAX devices); load average (1/5/15 min) '
+      f'{load_average()}; jax {jax.__version__}, torch {torch.__version__} '
+      f'({torch.get_num_threads()} threads); XLA_FLAGS='
+      f"{os.environ.get('XLA_FLAGS', '')!r}"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +247,7 @@ def model_config(name, use_tiny=False, dtype='f32'):
     raise ValueError(f'model must be one of {MODELS}, got {name!r}')
   if use_tiny:
     config = tiny.get_config(name)
-    config.model.vertex_tokens = (4, 6, 8)      # on TINY_LEVELS
+    config.model.vertex_tokens = (4, 6, 8)  # on TINY_LEVELS
   else:
     config = r50.get_config() if name == 'coarsemetro' else fastmetro_config.get_config('S-r50')
   config.model.compute_dtype = {'f32': 'float32', 'bf16': 'bfloat16'}[dtype]
@@ -245,12 +268,14 @@ def random_topology(levels=mesh_topology.SMPL_LEVELS, seed=0):
       num_vertices=tuple(levels),
       faces=tuple(np.zeros((0, 3), np.int32) for _ in levels),
       edges=tuple(np.zeros((0, 2), np.int32) for _ in levels),
-      down_indices=tuple(np.sort(rng.choice(levels[l], levels[l + 1], replace=False))
-                         .astype(np.int32) for l in up),
-      up_indices=tuple(rng.integers(0, levels[l + 1], (levels[l], k)).astype(np.int32)
-                       for l in up),
+      down_indices=tuple(
+          np.sort(rng.choice(levels[l], levels[l + 1], replace=False)).astype(np.int32) for l in up
+      ),
+      up_indices=tuple(rng.integers(0, levels[l + 1], (levels[l], k)).astype(np.int32) for l in up),
       up_weights=tuple(rng.dirichlet(np.ones(k), levels[l]).astype(np.float32) for l in up),
-      coarse_adjacency=adjacency, source='random (SMPL level sizes)')
+      coarse_adjacency=adjacency,
+      source='random (SMPL level sizes)',
+  )
 
 
 def load_topology(path, use_tiny=False):
@@ -267,6 +292,7 @@ class Pair:
   replaced by an identity) map backbone features; `jax_variables` hold the
   converted weights of the whole model.
   """
+
   name: str
   config: object
   topology: object
@@ -279,8 +305,10 @@ class Pair:
   def variables(self, part):
     if part == 'full':
       return self.jax_variables
-    return {c: {k: v for k, v in tree.items() if k != 'backbone'}
-            for c, tree in self.jax_variables.items()}
+    return {
+        c: {k: v for k, v in tree.items() if k != 'backbone'}
+        for c, tree in self.jax_variables.items()
+    }
 
   def module(self, part, framework):
     if framework == 'jax':
@@ -299,6 +327,7 @@ class Pair:
 def build_pair(name, topology, use_tiny=False, dtype='f32', seed=0):
   """Random PyTorch reference weights, converted to Flax."""
   import torch
+
   from torch_reference import build
   from torch_reference import random_init
 
@@ -306,25 +335,38 @@ def build_pair(name, topology, use_tiny=False, dtype='f32', seed=0):
   torch.manual_seed(seed)
   mask, upsample = build.topology_tensors(topology, config.model.num_joints)
   reference = random_init.randomize_(
-      build.reference_model(config.model, mask, upsample), seed=seed).eval()
+      build.reference_model(config.model, mask, upsample), seed=seed
+  ).eval()
   state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
   variables, _ = state_dict_lib.to_flax(
-      state, tables.model_table(config.model),
-      kinds.abstract_variables(config, topology=topology), source=f'{name} reference')
+      state,
+      tables.model_table(config.model),
+      kinds.abstract_variables(config, topology=topology),
+      source=f'{name} reference',
+  )
   variables = jax.device_put(variables)
   head = copy.deepcopy(reference)
   head.backbone = torch.nn.Identity()
   model = models.build_model(config.model, topology)
-  return Pair(name, config, topology, model, model.clone(backbone=FeaturesIn()),
-              variables, reference, head)
+  return Pair(
+      name, config, topology, model, model.clone(backbone=FeaturesIn()), variables, reference, head
+  )
 
 
 def abstract_pair(name, topology, use_tiny=False, dtype='f32'):
   """JAX side only, variables as ShapeDtypeStructs (memory analysis, no weights)."""
   config = model_config(name, use_tiny, dtype)
   model = models.build_model(config.model, topology)
-  return Pair(name, config, topology, model, model.clone(backbone=FeaturesIn()),
-              kinds.abstract_variables(config, topology=topology), None, None)
+  return Pair(
+      name,
+      config,
+      topology,
+      model,
+      model.clone(backbone=FeaturesIn()),
+      kinds.abstract_variables(config, topology=topology),
+      None,
+      None,
+  )
 
 
 def random_input(shape, seed=1):
@@ -335,6 +377,7 @@ def random_input(shape, seed=1):
 
 def to_torch_nchw(x):
   import torch
+
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
@@ -354,7 +397,9 @@ def run_tables(title, header, bench_part, args):
       rows += part_rows
       print(markdown(header, part_rows), flush=True)
   table = markdown(header, rows)
-  print(f'\n## {title}, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
-        f'{args.reps} rounds (load average after: {load_average()})\n')
+  print(
+      f'\n## {title}, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
+      f'{args.reps} rounds (load average after: {load_average()})\n'
+  )
   print(table)
   return table

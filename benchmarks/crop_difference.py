@@ -42,13 +42,17 @@ from data_pipelines import metro_crop
 from data_pipelines import metro_tsv
 
 _NUM = flags.DEFINE_integer('num_examples', 200, 'test images compared')
-_SIZES = flags.DEFINE_list('image_sizes', ['96', '224'],
-                           'crop sides R (96: configs/embedded.py, 224: configs/r50.py)')
+_SIZES = flags.DEFINE_list(
+    'image_sizes', ['96', '224'], 'crop sides R (96: configs/embedded.py, 224: configs/r50.py)'
+)
 _RENDER_DIR = flags.DEFINE_string(
-    'render_dir', '', "where to render the test images if the embedded dataset is not cached "
-    "('' = config.data.synthetic.dir of configs/embedded.py)")
-_MAX_SHIFT = 3   # crop px searched in each direction
-_TIMED = 50      # examples timed per crop
+    'render_dir',
+    '',
+    'where to render the test images if the embedded dataset is not cached '
+    "('' = config.data.synthetic.dir of configs/embedded.py)",
+)
+_MAX_SHIFT = 3  # crop px searched in each direction
+_TIMED = 50  # examples timed per crop
 
 
 def _test_yaml(num):
@@ -58,8 +62,10 @@ def _test_yaml(num):
   if os.path.exists(os.path.join(cached, datasets.DONE_MARKER)):
     return os.path.join(cached, 'test.yaml'), f'{cached} (cached)'
   params = {'num_test': num, 'seed': synthetic.seed, 'image_size': synthetic.image_size}
-  out = os.path.join(os.path.abspath(_RENDER_DIR.value or synthetic.dir),
-                     f"crop_difference_test{num}_seed{params['seed']}_{params['image_size']}px")
+  out = os.path.join(
+      os.path.abspath(_RENDER_DIR.value or synthetic.dir),
+      f"crop_difference_test{num}_seed{params['seed']}_{params['image_size']}px",
+  )
   marker = os.path.join(out, datasets.DONE_MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
@@ -68,11 +74,20 @@ def _test_yaml(num):
     return os.path.join(out, 'test.yaml'), f'{out} (rendered before)'
   # Imported here: rendering is only needed when no test set is there.
   from data_pipelines.synthetic import generate
+
   tmp = out + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
   print(f'Rendering {num} embedded test images into {out} ...', flush=True)
-  generate.generate_split(generate.load_assets(), tmp, 'test', num, params['seed'],
-                          params['image_size'], workers=1, progress=False)
+  generate.generate_split(
+      generate.load_assets(),
+      tmp,
+      'test',
+      num,
+      params['seed'],
+      params['image_size'],
+      workers=1,
+      progress=False,
+  )
   with open(os.path.join(tmp, datasets.DONE_MARKER), 'w') as f:
     json.dump(params, f)
   os.replace(tmp, out)
@@ -86,7 +101,8 @@ def _eval_examples(yaml_path, size, crop, num):
   data.image_size, data.eval_batch_size, data.crop = size, 50, crop
   images, joints_2d = [], []
   for batch in input_pipeline.create_eval_dataset(
-      data, process_index=0, process_count=1).as_numpy_iterator():
+      data, process_index=0, process_count=1
+  ).as_numpy_iterator():
     real = batch['mask'] > 0
     images.append(batch['image'][real])
     joints_2d.append(batch['joints_2d'][real])
@@ -108,8 +124,10 @@ def shift_errors(a, b, max_shift):
 def phase_shift(a, b):
   """Mean sub-pixel (dx, dy) with a[y, x] ~ b[y + dy, x + dx] (phase correlation)."""
   window = cv2.createHanningWindow(a.shape[1:3], cv2.CV_64F)
-  shifts = [cv2.phaseCorrelate(x.mean(-1).astype(np.float64), y.mean(-1).astype(np.float64),
-                               window)[0] for x, y in zip(a, b)]
+  shifts = [
+      cv2.phaseCorrelate(x.mean(-1).astype(np.float64), y.mean(-1).astype(np.float64), window)[0]
+      for x, y in zip(a, b)
+  ]
   return np.mean(shifts, axis=0)
 
 
@@ -120,17 +138,31 @@ def _crop_costs(yaml_path, size):
   images = [augment.decode_jpeg(ex['jpeg']) for ex in examples]
   rng = np.random.default_rng(0)
   factors = {k: r50.get_config().data[f'{k}_factor'] for k in ('scale', 'rot', 'noise')}
-  train_params = [augment.sample_params(rng, scale_factor=factors['scale'],
-                                        rot_factor=factors['rot'],
-                                        noise_factor=factors['noise']) for _ in examples]
+  train_params = [
+      augment.sample_params(
+          rng,
+          scale_factor=factors['scale'],
+          rot_factor=factors['rot'],
+          noise_factor=factors['noise'],
+      )
+      for _ in examples
+  ]
 
   def continuous(image, label, params):
     out = augment.process_example(image, label, params, size)
     augment.color_normalize(out['image'], out['pn'])
 
   def metro(image, label, params):
-    metro_crop.image_and_joints_2d(image, label['center'], params.sc * label['scale'],
-                                   label['joints_2d'], size, params.rot, params.flip, params.pn)
+    metro_crop.image_and_joints_2d(
+        image,
+        label['center'],
+        params.sc * label['scale'],
+        label['joints_2d'],
+        size,
+        params.rot,
+        params.flip,
+        params.pn,
+    )
     augment.label_targets(label, params)
 
   costs = {}
@@ -155,34 +187,57 @@ def main(argv):
     errors = shift_errors(metro_img, cont_img, _MAX_SHIFT)
     best = min(errors, key=errors.get)
     visible = (metro_kp[..., 2] > 0) & (cont_kp[..., 2] > 0)
-    kp = (metro_kp[..., :2] - cont_kp[..., :2])[visible] * size / 2   # [J, 2] crop px
-    rows.append({'size': size, 'n': len(metro_img), 'mean': diff.mean(), 'max': diff.max(),
-                 'best': best, 'best_err': errors[best],
-                 'phase': phase_shift(metro_img, cont_img), 'kp_mean': kp.mean(0),
-                 'kp_abs': np.abs(kp).mean(0), 'kp_max': np.abs(kp).max(0), 'joints': len(kp),
-                 'costs': _crop_costs(yaml_path, size)})
+    kp = (metro_kp[..., :2] - cont_kp[..., :2])[visible] * size / 2  # [J, 2] crop px
+    rows.append(
+        {
+            'size': size,
+            'n': len(metro_img),
+            'mean': diff.mean(),
+            'max': diff.max(),
+            'best': best,
+            'best_err': errors[best],
+            'phase': phase_shift(metro_img, cont_img),
+            'kp_mean': kp.mean(0),
+            'kp_abs': np.abs(kp).mean(0),
+            'kp_max': np.abs(kp).max(0),
+            'joints': len(kp),
+            'costs': _crop_costs(yaml_path, size),
+        }
+    )
 
   print(f'\nmetro - continuous crop, embedded test set: {where}\n')
-  print('| R | images | mean \\|image diff\\| | max \\|image diff\\| | best integer shift '
-        '(dx, dy) px | mean \\|diff\\| there | phase-correlation shift (dx, dy) px |')
+  print(
+      '| R | images | mean \\|image diff\\| | max \\|image diff\\| | best integer shift '
+      '(dx, dy) px | mean \\|diff\\| there | phase-correlation shift (dx, dy) px |'
+  )
   print('|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['size']} | {r['n']} | {r['mean']:.4f} | {r['max']:.3f} | {r['best']} | "
-          f"{r['best_err']:.4f} | ({r['phase'][0]:+.2f}, {r['phase'][1]:+.2f}) |")
-  print('\n| R | visible joints | mean (dx, dy) px | mean (\\|dx\\|, \\|dy\\|) px | '
-        'max (\\|dx\\|, \\|dy\\|) px |')
+    print(
+        f"| {r['size']} | {r['n']} | {r['mean']:.4f} | {r['max']:.3f} | {r['best']} | "
+        f"{r['best_err']:.4f} | ({r['phase'][0]:+.2f}, {r['phase'][1]:+.2f}) |"
+    )
+  print(
+      '\n| R | visible joints | mean (dx, dy) px | mean (\\|dx\\|, \\|dy\\|) px | '
+      'max (\\|dx\\|, \\|dy\\|) px |'
+  )
   print('|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['size']} | {r['joints']} | ({r['kp_mean'][0]:+.3f}, {r['kp_mean'][1]:+.3f}) | "
-          f"({r['kp_abs'][0]:.3f}, {r['kp_abs'][1]:.3f}) | "
-          f"({r['kp_max'][0]:.3f}, {r['kp_max'][1]:.3f}) |")
-  print(f'\n| R | crop (single thread, {_TIMED} examples, decode excluded) | eval ms/example | '
-        'train ms/example (r50 augmentation) |')
+    print(
+        f"| {r['size']} | {r['joints']} | ({r['kp_mean'][0]:+.3f}, {r['kp_mean'][1]:+.3f}) | "
+        f"({r['kp_abs'][0]:.3f}, {r['kp_abs'][1]:.3f}) | "
+        f"({r['kp_max'][0]:.3f}, {r['kp_max'][1]:.3f}) |"
+    )
+  print(
+      f'\n| R | crop (single thread, {_TIMED} examples, decode excluded) | eval ms/example | '
+      'train ms/example (r50 augmentation) |'
+  )
   print('|---|---|---|---|')
   for r in rows:
     for name in ('continuous', 'metro'):
-      print(f"| {r['size']} | {name} | {r['costs'][name, 'eval']:.2f} | "
-            f"{r['costs'][name, 'train']:.2f} |")
+      print(
+          f"| {r['size']} | {name} | {r['costs'][name, 'eval']:.2f} | "
+          f"{r['costs'][name, 'train']:.2f} |"
+      )
 
 
 if __name__ == '__main__':

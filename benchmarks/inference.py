@@ -41,6 +41,7 @@ def jax_forward(pair, part):
 
 def torch_context(dtype):
   import torch
+
   stack = contextlib.ExitStack()
   stack.enter_context(torch.inference_mode())
   if dtype == 'bf16':
@@ -56,6 +57,7 @@ def _rel_diff(got, want):
 def candidates(pairs, part, batch, args):
   """{(model, framework): (call, warm-up info, output)}; warm-up done here."""
   import torch
+
   x = _timing.random_input(pairs['fastmetro'].input_shape(part, batch))
   x_jax, x_torch = jax.device_put(x), _timing.to_torch_nchw(x)
   out = {}
@@ -63,7 +65,8 @@ def candidates(pairs, part, batch, args):
     pair = pairs[name]
     variables = pair.variables(part)
     compile_s, compiled = _timing.timed(
-        lambda: jax_forward(pair, part).lower(variables, x_jax).compile())
+        lambda: jax_forward(pair, part).lower(variables, x_jax).compile()
+    )
     call = functools.partial(lambda c, v: _timing.block_jax(c(v, x_jax)), compiled, variables)
     first_s, result = _timing.timed(call)
     out[(name, 'JAX')] = (call, {'compile_s': compile_s, 'first_s': first_s}, result)
@@ -74,17 +77,20 @@ def candidates(pairs, part, batch, args):
 
   for name, threads in _timing.torch_runs(args):
     call = _timing.with_threads(
-        functools.partial(torch_call, pairs[name].module(part, 'torch')), threads)
+        functools.partial(torch_call, pairs[name].module(part, 'torch')), threads
+    )
     first_s, result = _timing.timed(call)
     out[(name, _timing.torch_label(threads))] = (call, {'first_s': first_s}, result)
-  if args.torch_compile == 'all' or (args.torch_compile == 'transformer' and
-                                     part == 'transformer'):
+  if args.torch_compile == 'all' or (args.torch_compile == 'transformer' and part == 'transformer'):
     compiled = torch.compile(pairs['fastmetro'].module(part, 'torch'))
-    call = _timing.with_threads(functools.partial(torch_call, compiled),
-                                args.torch_threads[0])
+    call = _timing.with_threads(functools.partial(torch_call, compiled), args.torch_threads[0])
     try:
       first_s, result = _timing.timed(call)
-      out[('fastmetro', f'torch.compile ({args.torch_threads[0]} thr)')] = (call, {'compile_s': first_s}, result)
+      out[('fastmetro', f'torch.compile ({args.torch_threads[0]} thr)')] = (
+          call,
+          {'compile_s': first_s},
+          result,
+      )
     except Exception as e:
       print(f'torch.compile failed, skipped: {type(e).__name__}: {e}'.splitlines()[0])
   return out
@@ -105,21 +111,45 @@ def bench_part(pairs, part, batch, args):
       check = '-'
     compile_s = f"{warm['compile_s']:.1f}" if 'compile_s' in warm else '-'
     first_s = f"{warm['first_s']:.2f}" if 'first_s' in warm else '-'
-    rows.append([part, batch, _timing.LABELS[name], framework,
-                 _timing.spread(times[key]), _timing.throughput(times[key], batch),
-                 _timing.ratio(base, times[key]), compile_s, first_s, check])
+    rows.append(
+        [
+            part,
+            batch,
+            _timing.LABELS[name],
+            framework,
+            _timing.spread(times[key]),
+            _timing.throughput(times[key], batch),
+            _timing.ratio(base, times[key]),
+            compile_s,
+            first_s,
+            check,
+        ]
+    )
   return rows, times
 
 
-HEADER = ['part', 'batch', 'model', 'framework', 'latency ms', 'examples/s',
-          'speed-up vs best PyTorch FastMETRO-S', 'compile s', 'first call s',
-          'max rel. diff vs PyTorch']
+HEADER = [
+    'part',
+    'batch',
+    'model',
+    'framework',
+    'latency ms',
+    'examples/s',
+    'speed-up vs best PyTorch FastMETRO-S',
+    'compile s',
+    'first call s',
+    'max rel. diff vs PyTorch',
+]
 
 
 def main(argv=None):
   p = _timing.parser(__doc__.splitlines()[0], batch_sizes='1,16', reps=5)
-  p.add_argument('--torch_compile', choices=('none', 'transformer', 'all'), default='none',
-                 help='also time torch.compile(FastMETRO-S) (transformer part / every part)')
+  p.add_argument(
+      '--torch_compile',
+      choices=('none', 'transformer', 'all'),
+      default='none',
+      help='also time torch.compile(FastMETRO-S) (transformer part / every part)',
+  )
   args = _timing.parse(p, argv)
   return _timing.run_tables('Inference', HEADER, bench_part, args)
 

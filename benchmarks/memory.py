@@ -25,7 +25,7 @@ from benchmarks import train_step
 from coarsemetro_jax import profile
 
 MODES = ('inference', 'train')
-MB = 2.0 ** 20
+MB = 2.0**20
 
 
 def abstract(tree):
@@ -41,7 +41,8 @@ def lowered(pair, part, mode, batch):
   state = jax.eval_shape(lambda v: train_step.new_state(pair.config, v), variables)
   data = abstract(train_step.random_batch(pair, part, batch))
   step = train_step.jax_train_step(
-      pair, part, train_step.h36m_regressor(pair.topology.num_vertices[0]))
+      pair, part, train_step.h36m_regressor(pair.topology.num_vertices[0])
+  )
   return step.lower(state, data, jax.random.key(0))
 
 
@@ -51,27 +52,60 @@ def memory_row(pair, part, mode, batch, dtype):
   args, out = m.argument_size_in_bytes, m.output_size_in_bytes
   temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
   peak = args + out + temp - alias
-  return [_timing.LABELS[pair.name], part, mode, batch, dtype, f'{args / MB:.1f}',
-          f'{out / MB:.1f}', f'{alias / MB:.1f}', f'{temp / MB:.1f}', f'{peak / MB:.1f}',
-          f'{peak / MB / batch:.1f}', f'{compile_s:.1f}']
+  return [
+      _timing.LABELS[pair.name],
+      part,
+      mode,
+      batch,
+      dtype,
+      f'{args / MB:.1f}',
+      f'{out / MB:.1f}',
+      f'{alias / MB:.1f}',
+      f'{temp / MB:.1f}',
+      f'{peak / MB:.1f}',
+      f'{peak / MB / batch:.1f}',
+      f'{compile_s:.1f}',
+  ]
 
 
-MEMORY_HEADER = ['model', 'part', 'mode', 'batch', 'dtype', 'arguments MB', 'outputs MB',
-                 'aliased MB', 'temporaries MB', 'peak MB', 'peak MB / example',
-                 'compile s']
-COUNT_HEADER = ['model', 'transformer activations (M)', 'non-backbone activations (M)',
-                'total activations (M)', 'transformer GFLOPs', 'total GFLOPs',
-                'paper: transformer activations (M) / GFLOPs']
+MEMORY_HEADER = [
+    'model',
+    'part',
+    'mode',
+    'batch',
+    'dtype',
+    'arguments MB',
+    'outputs MB',
+    'aliased MB',
+    'temporaries MB',
+    'peak MB',
+    'peak MB / example',
+    'compile s',
+]
+COUNT_HEADER = [
+    'model',
+    'transformer activations (M)',
+    'non-backbone activations (M)',
+    'total activations (M)',
+    'transformer GFLOPs',
+    'total GFLOPs',
+    'paper: transformer activations (M) / GFLOPs',
+]
 
 
 def count_row(pair, image_size):
   c = profile.profile_model(pair.jax_model, image_size)
   label = profile.model_label(pair.config)
   paper = profile.PAPER_TABLE1.get(label)
-  return [label, f"{c['transformer_activations'] / 1e6:.2f}",
-          f"{c['non_backbone_activations'] / 1e6:.2f}",
-          f"{c['total_activations'] / 1e6:.2f}", f"{c['transformer_gflops']:.2f}",
-          f"{c['total_gflops']:.2f}", f'{paper[2]} / {paper[1]}' if paper else '-']
+  return [
+      label,
+      f"{c['transformer_activations'] / 1e6:.2f}",
+      f"{c['non_backbone_activations'] / 1e6:.2f}",
+      f"{c['total_activations'] / 1e6:.2f}",
+      f"{c['transformer_gflops']:.2f}",
+      f"{c['total_gflops']:.2f}",
+      f'{paper[2]} / {paper[1]}' if paper else '-',
+  ]
 
 
 def main(argv=None):
@@ -95,8 +129,10 @@ def main(argv=None):
   memory_table = _timing.markdown(MEMORY_HEADER, rows)
   image_size = pairs[0].config.data.image_size
   count_table = _timing.markdown(COUNT_HEADER, [count_row(pair, image_size) for pair in pairs])
-  print(f'\n## Memory per step (XLA buffer assignment), {args.dtype}, '
-        f'{"tiny" if args.tiny else "R50 224 px"}\n')
+  print(
+      f'\n## Memory per step (XLA buffer assignment), {args.dtype}, '
+      f'{"tiny" if args.tiny else "R50 224 px"}\n'
+  )
   print(memory_table)
   print(f'\n## Activation counts per image (coarsemetro_jax/profile.py, {image_size} px)\n')
   print(count_table)

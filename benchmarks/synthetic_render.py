@@ -11,6 +11,7 @@ that measured run (`--run 10000` measures it). The per-core rates are CPU
 time, which other jobs on a shared machine hardly change; the wall times do
 depend on them, so the load average is printed beside them.
 """
+
 import os
 
 # One BLAS thread, as in the generator's workers (set before NumPy loads).
@@ -58,8 +59,9 @@ def stage_times(assets, num, image_size, backend):
     verts_cam = verts + cam.trans
     normals_f = render.face_normals(verts_cam, assets.faces)
     t2 = clock()
-    face_id = render.rasterize_mesh(verts_cam, assets.faces, normals_f, uv, depth, size, size,
-                                    backend)
+    face_id = render.rasterize_mesh(
+        verts_cam, assets.faces, normals_f, uv, depth, size, size, backend
+    )
     t3 = clock()
     albedo = appearance.vertex_albedo(rng, assets.parts)
     normals = render.vertex_normals(normals_f, assets.incidence)
@@ -96,24 +98,31 @@ def main():
   assets = generate.load_assets('')
   backends = (['numba'] if rasterizer.HAVE_NUMBA else []) + ['numpy']
   generate.make_example(assets, 0, 'train', 0, args.image_size, backends[0])  # numba JIT
-  print(f'image {args.image_size}x{args.image_size}, {len(assets.faces)} faces, '
-        f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; '
-        f'CPU-time medians (ms) over {args.num} samples, one process\n')
-  print('| rasterizer | pose+shape | LBS+camera | raster | shade+background | '
-        'compose+noise+JPEG+label | total CPU ms | samples/s/core | wall ms (median) |')
+  print(
+      f'image {args.image_size}x{args.image_size}, {len(assets.faces)} faces, '
+      f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; '
+      f'CPU-time medians (ms) over {args.num} samples, one process\n'
+  )
+  print(
+      '| rasterizer | pose+shape | LBS+camera | raster | shade+background | '
+      'compose+noise+JPEG+label | total CPU ms | samples/s/core | wall ms (median) |'
+  )
   print('|---|---|---|---|---|---|---|---|---|')
   cpu_ms = {}
   for backend in backends:
     t = stage_times(assets, args.num, args.image_size, backend)
     cpu_ms[backend] = t['total']
-    print(f"| {backend} | {t['pose']:.1f} | {t['lbs']:.1f} | {t['raster']:.1f} | "
-          f"{t['shade']:.1f} | {t['rest']:.1f} | {t['total']:.1f} | {1e3 / t['total']:.0f} | "
-          f"{t['wall']:.1f} |")
+    print(
+        f"| {backend} | {t['pose']:.1f} | {t['lbs']:.1f} | {t['raster']:.1f} | "
+        f"{t['shade']:.1f} | {t['rest']:.1f} | {t['total']:.1f} | {1e3 / t['total']:.0f} | "
+        f"{t['wall']:.1f} |"
+    )
   load = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
-    generate.generate_split(assets, tmp, 'train', args.run, 0, args.image_size, args.workers,
-                            progress=False)
+    generate.generate_split(
+        assets, tmp, 'train', args.run, 0, args.image_size, args.workers, progress=False
+    )
     wall = time.perf_counter() - start
     size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
   # Linear in the count; the workers' start-up (a few s) is counted once per run.
@@ -121,14 +130,18 @@ def main():
   print(f'\nparallel run through generate_split (load average {load:.1f} before it)\n')
   print('| rasterizer | examples | workers | wall s | examples/s | 10k train set | disk per 10k |')
   print('|---|---|---|---|---|---|---|')
-  print(f'| {backends[0]} | {args.run} | {args.workers} | {wall:.1f} | {args.run / wall:.0f} | '
-        f'{10000 * wall / args.run / 60:.1f} min ({how}) | '
-        f'{size / args.run * 1e4 / 2**20:.0f} MiB |')
+  print(
+      f'| {backends[0]} | {args.run} | {args.workers} | {wall:.1f} | {args.run / wall:.0f} | '
+      f'{10000 * wall / args.run / 60:.1f} min ({how}) | '
+      f'{size / args.run * 1e4 / 2**20:.0f} MiB |'
+  )
   busy = min(args.workers, os.cpu_count() or 1)
-  print(f'\nOn idle cores the same 10k set needs about '
-        f'{10000 * cpu_ms[backends[0]] / 1e3 / busy / 60:.1f} min of rendering '
-        f'({cpu_ms[backends[0]]:.1f} CPU ms per example over {busy} cores) plus the workers\' '
-        'start-up; the wall time above also holds whatever else ran on the machine.')
+  print(
+      f'\nOn idle cores the same 10k set needs about '
+      f'{10000 * cpu_ms[backends[0]] / 1e3 / busy / 60:.1f} min of rendering '
+      f"({cpu_ms[backends[0]]:.1f} CPU ms per example over {busy} cores) plus the workers' "
+      'start-up; the wall time above also holds whatever else ran on the machine.'
+  )
 
 
 if __name__ == '__main__':

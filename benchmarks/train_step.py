@@ -46,15 +46,21 @@ def random_batch(pair, part, batch, seed=0):
   """Labels of the batch dict (data_pipelines/__init__.py) plus 'gt_vertices' [B, V, 3]."""
   rng = np.random.default_rng(seed)
   f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-  joints_2d = np.concatenate([np.tanh(f32(batch, 24, 2)),
-                              (rng.random((batch, 24, 1)) > 0.2).astype(np.float32)], -1)
-  joints_3d = np.concatenate([0.3 * f32(batch, 24, 3),
-                              np.ones((batch, 24, 1), np.float32)], -1)
+  joints_2d = np.concatenate(
+      [np.tanh(f32(batch, 24, 2)), (rng.random((batch, 24, 1)) > 0.2).astype(np.float32)], -1
+  )
+  joints_3d = np.concatenate([0.3 * f32(batch, 24, 3), np.ones((batch, 24, 1), np.float32)], -1)
   ones = np.ones((batch,), np.float32)
-  return {'image': _timing.random_input(pair.input_shape(part, batch), seed + 1),
-          'joints_2d': joints_2d, 'joints_3d': joints_3d,
-          'gt_vertices': 0.3 * f32(batch, pair.topology.num_vertices[0], 3),
-          'has_smpl': ones, 'has_3d_joints': ones, 'has_2d_joints': ones, 'mask': ones}
+  return {
+      'image': _timing.random_input(pair.input_shape(part, batch), seed + 1),
+      'joints_2d': joints_2d,
+      'joints_3d': joints_3d,
+      'gt_vertices': 0.3 * f32(batch, pair.topology.num_vertices[0], 3),
+      'has_smpl': ones,
+      'has_3d_joints': ones,
+      'has_2d_joints': ones,
+      'mask': ones,
+  }
 
 
 def h36m_regressor(num_vertices, seed=0):
@@ -77,10 +83,12 @@ def jax_train_step(pair, part, regressor):
 
     def loss_fn(params):
       variables = {'params': params, 'batch_stats': state.batch_stats}
-      outputs, new_stats = steps.apply_train(model, variables, batch['image'], rngs,
-                                             config.bn_group_size)
-      loss, _ = losses.compute_loss(outputs, batch, batch['gt_vertices'], regress,
-                                    topology, config.loss)
+      outputs, new_stats = steps.apply_train(
+          model, variables, batch['image'], rngs, config.bn_group_size
+      )
+      loss, _ = losses.compute_loss(
+          outputs, batch, batch['gt_vertices'], regress, topology, config.loss
+      )
       return loss, new_stats
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -92,8 +100,9 @@ def jax_train_step(pair, part, regressor):
 def new_state(config, variables):
   """TrainState (AdamW of steps.make_optimizer) over {'params', 'batch_stats'}."""
   tx, _ = steps.make_optimizer(config.optim)
-  return steps.TrainState.create(apply_fn=None, params=variables['params'], tx=tx,
-                                 batch_stats=variables.get('batch_stats', {}))
+  return steps.TrainState.create(
+      apply_fn=None, params=variables['params'], tx=tx, batch_stats=variables.get('batch_stats', {})
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -103,11 +112,14 @@ def new_state(config, variables):
 def torch_train_step(module, batch, regressor, pair, dtype):
   """A closure running one eager PyTorch training step; returns the loss."""
   import torch
+
   from torch_reference import losses as torch_losses
+
   o = pair.config.optim
   module.train()
-  optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                                weight_decay=o.weight_decay)
+  optimizer = torch.optim.AdamW(
+      module.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+  )
   tbatch = {k: torch.from_numpy(v) for k, v in batch.items() if k != 'image'}
   images = _timing.to_torch_nchw(batch['image'])
   regressor = torch.from_numpy(regressor)
@@ -118,8 +130,7 @@ def torch_train_step(module, batch, regressor, pair, dtype):
       if dtype == 'bf16':
         stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16))
       out = module(images)
-    loss = torch_losses.compute_loss(out, tbatch, regressor, pair.topology,
-                                     pair.config.loss)
+    loss = torch_losses.compute_loss(out, tbatch, regressor, pair.topology, pair.config.loss)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip_norm)
     optimizer.step()
@@ -140,11 +151,13 @@ def candidates(pairs, part, batch, args):
     data = random_batch(pair, part, batch)
     regressor = h36m_regressor(pair.topology.num_vertices[0])
     # A private copy of the converted weights: the step donates its state.
-    state = new_state(pair.config, jax.tree.map(lambda x: jnp.array(x, copy=True),
-                                                pair.variables(part)))
+    state = new_state(
+        pair.config, jax.tree.map(lambda x: jnp.array(x, copy=True), pair.variables(part))
+    )
     data_jax, rng = jax.device_put(data), jax.random.key(0)
     compile_s, compiled = _timing.timed(
-        lambda: jax_train_step(pair, part, regressor).lower(state, data_jax, rng).compile())
+        lambda: jax_train_step(pair, part, regressor).lower(state, data_jax, rng).compile()
+    )
     holder = {'state': state}
 
     def call(compiled=compiled, holder=holder, data_jax=data_jax):
@@ -157,16 +170,33 @@ def candidates(pairs, part, batch, args):
   for name, threads in _timing.torch_runs(args):
     pair = pairs[name]
     # A private copy of the module per run: the steps update its weights.
-    call = _timing.with_threads(torch_train_step(
-        copy.deepcopy(pair.module(part, 'torch')), random_batch(pair, part, batch),
-        h36m_regressor(pair.topology.num_vertices[0]), pair, args.dtype), threads)
+    call = _timing.with_threads(
+        torch_train_step(
+            copy.deepcopy(pair.module(part, 'torch')),
+            random_batch(pair, part, batch),
+            h36m_regressor(pair.topology.num_vertices[0]),
+            pair,
+            args.dtype,
+        ),
+        threads,
+    )
     first_s, loss = _timing.timed(call)
     out[(name, _timing.torch_label(threads))] = (call, {'first_s': first_s}, loss)
   return out
 
 
-HEADER = ['part', 'batch', 'model', 'framework', 'step ms', 'examples/s',
-          'speed-up vs best PyTorch FastMETRO-S', 'compile s', 'first step s', 'first loss']
+HEADER = [
+    'part',
+    'batch',
+    'model',
+    'framework',
+    'step ms',
+    'examples/s',
+    'speed-up vs best PyTorch FastMETRO-S',
+    'compile s',
+    'first step s',
+    'first loss',
+]
 
 
 def bench_part(pairs, part, batch, args):
@@ -176,10 +206,20 @@ def bench_part(pairs, part, batch, args):
   for key, (_, warm, loss) in cands.items():
     name, framework = key
     compile_s = f"{warm['compile_s']:.1f}" if 'compile_s' in warm else '-'
-    rows.append([part, batch, _timing.LABELS[name], framework,
-                 _timing.spread(times[key]), _timing.throughput(times[key], batch),
-                 _timing.ratio(_timing.baseline(times), times[key]), compile_s,
-                 f"{warm['first_s']:.2f}", f'{float(loss):.4g}'])
+    rows.append(
+        [
+            part,
+            batch,
+            _timing.LABELS[name],
+            framework,
+            _timing.spread(times[key]),
+            _timing.throughput(times[key], batch),
+            _timing.ratio(_timing.baseline(times), times[key]),
+            compile_s,
+            f"{warm['first_s']:.2f}",
+            f'{float(loss):.4g}',
+        ]
+    )
   return rows, times
 
 

@@ -54,9 +54,10 @@ STEP_NAMES = ('train', 'eval')
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """Published per-chip figures of an accelerator."""
+
   name: str
   hbm_bytes: float
-  peak_bf16_flops: float   # FLOP/s
+  peak_bf16_flops: float  # FLOP/s
 
 
 # Per-chip HBM and peak bf16 compute, from the vendor's published specifications.
@@ -89,10 +90,11 @@ class AotError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Target:
   """The devices to compile for and what one chip offers."""
+
   name: str
   devices: tuple
   devices_per_chip: int
-  chip: Chip | None        # None: no published figures (CPU, an unlisted GPU)
+  chip: Chip | None  # None: no published figures (CPU, an unlisted GPU)
 
   @property
   def num_chips(self):
@@ -109,31 +111,39 @@ def cpu_devices(n):
   """N host CPU devices; asks for them before JAX's CPU backend starts."""
   try:
     jax.config.update('jax_num_cpu_devices', n)
-  except RuntimeError:   # backend already running: use what it has
+  except RuntimeError:  # backend already running: use what it has
     pass
   available = jax.devices('cpu')
   if n > len(available):
-    raise AotError(f'--topology=cpu:{n}: JAX already started with {len(available)} CPU '
-                   f'devices; run with XLA_FLAGS=--xla_force_host_platform_device_count={n}')
+    raise AotError(
+        f'--topology=cpu:{n}: JAX already started with {len(available)} CPU '
+        f'devices; run with XLA_FLAGS=--xla_force_host_platform_device_count={n}'
+    )
   return tuple(available[:n])
 
 
 def tpu_devices(name):
   """The devices of TPU slice `name` (e.g. 'v5e:4x4'), from libtpu's compile-only client."""
   from jax.experimental import topologies
+
   try:
     return tuple(topologies.get_topology_desc(platform='tpu', topology_name=name).devices)
   except Exception as e:
     message = _first_line(e)
     if 'not installed' in message:
-      raise AotError(f'--topology={name} needs libtpu: pip install -r '
-                     'requirements-tpu.txt') from e
+      raise AotError(
+          f'--topology={name} needs libtpu: pip install -r ' 'requirements-tpu.txt'
+      ) from e
     if 'lockfile' in message:
-      raise AotError(f'--topology={name}: another process holds libtpu '
-                     '(/tmp/libtpu_lockfile); wait for it, or set '
-                     'ALLOW_MULTIPLE_LIBTPU_LOAD=1 if it uses no TPU') from e
-    raise AotError(f'--topology={name}: not a TPU topology libtpu knows '
-                   f"(e.g. v5e:4x4, v5p:2x2x2, v4:2x2x1, v6e:4x4): {message}") from e
+      raise AotError(
+          f'--topology={name}: another process holds libtpu '
+          '(/tmp/libtpu_lockfile); wait for it, or set '
+          'ALLOW_MULTIPLE_LIBTPU_LOAD=1 if it uses no TPU'
+      ) from e
+    raise AotError(
+        f'--topology={name}: not a TPU topology libtpu knows '
+        f'(e.g. v5e:4x4, v5p:2x2x2, v4:2x2x1, v6e:4x4): {message}'
+    ) from e
 
 
 def local_chip(device):
@@ -164,8 +174,10 @@ def make_target(topology, peak_tflops=0.0):
     devices, name = tpu_devices(topology), topology
     kind = devices[0].device_kind
     if kind not in DEVICE_KINDS:
-      raise AotError(f'--topology={topology}: no published figures for {kind!r} '
-                     f'(known: {sorted(DEVICE_KINDS)})')
+      raise AotError(
+          f'--topology={topology}: no published figures for {kind!r} '
+          f'(known: {sorted(DEVICE_KINDS)})'
+      )
     chip = CHIPS[DEVICE_KINDS[kind]]
   if peak_tflops > 0:
     base = chip or Chip(devices[0].device_kind, float('nan'), float('nan'))
@@ -178,19 +190,20 @@ def make_target(topology, peak_tflops=0.0):
 
 
 def _with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def abstract_state(config, model, device_mesh, image_shape):
   """(TrainState of ShapeDtypeStructs with shardings, its sharding tree)."""
   state = jax.eval_shape(
       lambda key: steps.create_train_state(
-          config, model, key, device_mesh, image_shape,
-          steps_per_epoch=NOMINAL_STEPS_PER_EPOCH)[0],
-      jax.random.key(config.seed))
-  sharding = steps.state_sharding(state, device_mesh, config.param_sharding,
-                                  config.fsdp_min_size)
+          config, model, key, device_mesh, image_shape, steps_per_epoch=NOMINAL_STEPS_PER_EPOCH
+      )[0],
+      jax.random.key(config.seed),
+  )
+  sharding = steps.state_sharding(state, device_mesh, config.param_sharding, config.fsdp_min_size)
   return _with_shardings(state, sharding), sharding
 
 
@@ -208,8 +221,10 @@ def abstract_batch(batch_size, image_size, image_dtype, sharding):
       'has_smpl': ((), f32),
       'mask': ((), f32),
   }
-  return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
-          for k, (shape, dtype) in shapes.items()}
+  return {
+      k: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
+      for k, (shape, dtype) in shapes.items()
+  }
 
 
 def shard_bytes(tree):
@@ -228,6 +243,7 @@ def shard_bytes(tree):
 @dataclasses.dataclass
 class StepFigures:
   """XLA's figures for one device of a compiled step (bytes, FLOPs)."""
+
   arguments: int
   outputs: int
   temporaries: int
@@ -245,16 +261,22 @@ class StepFigures:
   def of(cls, compiled):
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):   # older JAX: one dict per program
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
       cost = cost[0]
-    return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
-               m.alias_size_in_bytes, m.generated_code_size_in_bytes,
-               float(cost.get('flops', float('nan'))))
+    return cls(
+        m.argument_size_in_bytes,
+        m.output_size_in_bytes,
+        m.temp_size_in_bytes,
+        m.alias_size_in_bytes,
+        m.generated_code_size_in_bytes,
+        float(cost.get('flops', float('nan'))),
+    )
 
 
 @dataclasses.dataclass
 class Report:
   """What the command prints; byte and FLOP figures are per device."""
+
   target: Target
   per_chip_batch: int
   global_batch: int
@@ -263,7 +285,7 @@ class Report:
   batch_stats: int
   batch: int
   steps: dict[str, StepFigures]
-  analytic_forward_flops: float   # per image, profile.py (1 multiply-add = 2 FLOPs)
+  analytic_forward_flops: float  # per image, profile.py (1 multiply-add = 2 FLOPs)
 
   def per_chip(self, n):
     return n * self.target.devices_per_chip
@@ -293,29 +315,30 @@ def compile_steps(config, target, per_chip_batch, step_names=STEP_NAMES):
   """Lowers and compiles the steps `step_names` for `target`; returns a Report."""
   global_batch = per_chip_batch * target.num_chips
   if global_batch % len(target.devices):
-    raise AotError(f'--per_chip_batch={per_chip_batch} x {target.num_chips} chips = '
-                   f'{global_batch} does not split over {len(target.devices)} devices')
+    raise AotError(
+        f'--per_chip_batch={per_chip_batch} x {target.num_chips} chips = '
+        f'{global_batch} does not split over {len(target.devices)} devices'
+    )
   group = config.bn_group_size
   if group and global_batch > group and global_batch % group:
-    raise AotError(f'global batch {global_batch} is not a multiple of '
-                   f'config.bn_group_size {group}')
+    raise AotError(
+        f'global batch {global_batch} is not a multiple of ' f'config.bn_group_size {group}'
+    )
   try:
     topology, body, model = build.build(config)
-  except ValueError as e:   # a config value out of its choices
+  except ValueError as e:  # a config value out of its choices
     raise AotError(_first_line(e)) from e
   image_size = config.data.image_size
   device_mesh = steps.make_device_mesh(target.devices)
   repl = steps.replicated(device_mesh)
-  state, state_sharding = abstract_state(config, model, device_mesh,
-                                         (image_size, image_size, 3))
+  state, state_sharding = abstract_state(config, model, device_mesh, (image_size, image_size, 3))
   batch_sharding = steps.batch_sharding(device_mesh)
   batch = abstract_batch(global_batch, image_size, config.data.image_dtype, batch_sharding)
   body_abstract = _with_shardings(body, jax.tree.map(lambda _: repl, body))
 
   def lowered(name):
     if name == 'train':
-      rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                                 sharding=repl)
+      rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=repl)
       step = steps.jit_train_step(config, model, topology, state_sharding, batch_sharding)
       return step.lower(state, batch, rng, body_abstract)
     flip_perm = None
@@ -335,10 +358,16 @@ def compile_steps(config, target, per_chip_batch, step_names=STEP_NAMES):
       raise
   counts = profile.profile_model(model, image_size)
   return Report(
-      target=target, per_chip_batch=per_chip_batch, global_batch=global_batch,
-      params=shard_bytes(state.params), opt_state=shard_bytes(state.opt_state),
-      batch_stats=shard_bytes(state.batch_stats), batch=shard_bytes(batch),
-      steps=figures, analytic_forward_flops=2 * counts['total_gflops'] * 1e9)
+      target=target,
+      per_chip_batch=per_chip_batch,
+      global_batch=global_batch,
+      params=shard_bytes(state.params),
+      opt_state=shard_bytes(state.opt_state),
+      batch_stats=shard_bytes(state.batch_stats),
+      batch=shard_bytes(batch),
+      steps=figures,
+      analytic_forward_flops=2 * counts['total_gflops'] * 1e9,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -369,9 +398,11 @@ def format_report(report, config):
       f'{t.name}: {len(t.devices)} devices, {t.num_chips} chips'
       + (f' of {chip.name}' if chip else '')
       + (f' ({t.devices_per_chip} devices per chip)' if t.devices_per_chip > 1 else ''),
-      (f'{profile.model_label(config)}, compute {config.model.compute_dtype}, params '
-       f'{config.param_sharding}, {report.per_chip_batch} images per chip x '
-       f'{t.num_chips} = global batch {report.global_batch}, {config.data.image_size} px'),
+      (
+          f'{profile.model_label(config)}, compute {config.model.compute_dtype}, params '
+          f'{config.param_sharding}, {report.per_chip_batch} images per chip x '
+          f'{t.num_chips} = global batch {report.global_batch}, {config.data.image_size} px'
+      ),
       '',
       'per chip:',
       f'  parameters           {_size(pc(report.params))}',
@@ -381,14 +412,19 @@ def format_report(report, config):
   ]
   for name, s in report.steps.items():
     total = pc(s.peak)
-    against = (f' of {_size(hbm)} HBM ({100 * total / hbm:.0f} %)' if np.isfinite(hbm)
-               else ' (no HBM figure for this device)')
+    against = (
+        f' of {_size(hbm)} HBM ({100 * total / hbm:.0f} %)'
+        if np.isfinite(hbm)
+        else ' (no HBM figure for this device)'
+    )
     xla, analytic = pc(s.flops), analytic_flops(report, name, config.eval_flip)
     lines += [
         f'  {name} step:',
-        (f'    arguments {_size(pc(s.arguments))}, outputs {_size(pc(s.outputs))}, '
-         f'temporaries {_size(pc(s.temporaries))}, donated and reused '
-         f'{_size(pc(s.aliased))}'),
+        (
+            f'    arguments {_size(pc(s.arguments))}, outputs {_size(pc(s.outputs))}, '
+            f'temporaries {_size(pc(s.temporaries))}, donated and reused '
+            f'{_size(pc(s.aliased))}'
+        ),
         f'    total     {_size(total)}{against}',
         f'    FLOPs     {_flops(xla)} (XLA); {_flops(analytic)} analytic '
         '(profile.py: convolutions and matmuls, 2 per multiply-add'
@@ -399,7 +435,8 @@ def format_report(report, config):
       lines.append(
           f'    roofline  >= {seconds * 1e3:.2f} ms per step, <= '
           f'{report.global_batch / seconds:,.0f} images/s at {peak_flops / 1e12:.0f} '
-          'TFLOP/s bf16 peak (lower bound, not a measurement)')
+          'TFLOP/s bf16 peak (lower bound, not a measurement)'
+      )
   if not np.isfinite(peak_flops):
     lines.append('  roofline: no published peak for this device (--peak_tflops sets one)')
   fits = report.fits()
@@ -418,18 +455,30 @@ def define_flags(flag_values, argv):
 
   `argv` names the --config.* overrides to accept.
   """
-  config_files.define_flag('config', 'Training config file.', flag_values=flag_values,
-                           sys_argv=argv)
-  flags.DEFINE_string('topology', '', "'v5e:4x4'-style TPU slice (needs libtpu), "
-                      "'cpu:N', or empty for the local devices.", flag_values=flag_values)
-  flags.DEFINE_integer('per_chip_batch', PAPER_PER_CHIP_BATCH,
-                       'Training images per chip; the global batch is this x chips.',
-                       flag_values=flag_values)
-  flags.DEFINE_list('steps', list(STEP_NAMES), 'Steps to compile (train, eval).',
-                    flag_values=flag_values)
-  flags.DEFINE_float('peak_tflops', 0.0, 'Peak bf16 TFLOP/s per chip for the roofline '
-                     '(default: the published figure of the chip).',
-                     flag_values=flag_values)
+  config_files.define_flag(
+      'config', 'Training config file.', flag_values=flag_values, sys_argv=argv
+  )
+  flags.DEFINE_string(
+      'topology',
+      '',
+      "'v5e:4x4'-style TPU slice (needs libtpu), " "'cpu:N', or empty for the local devices.",
+      flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+      'per_chip_batch',
+      PAPER_PER_CHIP_BATCH,
+      'Training images per chip; the global batch is this x chips.',
+      flag_values=flag_values,
+  )
+  flags.DEFINE_list(
+      'steps', list(STEP_NAMES), 'Steps to compile (train, eval).', flag_values=flag_values
+  )
+  flags.DEFINE_float(
+      'peak_tflops',
+      0.0,
+      'Peak bf16 TFLOP/s per chip for the roofline ' '(default: the published figure of the chip).',
+      flag_values=flag_values,
+  )
 
 
 def parse(argv):
@@ -440,10 +489,11 @@ def parse(argv):
     fv(argv)
     config = fv['config'].value
     if config is not None:
-      config.keys()   # a config file that failed to load raises here
+      config.keys()  # a config file that failed to load raises here
   except (KeyError, AttributeError) as e:
-    raise AotError('a --config.* override names a key the config does not have: '
-                   f'{_first_line(e)}') from e
+    raise AotError(
+        'a --config.* override names a key the config does not have: ' f'{_first_line(e)}'
+    ) from e
   except (flags.Error, ValueError, OSError) as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     # A config file's own error is the last line of ml_collections' traceback.

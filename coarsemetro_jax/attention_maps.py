@@ -38,10 +38,11 @@ DEFAULT_JOINT_TOKENS = (0, 5, 6, 11, 13)
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
   """Which maps to keep (hashable: it is static under jit)."""
+
   vertex_tokens: tuple[int, ...] = DEFAULT_VERTEX_TOKENS
   joint_tokens: tuple[int, ...] = DEFAULT_JOINT_TOKENS
-  decoder_layers: tuple[int, ...] = (0,)    # the paper shows the first one
-  encoder_layers: tuple[int, ...] = ()      # () = every encoder layer (Fig. 6)
+  decoder_layers: tuple[int, ...] = (0,)  # the paper shows the first one
+  encoder_layers: tuple[int, ...] = ()  # () = every encoder layer (Fig. 6)
 
 
 def _natural_key(path):
@@ -56,21 +57,29 @@ def layer_weights(intermediates, kind):
   """
   container, module = kind
   flat = traverse_util.flatten_dict(dict(intermediates))
-  found = [(path, value) for path, value in flat.items()
-           if path[-1] == 'attention_weights' and len(path) >= 3
-           and path[-2] == module and container in path]
+  found = [
+      (path, value)
+      for path, value in flat.items()
+      if path[-1] == 'attention_weights'
+      and len(path) >= 3
+      and path[-2] == module
+      and container in path
+  ]
   found.sort(key=lambda item: _natural_key(item[0]))
   return [value[0] if isinstance(value, tuple) else value for _, value in found]
 
 
 def _pick(items, indices, what):
   if not items:
-    raise ValueError(f'no {what} attention weights were sown; apply the model with '
-                     "mutable=['intermediates']")
+    raise ValueError(
+        f'no {what} attention weights were sown; apply the model with ' "mutable=['intermediates']"
+    )
   for i in indices:
     if not -len(items) <= i < len(items):
-      raise ValueError(f'{what} layer {i} does not exist: the model has {len(items)} '
-                       f'{what} layers (0..{len(items) - 1})')
+      raise ValueError(
+          f'{what} layer {i} does not exist: the model has {len(items)} '
+          f'{what} layers (0..{len(items) - 1})'
+      )
   return [items[i] for i in indices]
 
 
@@ -84,20 +93,24 @@ def select(intermediates, spec, num_joints=joint_tables.NUM_JOINTS):
   enc_all = layer_weights(intermediates, ENCODER_ATTENTION)
   enc = _pick(enc_all, spec.encoder_layers or range(len(enc_all)), 'encoder')
   dec = _pick(layer_weights(intermediates, DECODER_ATTENTION), spec.decoder_layers, 'decoder')
-  num_image = enc[0].shape[-1] - 1                          # encoder keys: [cam; image]
-  cam_rows = jnp.stack([w.mean(1)[:, 0] for w in enc], 1)   # [B, nLe, 1+N]
+  num_image = enc[0].shape[-1] - 1  # encoder keys: [cam; image]
+  cam_rows = jnp.stack([w.mean(1)[:, 0] for w in enc], 1)  # [B, nLe, 1+N]
   out = {'camera': cam_rows[..., 1:], 'camera_self': cam_rows[..., 0]}
   vertex, joint = [], []
   for layer, w in zip(spec.decoder_layers, dec):
-    w = w.mean(1)                                           # [B, Lt, Lm]
-    w = w[..., w.shape[-1] - num_image:]                    # image tokens only
+    w = w.mean(1)  # [B, Lt, Lm]
+    w = w[..., w.shape[-1] - num_image :]  # image tokens only
     num_vertices = w.shape[1] - num_joints
-    for kind, ids, limit in (('vertex', spec.vertex_tokens, num_vertices),
-                             ('joint', spec.joint_tokens, num_joints)):
+    for kind, ids, limit in (
+        ('vertex', spec.vertex_tokens, num_vertices),
+        ('joint', spec.joint_tokens, num_joints),
+    ):
       bad = [i for i in ids if not 0 <= i < limit]
       if bad:
-        raise ValueError(f'{kind} tokens {bad} do not exist in decoder layer {layer}, '
-                         f'which has {limit} {kind} tokens (0..{limit - 1})')
+        raise ValueError(
+            f'{kind} tokens {bad} do not exist in decoder layer {layer}, '
+            f'which has {limit} {kind} tokens (0..{limit - 1})'
+        )
     vertex.append(w[:, [num_joints + i for i in spec.vertex_tokens]])
     joint.append(w[:, list(spec.joint_tokens)])
   out['vertex'] = jnp.stack(vertex, 1)
@@ -110,8 +123,9 @@ def token_grid(maps):
   n = maps.shape[-1]
   side = int(round(np.sqrt(n)))
   if side * side != n:
-    raise ValueError(f'{n} image tokens do not form a square grid; attention maps '
-                     'need a square input crop')
+    raise ValueError(
+        f'{n} image tokens do not form a square grid; attention maps ' 'need a square input crop'
+    )
   return maps.reshape(maps.shape[:-1] + (side, side))
 
 
@@ -125,16 +139,25 @@ def figure(crop, maps, spec):
   decoder_row = [visualize.label(crop, 'input')]
   for li, layer in enumerate(spec.decoder_layers):
     for vi, token in enumerate(spec.vertex_tokens):
-      decoder_row.append(visualize.label(
-          visualize.heat_overlay(crop, token_grid(maps['vertex'][li, vi])),
-          f'dec{layer} v{token}'))
+      decoder_row.append(
+          visualize.label(
+              visualize.heat_overlay(crop, token_grid(maps['vertex'][li, vi])),
+              f'dec{layer} v{token}',
+          )
+      )
     for ji, token in enumerate(spec.joint_tokens):
-      decoder_row.append(visualize.label(
-          visualize.heat_overlay(crop, token_grid(maps['joint'][li, ji])),
-          f'dec{layer} {joint_tables.J14_NAMES[token]}'))
+      decoder_row.append(
+          visualize.label(
+              visualize.heat_overlay(crop, token_grid(maps['joint'][li, ji])),
+              f'dec{layer} {joint_tables.J14_NAMES[token]}',
+          )
+      )
   layers = spec.encoder_layers or range(len(maps['camera']))
-  camera_row = [visualize.label(
-      visualize.heat_overlay(crop, token_grid(maps['camera'][i])),
-      f'enc{layer} cam (self {maps["camera_self"][i]:.2f})')
-                for i, layer in enumerate(layers)]
+  camera_row = [
+      visualize.label(
+          visualize.heat_overlay(crop, token_grid(maps['camera'][i])),
+          f'enc{layer} cam (self {maps["camera_self"][i]:.2f})',
+      )
+      for i, layer in enumerate(layers)
+  ]
   return visualize.tile([decoder_row, camera_row])

@@ -16,6 +16,7 @@ Loads either
 `forward` returns vertices and joints without translation, as FastMETRO's
 SMPL layer does.
 """
+
 import codecs
 import io
 import os
@@ -60,8 +61,11 @@ class StaticArray:
     return self._hash
 
   def __eq__(self, other):
-    return (isinstance(other, StaticArray) and self._hash == other._hash
-            and np.array_equal(self.array, other.array))
+    return (
+        isinstance(other, StaticArray)
+        and self._hash == other._hash
+        and np.array_equal(self.array, other.array)
+    )
 
   def __len__(self):
     return len(self.array)
@@ -84,14 +88,15 @@ class StaticArray:
 @flax.struct.dataclass
 class BodyModel:
   """Arrays of an SMPL-style body (a pytree; faces and parents are static)."""
-  v_template: jax.Array      # [V, 3]
-  shapedirs: jax.Array       # [V, 3, K]
-  j_regressor: jax.Array     # [24, V] dense
-  weights: jax.Array         # [V, 24]
+
+  v_template: jax.Array  # [V, 3]
+  shapedirs: jax.Array  # [V, 3, K]
+  j_regressor: jax.Array  # [24, V] dense
+  weights: jax.Array  # [V, 24]
   h36m_regressor: jax.Array  # [17, V]
-  j24_regressor: jax.Array   # [24, V]: METRO's J24 joints from vertices
-  j24_conf: jax.Array        # [24]: 1 where j24_regressor defines the joint
-  faces: StaticArray = flax.struct.field(pytree_node=False)   # int [F, 3]
+  j24_regressor: jax.Array  # [24, V]: METRO's J24 joints from vertices
+  j24_conf: jax.Array  # [24]: 1 where j24_regressor defines the joint
+  faces: StaticArray = flax.struct.field(pytree_node=False)  # int [F, 3]
   parents: tuple[int, ...] = flax.struct.field(pytree_node=False)
   posedirs: jax.Array | None = None  # [P, V * 3] pose correctives (SMPL: 207)
   source: str = flax.struct.field(pytree_node=False, default='')
@@ -118,18 +123,23 @@ def rodrigues(rotvec):
   cross = jnp.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1)
   cross = cross.reshape(rotvec.shape[:-1] + (3, 3))
   sin, cos = jnp.sin(theta)[..., None], jnp.cos(theta)[..., None]
-  return (jnp.eye(3, dtype=rotvec.dtype) + sin * cross
-          + (1 - cos) * jnp.matmul(cross, cross, precision=_HIGHEST))
+  return (
+      jnp.eye(3, dtype=rotvec.dtype)
+      + sin * cross
+      + (1 - cos) * jnp.matmul(cross, cross, precision=_HIGHEST)
+  )
 
 
 def shaped_vertices(body, betas):
   """Rest-pose vertices of shapes [B, K'] (K' <= K) -> [B, V, 3]."""
   k = betas.shape[-1]
   if k > body.num_betas:
-    raise ValueError(f'{k} betas given; the body model has {body.num_betas} '
-                     f'shape directions ({body.source})')
-  return body.v_template + jnp.einsum('bk,vck->bvc', betas, body.shapedirs[..., :k],
-                                      precision=_HIGHEST)
+    raise ValueError(
+        f'{k} betas given; the body model has {body.num_betas} ' f'shape directions ({body.source})'
+    )
+  return body.v_template + jnp.einsum(
+      'bk,vck->bvc', betas, body.shapedirs[..., :k], precision=_HIGHEST
+  )
 
 
 def forward_kinematics(rest_joints, rotmats, parents):
@@ -167,34 +177,34 @@ def forward_rotmats(body, rotmats, betas):
   """`forward` with the pose as local rotation matrices [B, 24, 3, 3]."""
   b = rotmats.shape[0]
   dtype = body.v_template.dtype
-  rotmats = jnp.asarray(rotmats, dtype)                                # [B, 24, 3, 3]
-  v_shaped = shaped_vertices(body, jnp.asarray(betas, dtype))        # [B, V, 3]
-  rest = jnp.einsum('jv,bvc->bjc', body.j_regressor, v_shaped,
-                    precision=_HIGHEST)                                # [B, 24, 3]
+  rotmats = jnp.asarray(rotmats, dtype)  # [B, 24, 3, 3]
+  v_shaped = shaped_vertices(body, jnp.asarray(betas, dtype))  # [B, V, 3]
+  rest = jnp.einsum('jv,bvc->bjc', body.j_regressor, v_shaped, precision=_HIGHEST)  # [B, 24, 3]
   if body.posedirs is not None:
     feature = (rotmats[:, 1:] - jnp.eye(3, dtype=dtype)).reshape(b, -1)  # [B, 207]
-    v_shaped = v_shaped + jnp.matmul(feature, body.posedirs,
-                                     precision=_HIGHEST).reshape(v_shaped.shape)
+    v_shaped = v_shaped + jnp.matmul(feature, body.posedirs, precision=_HIGHEST).reshape(
+        v_shaped.shape
+    )
   joints, rots = forward_kinematics(rest, rotmats, body.parents)
   trans = joints - jnp.einsum('bjik,bjk->bji', rots, rest, precision=_HIGHEST)
   affine = jnp.concatenate([rots, trans[..., None]], -1).reshape(b, -1, 12)
-  blend = jnp.einsum('vj,bjk->bvk', body.weights, affine,
-                     precision=_HIGHEST).reshape(b, -1, 3, 4)          # [B, V, 3, 4]
-  vertices = (jnp.einsum('bvik,bvk->bvi', blend[..., :3], v_shaped, precision=_HIGHEST)
-              + blend[..., 3])
+  blend = jnp.einsum('vj,bjk->bvk', body.weights, affine, precision=_HIGHEST).reshape(
+      b, -1, 3, 4
+  )  # [B, V, 3, 4]
+  vertices = (
+      jnp.einsum('bvik,bvk->bvi', blend[..., :3], v_shaped, precision=_HIGHEST) + blend[..., 3]
+  )
   return vertices, joints
 
 
 def h36m_joints(body, vertices):
   """Human3.6M-17 joints [..., 17, 3] from vertices [..., V, 3]."""
-  return jnp.einsum('jv,...vc->...jc', body.h36m_regressor, vertices,
-                    precision=_HIGHEST)
+  return jnp.einsum('jv,...vc->...jc', body.h36m_regressor, vertices, precision=_HIGHEST)
 
 
 def j24_joints(body, vertices):
   """METRO's J24 joints [..., 24, 3] and their availability [24] (1/0)."""
-  j24 = jnp.einsum('jv,...vc->...jc', body.j24_regressor, vertices,
-                   precision=_HIGHEST)
+  j24 = jnp.einsum('jv,...vc->...jc', body.j24_regressor, vertices, precision=_HIGHEST)
   return j24, body.j24_conf
 
 
@@ -218,14 +228,24 @@ def h36m_equivalent(j_regressor, v_template, weights):
   eye = np.eye(j_regressor.shape[1])
   smpl = dict(zip(joints_lib.SMPL_JOINT_NAMES, j_regressor))
   rows = {
-      'Pelvis': smpl['pelvis'], 'R_Hip': smpl['right_hip'],
-      'R_Knee': smpl['right_knee'], 'R_Ankle': smpl['right_ankle'],
-      'L_Hip': smpl['left_hip'], 'L_Knee': smpl['left_knee'],
-      'L_Ankle': smpl['left_ankle'], 'Torso': smpl['spine2'],
-      'Neck': smpl['neck'], 'Nose': eye[nose], 'Head': eye[top],
-      'L_Shoulder': smpl['left_shoulder'], 'L_Elbow': smpl['left_elbow'],
-      'L_Wrist': smpl['left_wrist'], 'R_Shoulder': smpl['right_shoulder'],
-      'R_Elbow': smpl['right_elbow'], 'R_Wrist': smpl['right_wrist']}
+      'Pelvis': smpl['pelvis'],
+      'R_Hip': smpl['right_hip'],
+      'R_Knee': smpl['right_knee'],
+      'R_Ankle': smpl['right_ankle'],
+      'L_Hip': smpl['left_hip'],
+      'L_Knee': smpl['left_knee'],
+      'L_Ankle': smpl['left_ankle'],
+      'Torso': smpl['spine2'],
+      'Neck': smpl['neck'],
+      'Nose': eye[nose],
+      'Head': eye[top],
+      'L_Shoulder': smpl['left_shoulder'],
+      'L_Elbow': smpl['left_elbow'],
+      'L_Wrist': smpl['left_wrist'],
+      'R_Shoulder': smpl['right_shoulder'],
+      'R_Elbow': smpl['right_elbow'],
+      'R_Wrist': smpl['right_wrist'],
+  }
   return np.stack([rows[n] for n in joints_lib.H36M_J17_NAMES])
 
 
@@ -239,9 +259,11 @@ def j24_from_h36m(h36m, j_regressor, v_template):
   """
   h36m = np.asarray(h36m, np.float64)
   rows = dict(zip(joints_lib.H36M_J17_NAMES, h36m))
-  rows.update(Top_of_Head=rows['Head'], Spine=rows['Torso'],
-              Thorax=np.asarray(j_regressor, np.float64)[
-                  joints_lib.SMPL_JOINT_NAMES.index('spine3')])
+  rows.update(
+      Top_of_Head=rows['Head'],
+      Spine=rows['Torso'],
+      Thorax=np.asarray(j_regressor, np.float64)[joints_lib.SMPL_JOINT_NAMES.index('spine3')],
+  )
   j24 = np.zeros((len(joints_lib.J24_NAMES), len(v_template)))
   conf = np.zeros(len(joints_lib.J24_NAMES))
   for i, name in enumerate(joints_lib.J24_NAMES):
@@ -267,15 +289,17 @@ def load_body_model(path='', h36m_regressor='', dtype=jnp.float32):
   """
   path = path or EMBEDDED_BODY
   if not os.path.exists(path):
-    raise BodyModelError(f'body model file not found: {path!r} (expected the '
-                         "project's .npz or SMPL's .pkl)")
+    raise BodyModelError(
+        f'body model file not found: {path!r} (expected the ' "project's .npz or SMPL's .pkl)"
+    )
   if path.endswith('.pkl'):
     arrays = _read_smpl_pkl(path)
   elif path.endswith('.npz'):
     arrays = _read_npz(path)
   else:
-    raise BodyModelError(f'{path!r}: expected a .npz (project format) or a '
-                         '.pkl (SMPL model) file')
+    raise BodyModelError(
+        f'{path!r}: expected a .npz (project format) or a ' '.pkl (SMPL model) file'
+    )
   if h36m_regressor:
     arrays['h36m_regressor'] = _read_h36m(h36m_regressor, len(arrays['v_template']))
   return _assemble(arrays, path, dtype)
@@ -289,9 +313,11 @@ def _read_npz(path):
     raise BodyModelError(f'{path!r}: cannot read as a plain-array .npz: {e}') from e
   missing = [k for k in _NPZ_KEYS if k not in arrays]
   if missing:
-    raise BodyModelError(f'{path!r}: missing keys {missing}; expected '
-                         f'{list(_NPZ_KEYS)} (+ h36m_regressor, j24_regressor, '
-                         f'j24_conf, posedirs, parents)')
+    raise BodyModelError(
+        f'{path!r}: missing keys {missing}; expected '
+        f'{list(_NPZ_KEYS)} (+ h36m_regressor, j24_regressor, '
+        f'j24_conf, posedirs, parents)'
+    )
   return arrays
 
 
@@ -303,8 +329,9 @@ def _read_h36m(path, num_vertices):
   except ValueError as e:
     raise BodyModelError(f'{path!r}: cannot read as .npy: {e}') from e
   if reg.shape != (len(joints_lib.H36M_J17_NAMES), num_vertices):
-    raise BodyModelError(f'{path!r}: H36M regressor has shape {reg.shape}, '
-                         f'expected (17, {num_vertices})')
+    raise BodyModelError(
+        f'{path!r}: H36M regressor has shape {reg.shape}, ' f'expected (17, {num_vertices})'
+    )
   return reg
 
 
@@ -312,24 +339,31 @@ def _assemble(arrays, path, dtype):
   """Validates shapes and fills the derived regressors."""
   v_template = np.asarray(arrays['v_template'], np.float64)
   num_v = len(v_template)
-  expected = {'v_template': (num_v, 3), 'weights': (num_v, NUM_JOINTS),
-              'j_regressor': (NUM_JOINTS, num_v)}
+  expected = {
+      'v_template': (num_v, 3),
+      'weights': (num_v, NUM_JOINTS),
+      'j_regressor': (NUM_JOINTS, num_v),
+  }
   for key, shape in expected.items():
     if np.shape(arrays[key]) != shape:
-      raise BodyModelError(f'{path!r}: {key} has shape {np.shape(arrays[key])}, '
-                           f'expected {shape}')
+      raise BodyModelError(
+          f'{path!r}: {key} has shape {np.shape(arrays[key])}, ' f'expected {shape}'
+      )
   shapedirs = np.asarray(arrays['shapedirs'], np.float64)
   if shapedirs.ndim != 3 or shapedirs.shape[:2] != (num_v, 3):
-    raise BodyModelError(f'{path!r}: shapedirs has shape {shapedirs.shape}, '
-                         f'expected ({num_v}, 3, K)')
+    raise BodyModelError(
+        f'{path!r}: shapedirs has shape {shapedirs.shape}, ' f'expected ({num_v}, 3, K)'
+    )
   parents = tuple(int(p) for p in arrays.get('parents', joints_lib.SMPL_PARENTS))
   if parents != tuple(joints_lib.SMPL_PARENTS):
-    raise BodyModelError(f'{path!r}: kinematic tree {parents} is not SMPL\'s '
-                         f'{joints_lib.SMPL_PARENTS}')
+    raise BodyModelError(
+        f"{path!r}: kinematic tree {parents} is not SMPL's " f'{joints_lib.SMPL_PARENTS}'
+    )
   faces = np.asarray(arrays['faces'], np.int64)
   if faces.ndim != 2 or faces.shape[1] != 3 or faces.min() < 0 or faces.max() >= num_v:
-    raise BodyModelError(f'{path!r}: faces must be int [F, 3] indexing {num_v} '
-                         f'vertices; got shape {faces.shape}')
+    raise BodyModelError(
+        f'{path!r}: faces must be int [F, 3] indexing {num_v} ' f'vertices; got shape {faces.shape}'
+    )
   j_regressor = np.asarray(arrays['j_regressor'], np.float64)
   h36m = arrays.get('h36m_regressor')
   if h36m is None:
@@ -341,21 +375,29 @@ def _assemble(arrays, path, dtype):
   posedirs = arrays.get('posedirs')
   if posedirs is not None:
     posedirs = np.asarray(posedirs, np.float64)
-    if posedirs.shape[:2] == (num_v, 3):            # SMPL layout [V, 3, P]
+    if posedirs.shape[:2] == (num_v, 3):  # SMPL layout [V, 3, P]
       posedirs = posedirs.reshape(num_v * 3, -1).T
     if posedirs.ndim != 2 or posedirs.shape[1] != num_v * 3:
-      raise BodyModelError(f'{path!r}: posedirs has shape {posedirs.shape}, '
-                           f'expected ({num_v}, 3, P) or (P, {num_v * 3})')
+      raise BodyModelError(
+          f'{path!r}: posedirs has shape {posedirs.shape}, '
+          f'expected ({num_v}, 3, P) or (P, {num_v * 3})'
+      )
     if posedirs.shape[0] == 0:
       posedirs = None
   as_dtype = lambda x: jnp.asarray(np.asarray(x, np.float64), dtype)
   return BodyModel(
-      v_template=as_dtype(v_template), shapedirs=as_dtype(shapedirs),
-      j_regressor=as_dtype(j_regressor), weights=as_dtype(arrays['weights']),
-      h36m_regressor=as_dtype(h36m), j24_regressor=as_dtype(j24),
-      j24_conf=as_dtype(conf), faces=StaticArray(faces.astype(np.int32)),
-      parents=parents, posedirs=None if posedirs is None else as_dtype(posedirs),
-      source=path)
+      v_template=as_dtype(v_template),
+      shapedirs=as_dtype(shapedirs),
+      j_regressor=as_dtype(j_regressor),
+      weights=as_dtype(arrays['weights']),
+      h36m_regressor=as_dtype(h36m),
+      j24_regressor=as_dtype(j24),
+      j24_conf=as_dtype(conf),
+      faces=StaticArray(faces.astype(np.int32)),
+      parents=parents,
+      posedirs=None if posedirs is None else as_dtype(posedirs),
+      source=path,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -403,6 +445,7 @@ class _SmplUnpickler(pickle.Unpickler):
     if (module, name) in self._ALLOWED:
       if name == '_reconstructor':
         import copyreg
+
         return copyreg._reconstructor
       return self._ALLOWED[(module, name)]
     if module.split('.')[0] == 'chumpy':
@@ -411,7 +454,8 @@ class _SmplUnpickler(pickle.Unpickler):
       return _CscStub
     raise pickle.UnpicklingError(
         f'refusing to unpickle {module}.{name}: an SMPL model holds only numpy '
-        'arrays, chumpy arrays and a scipy csc_matrix')
+        'arrays, chumpy arrays and a scipy csc_matrix'
+    )
 
 
 def _to_array(value, key, path):
@@ -422,8 +466,10 @@ def _to_array(value, key, path):
     state = value.state if isinstance(value.state, dict) else {}
     if isinstance(state.get('x'), np.ndarray):
       return state['x']
-    raise BodyModelError(f'{path!r}: key {key!r} is a chumpy object without '
-                         "its array ('x'); re-save the model with plain arrays")
+    raise BodyModelError(
+        f'{path!r}: key {key!r} is a chumpy object without '
+        "its array ('x'); re-save the model with plain arrays"
+    )
   if isinstance(value, _CscStub):
     s = value.state
     shape = tuple(int(d) for d in s.get('_shape', s.get('shape')))
@@ -441,23 +487,27 @@ def _read_smpl_pkl(path):
     data = f.read()
   try:
     model = _SmplUnpickler(io.BytesIO(data), encoding='latin1').load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
-          AttributeError) as e:
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
     raise BodyModelError(f'{path!r}: not a readable SMPL model pickle: {e}') from e
   if not isinstance(model, dict):
     raise BodyModelError(f'{path!r}: expected a dict, got {type(model)}')
-  keys = {'v_template': 'v_template', 'shapedirs': 'shapedirs',
-          'weights': 'weights', 'J_regressor': 'j_regressor', 'f': 'faces'}
+  keys = {
+      'v_template': 'v_template',
+      'shapedirs': 'shapedirs',
+      'weights': 'weights',
+      'J_regressor': 'j_regressor',
+      'f': 'faces',
+  }
   missing = [k for k in keys if k not in model]
   if missing:
-    raise BodyModelError(f'{path!r}: SMPL pickle lacks keys {missing}; found '
-                         f'{sorted(model)}')
+    raise BodyModelError(f'{path!r}: SMPL pickle lacks keys {missing}; found ' f'{sorted(model)}')
   arrays = {ours: _to_array(model[theirs], theirs, path) for theirs, ours in keys.items()}
   if 'posedirs' in model:
     arrays['posedirs'] = _to_array(model['posedirs'], 'posedirs', path)
   if 'kintree_table' in model:
     arrays['parents'] = _parents_from_kintree(
-        _to_array(model['kintree_table'], 'kintree_table', path))
+        _to_array(model['kintree_table'], 'kintree_table', path)
+    )
   return arrays
 
 

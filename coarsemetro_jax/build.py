@@ -19,7 +19,7 @@ from coarsemetro_jax.convert import adjacency
 
 class Built(typing.NamedTuple):
   topology: mesh_topology.MeshTopology
-  body: body_model_lib.BodyModel | None   # None when built with body=False
+  body: body_model_lib.BodyModel | None  # None when built with body=False
   model: nn.Module
 
 
@@ -28,13 +28,13 @@ def load_topology(config):
   prefix = config.topology.adjmat_prefix
   if not prefix:
     return mesh_topology.load_topology(config.topology.hierarchy)
-  return mesh_topology.load_topology(config.topology.hierarchy, adjacency.read_adjmat(prefix),
-                                     adjmat_source=f'{prefix}_*.pt')
+  return mesh_topology.load_topology(
+      config.topology.hierarchy, adjacency.read_adjmat(prefix), adjmat_source=f'{prefix}_*.pt'
+  )
 
 
 def load_body_model(config):
-  return body_model_lib.load_body_model(config.body_model.path,
-                                        config.body_model.h36m_regressor)
+  return body_model_lib.load_body_model(config.body_model.path, config.body_model.h36m_regressor)
 
 
 def build(config, body=True):

@@ -32,8 +32,8 @@ from coarsemetro_jax.convert import state_dict as state_dict_lib
 
 CHECKPOINT_DIR = 'checkpoints'
 STATE_ITEM, META_ITEM = 'state', 'meta'
-META_FILE = 'metadata'          # the JSON file inside the meta item
-CORRUPT_SUFFIX = '.corrupt'     # not a step name to orbax: never listed, never deleted
+META_FILE = 'metadata'  # the JSON file inside the meta item
+CORRUPT_SUFFIX = '.corrupt'  # not a step name to orbax: never listed, never deleted
 
 
 class CheckpointError(ValueError):
@@ -53,10 +53,13 @@ def _state_handler():
   more than it saves (a quarter of a short 8-device CPU run). It is orbax's
   GPU default anyway. The files are the same as StandardSave's.
   """
-  standard = [(t, ocp.type_handlers.get_type_handler(t))
-              for t in (int, float, bytes, np.number, np.ndarray, str)]
+  standard = [
+      (t, ocp.type_handlers.get_type_handler(t))
+      for t in (int, float, bytes, np.number, np.ndarray, str)
+  ]
   registry = ocp.type_handlers.create_type_handler_registry(
-      *standard, (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+      *standard, (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False))
+  )
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
@@ -65,15 +68,19 @@ def make_manager(workdir, save_every_steps, keep, *, create=True):
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every_steps),
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-      create=create)
+      create=create,
+  )
   handlers = ocp.DefaultCheckpointHandlerRegistry()
   state_handler, meta_handler = _state_handler(), ocp.JsonCheckpointHandler()
   handlers.add(STATE_ITEM, ocp.args.PyTreeSave, state_handler)
   handlers.add(STATE_ITEM, ocp.args.PyTreeRestore, state_handler)
   handlers.add(META_ITEM, ocp.args.JsonSave, meta_handler)
   handlers.add(META_ITEM, ocp.args.JsonRestore, meta_handler)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                               options=options, handler_registry=handlers)
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+      options=options,
+      handler_registry=handlers,
+  )
 
 
 def save_args(state, meta):
@@ -83,17 +90,22 @@ def save_args(state, meta):
   writes; only one uint32 per array comes to the host.
   """
   meta = {**meta, 'checksums': checksums_lib.tree_checksums(state)}
-  return ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeSave(state),
-                               META_ITEM: ocp.args.JsonSave(meta)})
+  return ocp.args.Composite(
+      **{STATE_ITEM: ocp.args.PyTreeSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+  )
 
 
 def restore_args(abstract_state):
   """Restores into `abstract_state` (jax.ShapeDtypeStructs with shardings)."""
-  return ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.PyTreeRestore(
-          abstract_state,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
-      META_ITEM: ocp.args.JsonRestore()})
+  return ocp.args.Composite(
+      **{
+          STATE_ITEM: ocp.args.PyTreeRestore(
+              abstract_state,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+          ),
+          META_ITEM: ocp.args.JsonRestore(),
+      }
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -115,13 +127,14 @@ def restore_state(manager, step, abstract_state):
   except Exception as e:
     if orbax_variables.is_resource_error(e):
       raise
-    raise CorruptCheckpointError(
-        f'{step_dir} cannot be read: {orbax_variables.reason(e)}') from e
+    raise CorruptCheckpointError(f'{step_dir} cannot be read: {orbax_variables.reason(e)}') from e
   state, meta = restored[STATE_ITEM], restored[META_ITEM]
   expected = meta.get('checksums') if isinstance(meta, dict) else None
   if expected is None:
-    logging.warning('%s has no checksums (saved before they were added): resuming '
-                    'without verifying it', step_dir)
+    logging.warning(
+        '%s has no checksums (saved before they were added): resuming ' 'without verifying it',
+        step_dir,
+    )
     return state
   try:
     checksums_lib.verify(state, expected, step_dir)
@@ -133,12 +146,14 @@ def restore_state(manager, step, abstract_state):
 def _check_fits(step_dir, abstract_state):
   """CheckpointError unless the step's arrays have the paths, shapes and dtypes of the state."""
   from etils import epath
+
   item = os.path.join(step_dir, STATE_ITEM)
   try:
     saved = ocp.StandardCheckpointHandler().metadata(epath.Path(item)).tree
   except Exception as e:
     raise CorruptCheckpointError(
-        f'{step_dir}: its array metadata cannot be read: {orbax_variables.reason(e)}') from e
+        f'{step_dir}: its array metadata cannot be read: {orbax_variables.reason(e)}'
+    ) from e
   want = _shapes(abstract_state)
   got = _shapes(saved)
   problems = []
@@ -146,20 +161,24 @@ def _check_fits(step_dir, abstract_state):
     problems.append(state_dict_lib.listing('missing in the checkpoint', missing))
   if unexpected := [p for p in got if p not in want]:
     problems.append(state_dict_lib.listing('not in this config', unexpected))
-  if bad := [f'{p}: checkpoint {got[p]}, config {want[p]}'
-             for p in want if p in got and got[p] != want[p]]:
+  if bad := [
+      f'{p}: checkpoint {got[p]}, config {want[p]}' for p in want if p in got and got[p] != want[p]
+  ]:
     problems.append(state_dict_lib.listing('mis-shaped or mis-typed', bad))
   if problems:
     step = os.path.basename(step_dir)
     raise CheckpointError(
         f'{os.path.dirname(step_dir)} step {step} does not fit this config (another model '
         f'or optimiser?); use a new --workdir, or config.init_from to start from its '
-        f'weights:\n' + '\n'.join(problems))
+        f'weights:\n' + '\n'.join(problems)
+    )
 
 
 def _shapes(tree):
-  return {checksums_lib.path_name(p): f'{list(x.shape)} {np.dtype(x.dtype)}'
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      checksums_lib.path_name(p): f'{list(x.shape)} {np.dtype(x.dtype)}'
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def set_aside(manager, step):
@@ -173,7 +192,7 @@ def set_aside(manager, step):
   while os.path.exists(target):
     n += 1
     target = f'{step_dir}{CORRUPT_SUFFIX}-{n}'
-  if jax.process_count() > 1:   # every process has chosen the name before the rename
+  if jax.process_count() > 1:  # every process has chosen the name before the rename
     multihost_utils.sync_global_devices(f'set_aside_{step}_chosen')
   if jax.process_index() == 0:
     os.rename(step_dir, target)
@@ -208,9 +227,10 @@ def restore_newest_intact(manager, abstract_state, set_aside_corrupt=True):
       logging.warning('Corrupt checkpoint (%s); using step %d instead. %s', where, step, error)
     return state, step
   if corrupt:
-    raise CheckpointError(f'{manager.directory}: no intact checkpoint (nothing was moved '
-                          'or deleted):\n'
-                          + '\n'.join(f'  {e}' for _, e in corrupt))
+    raise CheckpointError(
+        f'{manager.directory}: no intact checkpoint (nothing was moved '
+        'or deleted):\n' + '\n'.join(f'  {e}' for _, e in corrupt)
+    )
   return None
 
 
@@ -233,12 +253,12 @@ def resolve(path):
   if not os.path.exists(path):
     raise CheckpointError(f'checkpoint not found: {path}')
   ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
-  if os.path.isdir(ckpt_dir):          # a workdir: take the latest step
+  if os.path.isdir(ckpt_dir):  # a workdir: take the latest step
     steps = _step_dirs(ckpt_dir)
     if not steps:
       raise CheckpointError(f'{path}: workdir has no saved steps in {ckpt_dir}')
     path = steps[0]
-  if os.path.isdir(os.path.join(path, STATE_ITEM)):   # a step directory
+  if os.path.isdir(os.path.join(path, STATE_ITEM)):  # a step directory
     path = os.path.join(path, STATE_ITEM)
   return path
 
@@ -258,7 +278,7 @@ def read_variables(path):
   ckpt_dir = os.path.join(path, CHECKPOINT_DIR)
   if not os.path.isdir(ckpt_dir):
     return _read_one(resolve(path))
-  resolve(path)   # the errors for a workdir without steps
+  resolve(path)  # the errors for a workdir without steps
   problems = []
   for step_dir in _step_dirs(ckpt_dir):
     try:
@@ -266,8 +286,9 @@ def read_variables(path):
     except CorruptCheckpointError as e:
       logging.warning('%s; using the previous step', e)
       problems.append(f'  {e}')
-  raise CorruptCheckpointError(f'{path}: no intact checkpoint in {ckpt_dir}:\n'
-                               + '\n'.join(problems))
+  raise CorruptCheckpointError(
+      f'{path}: no intact checkpoint in {ckpt_dir}:\n' + '\n'.join(problems)
+  )
 
 
 def _read_one(directory):

@@ -56,7 +56,7 @@ def _words(x):
   if itemsize in (1, 2):
     return lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * itemsize}')).astype(jnp.uint32)
   if itemsize == 8:
-    return lax.bitcast_convert_type(x, jnp.uint32)   # [..., 2]
+    return lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
   raise TypeError(f'no checksum for dtype {x.dtype}')
 
 
@@ -77,8 +77,7 @@ def array_checksum(x):
   index = jnp.zeros(words.shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(words.ndim)):
-    index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(
-        stride % 2**32)
+    index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
     stride *= words.shape[axis]
   return jnp.sum(_mix(words) * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
 
@@ -97,7 +96,7 @@ def tree_checksums(tree):
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   names = [path_name(p) for p, _ in flat]
-  values = jax.device_get(_all_checksums([x for _, x in flat]))   # one transfer
+  values = jax.device_get(_all_checksums([x for _, x in flat]))  # one transfer
   return {n: int(v) for n, v in zip(names, values)}
 
 
@@ -112,5 +111,7 @@ def verify(tree, expected, what):
   bad = mismatches(tree, expected)
   if bad:
     shown = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
-    raise ChecksumError(f'{what}: {len(bad)} of {len(jax.tree.leaves(tree))} arrays do not '
-                        f'match their saved checksums ({shown})')
+    raise ChecksumError(
+        f'{what}: {len(bad)} of {len(jax.tree.leaves(tree))} arrays do not '
+        f'match their saved checksums ({shown})'
+    )

@@ -30,6 +30,7 @@ import sys
 
 from absl import flags
 from ml_collections import config_dict
+
 # The implementation module: its _ConfigFlag parses `--config.key=value`
 # overrides by field type; the package exports only DEFINE_config_file, whose
 # loader needs the config's directory on sys.path.
@@ -54,14 +55,14 @@ def _package(name, directory):
   """`directory` importable as package `name` for the duration of the block."""
   current = sys.modules.get(name)
   paths = [os.path.realpath(p) for p in getattr(current, '__path__', ())]
-  if os.path.realpath(directory) in paths:   # already this package: use it
+  if os.path.realpath(directory) in paths:  # already this package: use it
     yield
     return
   saved = {k: sys.modules.pop(k) for k in _modules_under(name)}
   try:
     spec = importlib.util.spec_from_file_location(
-        name, os.path.join(directory, '__init__.py'),
-        submodule_search_locations=[directory])
+        name, os.path.join(directory, '__init__.py'), submodule_search_locations=[directory]
+    )
     sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sys.modules[name])
     yield
@@ -77,7 +78,7 @@ def _standalone(path):
   name = f'_config_file_{abs(hash(path))}'
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module   # dataclasses in the file look their module up
+  sys.modules[name] = module  # dataclasses in the file look their module up
   try:
     spec.loader.exec_module(module)
     yield module
@@ -90,8 +91,11 @@ def _config_module(path):
   """The module of the config file at `path` (kept importable inside the block)."""
   directory, filename = os.path.split(os.path.abspath(path))
   stem, package = os.path.splitext(filename)[0], os.path.basename(directory)
-  if (os.path.isfile(os.path.join(directory, '__init__.py')) and package.isidentifier()
-      and stem.isidentifier()):
+  if (
+      os.path.isfile(os.path.join(directory, '__init__.py'))
+      and package.isidentifier()
+      and stem.isidentifier()
+  ):
     with _package(package, directory):
       yield importlib.import_module(f'{package}.{stem}')
   else:
@@ -117,8 +121,10 @@ def load_file(spec):
   except Exception as e:  # any error in the user's file
     raise ConfigError(f'config {spec!r}: {type(e).__name__}: {e}') from e
   if not isinstance(config, config_dict.ConfigDict):
-    raise ConfigError(f'config {spec!r}: get_config() returned a '
-                      f'{type(config).__name__}, expected an ml_collections.ConfigDict')
+    raise ConfigError(
+        f'config {spec!r}: get_config() returned a '
+        f'{type(config).__name__}, expected an ml_collections.ConfigDict'
+    )
   config.lock()
   return config
 
@@ -127,11 +133,13 @@ def check_key(config, key, source):
   """Raises ConfigError naming `key` ('a.b.c') if `config` has no such field."""
   node, walked = config, []
   for part in key.split('.'):
-    if '[' in part:   # tuple/list indexing: ml_collections checks it
+    if '[' in part:  # tuple/list indexing: ml_collections checks it
       return
     if not isinstance(node, (config_dict.ConfigDict, dict)):
-      raise ConfigError(f'config {source}: {".".join(walked)} is a {type(node).__name__}, '
-                        f'it has no field {part!r} (override {key!r})')
+      raise ConfigError(
+          f'config {source}: {".".join(walked)} is a {type(node).__name__}, '
+          f'it has no field {part!r} (override {key!r})'
+      )
     if part not in node:
       close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
       hint = f'. Did you mean "{close[0]}" instead of "{part}"?' if close else ''
@@ -156,19 +164,23 @@ class _ConfigFileFlag(ml_config_flags._ConfigFlag):
   def _parse(self, argument):
     try:
       return super()._parse(argument)
-    except (AttributeError, KeyError, TypeError) as e:   # ml_collections: a missing field
+    except (AttributeError, KeyError, TypeError) as e:  # ml_collections: a missing field
       config = self.parser.parse(argument)
       try:
         for key in self._GetOverrides(self._GetArgv()):
           check_key(config, key, repr(argument))
-      except ConfigError as bad:   # a flags.Error: absl prints one line, no traceback
+      except ConfigError as bad:  # a flags.Error: absl prints one line, no traceback
         raise flags.IllegalFlagValueError(str(bad)) from bad
-      raise flags.IllegalFlagValueError(
-          f'config {argument!r}: an override failed: {e}') from e
+      raise flags.IllegalFlagValueError(f'config {argument!r}: an override failed: {e}') from e
 
 
-def define_flag(name='config', help_string='Config file: path/to/config.py[:arg].', *,
-                flag_values=flags.FLAGS, sys_argv=None):
+def define_flag(
+    name='config',
+    help_string='Config file: path/to/config.py[:arg].',
+    *,
+    flag_values=flags.FLAGS,
+    sys_argv=None,
+):
   """An absl flag `--name=path[:arg]` with `--name.key.path=value` overrides.
 
   Define it in a command line's `main` module or a function (not when a library
@@ -177,9 +189,15 @@ def define_flag(name='config', help_string='Config file: path/to/config.py[:arg]
   Returns:
     The flag's `flags.FlagHolder`.
   """
-  flag = _ConfigFileFlag(parser=_FileParser(), serializer=flags.ArgumentSerializer(),
-                         name=name, default=None, help_string=help_string,
-                         flag_values=flag_values, sys_argv=sys_argv)
+  flag = _ConfigFileFlag(
+      parser=_FileParser(),
+      serializer=flags.ArgumentSerializer(),
+      name=name,
+      default=None,
+      help_string=help_string,
+      flag_values=flag_values,
+      sys_argv=sys_argv,
+  )
   return flags.DEFINE_flag(flag, flag_values)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from coarsemetro_jax import build
 from coarsemetro_jax import infer
 
-BATCH = 'b'   # name of the symbolic batch dimension
+BATCH = 'b'  # name of the symbolic batch dimension
 
 
 def inference_fn(model, variables, h36m_regressor=None):
@@ -65,8 +65,10 @@ def load(path):
   def call(images):
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[1:] != spec.shape[1:]:
-      raise ValueError(f'{path}: expected images [B, {", ".join(map(str, spec.shape[1:]))}]'
-                       f', got {list(images.shape)}')
+      raise ValueError(
+          f'{path}: expected images [B, {", ".join(map(str, spec.shape[1:]))}]'
+          f', got {list(images.shape)}'
+      )
     return exported.call(images)
 
   call.exported = exported
@@ -76,18 +78,23 @@ def load(path):
 def save_tf_saved_model(directory, model, variables, image_size, h36m_regressor=None):
   """TF SavedModel of the same function via jax2tf (weights as tf.Variables)."""
   # TensorFlow only here: the serving export is optional, the core stays TF-free.
-  import tensorflow as tf
   from jax.experimental import jax2tf
+  import tensorflow as tf
+
   predict = infer.make_predict_fn(model, h36m_regressor)
   params = jax.tree.map(lambda x: tf.Variable(np.asarray(x), trainable=False), variables)
   converted = jax2tf.convert(
-      predict, polymorphic_shapes=[None, f'({BATCH}, {image_size}, {image_size}, 3)'],
-      with_gradient=False)
+      predict,
+      polymorphic_shapes=[None, f'({BATCH}, {image_size}, {image_size}, 3)'],
+      with_gradient=False,
+  )
   module = tf.Module()
   module.params = tf.nest.flatten(params)
   module.serve = tf.function(
-      lambda images: converted(params, images), autograph=False,
-      input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
+      lambda images: converted(params, images),
+      autograph=False,
+      input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
+  )
   tf.saved_model.save(module, directory)
   return directory
 
@@ -95,8 +102,9 @@ def save_tf_saved_model(directory, model, variables, image_size, h36m_regressor=
 def main(argv):
   from absl import flags
   from absl import logging
+
   del argv
-  logging.set_verbosity(logging.WARNING)   # orbax logs every restore step at INFO
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   cfg = flags.FLAGS
   config = cfg.config
   try:
@@ -108,8 +116,10 @@ def main(argv):
   platforms = tuple(cfg.platforms) or None
   exported = export_inference(model, variables, config.data.image_size, regressor, platforms)
   save(cfg.out, exported)
-  print(f'{cfg.out}: {os.path.getsize(cfg.out) / 2**20:.1f} MiB, platforms '
-        f'{exported.platforms}, input {exported.in_avals[0]}')
+  print(
+      f'{cfg.out}: {os.path.getsize(cfg.out) / 2**20:.1f} MiB, platforms '
+      f'{exported.platforms}, input {exported.in_avals[0]}'
+  )
   if cfg.saved_model:
     save_tf_saved_model(cfg.saved_model, model, variables, config.data.image_size, regressor)
     print(f'{cfg.saved_model}: TF SavedModel (signature serve)')
@@ -118,13 +128,17 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app
   from absl import flags
+
   from coarsemetro_jax import config_files
+
   config_files.define_flag('config', 'Model configuration file.')
-  flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
-                      'checkpoint.')
+  flags.DEFINE_string(
+      'checkpoint', None, 'Training workdir, step directory or converted ' 'checkpoint.'
+  )
   flags.DEFINE_string('out', None, 'Output file for the serialized artifact.')
-  flags.DEFINE_list('platforms', [], 'Lowering platforms, e.g. cpu,cuda (default: this '
-                    "machine's backend).")
+  flags.DEFINE_list(
+      'platforms', [], 'Lowering platforms, e.g. cpu,cuda (default: this ' "machine's backend)."
+  )
   flags.DEFINE_string('saved_model', '', 'Also write a TF SavedModel here (jax2tf).')
   flags.mark_flags_as_required(['config', 'checkpoint', 'out'])
   app.run(main)

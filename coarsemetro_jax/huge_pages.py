@@ -25,5 +25,8 @@ def exec_args(environ, platform=sys.platform):
     return None
   if not os.confstr('CS_GNU_LIBC_VERSION'):  # e.g. musl
     return None
-  return (sys.executable, [sys.executable] + sys.orig_argv[1:],
-          {**environ, 'GLIBC_TUNABLES': TUNABLE})
+  return (
+      sys.executable,
+      [sys.executable] + sys.orig_argv[1:],
+      {**environ, 'GLIBC_TUNABLES': TUNABLE},
+  )

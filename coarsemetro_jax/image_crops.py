@@ -23,10 +23,10 @@ import numpy as np
 from coarsemetro_jax import image_ops
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-BBOX_PADDING = 1.2          # crop side = padding * max(w, h), as SPIN/METRO crop labels
-MAX_ASPECT = 1.5            # whole-image crops wider/taller than this: warn
-MAX_MEGAPIXELS = 100.0      # larger decoded images are refused
-MAX_WARP_SHRINK = 2.0       # beyond this, area-average before the bilinear warp
+BBOX_PADDING = 1.2  # crop side = padding * max(w, h), as SPIN/METRO crop labels
+MAX_ASPECT = 1.5  # whole-image crops wider/taller than this: warn
+MAX_MEGAPIXELS = 100.0  # larger decoded images are refused
+MAX_WARP_SHRINK = 2.0  # beyond this, area-average before the bilinear warp
 # Images and crop boxes with a side under this hold too few pixels of a person
 # for a mesh to mean anything: they are refused, not up-sampled into a crop.
 MIN_SIDE = 32
@@ -41,8 +41,9 @@ def collect_images(specs):
   paths, problems = [], []
   for spec in specs:
     if os.path.isdir(spec):
-      found = sorted(os.path.join(spec, f) for f in os.listdir(spec)
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
+      found = sorted(
+          os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS)
+      )
       if not found:
         problems.append(f'{spec}: folder has no {"/".join(IMAGE_EXTENSIONS)} files')
     elif os.path.isfile(spec):
@@ -69,13 +70,17 @@ def load_image(path, max_megapixels=MAX_MEGAPIXELS):
   # OpenCV refuses images above 2^30 pixels (CV_IO_MAX_IMAGE_PIXELS) itself.
   image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
   if image is None:
-    raise ImageError(f'{path}: not a readable image (OpenCV cannot decode it; expected '
-                     f'{"/".join(e[1:].upper() for e in IMAGE_EXTENSIONS)} under 2^30 px)')
+    raise ImageError(
+        f'{path}: not a readable image (OpenCV cannot decode it; expected '
+        f'{"/".join(e[1:].upper() for e in IMAGE_EXTENSIONS)} under 2^30 px)'
+    )
   notes = []
   h, w = image.shape[:2]
   if h * w > max_megapixels * 1e6:
-    raise ImageError(f'{path}: {w} x {h} = {h * w / 1e6:.0f} megapixels is above the '
-                     f'limit of {max_megapixels:g} (--max_megapixels); downscale it first')
+    raise ImageError(
+        f'{path}: {w} x {h} = {h * w / 1e6:.0f} megapixels is above the '
+        f'limit of {max_megapixels:g} (--max_megapixels); downscale it first'
+    )
   if image.dtype == np.uint16:
     image = np.rint(image / 257.0).astype(np.uint8)
     notes.append('16-bit image scaled to 8 bits')
@@ -136,13 +141,14 @@ def box_for(path, bboxes):
 @dataclasses.dataclass
 class Crop:
   """A square crop of an image and where it came from."""
+
   path: str
-  image_size: tuple[int, int]          # original (width, height)
-  bbox: tuple | None                   # x, y, w, h in original pixels
-  center: tuple[float, float]          # crop centre, original pixels
-  side: float                          # crop side, original pixels
-  matrix: np.ndarray                   # [2, 3] original -> crop pixels
-  pixels: np.ndarray                   # uint8 [S, S, 3]
+  image_size: tuple[int, int]  # original (width, height)
+  bbox: tuple | None  # x, y, w, h in original pixels
+  center: tuple[float, float]  # crop centre, original pixels
+  side: float  # crop side, original pixels
+  matrix: np.ndarray  # [2, 3] original -> crop pixels
+  pixels: np.ndarray  # uint8 [S, S, 3]
   notes: list
 
 
@@ -151,32 +157,47 @@ def crop_image(path, image, bbox, size, padding=BBOX_PADDING, notes=()):
   notes = list(notes)
   h, w = image.shape[:2]
   if min(h, w) < MIN_SIDE:
-    raise ImageError(f'{path}: the image is {w} x {h} px; at least {MIN_SIDE} px on each '
-                     'side is needed')
+    raise ImageError(
+        f'{path}: the image is {w} x {h} px; at least {MIN_SIDE} px on each ' 'side is needed'
+    )
   if bbox is None:
     center, side = ((w - 1) / 2.0, (h - 1) / 2.0), float(max(h, w))
     if max(h, w) > MAX_ASPECT * min(h, w):
-      notes.append(f'no box and the image is {w} x {h}: the whole image is the crop, so '
-                   'the person may be small in it; pass --bbox or --bboxes')
+      notes.append(
+          f'no box and the image is {w} x {h}: the whole image is the crop, so '
+          'the person may be small in it; pass --bbox or --bboxes'
+      )
   else:
     x, y, bw, bh = bbox
     if x >= w or y >= h or x + bw <= 0 or y + bh <= 0:
-      raise ImageError(f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} lies '
-                       f'outside the {w} x {h} image')
+      raise ImageError(
+          f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} lies '
+          f'outside the {w} x {h} image'
+      )
     inside = (min(x + bw, w) - max(x, 0)) * (min(y + bh, h) - max(y, 0)) / (bw * bh)
     if inside < 0.5:
       notes.append(f'only {inside:.0%} of the box lies inside the image')
     # Pixel centres are at integers, so the box spans [x - 0.5, x + w - 0.5).
     center, side = (x + bw / 2.0 - 0.5, y + bh / 2.0 - 0.5), padding * max(bw, bh)
     if side < MIN_SIDE:
-      raise ImageError(f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} gives a '
-                       f'{side:g} px crop (with --bbox_padding {padding:g}); at least '
-                       f'{MIN_SIDE} px is needed')
+      raise ImageError(
+          f'{path}: box x,y,w,h = {",".join(f"{v:g}" for v in bbox)} gives a '
+          f'{side:g} px crop (with --bbox_padding {padding:g}); at least '
+          f'{MIN_SIDE} px is needed'
+      )
   matrix = image_ops.crop_matrix(center, side / image_ops.BOX_SIZE, size)
   for note in notes:
     logging.warning('%s: %s', path, note)
-  return Crop(path, (w, h), bbox, center, side, matrix,
-              _warp_antialiased(image, matrix, side / size, size), notes)
+  return Crop(
+      path,
+      (w, h),
+      bbox,
+      center,
+      side,
+      matrix,
+      _warp_antialiased(image, matrix, side / size, size),
+      notes,
+  )
 
 
 def _warp_antialiased(image, matrix, shrink, size):

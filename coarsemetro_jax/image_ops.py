@@ -23,7 +23,7 @@ Conventions:
 import cv2
 import numpy as np
 
-BOX_SIZE = 200.0      # a label's `scale` is the box side in units of 200 px
+BOX_SIZE = 200.0  # a label's `scale` is the box side in units of 200 px
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -50,8 +50,8 @@ def crop_matrix(center, scale, size, rot=0.0, flip=False):
   """
   zoom = size / (BOX_SIZE * scale)
   mid = (size - 1) / 2.0
-  lin = zoom * rotation_2d(rot)                          # [2, 2]
-  offset = mid - lin @ np.asarray(center, np.float64)    # [2]
+  lin = zoom * rotation_2d(rot)  # [2, 2]
+  offset = mid - lin @ np.asarray(center, np.float64)  # [2]
   if flip:  # x' -> S - 1 - x'
     lin[0] = -lin[0]
     offset[0] = size - 1 - offset[0]
@@ -73,8 +73,14 @@ def decode_jpeg(jpeg):
 
 def warp_image(image, matrix, size):
   """Bilinear crop [S, S, C] of `image` through `matrix`, zero outside."""
-  return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+  return cv2.warpAffine(
+      image,
+      matrix,
+      (size, size),
+      flags=cv2.INTER_LINEAR,
+      borderMode=cv2.BORDER_CONSTANT,
+      borderValue=0,
+  )
 
 
 def color_normalize(image, pn=(1.0, 1.0, 1.0)):
@@ -92,7 +98,7 @@ def color_normalize(image, pn=(1.0, 1.0, 1.0)):
   Returns:
     float32 [H, W, 3].
   """
-  levels = np.arange(256, dtype=np.float32)[:, None]                # [256, 1]
-  noisy = np.minimum(levels * np.asarray(pn, np.float32), 255.0)   # [256, 3]
+  levels = np.arange(256, dtype=np.float32)[:, None]  # [256, 1]
+  noisy = np.minimum(levels * np.asarray(pn, np.float32), 255.0)  # [256, 3]
   lut = (noisy / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
   return cv2.LUT(image, lut.astype(np.float32)[None])

@@ -45,8 +45,13 @@ from coarsemetro_jax import visualize
 from coarsemetro_jax.convert import orbax_variables
 
 # config.model fields that do not change the weights (left out of mismatch hints).
-RUNTIME_MODEL_FIELDS = ('dropout', 'compute_dtype', 'backbone_remat', 'joint_mask_ratio',
-                        'joint_mask_value')
+RUNTIME_MODEL_FIELDS = (
+    'dropout',
+    'compute_dtype',
+    'backbone_remat',
+    'joint_mask_ratio',
+    'joint_mask_value',
+)
 MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
 
 
@@ -56,8 +61,11 @@ MESH_FRAME = 'camera frame: x right, y down, z forward; metres'
 
 def abstract_variables(model, image_size):
   """jax.eval_shape of the model's variables (no memory, no compute)."""
-  return jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0)}, jnp.zeros((1, image_size, image_size, 3)), train=False))
+  return jax.eval_shape(
+      lambda: model.init(
+          {'params': jax.random.key(0)}, jnp.zeros((1, image_size, image_size, 3)), train=False
+      )
+  )
 
 
 def load_variables(config, model, checkpoint):
@@ -66,20 +74,26 @@ def load_variables(config, model, checkpoint):
   try:
     return checkpoints.load_variables(checkpoint, abstract)
   except checkpoints.CorruptCheckpointError:
-    raise                  # its own message; not a question of the config
+    raise  # its own message; not a question of the config
   except checkpoints.CheckpointError as e:
     if not os.path.exists(checkpoint):
       raise
     model_cfg = config.model
     saved = checkpoint_model_config(checkpoint)
-    diff = [f'{k}: checkpoint {saved.get(k)!r}, --config {v!r}'
-            for k, v in json.loads(model_cfg.to_json()).items()
-            if k in saved and saved[k] != v and k not in RUNTIME_MODEL_FIELDS]
-    hint = ('\nThe checkpoint was made with another config.model:\n  ' + '\n  '.join(diff)
-            if diff else '')
+    diff = [
+        f'{k}: checkpoint {saved.get(k)!r}, --config {v!r}'
+        for k, v in json.loads(model_cfg.to_json()).items()
+        if k in saved and saved[k] != v and k not in RUNTIME_MODEL_FIELDS
+    ]
+    hint = (
+        '\nThe checkpoint was made with another config.model:\n  ' + '\n  '.join(diff)
+        if diff
+        else ''
+    )
     raise checkpoints.CheckpointError(
         f'{e}\nThe checkpoint does not fit the --config model ({model_cfg.name}, backbone '
-        f'{model_cfg.backbone}); was it trained or converted with another config?{hint}') from e
+        f'{model_cfg.backbone}); was it trained or converted with another config?{hint}'
+    ) from e
 
 
 def checkpoint_model_config(path):
@@ -89,10 +103,15 @@ def checkpoint_model_config(path):
   except checkpoints.CheckpointError:
     return {}
   candidates = [
-      (os.path.join(os.path.dirname(directory), checkpoints.META_ITEM, 'metadata'),
-       lambda d: d['model']),
-      (os.path.join(directory, '_CHECKPOINT_METADATA'),
-       lambda d: d['custom_metadata'][orbax_variables.METADATA_KEY]['model'])]
+      (
+          os.path.join(os.path.dirname(directory), checkpoints.META_ITEM, 'metadata'),
+          lambda d: d['model'],
+      ),
+      (
+          os.path.join(directory, '_CHECKPOINT_METADATA'),
+          lambda d: d['custom_metadata'][orbax_variables.METADATA_KEY]['model'],
+      ),
+  ]
   for file, get in candidates:
     try:
       with open(file) as f:
@@ -106,11 +125,13 @@ def load_h36m_regressor(config):
   """The [17, 6890] H36M regressor of config.body_model, or None (with a warning)."""
   try:
     from coarsemetro_jax import body_model
-    body = body_model.load_body_model(config.body_model.path,
-                                      config.body_model.h36m_regressor)
+
+    body = body_model.load_body_model(config.body_model.path, config.body_model.h36m_regressor)
   except (ImportError, OSError, ValueError) as e:
-    logging.warning('no body model (%s): meshes are not pelvis-centred and the joints '
-                    'are the joint tokens', e)
+    logging.warning(
+        'no body model (%s): meshes are not pelvis-centred and the joints ' 'are the joint tokens',
+        e,
+    )
     return None
   return np.asarray(body.h36m_regressor, np.float32)
 
@@ -127,9 +148,10 @@ def make_predict_fn(model, h36m_regressor=None, attention=None):
   """
   regress = None
   if h36m_regressor is not None:
-    regressor = np.asarray(h36m_regressor, np.float32)                 # [17, V]
-    regress = lambda vertices: jnp.einsum(                             # [B, 17, 3]
-        'jv,bvc->bjc', regressor, vertices, precision=jax.lax.Precision.HIGHEST)
+    regressor = np.asarray(h36m_regressor, np.float32)  # [17, V]
+    regress = lambda vertices: jnp.einsum(  # [B, 17, 3]
+        'jv,bvc->bjc', regressor, vertices, precision=jax.lax.Precision.HIGHEST
+    )
 
   def predict(variables, images):
     if attention is None:
@@ -138,8 +160,9 @@ def make_predict_fn(model, h36m_regressor=None, attention=None):
       outputs, state = model.apply(variables, images, train=False, mutable=['intermediates'])
     result = steps.predictions(outputs, regress)
     if attention is not None:
-      result['attention'] = attention_maps.select(state['intermediates'], attention,
-                                                  model.num_joints)
+      result['attention'] = attention_maps.select(
+          state['intermediates'], attention, model.num_joints
+      )
     return result
 
   return predict
@@ -176,22 +199,25 @@ def rotmat_to_axis_angle(rotmats):
   either sign is the same rotation).
   """
   r = np.asarray(rotmats, np.float64)
-  w = 0.5 * np.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0],
-                      r[..., 1, 0] - r[..., 0, 1]], -1)                  # sin(theta) u
+  w = 0.5 * np.stack(
+      [r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1
+  )  # sin(theta) u
   sin = np.linalg.norm(w, axis=-1)
   cos = 0.5 * (np.trace(r, axis1=-2, axis2=-1) - 1.0)
   theta = np.arctan2(sin, cos)
   tiny = theta < 1e-4
-  ratio = np.where(tiny, 1.0 + theta ** 2 / 6.0,
-                   theta / np.where(tiny, 1.0, np.sin(theta)))           # theta / sin(theta)
+  ratio = np.where(
+      tiny, 1.0 + theta**2 / 6.0, theta / np.where(tiny, 1.0, np.sin(theta))
+  )  # theta / sin(theta)
   small = ratio[..., None] * w
   sym = 0.5 * (r + np.swapaxes(r, -1, -2)) - cos[..., None, None] * np.eye(3)
-  diag = np.diagonal(sym, axis1=-2, axis2=-1)                            # (1 - cos) u_k^2
+  diag = np.diagonal(sym, axis1=-2, axis2=-1)  # (1 - cos) u_k^2
   k = np.argmax(diag, -1)
-  column = np.take_along_axis(sym, k[..., None, None], -1)[..., 0]       # (1 - cos) u_k u
-  norm = np.sqrt(np.maximum(np.take_along_axis(diag, k[..., None], -1)
-                            * (1.0 - cos)[..., None], 0.0))              # (1 - cos) |u_k|
-  axis = column / np.where(norm > 0, norm, 1.0)    # (0 only near theta = 0: not used there)
+  column = np.take_along_axis(sym, k[..., None, None], -1)[..., 0]  # (1 - cos) u_k u
+  norm = np.sqrt(
+      np.maximum(np.take_along_axis(diag, k[..., None], -1) * (1.0 - cos)[..., None], 0.0)
+  )  # (1 - cos) |u_k|
+  axis = column / np.where(norm > 0, norm, 1.0)  # (0 only near theta = 0: not used there)
   axis *= np.where(np.sum(axis * w, -1, keepdims=True) < 0, -1.0, 1.0)
   large = theta[..., None] * axis
   return np.where((theta < np.pi / 2)[..., None], small, large)
@@ -201,13 +227,13 @@ def smpl_param_record(pred):
   """The JSON entry of the SMPL-parameter head's pose and shape (None without the head)."""
   if 'pred_rotmat' not in pred:
     return None
-  rotmat = np.asarray(pred['pred_rotmat'], np.float64)                  # [24, 3, 3]
+  rotmat = np.asarray(pred['pred_rotmat'], np.float64)  # [24, 3, 3]
   return {
-      'pose_axis_angle': rotmat_to_axis_angle(rotmat).tolist(),         # [24, 3]
+      'pose_axis_angle': rotmat_to_axis_angle(rotmat).tolist(),  # [24, 3]
       'pose_rotmat': rotmat.tolist(),
-      'betas': np.asarray(pred['pred_betas'], np.float64).tolist(),     # [10]
+      'betas': np.asarray(pred['pred_betas'], np.float64).tolist(),  # [10]
       'joints': 'the 24 SMPL joints, root (global orientation) first; pose_axis_angle '
-                'is the 72-value SMPL pose',
+      'is the 72-value SMPL pose',
   }
 
 
@@ -217,38 +243,51 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True
   comment = f'CoarseMETRO mesh, {MESH_FRAME}'
   mesh_io.write_obj(base + '.obj', pred['pred_vertices'], faces, comment)
   mesh_io.write_ply(base + '.ply', pred['pred_vertices'], faces, comment)
-  visualize.save_png(base + '.png', visualize.prediction_row(
-      crop.pixels, pred['pred_vertices'], pred['pred_cam'], faces))
+  visualize.save_png(
+      base + '.png',
+      visualize.prediction_row(crop.pixels, pred['pred_vertices'], pred['pred_cam'], faces),
+  )
   if attention is not None:
-    visualize.save_png(base + '_attention.png',
-                       attention_maps.figure(crop.pixels, pred['attention'], attention))
+    visualize.save_png(
+        base + '_attention.png', attention_maps.figure(crop.pixels, pred['attention'], attention)
+    )
   s, tx, ty = (float(v) for v in pred['pred_cam'])
   record = {
       'image': crop.path,
       'image_size': list(crop.image_size),
       'bbox': None if crop.bbox is None else list(crop.bbox),
-      'crop': {'center': list(crop.center), 'side': crop.side,
-               'size': int(crop.pixels.shape[0])},
-      'camera': {'s': s, 'tx': tx, 'ty': ty,
-                 'model': 'weak perspective: x2d = s * (X[:2] + [tx, ty]) in [-1, 1] '
-                          'crop coordinates'},
+      'crop': {'center': list(crop.center), 'side': crop.side, 'size': int(crop.pixels.shape[0])},
+      'camera': {
+          's': s,
+          'tx': tx,
+          'ty': ty,
+          'model': 'weak perspective: x2d = s * (X[:2] + [tx, ty]) in [-1, 1] ' 'crop coordinates',
+      },
       'joint_names': list(joint_tables.J14_NAMES),
       'joints_3d': np.asarray(pred['pred_3d_joints']).tolist(),
       'joints_2d_crop': np.asarray(pred['pred_2d_joints']).tolist(),
       'joints_2d_image': image_crops.crop_to_image(pred['pred_2d_joints'], crop).tolist(),
-      'mesh': {'obj': stem + '.obj', 'ply': stem + '.ply',
-               'vertices': int(len(pred['pred_vertices'])), 'faces': int(len(faces)),
-               'frame': MESH_FRAME,
-               'origin': 'H36M pelvis of the mesh' if centred else 'model output (no body '
-                         'model: not centred)'},
+      'mesh': {
+          'obj': stem + '.obj',
+          'ply': stem + '.ply',
+          'vertices': int(len(pred['pred_vertices'])),
+          'faces': int(len(faces)),
+          'frame': MESH_FRAME,
+          'origin': 'H36M pelvis of the mesh'
+          if centred
+          else 'model output (no body ' 'model: not centred)',
+      },
       'notes': crop.notes,
   }
   smpl = smpl_param_record(pred)
   if smpl is not None:
     record['smpl'] = smpl
-  with open(base + '.json', 'w') as f:   # one key per line, arrays on one line
-    f.write('{\n' + ',\n'.join(f' {json.dumps(k)}: {json.dumps(v)}'
-                                for k, v in record.items()) + '\n}\n')
+  with open(base + '.json', 'w') as f:  # one key per line, arrays on one line
+    f.write(
+        '{\n'
+        + ',\n'.join(f' {json.dumps(k)}: {json.dumps(v)}' for k, v in record.items())
+        + '\n}\n'
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -257,14 +296,25 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True
 
 @dataclasses.dataclass
 class Result:
-  written: list        # output stems, in input order
-  failures: list       # (path, message)
+  written: list  # output stems, in input order
+  failures: list  # (path, message)
 
 
-def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
-        batch_size=8, padding=image_crops.BBOX_PADDING,
-        max_megapixels=image_crops.MAX_MEGAPIXELS,
-        attention=None, h36m_regressor='config', progress=True):
+def run(
+    config,
+    checkpoint,
+    image_specs,
+    output_dir,
+    *,
+    bbox=(),
+    bboxes_json='',
+    batch_size=8,
+    padding=image_crops.BBOX_PADDING,
+    max_megapixels=image_crops.MAX_MEGAPIXELS,
+    attention=None,
+    h36m_regressor='config',
+    progress=True,
+):
   """Inference over `image_specs`; see the module docstring. Returns Result.
 
   `bbox`: boxes 'x,y,w,h' (one for all images or one per image);
@@ -277,14 +327,15 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
   for problem in problems:
     logging.error('%s', problem)
   if not paths:
-    raise image_crops.ImageError(
-        'no images to process: ' + '; '.join(problems or ['none given']))
+    raise image_crops.ImageError('no images to process: ' + '; '.join(problems or ['none given']))
   boxes = {}
   if bbox:
     parsed = [image_crops.parse_bbox(b) for b in bbox]
     if len(parsed) not in (1, len(paths)):
-      raise ValueError(f'--bbox given {len(parsed)} times for {len(paths)} images; give it '
-                       'once (all images) or once per image, or use --bboxes')
+      raise ValueError(
+          f'--bbox given {len(parsed)} times for {len(paths)} images; give it '
+          'once (all images) or once per image, or use --bboxes'
+      )
     boxes = {p: parsed[0 if len(parsed) == 1 else i] for i, p in enumerate(paths)}
   if bboxes_json:
     boxes.update(image_crops.read_bboxes_json(bboxes_json))
@@ -298,22 +349,33 @@ def run(config, checkpoint, image_specs, output_dir, *, bbox=(), bboxes_json='',
   written, used, pending = [], set(), []
 
   def flush():
-    crops = normalize([c.pixels for c in pending])                   # [n, S, S, 3]
+    crops = normalize([c.pixels for c in pending])  # [n, S, S, 3]
     padded = np.zeros((batch_size,) + crops.shape[1:], np.float32)
-    padded[:len(crops)] = crops
+    padded[: len(crops)] = crops
     out = jax.device_get(predict(variables, padded))
     for i, crop in enumerate(pending):
       stem = output_stem(crop.path, used)
-      write_outputs(output_dir, stem, crop, jax.tree.map(lambda x, i=i: x[i], out),
-                    faces, attention, centred=h36m_regressor is not None)
+      write_outputs(
+          output_dir,
+          stem,
+          crop,
+          jax.tree.map(lambda x, i=i: x[i], out),
+          faces,
+          attention,
+          centred=h36m_regressor is not None,
+      )
       written.append(stem)
     pending.clear()
 
   for k, path in enumerate(paths):
-    if progress:   # one updating line on a terminal, else one line per image
+    if progress:  # one updating line on a terminal, else one line per image
       tty = sys.stderr.isatty()
-      print(f'{chr(13) if tty else ""}[{k + 1}/{len(paths)}] {path}', end='' if tty else '\n',
-            file=sys.stderr, flush=True)
+      print(
+          f'{chr(13) if tty else ""}[{k + 1}/{len(paths)}] {path}',
+          end='' if tty else '\n',
+          file=sys.stderr,
+          flush=True,
+      )
     try:
       image, notes = image_crops.load_image(path, max_megapixels)
       box = image_crops.box_for(path, boxes)
@@ -341,25 +403,35 @@ def _parse_ints(values, name):
 def _define_flags():
   """Command-line flags (defined only when run as a program)."""
   from absl import flags
+
   from coarsemetro_jax import config_files
+
   config_files.define_flag('config', 'Model configuration file.')
-  flags.DEFINE_string('checkpoint', None, 'Training workdir, step directory or converted '
-                      'checkpoint.')
-  flags.DEFINE_multi_string('images', [], 'Image files, folders or globs (paths after the '
-                            'flags are images too).')
+  flags.DEFINE_string(
+      'checkpoint', None, 'Training workdir, step directory or converted ' 'checkpoint.'
+  )
+  flags.DEFINE_multi_string(
+      'images', [], 'Image files, folders or globs (paths after the ' 'flags are images too).'
+  )
   flags.DEFINE_string('output_dir', 'inference', 'Where the outputs go.')
-  flags.DEFINE_multi_string('bbox', [], 'Person box x,y,w,h in image pixels: once for all '
-                            'images or once per image.')
+  flags.DEFINE_multi_string(
+      'bbox', [], 'Person box x,y,w,h in image pixels: once for all ' 'images or once per image.'
+  )
   flags.DEFINE_string('bboxes', '', 'JSON {"image name or path": [x, y, w, h]}.')
-  flags.DEFINE_float('bbox_padding', image_crops.BBOX_PADDING,
-                     'Crop side / longer box side.')
+  flags.DEFINE_float('bbox_padding', image_crops.BBOX_PADDING, 'Crop side / longer box side.')
   flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
   flags.DEFINE_float('max_megapixels', image_crops.MAX_MEGAPIXELS, 'Refuse larger images.')
   flags.DEFINE_bool('attention', False, 'Also write <name>_attention.png (Figs. 5-7).')
-  flags.DEFINE_list('vertex_tokens', [str(i) for i in attention_maps.DEFAULT_VERTEX_TOKENS],
-                    'Decoder vertex tokens to show.')
-  flags.DEFINE_list('joint_tokens', [str(i) for i in attention_maps.DEFAULT_JOINT_TOKENS],
-                    f'Decoder joint tokens to show (J14: {", ".join(joint_tables.J14_NAMES)}).')
+  flags.DEFINE_list(
+      'vertex_tokens',
+      [str(i) for i in attention_maps.DEFAULT_VERTEX_TOKENS],
+      'Decoder vertex tokens to show.',
+  )
+  flags.DEFINE_list(
+      'joint_tokens',
+      [str(i) for i in attention_maps.DEFAULT_JOINT_TOKENS],
+      f'Decoder joint tokens to show (J14: {", ".join(joint_tables.J14_NAMES)}).',
+  )
   flags.DEFINE_list('decoder_layers', ['0'], 'Decoder layers (forward order over stages).')
   flags.DEFINE_list('encoder_layers', [], 'Encoder layers for the camera map (empty = all).')
   flags.mark_flags_as_required(['config', 'checkpoint'])
@@ -367,8 +439,9 @@ def _define_flags():
 
 def main(argv):
   from absl import flags as absl_flags
+
   flags = absl_flags.FLAGS
-  logging.set_verbosity(logging.WARNING)   # orbax logs every restore step at INFO
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   images = flags.images + list(argv[1:])
   if not images:
     raise SystemExit('no images: pass --images PATH... (files, folders or globs)')
@@ -376,22 +449,37 @@ def main(argv):
     spec = None
     if flags.attention:
       ints = lambda name: tuple(_parse_ints(flags[name].value, name))
-      spec = attention_maps.AttentionSpec(ints('vertex_tokens'), ints('joint_tokens'),
-                                          ints('decoder_layers'), ints('encoder_layers'))
-    result = run(flags.config, flags.checkpoint, images, flags.output_dir,
-                 bbox=flags.bbox, bboxes_json=flags.bboxes, batch_size=flags.batch_size,
-                 padding=flags.bbox_padding, max_megapixels=flags.max_megapixels,
-                 attention=spec)
-  except (ValueError, OSError) as e:   # bad flags, boxes, checkpoint: one clear line
+      spec = attention_maps.AttentionSpec(
+          ints('vertex_tokens'),
+          ints('joint_tokens'),
+          ints('decoder_layers'),
+          ints('encoder_layers'),
+      )
+    result = run(
+        flags.config,
+        flags.checkpoint,
+        images,
+        flags.output_dir,
+        bbox=flags.bbox,
+        bboxes_json=flags.bboxes,
+        batch_size=flags.batch_size,
+        padding=flags.bbox_padding,
+        max_megapixels=flags.max_megapixels,
+        attention=spec,
+    )
+  except (ValueError, OSError) as e:  # bad flags, boxes, checkpoint: one clear line
     raise SystemExit(f'error: {e}') from e
   for _, message in result.failures:
     print(f'skipped: {message}', file=sys.stderr)
-  print(f'{len(result.written)} images -> {flags.output_dir}'
-        + (f', {len(result.failures)} skipped' if result.failures else ''))
+  print(
+      f'{len(result.written)} images -> {flags.output_dir}'
+      + (f', {len(result.failures)} skipped' if result.failures else '')
+  )
   return 0 if result.written else 1
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

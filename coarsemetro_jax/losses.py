@@ -49,8 +49,7 @@ def orthographic_projection(points, camera):
 
 def hip_centre(joints_j14):
   """Midpoint of the two J14 hips. [B, 14, C] -> [B, C]."""
-  return 0.5 * (joints_j14[:, joint_tables.J14_R_HIP] +
-                joints_j14[:, joint_tables.J14_L_HIP])
+  return 0.5 * (joints_j14[:, joint_tables.J14_R_HIP] + joints_j14[:, joint_tables.J14_L_HIP])
 
 
 def _masked_mean(values, example_mask, num_examples):
@@ -76,10 +75,10 @@ def keypoint_3d_loss(pred, gt, has_3d):
     mean over N_has3d * 14 * 3 of conf * |pred - gt| after centring both at
     the hip midpoint.
   """
-  conf = gt[..., 3:]                                     # [B, 14, 1]
+  conf = gt[..., 3:]  # [B, 14, 1]
   gt = gt[..., :3] - hip_centre(gt[..., :3])[:, None]
   pred = pred - hip_centre(pred)[:, None]
-  err = conf * jnp.abs(pred - gt)                        # [B, 14, 3]
+  err = conf * jnp.abs(pred - gt)  # [B, 14, 3]
   return _masked_mean(err, has_3d, jnp.sum(has_3d > 0))
 
 
@@ -92,7 +91,7 @@ def keypoint_2d_loss(pred, gt, mask):
     mask: [B] examples that count (all 1 in training: the mean runs over all
       B * 14 * 2 entries, visibility only gates the numerator).
   """
-  err = gt[..., 2:] * jnp.abs(pred - gt[..., :2])        # [B, 14, 2]
+  err = gt[..., 2:] * jnp.abs(pred - gt[..., :2])  # [B, 14, 2]
   return _masked_mean(err, mask, jnp.sum(mask > 0))
 
 
@@ -110,15 +109,15 @@ def similarity_transform(source, target):
   """
   mu_s = source.mean(1, keepdims=True)
   mu_t = target.mean(1, keepdims=True)
-  xs, xt = source - mu_s, target - mu_t                          # [B, N, 3]
-  var_s = jnp.sum(xs * xs, axis=(1, 2))                          # [B]
-  k = jnp.einsum('bni,bnj->bij', xs, xt)                         # [B, 3, 3] = X1 X2^T
+  xs, xt = source - mu_s, target - mu_t  # [B, N, 3]
+  var_s = jnp.sum(xs * xs, axis=(1, 2))  # [B]
+  k = jnp.einsum('bni,bnj->bij', xs, xt)  # [B, 3, 3] = X1 X2^T
   u, _, vh = jnp.linalg.svd(k)
   v = jnp.swapaxes(vh, -1, -2)
   # R = V Z U^T with Z = diag(1, 1, sign(det(V U^T))) removes reflections.
   det = jnp.linalg.det(jnp.einsum('bij,bkj->bik', v, u))
   z = jnp.ones_like(k[:, 0]).at[:, -1].set(jnp.where(det < 0, -1.0, 1.0))  # [B, 3]
-  r = jnp.einsum('bij,bj,bkj->bik', v, z, u)                     # [B, 3, 3]
+  r = jnp.einsum('bij,bj,bkj->bik', v, z, u)  # [B, 3, 3]
   scale = jnp.einsum('bij,bji->b', r, k) / jnp.maximum(var_s, 1e-12)  # tr(RK)/|X1|^2
   return scale[:, None, None] * r, mu_t
 
@@ -133,12 +132,12 @@ def procrustes_keypoint_3d_loss(pred, gt, has_3d):
   normalisation as `keypoint_3d_loss`; GT confidence weights the error, not
   the alignment.
   """
-  conf = gt[..., 3:]                                     # [B, 14, 1]
+  conf = gt[..., 3:]  # [B, 14, 1]
   gt = gt[..., :3]
   sr, mu_t = similarity_transform(jax.lax.stop_gradient(pred), gt)
-  centred = pred - pred.mean(1, keepdims=True)           # [B, 14, 3]
+  centred = pred - pred.mean(1, keepdims=True)  # [B, 14, 3]
   aligned = jnp.einsum('bij,bnj->bni', sr, centred) + mu_t
-  err = conf * jnp.abs(aligned - gt)                     # [B, 14, 3]
+  err = conf * jnp.abs(aligned - gt)  # [B, 14, 3]
   return _masked_mean(err, has_3d, jnp.sum(has_3d > 0))
 
 
@@ -148,8 +147,8 @@ def vertices_loss(pred, gt, has_smpl):
 
 
 def _edge_lengths(vertices, edges):
-  d = vertices[:, edges[:, 0]] - vertices[:, edges[:, 1]]       # [B, E, 3]
-  return jnp.sqrt(jnp.sum(d * d, -1) + 1e-8)                    # [B, E]
+  d = vertices[:, edges[:, 0]] - vertices[:, edges[:, 1]]  # [B, E, 3]
+  return jnp.sqrt(jnp.sum(d * d, -1) + 1e-8)  # [B, E]
 
 
 def _normalize(v):
@@ -178,20 +177,21 @@ def edge_triangles(edges, num_vertices):
   edges = np.sort(np.asarray(edges), 1)
   adjacency = np.zeros((num_vertices, num_vertices), bool)
   adjacency[edges[:, 0], edges[:, 1]] = adjacency[edges[:, 1], edges[:, 0]] = True
-  common = adjacency[edges[:, 0]] & adjacency[edges[:, 1]]          # [E, V]
-  common &= np.arange(num_vertices)[None] > edges[:, 1:]            # c > b > a
+  common = adjacency[edges[:, 0]] & adjacency[edges[:, 1]]  # [E, V]
+  common &= np.arange(num_vertices)[None] > edges[:, 1:]  # c > b > a
   e, c = np.nonzero(common)
   return np.concatenate([edges[e], c[:, None]], 1).astype(np.int32)
 
 
 def normal_vector_loss(pred, gt, faces, has_smpl):
   """Pose2Mesh/FastMETRO `NormalVectorLoss`: mean |cos(pred face edge, GT normal)|."""
+
   def edge(v, i, j):
-    return _normalize(v[:, faces[:, j]] - v[:, faces[:, i]])   # [B, F, 3]
+    return _normalize(v[:, faces[:, j]] - v[:, faces[:, i]])  # [B, F, 3]
+
   normal_gt = _normalize(jnp.cross(edge(gt, 0, 1), edge(gt, 0, 2)))
-  cos = [jnp.abs(jnp.sum(edge(pred, i, j) * normal_gt, -1))
-         for i, j in ((0, 1), (0, 2), (1, 2))]
-  cos = jnp.stack(cos, -1)                                       # [B, F, 3]
+  cos = [jnp.abs(jnp.sum(edge(pred, i, j) * normal_gt, -1)) for i, j in ((0, 1), (0, 2), (1, 2))]
+  cos = jnp.stack(cos, -1)  # [B, F, 3]
   return _masked_mean(cos, has_smpl, jnp.sum(has_smpl > 0))
 
 
@@ -214,12 +214,13 @@ def ground_truth(batch, gt_vertices_fine, regress_h36m, topology):
     [B, 14, 3].
   """
   gt_vertices_fine = jnp.asarray(gt_vertices_fine, _F32)
-  pelvis = regress_h36m(gt_vertices_fine)[:, joint_tables.H36M_PELVIS]   # [B, 3]
+  pelvis = regress_h36m(gt_vertices_fine)[:, joint_tables.H36M_PELVIS]  # [B, 3]
   fine = gt_vertices_fine - pelvis[:, None]
-  j24 = jnp.asarray(batch['joints_3d'], _F32)                              # [B, 24, 4]
+  j24 = jnp.asarray(batch['joints_3d'], _F32)  # [B, 24, 4]
   j14 = j24[:, joint_tables.J24_TO_J14]
   j14 = jnp.concatenate(
-      [j14[..., :3] - j24[:, None, joint_tables.J24_PELVIS, :3], j14[..., 3:]], -1)
+      [j14[..., :3] - j24[:, None, joint_tables.J24_PELVIS, :3], j14[..., 3:]], -1
+  )
   return {
       'vertices_fine': fine,
       'vertices_intermediate': topology.downsample(fine, 0, 1),
@@ -238,8 +239,8 @@ def centre_predictions(outputs, regress_h36m):
   midpoint; cam [B, 3].
   """
   out = {k: jnp.asarray(v, _F32) for k, v in outputs.items()}
-  j17 = regress_h36m(out['pred_3d_vertices_fine'])                    # [B, 17, 3]
-  pelvis = j17[:, joint_tables.H36M_PELVIS][:, None]                  # [B, 1, 3]
+  j17 = regress_h36m(out['pred_3d_vertices_fine'])  # [B, 17, 3]
+  pelvis = j17[:, joint_tables.H36M_PELVIS][:, None]  # [B, 1, 3]
   token = out['pred_3d_joints']
   return {
       'vertices_fine': out['pred_3d_vertices_fine'] - pelvis,
@@ -255,8 +256,7 @@ def centre_predictions(outputs, regress_h36m):
 # Total loss.
 
 
-def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology,
-                 loss_config):
+def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology, loss_config):
   """The weighted total loss and its unweighted terms.
 
   Args:
@@ -273,7 +273,7 @@ def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology,
   c = loss_config
   pred = centre_predictions(outputs, regress_h36m)
   gt = ground_truth(batch, gt_vertices_fine, regress_h36m, topology)
-  flag = lambda key: jnp.asarray(batch[key], _F32)                     # [B]
+  flag = lambda key: jnp.asarray(batch[key], _F32)  # [B]
   mask = flag('mask')
   has_3d = flag('has_3d_joints') * mask
   has_smpl = flag('has_smpl') * mask
@@ -293,25 +293,34 @@ def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology,
   terms['joints_3d'] = terms['joints_3d_token'] + terms['joints_3d_mesh']
   if c.joints_3d_pa:
     terms['joints_3d_pa'] = procrustes_keypoint_3d_loss(
-        pred['mesh_joints'], gt['joints_3d'], has_3d)
+        pred['mesh_joints'], gt['joints_3d'], has_3d
+    )
   for level in ('coarse', 'intermediate', 'fine'):
     terms[f'vertices_{level}'] = vertices_loss(
-        pred[f'vertices_{level}'], gt[f'vertices_{level}'], has_smpl)
-  terms['vertices'] = (c.vertices_coarse * terms['vertices_coarse'] +
-                       c.vertices_intermediate * terms['vertices_intermediate'] +
-                       c.vertices_fine * terms['vertices_fine'])
+        pred[f'vertices_{level}'], gt[f'vertices_{level}'], has_smpl
+    )
+  terms['vertices'] = (
+      c.vertices_coarse * terms['vertices_coarse']
+      + c.vertices_intermediate * terms['vertices_intermediate']
+      + c.vertices_fine * terms['vertices_fine']
+  )
   # beta: visibility (times has_2d_joints if asked) gates the numerator; every
   # real example counts in the denominator (FastMETRO: mean over B * 14 * 2).
-  gt_2d = gt['joints_2d'].at[..., 2].multiply(mask_2d[:, None])       # [B, 14, 3]
+  gt_2d = gt['joints_2d'].at[..., 2].multiply(mask_2d[:, None])  # [B, 14, 3]
   gt_2d = jnp.where(gt_2d[..., 2:] > 0, gt_2d, 0.0)
   terms['joints_2d_token'] = keypoint_2d_loss(
-      orthographic_projection(pred['token_joints'], pred['cam']), gt_2d, mask)
+      orthographic_projection(pred['token_joints'], pred['cam']), gt_2d, mask
+  )
   terms['joints_2d_mesh'] = keypoint_2d_loss(
-      orthographic_projection(pred['mesh_joints'], pred['cam']), gt_2d, mask)
+      orthographic_projection(pred['mesh_joints'], pred['cam']), gt_2d, mask
+  )
   terms['joints_2d'] = terms['joints_2d_token'] + terms['joints_2d_mesh']
 
-  total = (c.joints_3d * terms['joints_3d'] + c.vertices * terms['vertices'] +
-           c.joints_2d * terms['joints_2d'])
+  total = (
+      c.joints_3d * terms['joints_3d']
+      + c.vertices * terms['vertices']
+      + c.joints_2d * terms['joints_2d']
+  )
   if 'joints_3d_pa' in terms:
     total = total + c.joints_3d_pa * terms['joints_3d_pa']
   if c.use_edge_normal:
@@ -321,8 +330,8 @@ def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology,
     terms['edge_gt'] = edge_length_gt_loss(p, g, edges, has_smpl)
     terms['edge_self'] = edge_length_self_loss(p, edges, has_smpl)
     terms['normal'] = normal_vector_loss(p, g, faces, has_smpl)
-    terms['edge_normal'] = (c.edge_gt * terms['edge_gt'] +
-                            c.edge_self * terms['edge_self'] +
-                            c.normal * terms['normal'])
+    terms['edge_normal'] = (
+        c.edge_gt * terms['edge_gt'] + c.edge_self * terms['edge_self'] + c.normal * terms['normal']
+    )
     total = total + c.edge_normal * terms['edge_normal']
   return total, terms

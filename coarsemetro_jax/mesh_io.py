@@ -37,11 +37,13 @@ def write_ply(path, vertices, faces, comment=''):
   vertices = np.ascontiguousarray(vertices, '<f4')
   face_rows = np.zeros(len(faces), _PLY_FACE)
   face_rows['n'], face_rows['i'] = 3, np.asarray(faces)
-  header = ('ply\nformat binary_little_endian 1.0\n'
-            + (f'comment {comment}\n' if comment else '')
-            + f'element vertex {len(vertices)}\nproperty float x\nproperty float y\n'
-            f'property float z\nelement face {len(faces)}\n'
-            'property list uchar int vertex_indices\nend_header\n')
+  header = (
+      'ply\nformat binary_little_endian 1.0\n'
+      + (f'comment {comment}\n' if comment else '')
+      + f'element vertex {len(vertices)}\nproperty float x\nproperty float y\n'
+      f'property float z\nelement face {len(faces)}\n'
+      'property list uchar int vertex_indices\nend_header\n'
+  )
   with open(path, 'wb') as f:
     f.write(header.encode('ascii'))
     f.write(vertices.tobytes())
@@ -55,9 +57,11 @@ def read_ply(path):
   if not data.startswith(b'ply\nformat binary_little_endian 1.0\n'):
     raise ValueError(f'{path}: expected a binary little-endian PLY as write_ply writes')
   end = data.index(b'end_header\n') + len(b'end_header\n')
-  counts = {line.split()[1]: int(line.split()[2])
-            for line in data[:end].decode('ascii').splitlines()
-            if line.startswith('element')}
+  counts = {
+      line.split()[1]: int(line.split()[2])
+      for line in data[:end].decode('ascii').splitlines()
+      if line.startswith('element')
+  }
   nv, nf = counts['vertex'], counts['face']
   vertices = np.frombuffer(data, '<f4', nv * 3, end).reshape(nv, 3)
   faces = np.frombuffer(data, _PLY_FACE, nf, end + nv * 12)

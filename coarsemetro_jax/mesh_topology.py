@@ -49,13 +49,14 @@ class MeshTopology:
 
   Level 0 is the full mesh, level L-1 the coarsest.
   """
+
   num_vertices: tuple[int, ...]
-  faces: tuple[np.ndarray, ...]          # per level, int32 [F_l, 3]
-  edges: tuple[np.ndarray, ...]          # per level, int32 [E_l, 2], i < j
-  down_indices: tuple[np.ndarray, ...]   # l -> l+1: int32 [V_{l+1}] into level l
-  up_indices: tuple[np.ndarray, ...]     # l+1 -> l: int32 [V_l, K] into level l+1
-  up_weights: tuple[np.ndarray, ...]     # l+1 -> l: float32 [V_l, K]
-  coarse_adjacency: np.ndarray           # bool [V_c, V_c]: graph + self-loops
+  faces: tuple[np.ndarray, ...]  # per level, int32 [F_l, 3]
+  edges: tuple[np.ndarray, ...]  # per level, int32 [E_l, 2], i < j
+  down_indices: tuple[np.ndarray, ...]  # l -> l+1: int32 [V_{l+1}] into level l
+  up_indices: tuple[np.ndarray, ...]  # l+1 -> l: int32 [V_l, K] into level l+1
+  up_weights: tuple[np.ndarray, ...]  # l+1 -> l: float32 [V_l, K]
+  coarse_adjacency: np.ndarray  # bool [V_c, V_c]: graph + self-loops
   source: str = ''
 
   @property
@@ -82,7 +83,7 @@ class MeshTopology:
       indices, weights = self.up_indices[level], self.up_weights[level]
       upsampled = 0
       for k in range(indices.shape[1]):
-        slot = vertices[..., indices[:, k], :]               # [..., V_l, C]
+        slot = vertices[..., indices[:, k], :]  # [..., V_l, C]
         upsampled = upsampled + slot * weights[:, k, None].astype(slot.dtype)
       vertices = upsampled
     return vertices
@@ -92,8 +93,7 @@ class MeshTopology:
     n_out, n_in = self.num_vertices[level], self.num_vertices[level + 1]
     dense = np.zeros((n_out, n_in), np.float64)
     rows = np.repeat(np.arange(n_out), self.up_indices[level].shape[1])
-    np.add.at(dense, (rows, self.up_indices[level].ravel()),
-              self.up_weights[level].ravel())
+    np.add.at(dense, (rows, self.up_indices[level].ravel()), self.up_weights[level].ravel())
     return dense
 
   def decoder_attention_mask(self, num_joints):
@@ -127,8 +127,9 @@ def load_topology(path='', adjmat=None, adjmat_source='adjmat'):
   path = path or EMBEDDED_HIERARCHY
   if not os.path.exists(path):
     raise TopologyError(
-        f'mesh hierarchy file not found: {path!r} (expected GraphCMR\'s '
-        'mesh_downsampling.npz or the embedded asset)')
+        f"mesh hierarchy file not found: {path!r} (expected GraphCMR's "
+        'mesh_downsampling.npz or the embedded asset)'
+    )
   try:
     with zipfile.ZipFile(path) as zf:
       names = {n[:-4] for n in zf.namelist() if n.endswith('.npy')}
@@ -148,6 +149,7 @@ def load_topology(path='', adjmat=None, adjmat_source='adjmat'):
 @dataclasses.dataclass
 class _Csc:
   """Fields of a compressed sparse column matrix."""
+
   data: np.ndarray
   indices: np.ndarray
   indptr: np.ndarray
@@ -180,18 +182,21 @@ class _SafeUnpickler(pickle.Unpickler):
       ('numpy', 'ndarray'),
       ('numpy', 'dtype'),
   }
-  _CSC = {('scipy.sparse.csc', 'csc_matrix'),
-          ('scipy.sparse._csc', 'csc_matrix')}
+  _CSC = {('scipy.sparse.csc', 'csc_matrix'), ('scipy.sparse._csc', 'csc_matrix')}
 
   def find_class(self, module, name):
     if (module, name) in self._NUMPY:
-      return np.ndarray if name == 'ndarray' else (
-          np.dtype if name == 'dtype' else np._core.multiarray._reconstruct)
+      return (
+          np.ndarray
+          if name == 'ndarray'
+          else (np.dtype if name == 'dtype' else np._core.multiarray._reconstruct)
+      )
     if (module, name) in self._CSC:
       return _CscStub
     raise pickle.UnpicklingError(
         f'refusing to unpickle {module}.{name}: only numpy arrays and '
-        'scipy csc matrices are expected in a mesh hierarchy file')
+        'scipy csc matrices are expected in a mesh hierarchy file'
+    )
 
 
 def _read_pickled_member(zf, key, path):
@@ -214,8 +219,14 @@ def _read_pickled_member(zf, key, path):
     if isinstance(item, _CscStub):
       s = item.state
       shape = s.get('_shape', s.get('shape'))
-      out.append(_Csc(np.asarray(s['data']), np.asarray(s['indices']),
-                      np.asarray(s['indptr']), tuple(int(d) for d in shape)))
+      out.append(
+          _Csc(
+              np.asarray(s['data']),
+              np.asarray(s['indices']),
+              np.asarray(s['indptr']),
+              tuple(int(d) for d in shape),
+          )
+      )
     else:
       out.append(np.asarray(item))
   return out
@@ -228,23 +239,31 @@ def _npy_bytes(zf, key):
 
 def _read_plain_members(zf, names, path):
   """Reads the plain-array layout written by `save_hierarchy`."""
+
   def arr(name):
     return np.load(io.BytesIO(_npy_bytes(zf, name)), allow_pickle=False)
 
   mats = {}
   for key in 'AUD':
-    levels = sorted(int(n[1:-len('_data')]) for n in names
-                    if n.startswith(key) and n.endswith('_data'))
+    levels = sorted(
+        int(n[1 : -len('_data')]) for n in names if n.startswith(key) and n.endswith('_data')
+    )
     mats[key] = [
-        _Csc(arr(f'{key}{l}_data'), arr(f'{key}{l}_indices'),
-             arr(f'{key}{l}_indptr'), tuple(int(d) for d in arr(f'{key}{l}_shape')))
-        for l in levels]
+        _Csc(
+            arr(f'{key}{l}_data'),
+            arr(f'{key}{l}_indices'),
+            arr(f'{key}{l}_indptr'),
+            tuple(int(d) for d in arr(f'{key}{l}_shape')),
+        )
+        for l in levels
+    ]
   f_levels = sorted(int(n[1:]) for n in names if n[0] == 'F' and n[1:].isdigit())
   mats['F'] = [arr(f'F{l}') for l in f_levels]
   if not all(mats.values()):
     raise TopologyError(
         f'{path!r}: expected keys A/U/D/F (GraphCMR) or A0_data.., U0_data.., '
-        f'D0_data.., F0.. (plain layout); found {sorted(names)}')
+        f'D0_data.., F0.. (plain layout); found {sorted(names)}'
+    )
   return mats
 
 
@@ -254,25 +273,33 @@ def _build(mats, source):
   if not (len(f_list) == num_levels and len(u_list) == len(d_list) == num_levels - 1):
     raise TopologyError(
         f'{source!r}: inconsistent level counts A={len(a_list)} U={len(u_list)} '
-        f'D={len(d_list)} F={len(f_list)}')
+        f'D={len(d_list)} F={len(f_list)}'
+    )
   num_vertices = tuple(a.shape[0] for a in a_list)
   down, up_idx, up_w, edges = [], [], [], []
   for l in range(num_levels - 1):
     d = d_list[l]
     if d.shape != (num_vertices[l + 1], num_vertices[l]):
-      raise TopologyError(f'{source!r}: D[{l}] has shape {d.shape}, expected '
-                          f'{(num_vertices[l + 1], num_vertices[l])}')
+      raise TopologyError(
+          f'{source!r}: D[{l}] has shape {d.shape}, expected '
+          f'{(num_vertices[l + 1], num_vertices[l])}'
+      )
     rows, cols, vals = d.to_coo()
-    if len(rows) != d.shape[0] or not np.allclose(vals, 1.0) or (
-        np.bincount(rows, minlength=d.shape[0]) != 1).any():
+    if (
+        len(rows) != d.shape[0]
+        or not np.allclose(vals, 1.0)
+        or (np.bincount(rows, minlength=d.shape[0]) != 1).any()
+    ):
       raise TopologyError(f'{source!r}: D[{l}] is not a one-hot selection')
     sel = np.empty(d.shape[0], np.int32)
     sel[rows] = cols
     down.append(sel)
     u = u_list[l]
     if u.shape != (num_vertices[l], num_vertices[l + 1]):
-      raise TopologyError(f'{source!r}: U[{l}] has shape {u.shape}, expected '
-                          f'{(num_vertices[l], num_vertices[l + 1])}')
+      raise TopologyError(
+          f'{source!r}: U[{l}] has shape {u.shape}, expected '
+          f'{(num_vertices[l], num_vertices[l + 1])}'
+      )
     rows, cols, vals = u.to_coo()
     counts = np.bincount(rows, minlength=u.shape[0])
     k = int(counts.max())
@@ -285,7 +312,7 @@ def _build(mats, source):
     w[rows, slot] = vals
     up_idx.append(idx)
     up_w.append(w)
-  for l, a in enumerate(a_list):
+  for a in a_list:
     rows, cols, _ = a.to_coo()
     keep = rows < cols
     e = np.stack([rows[keep], cols[keep]], 1).astype(np.int32)
@@ -294,33 +321,47 @@ def _build(mats, source):
   coarse = np.eye(num_vertices[-1], dtype=bool)
   coarse[edges[-1][:, 0], edges[-1][:, 1]] = True
   coarse[edges[-1][:, 1], edges[-1][:, 0]] = True
-  return MeshTopology(num_vertices=num_vertices, faces=faces, edges=tuple(edges),
-                      down_indices=tuple(down), up_indices=tuple(up_idx),
-                      up_weights=tuple(up_w), coarse_adjacency=coarse,
-                      source=source)
+  return MeshTopology(
+      num_vertices=num_vertices,
+      faces=faces,
+      edges=tuple(edges),
+      down_indices=tuple(down),
+      up_indices=tuple(up_idx),
+      up_weights=tuple(up_w),
+      coarse_adjacency=coarse,
+      source=source,
+  )
 
 
 def _coarse_adjacency(adjmat, num_coarse, source):
   """bool [V_c, V_c] from a dense/sparse matrix or (indices, values, size)."""
   if isinstance(adjmat, (tuple, list)):
     if len(adjmat) != 3:
-      raise TopologyError(f'{source}: expected (indices, values, size) or a matrix, '
-                          f'got a sequence of {len(adjmat)}')
+      raise TopologyError(
+          f'{source}: expected (indices, values, size) or a matrix, '
+          f'got a sequence of {len(adjmat)}'
+      )
     indices, values = np.asarray(adjmat[0]), np.asarray(adjmat[1])
     size = tuple(int(s) for s in adjmat[2])
-    if (size != (num_coarse, num_coarse) or indices.shape != (2, values.shape[0])
-        or (indices.size and not 0 <= indices.min() <= indices.max() < num_coarse)):
+    if (
+        size != (num_coarse, num_coarse)
+        or indices.shape != (2, values.shape[0])
+        or (indices.size and not 0 <= indices.min() <= indices.max() < num_coarse)
+    ):
       raise TopologyError(
           f'{source}: adjacency of size {size} with indices {indices.shape} '
-          f'does not fit the coarsest mesh level ({num_coarse} vertices)')
+          f'does not fit the coarsest mesh level ({num_coarse} vertices)'
+      )
     adjacency = np.zeros(size, bool)
     nonzero = values != 0
     adjacency[indices[0, nonzero], indices[1, nonzero]] = True
     return adjacency
   dense = np.asarray(adjmat.toarray() if hasattr(adjmat, 'toarray') else adjmat)
   if dense.shape != (num_coarse, num_coarse):
-    raise TopologyError(f'{source}: adjacency matrix of shape {dense.shape} does not fit '
-                        f'the coarsest mesh level ({num_coarse} vertices)')
+    raise TopologyError(
+        f'{source}: adjacency matrix of shape {dense.shape} does not fit '
+        f'the coarsest mesh level ({num_coarse} vertices)'
+    )
   return dense != 0
 
 
@@ -334,8 +375,12 @@ def _csc_fields(dense_or_coo, shape):
   rows, cols, vals = rows[order], cols[order], vals[order]
   indptr = np.zeros(shape[1] + 1, np.int32)
   np.add.at(indptr, cols + 1, 1)
-  return (np.asarray(vals, np.float64), rows.astype(np.int32),
-          np.cumsum(indptr).astype(np.int32), np.asarray(shape, np.int64))
+  return (
+      np.asarray(vals, np.float64),
+      rows.astype(np.int32),
+      np.cumsum(indptr).astype(np.int32),
+      np.asarray(shape, np.int64),
+  )
 
 
 def save_hierarchy(path, faces, down_indices, up_indices, up_weights):
@@ -358,16 +403,22 @@ def save_hierarchy(path, faces, down_indices, up_indices, up_weights):
     _put(arrays, f'A{l}', (e[:, 0], e[:, 1], np.full(len(e), 2.0)), (n, n))
   for l, sel in enumerate(down_indices):
     sel = np.asarray(sel, np.int64)
-    _put(arrays, f'D{l}', (np.arange(len(sel)), sel, np.ones(len(sel))),
-         (len(sel), num_vertices[l]))
+    _put(
+        arrays, f'D{l}', (np.arange(len(sel)), sel, np.ones(len(sel))), (len(sel), num_vertices[l])
+    )
     idx = np.asarray(up_indices[l], np.int64)
     rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
-    _put(arrays, f'U{l}', (rows, idx.ravel(), np.asarray(up_weights[l]).ravel()),
-         (idx.shape[0], num_vertices[l + 1]))
+    _put(
+        arrays,
+        f'U{l}',
+        (rows, idx.ravel(), np.asarray(up_weights[l]).ravel()),
+        (idx.shape[0], num_vertices[l + 1]),
+    )
   np.savez_compressed(path, **arrays)
 
 
 def _put(arrays, key, coo, shape):
   data, indices, indptr, shp = _csc_fields(coo, shape)
-  arrays.update({f'{key}_data': data, f'{key}_indices': indices,
-                 f'{key}_indptr': indptr, f'{key}_shape': shp})
+  arrays.update(
+      {f'{key}_data': data, f'{key}_indices': indices, f'{key}_indptr': indptr, f'{key}_shape': shp}
+  )

@@ -21,9 +21,9 @@ A subset that stays empty over the whole evaluation reports 0 (FastMETRO prints
 MPVPE 0.00 on H36M, whose labels have no SMPL); its count is 0.
 """
 
+from clu import metrics as clu_metrics
 import flax
 import jax.numpy as jnp
-from clu import metrics as clu_metrics
 import numpy as np
 
 from coarsemetro_jax import joints as joint_tables
@@ -39,13 +39,14 @@ def similarity_procrustes(source, target):
 
 
 def _mean_distance(a, b):
-  return jnp.sqrt(jnp.sum((a - b) ** 2, -1)).mean(-1)            # [B]
+  return jnp.sqrt(jnp.sum((a - b) ** 2, -1)).mean(-1)  # [B]
 
 
 def mpjpe(pred, gt):
   """Per-example MPJPE in metres after hip-midpoint centring. [B,14,3] x2 -> [B]."""
-  return _mean_distance(pred - losses.hip_centre(pred)[:, None],
-                        gt - losses.hip_centre(gt)[:, None])
+  return _mean_distance(
+      pred - losses.hip_centre(pred)[:, None], gt - losses.hip_centre(gt)[:, None]
+  )
 
 
 def pa_mpjpe(pred, gt):
@@ -58,8 +59,9 @@ def mpve(pred, gt):
   return _mean_distance(pred, gt)
 
 
-def errors_from_arrays(pred_joints, gt_joints, pred_vertices, gt_vertices,
-                       has_3d_joints, has_smpl, mask):
+def errors_from_arrays(
+    pred_joints, gt_joints, pred_vertices, gt_vertices, has_3d_joints, has_smpl, mask
+):
   """Per-example errors in mm and their masks, ready for `EvalMetrics`.
 
   Takes already centred arrays (any predictor, e.g. a mean-pose baseline):
@@ -79,7 +81,7 @@ def errors_from_arrays(pred_joints, gt_joints, pred_vertices, gt_vertices,
 def _best_rotation(src, dst):
   """[N, 3, 3] rotations R minimising |src @ R - dst| (Kabsch; src [N, J, 3], dst [J, 3])."""
   u, _, vt = np.linalg.svd(np.einsum('nja,jb->nab', src, dst))
-  u[:, :, -1] *= np.sign(np.linalg.det(u @ vt))[:, None]          # no reflections
+  u[:, :, -1] *= np.sign(np.linalg.det(u @ vt))[:, None]  # no reflections
   return u @ vt
 
 
@@ -93,10 +95,10 @@ def procrustes_mean(poses, iterations=5):
   plain average and is centred at the hip midpoint (where MPJPE centres poses).
   """
   poses = np.asarray(poses, np.float64)
-  centred = poses - poses.mean(1, keepdims=True)                   # [N, J, 3]
+  centred = poses - poses.mean(1, keepdims=True)  # [N, J, 3]
   mean = centred[0]
   for _ in range(iterations):
-    rot = _best_rotation(centred, mean)                            # [N, 3, 3]
+    rot = _best_rotation(centred, mean)  # [N, 3, 3]
     mean = np.einsum('nja,nab->jb', centred, rot) / len(centred)
   mean = mean @ _best_rotation(mean[None], centred.mean(0))[0]
   hips = 0.5 * (mean[joint_tables.J14_R_HIP] + mean[joint_tables.J14_L_HIP])
@@ -127,13 +129,13 @@ class MaskedAverage(clu_metrics.Average):
 
 
 def _average(value_key, mask_key):
-  return MaskedAverage.from_fun(
-      lambda **out: {'values': out[value_key], 'mask': out[mask_key]})
+  return MaskedAverage.from_fun(lambda **out: {'values': out[value_key], 'mask': out[mask_key]})
 
 
 @flax.struct.dataclass
 class EvalMetrics(clu_metrics.Collection):
   """mm metrics accumulated over padded eval batches (merge, then compute)."""
+
   mpjpe: _average('mpjpe', 'joints_mask')
   pa_mpjpe: _average('pa_mpjpe', 'joints_mask')
   mpve: _average('mpve', 'vertices_mask')

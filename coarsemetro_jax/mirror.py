@@ -48,18 +48,19 @@ def mirror_permutation(vertices, max_distance=MAX_MIRROR_DISTANCE):
   partner = np.empty(len(v), np.int64)
   distance = np.empty(len(v))
   sq_norm = np.sum(v * v, 1)
-  for start in range(0, len(v), 1024):               # [1024, V] blocks
-    m = mirrored[start:start + 1024]
+  for start in range(0, len(v), 1024):  # [1024, V] blocks
+    m = mirrored[start : start + 1024]
     d2 = np.sum(m * m, 1)[:, None] - 2.0 * m @ v.T + sq_norm[None]
-    partner[start:start + 1024] = d2.argmin(1)
-    distance[start:start + 1024] = np.sqrt(np.maximum(d2.min(1), 0.0))
+    partner[start : start + 1024] = d2.argmin(1)
+    distance[start : start + 1024] = np.sqrt(np.maximum(d2.min(1), 0.0))
   worst = int(distance.argmax())
   if distance[worst] > max_distance:
     raise ValueError(
         f'the body model template is not left-right symmetric about x = 0: vertex '
         f'{worst} mirrored is {1000 * distance[worst]:.1f} mm from the nearest vertex '
         f'(at most {1000 * max_distance:.0f} mm allowed); the flip test '
-        '(config.eval_flip) needs a symmetric template')
+        '(config.eval_flip) needs a symmetric template'
+    )
   return partner.astype(np.int32)
 
 
@@ -73,8 +74,10 @@ def unflip_outputs(outputs, vertex_perm):
   Returns:
     dict of `FLIPPED_KEYS`.
   """
+
   def mirror(x):
     return x * jnp.asarray(_MIRROR_X, x.dtype)
+
   cam = outputs['pred_cam']
   return {
       'pred_3d_vertices_fine': mirror(outputs['pred_3d_vertices_fine'][:, vertex_perm]),

@@ -31,8 +31,8 @@ import collections
 import dataclasses
 
 from absl import flags
-import flax.linen as nn
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,7 +83,7 @@ def _eqn_counts(eqn):
     out = eqn.outvars[0].aval.shape
     rhs = eqn.invars[1].aval.shape
     dn = eqn.params['dimension_numbers']
-    kernel_in = rhs[dn.rhs_spec[1]]          # C_in / groups
+    kernel_in = rhs[dn.rhs_spec[1]]  # C_in / groups
     kernel_area = int(np.prod([rhs[d] for d in dn.rhs_spec[2:]]))
     return Counts(np.prod(out) * kernel_in * kernel_area, np.prod(out))
   return Counts()
@@ -133,22 +133,20 @@ def profile_model(model, image_size=224):
   """Returns a dict of parameter / FLOP / activation counts for batch 1."""
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(
-      lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)}, x),
-      images)
+      lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)}, x), images
+  )
   flat = traverse_util.flatten_dict(variables['params'], sep='/')
   sizes = {k: int(np.prod(v.shape)) for k, v in flat.items()}
   backbone_params = sum(v for k, v in sizes.items() if k.startswith('backbone/'))
   total_params = sum(sizes.values())
-  excluded = sum(v for k, v in sizes.items()
-                 if k.split('/')[0] in EXCLUDED_FROM_TRANSFORMER_PARAMS)
+  excluded = sum(v for k, v in sizes.items() if k.split('/')[0] in EXCLUDED_FROM_TRANSFORMER_PARAMS)
 
   by_scope = collections.defaultdict(Counts)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, images)
   total = count_jaxpr(jaxpr, by_scope, scope_depth=2)
   top = lambda scope: scope.split('/')[1] if '/' in scope else ''
   backbone = sum((c for s, c in by_scope.items() if top(s) == 'backbone'), Counts())
-  blocks = sum((c for s, c in by_scope.items() if top(s).startswith('transformer_')),
-               Counts())
+  blocks = sum((c for s, c in by_scope.items() if top(s).startswith('transformer_')), Counts())
   norms = _norm_flops(model, variables, images)
   norm_backbone = norms['backbone']
   norm_blocks = sum(v for k, v in norms.items() if k.startswith('transformer_'))
@@ -160,8 +158,8 @@ def profile_model(model, image_size=224):
       'total_gflops': (total.flops + sum(norms.values())) / 1e9,
       'backbone_gflops': (backbone.flops + norm_backbone) / 1e9,
       'transformer_gflops': (blocks.flops + norm_blocks) / 1e9,
-      'non_backbone_gflops': (total.flops - backbone.flops + sum(norms.values())
-                              - norm_backbone) / 1e9,
+      'non_backbone_gflops': (total.flops - backbone.flops + sum(norms.values()) - norm_backbone)
+      / 1e9,
       'transformer_activations': blocks.activations,
       'non_backbone_activations': total.activations - backbone.activations,
       'total_activations': total.activations,
@@ -179,16 +177,20 @@ def model_label(config):
 
 def format_table(rows):
   """Markdown table of (label, counts) rows next to the paper's Table 1."""
-  lines = ['| model | transformer params (M) | non-backbone params (M) | transformer GFLOPs '
-           '| transformer activations (M) | total params (M) '
-           '| paper: params / GFLOPs / activations / total |',
-           '|---|---|---|---|---|---|---|']
+  lines = [
+      '| model | transformer params (M) | non-backbone params (M) | transformer GFLOPs '
+      '| transformer activations (M) | total params (M) '
+      '| paper: params / GFLOPs / activations / total |',
+      '|---|---|---|---|---|---|---|',
+  ]
   for label, c in rows:
     paper = PAPER_TABLE1.get(label)
     paper_str = ' / '.join(f'{p}' for p in paper) if paper else '-'
-    lines.append(f"| {label} | {c['transformer_params'] / 1e6:.2f} | "
-                 f"{c['non_backbone_params'] / 1e6:.2f} | {c['transformer_gflops']:.2f} | {c['transformer_activations'] / 1e6:.2f} | "
-                 f"{c['total_params'] / 1e6:.1f} | {paper_str} |")
+    lines.append(
+        f"| {label} | {c['transformer_params'] / 1e6:.2f} | "
+        f"{c['non_backbone_params'] / 1e6:.2f} | {c['transformer_gflops']:.2f} | {c['transformer_activations'] / 1e6:.2f} | "
+        f"{c['total_params'] / 1e6:.1f} | {paper_str} |"
+    )
   return '\n'.join(lines)
 
 
@@ -205,12 +207,15 @@ def main(argv):
   model = build.build(config, body=False).model
   counts = profile_model(model, flags.FLAGS.image_size)
   print(format_table([(model_label(config), counts)]))
-  print(f"\nbackbone: {counts['backbone_params'] / 1e6:.2f}M params, "
-        f"{counts['backbone_gflops']:.2f} GFLOPs; whole model {counts['total_gflops']:.2f} "
-        f"GFLOPs, {counts['total_activations'] / 1e6:.2f}M activations")
+  print(
+      f"\nbackbone: {counts['backbone_params'] / 1e6:.2f}M params, "
+      f"{counts['backbone_gflops']:.2f} GFLOPs; whole model {counts['total_gflops']:.2f} "
+      f"GFLOPs, {counts['total_activations'] / 1e6:.2f}M activations"
+  )
 
 
 if __name__ == '__main__':
   from absl import app
+
   _define_flags()
   app.run(main)

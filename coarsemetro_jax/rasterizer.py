@@ -7,6 +7,7 @@ all three barycentric weights are >= 0 (so shared edges are covered by both
 triangles and the depth test decides). Shading is left to the caller, which
 looks the winning face up in `face_id`.
 """
+
 import numpy as np
 
 try:
@@ -34,8 +35,7 @@ def _bboxes(tri_xy, height, width):
   bad = ~(np.abs(den) >= _EPS_DEN) | ~np.isfinite(den)
   x0, x1 = np.where(bad, 1, x0), np.where(bad, 0, x1)
   y0, y1 = np.where(bad, 1, y0), np.where(bad, 0, y1)
-  return (den, x0.astype(np.int64), x1.astype(np.int64), y0.astype(np.int64),
-          y1.astype(np.int64))
+  return (den, x0.astype(np.int64), x1.astype(np.int64), y0.astype(np.int64), y1.astype(np.int64))
 
 
 def rasterize_numpy(tri_xy, tri_z, height, width):

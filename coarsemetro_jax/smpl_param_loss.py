@@ -28,8 +28,8 @@ from coarsemetro_jax import body_model as body_model_lib
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import losses
 
-SMPL_WEIGHT = 1000.0     # weight of L_smpl
-USUAL_WEIGHT = 1e-8      # weight of the usual loss while the head trains
+SMPL_WEIGHT = 1000.0  # weight of L_smpl
+USUAL_WEIGHT = 1e-8  # weight of the usual loss while the head trains
 BETAS_WEIGHT = 0.1
 _F32 = jnp.float32
 
@@ -37,7 +37,7 @@ _F32 = jnp.float32
 def _masked_mse(pred, target, example_mask):
   """Mean squared error over the selected examples. [B, ...] x2, [B] -> scalar."""
   keep = example_mask.reshape((-1,) + (1,) * (pred.ndim - 1)) > 0
-  diff = jnp.where(keep, pred - target, 0.0)     # NaN labels of dropped rows stay out
+  diff = jnp.where(keep, pred - target, 0.0)  # NaN labels of dropped rows stay out
   count = jnp.sum(example_mask > 0) * pred[0].size
   return jnp.sum(jnp.square(diff)) / jnp.maximum(count, 1.0)
 
@@ -52,9 +52,9 @@ def param_loss(pred_rotmat, pred_betas, pose, betas, has_smpl):
   """
   b = pred_rotmat.shape[0]
   gt_rotmat = body_model_lib.rodrigues(jnp.asarray(pose, _F32).reshape(b, -1, 3))
-  return (_masked_mse(pred_rotmat.astype(_F32), gt_rotmat, has_smpl) +
-          BETAS_WEIGHT * _masked_mse(pred_betas.astype(_F32), jnp.asarray(betas, _F32),
-                                     has_smpl))
+  return _masked_mse(pred_rotmat.astype(_F32), gt_rotmat, has_smpl) + BETAS_WEIGHT * _masked_mse(
+      pred_betas.astype(_F32), jnp.asarray(betas, _F32), has_smpl
+  )
 
 
 def smpl_mesh_predictions(body, regress_h36m, pred_rotmat, pred_betas):
@@ -65,15 +65,18 @@ def smpl_mesh_predictions(body, regress_h36m, pred_rotmat, pred_betas):
   from that mesh (the same normalisation as losses.centre_predictions).
   """
   vertices, _ = body_model_lib.forward_rotmats(body, pred_rotmat, pred_betas)
-  vertices = vertices.astype(_F32)                                    # [B, V, 3]
-  j17 = regress_h36m(vertices)                                        # [B, 17, 3]
+  vertices = vertices.astype(_F32)  # [B, V, 3]
+  j17 = regress_h36m(vertices)  # [B, 17, 3]
   pelvis = j17[:, joint_tables.H36M_PELVIS][:, None]
-  return {'vertices_fine': vertices - pelvis,
-          'mesh_joints': j17[:, joint_tables.H36M_J17_TO_J14] - pelvis}
+  return {
+      'vertices_fine': vertices - pelvis,
+      'mesh_joints': j17[:, joint_tables.H36M_J17_TO_J14] - pelvis,
+  }
 
 
-def smpl_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology, body,
-              use_has_2d_joints=False):
+def smpl_loss(
+    outputs, batch, gt_vertices_fine, regress_h36m, topology, body, use_has_2d_joints=False
+):
   """L_smpl and its unweighted terms.
 
   Args:
@@ -89,25 +92,26 @@ def smpl_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology, body,
     (L_smpl, terms): scalar float32 and a dict of named scalar terms.
   """
   gt = losses.ground_truth(batch, gt_vertices_fine, regress_h36m, topology)
-  flag = lambda key: jnp.asarray(batch[key], _F32)                     # [B]
+  flag = lambda key: jnp.asarray(batch[key], _F32)  # [B]
   mask = flag('mask')
   has_3d = flag('has_3d_joints') * mask
   has_smpl = flag('has_smpl') * mask
   mask_2d = mask * (flag('has_2d_joints') if use_has_2d_joints else 1.0)
   gt_joints_3d = jnp.where(has_3d[:, None, None] > 0, gt['joints_3d'], 0.0)
   gt_vertices = jnp.where(has_smpl[:, None, None] > 0, gt['vertices_fine'], 0.0)
-  gt_2d = gt['joints_2d'].at[..., 2].multiply(mask_2d[:, None])       # [B, 14, 3]
+  gt_2d = gt['joints_2d'].at[..., 2].multiply(mask_2d[:, None])  # [B, 14, 3]
   gt_2d = jnp.where(gt_2d[..., 2:] > 0, gt_2d, 0.0)
 
-  pred = smpl_mesh_predictions(body, regress_h36m, outputs['pred_rotmat'],
-                               outputs['pred_betas'])
+  pred = smpl_mesh_predictions(body, regress_h36m, outputs['pred_rotmat'], outputs['pred_betas'])
   cam = jax.lax.stop_gradient(jnp.asarray(outputs['pred_cam'], _F32))
   terms = {
-      'smpl_params': param_loss(outputs['pred_rotmat'], outputs['pred_betas'],
-                                batch['pose'], batch['betas'], has_smpl),
+      'smpl_params': param_loss(
+          outputs['pred_rotmat'], outputs['pred_betas'], batch['pose'], batch['betas'], has_smpl
+      ),
       'smpl_joints_3d': losses.keypoint_3d_loss(pred['mesh_joints'], gt_joints_3d, has_3d),
       'smpl_joints_2d': losses.keypoint_2d_loss(
-          losses.orthographic_projection(pred['mesh_joints'], cam), gt_2d, mask),
+          losses.orthographic_projection(pred['mesh_joints'], cam), gt_2d, mask
+      ),
       'smpl_vertices': losses.vertices_loss(pred['vertices_fine'], gt_vertices, has_smpl),
   }
   return sum(terms.values()), terms

@@ -34,8 +34,9 @@ and the eval also scores the mesh of the predicted parameters
 (`smpl_param_errors`: 'smpl_mpjpe', 'smpl_pa_mpjpe', 'smpl_mpve').
 """
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable
+from typing import Any
 
 from clu import metrics as clu_metrics
 import flax
@@ -59,8 +60,9 @@ DATA_AXIS = 'data'
 def make_device_mesh(devices=None):
   """1-D device mesh ('data',) over `devices` (default: all), AxisType.Auto."""
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       (jax.sharding.AxisType.Auto,), devices=devices)
+  return jax.make_mesh(
+      (len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 def batch_sharding(device_mesh):
@@ -74,6 +76,7 @@ def replicated(device_mesh):
 
 class TrainState(train_state.TrainState):
   """Flax TrainState plus BatchNorm statistics and the lr schedule (static)."""
+
   batch_stats: Any = None
   lr_fn: Callable[[Any], Any] = flax.struct.field(pytree_node=False, default=None)
 
@@ -102,26 +105,39 @@ def learning_rate_fn(optim_config, steps_per_epoch=None, total_steps=None):
   lr = optim_config.lr
   if optim_config.schedule in ('cosine', 'linear'):
     if not total_steps:
-      raise ValueError(f'config.optim.schedule={optim_config.schedule!r} needs the '
-                       "run's total steps (config.num_train_steps, or num_epochs and "
-                       'steps_per_epoch)')
+      raise ValueError(
+          f'config.optim.schedule={optim_config.schedule!r} needs the '
+          "run's total steps (config.num_train_steps, or num_epochs and "
+          'steps_per_epoch)'
+      )
     warmup = min(optim_config.warmup_steps, total_steps - 1)
     if optim_config.schedule == 'cosine':
       return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup),
-         optax.linear_schedule(lr, 0.0, total_steps - warmup)], [warmup])
+        [
+            optax.linear_schedule(0.0, lr, warmup),
+            optax.linear_schedule(lr, 0.0, total_steps - warmup),
+        ],
+        [warmup],
+    )
   if optim_config.schedule != 'step':
-    raise ValueError("config.optim.schedule must be 'step', 'cosine' or 'linear', "
-                     f'got {optim_config.schedule!r}')
+    raise ValueError(
+        "config.optim.schedule must be 'step', 'cosine' or 'linear', "
+        f'got {optim_config.schedule!r}'
+    )
   if optim_config.lr_drop_epochs <= 0:
     return optax.constant_schedule(lr)
   if not steps_per_epoch:
-    raise ValueError('config.optim.lr_drop_epochs > 0 needs steps_per_epoch '
-                     '(StepLR is stepped once per epoch)')
+    raise ValueError(
+        'config.optim.lr_drop_epochs > 0 needs steps_per_epoch '
+        '(StepLR is stepped once per epoch)'
+    )
   return optax.exponential_decay(
-      lr, transition_steps=optim_config.lr_drop_epochs * steps_per_epoch,
-      decay_rate=optim_config.lr_drop_factor, staircase=True)
+      lr,
+      transition_steps=optim_config.lr_drop_epochs * steps_per_epoch,
+      decay_rate=optim_config.lr_drop_factor,
+      staircase=True,
+  )
 
 
 # The learned mesh up-sampling (431 -> 1723): `optim.upsample_lr_mult` scales its lr.
@@ -134,10 +150,12 @@ def param_labels(params):
   'backbone' under a module named 'backbone', 'upsample' under the learned
   mesh up-sampling (`UPSAMPLE_MODULE`), else 'rest'.
   """
+
   def label(path, _):
     if 'backbone' in path:
       return 'backbone'
     return 'upsample' if UPSAMPLE_MODULE in path else 'rest'
+
   return flax.traverse_util.path_aware_map(label, params)
 
 
@@ -158,8 +176,11 @@ def stop_frozen_gradients(params, optim_config):
   frozen = {k for k, m in group_lr_multipliers(optim_config).items() if not m}
   if not frozen:
     return params
-  return jax.tree.map(lambda label, p: jax.lax.stop_gradient(p) if label in frozen else p,
-                      param_labels(params), params)
+  return jax.tree.map(
+      lambda label, p: jax.lax.stop_gradient(p) if label in frozen else p,
+      param_labels(params),
+      params,
+  )
 
 
 def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
@@ -174,8 +195,9 @@ def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
   lr_fn = learning_rate_fn(c, steps_per_epoch, total_steps)
 
   def adamw(mult):
-    return optax.adamw(lambda step: mult * lr_fn(step), b1=c.b1, b2=c.b2,
-                       eps=c.eps, weight_decay=c.weight_decay)
+    return optax.adamw(
+        lambda step: mult * lr_fn(step), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay
+    )
 
   mults = group_lr_multipliers(c)
   if all(m == 1.0 for m in mults.values()):
@@ -184,10 +206,12 @@ def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
     # A group with multiplier 0 is frozen: no AdamW moments to keep or update
     # (and the train step gives it no gradient: `stop_frozen_gradients`).
     inner = optax.multi_transform(
-        {k: adamw(m) if m else optax.set_to_zero() for k, m in mults.items()}, param_labels)
+        {k: adamw(m) if m else optax.set_to_zero() for k, m in mults.items()}, param_labels
+    )
   if c.grad_clip_norm < 0:
-    raise ValueError('config.optim.grad_clip_norm must be >= 0 (0: no clipping), '
-                     f'got {c.grad_clip_norm}')
+    raise ValueError(
+        'config.optim.grad_clip_norm must be >= 0 (0: no clipping), ' f'got {c.grad_clip_norm}'
+    )
   if c.grad_clip_norm == 0:
     return inner, lr_fn
   return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), inner), lr_fn
@@ -208,12 +232,12 @@ def fsdp_spec(shape, num_shards, min_size):
   return P(*[DATA_AXIS if i == axis else None for i in range(len(shape))])
 
 
-def state_sharding(abstract_state, device_mesh, param_sharding='replicated',
-                   fsdp_min_size=2**18):
+def state_sharding(abstract_state, device_mesh, param_sharding='replicated', fsdp_min_size=2**18):
   """NamedShardings for every array of a (abstract) state."""
   if param_sharding not in ('replicated', 'fsdp'):
-    raise ValueError("config.param_sharding must be 'replicated' or 'fsdp', got "
-                     f'{param_sharding!r}')
+    raise ValueError(
+        "config.param_sharding must be 'replicated' or 'fsdp', got " f'{param_sharding!r}'
+    )
   n = device_mesh.shape[DATA_AXIS]
 
   def spec(x):
@@ -224,8 +248,7 @@ def state_sharding(abstract_state, device_mesh, param_sharding='replicated',
   return jax.tree.map(spec, abstract_state)
 
 
-def create_train_state(config, model, rng, device_mesh, image_shape,
-                       steps_per_epoch=None):
+def create_train_state(config, model, rng, device_mesh, image_shape, steps_per_epoch=None):
   """Initialises params, batch_stats and AdamW state directly sharded.
 
   Args:
@@ -239,18 +262,22 @@ def create_train_state(config, model, rng, device_mesh, image_shape,
   Returns:
     (state, state_sharding).
   """
-  tx, lr_fn = make_optimizer(config.optim, steps_per_epoch,
-                             total_train_steps(config, steps_per_epoch))
+  tx, lr_fn = make_optimizer(
+      config.optim, steps_per_epoch, total_train_steps(config, steps_per_epoch)
+  )
 
   def init(rng):
-    variables = model.init({'params': rng}, jnp.zeros((1, *image_shape), jnp.float32),
-                           train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             batch_stats=variables.get('batch_stats', {}), lr_fn=lr_fn)
+    variables = model.init({'params': rng}, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables['params'],
+        tx=tx,
+        batch_stats=variables.get('batch_stats', {}),
+        lr_fn=lr_fn,
+    )
 
   abstract = jax.eval_shape(init, rng)
-  sharding = state_sharding(abstract, device_mesh, config.param_sharding,
-                            config.fsdp_min_size)
+  sharding = state_sharding(abstract, device_mesh, config.param_sharding, config.fsdp_min_size)
   state = jax.jit(init, out_shardings=sharding)(rng)
   return state, sharding
 
@@ -272,19 +299,18 @@ def apply_train(model, variables, images, rngs, bn_group_size=0):
   """
   b = images.shape[0]
   if not bn_group_size or b <= bn_group_size:
-    outputs, state = model.apply(variables, images, train=True, rngs=rngs,
-                                 mutable=['batch_stats'])
+    outputs, state = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
     return outputs, state.get('batch_stats', {})
   if b % bn_group_size:
-    raise ValueError(f'batch size {b} is not a multiple of config.bn_group_size '
-                     f'{bn_group_size}')
+    raise ValueError(
+        f'batch size {b} is not a multiple of config.bn_group_size ' f'{bn_group_size}'
+    )
   groups = b // bn_group_size
   images = images.reshape(groups, bn_group_size, *images.shape[1:])
   rngs = {k: jax.random.split(v, groups) for k, v in rngs.items()}
 
   def one_group(x, group_rngs):
-    return model.apply(variables, x, train=True, rngs=group_rngs,
-                       mutable=['batch_stats'])
+    return model.apply(variables, x, train=True, rngs=group_rngs, mutable=['batch_stats'])
 
   outputs, state = jax.vmap(one_group)(images, rngs)
   outputs = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), outputs)
@@ -300,7 +326,7 @@ def step_rngs(rng, step):
 
 def _ground_truth_mesh(body, batch):
   vertices, _ = body_model.forward(body, batch['pose'], batch['betas'])
-  return vertices                                                   # [B, 6890, 3]
+  return vertices  # [B, 6890, 3]
 
 
 def make_train_step(config, model, body, topology, state_sharding_, batch_sharding_):
@@ -332,40 +358,52 @@ def jit_train_step(config, model, topology, state_sharding_, batch_sharding_):
     def loss_fn(params):
       params = stop_frozen_gradients(params, config.optim)
       variables = {'params': params, 'batch_stats': state.batch_stats}
-      outputs, new_stats = apply_train(model, variables, batch['image'], rngs,
-                                       config.bn_group_size)
-      loss, terms = losses.compute_loss(outputs, batch, gt_vertices, regress,
-                                        topology, config.loss)
+      outputs, new_stats = apply_train(model, variables, batch['image'], rngs, config.bn_group_size)
+      loss, terms = losses.compute_loss(outputs, batch, gt_vertices, regress, topology, config.loss)
       if config.model.smpl_param_regressor:
-        loss, terms = with_smpl_param_loss(loss, terms, outputs, batch, gt_vertices,
-                                           regress, topology, body, config.loss)
+        loss, terms = with_smpl_param_loss(
+            loss, terms, outputs, batch, gt_vertices, regress, topology, body, config.loss
+        )
       return loss, (terms, new_stats)
 
-    (loss, (terms, new_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-    out = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-           'lr': jnp.asarray(state.lr_fn(state.step), jnp.float32)}
+    out = {
+        'loss': loss,
+        'grad_norm': optax.tree.norm(grads),
+        'lr': jnp.asarray(state.lr_fn(state.step), jnp.float32),
+    }
     out.update({f'loss_{k}': v for k, v in terms.items()})
     return new_state, out
 
-  return jax.jit(train_step,
-                 in_shardings=(state_sharding_, batch_sharding_, repl, repl),
-                 out_shardings=(state_sharding_, repl), donate_argnums=0)
+  return jax.jit(
+      train_step,
+      in_shardings=(state_sharding_, batch_sharding_, repl, repl),
+      out_shardings=(state_sharding_, repl),
+      donate_argnums=0,
+  )
 
 
-def with_smpl_param_loss(usual, terms, outputs, batch, gt_vertices, regress_h36m, topology,
-                         body, loss_config):
+def with_smpl_param_loss(
+    usual, terms, outputs, batch, gt_vertices, regress_h36m, topology, body, loss_config
+):
   """(`smpl_param x L_smpl + smpl_param_usual x usual`, terms).
 
   The terms are the usual loss's, plus 'usual' (its total), 'smpl' (L_smpl)
   and L_smpl's own terms ('smpl_params', 'smpl_joints_3d', ...).
   """
   smpl_total, smpl_terms = smpl_param_loss.smpl_loss(
-      outputs, batch, gt_vertices, regress_h36m, topology, body,
-      use_has_2d_joints=loss_config.use_has_2d_joints)
-  total = smpl_param_loss.total_loss(smpl_total, usual, loss_config.smpl_param,
-                                     loss_config.smpl_param_usual)
+      outputs,
+      batch,
+      gt_vertices,
+      regress_h36m,
+      topology,
+      body,
+      use_has_2d_joints=loss_config.use_has_2d_joints,
+  )
+  total = smpl_param_loss.total_loss(
+      smpl_total, usual, loss_config.smpl_param, loss_config.smpl_param_usual
+  )
   return total, {**terms, 'usual': usual, 'smpl': smpl_total, **smpl_terms}
 
 
@@ -389,8 +427,9 @@ def predictions(outputs, regress_h36m=None):
   else:
     pred = losses.centre_predictions(outputs, regress_h36m)
     vertices, joints3d, cam = pred['vertices_fine'], pred['mesh_joints'], pred['cam']
-  head = {k: jnp.asarray(outputs[k], jnp.float32) for k in ('pred_rotmat', 'pred_betas')
-          if k in outputs}
+  head = {
+      k: jnp.asarray(outputs[k], jnp.float32) for k in ('pred_rotmat', 'pred_betas') if k in outputs
+  }
   return {
       'pred_cam': cam,
       'pred_vertices': vertices,
@@ -402,7 +441,8 @@ def predictions(outputs, regress_h36m=None):
 
 def _smpl_average(name, mask):
   return metrics.MaskedAverage.from_fun(
-      lambda **out: {'values': out[f'smpl_{name}'], 'mask': out[mask]})
+      lambda **out: {'values': out[f'smpl_{name}'], 'mask': out[mask]}
+  )
 
 
 # metrics.EvalMetrics plus the same metrics of the SMPL-parameter head's mesh.
@@ -410,7 +450,8 @@ SMPLEvalMetrics = clu_metrics.Collection.create(
     **metrics.EvalMetrics.__annotations__,
     smpl_mpjpe=_smpl_average('mpjpe', 'joints_mask'),
     smpl_pa_mpjpe=_smpl_average('pa_mpjpe', 'joints_mask'),
-    smpl_mpve=_smpl_average('mpve', 'vertices_mask'))
+    smpl_mpve=_smpl_average('mpve', 'vertices_mask'),
+)
 
 
 def smpl_param_errors(body, regress_h36m, outputs, gt, batch):
@@ -421,16 +462,22 @@ def smpl_param_errors(body, regress_h36m, outputs, gt, batch):
   (`smpl_param_loss.smpl_mesh_predictions`), against the same ground truth
   and masks as the non-parametric mesh (`metrics.errors_from_arrays`).
   """
-  pred = smpl_param_loss.smpl_mesh_predictions(body, regress_h36m, outputs['pred_rotmat'],
-                                               outputs['pred_betas'])
+  pred = smpl_param_loss.smpl_mesh_predictions(
+      body, regress_h36m, outputs['pred_rotmat'], outputs['pred_betas']
+  )
   errors = metrics.errors_from_arrays(
-      pred['mesh_joints'], gt['joints_3d'][..., :3], pred['vertices_fine'],
-      gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
+      pred['mesh_joints'],
+      gt['joints_3d'][..., :3],
+      pred['vertices_fine'],
+      gt['vertices_fine'],
+      batch['has_3d_joints'],
+      batch['has_smpl'],
+      batch['mask'],
+  )
   return {f'smpl_{k}': v for k, v in errors.items() if not k.endswith('_mask')}
 
 
-def make_eval_step(config, model, body, topology, state_sharding_, batch_sharding_,
-                   flip=None):
+def make_eval_step(config, model, body, topology, state_sharding_, batch_sharding_, flip=None):
   """Jitted `eval_step(state, batch) -> (metrics.EvalMetrics, predictions)`.
 
   `flip` (default `config.eval_flip`): average with the mirrored image's
@@ -445,14 +492,12 @@ def make_eval_step(config, model, body, topology, state_sharding_, batch_shardin
   """
   flip = config.eval_flip if flip is None else flip
   flip_perm = mirror.mirror_permutation(body.v_template) if flip else None
-  jitted = jit_eval_step(config, model, topology, state_sharding_, batch_sharding_,
-                         flip_perm)
+  jitted = jit_eval_step(config, model, topology, state_sharding_, batch_sharding_, flip_perm)
   body = jax.device_put(body, replicated(batch_sharding_.mesh))
   return lambda state, batch: jitted(state, batch, body)
 
 
-def jit_eval_step(config, model, topology, state_sharding_, batch_sharding_,
-                  flip_perm=None):
+def jit_eval_step(config, model, topology, state_sharding_, batch_sharding_, flip_perm=None):
   """`make_eval_step`'s step as `jitted(state, batch, body)` (see `jit_train_step`).
 
   `flip_perm`: the body's mirror permutation for the flip test, None for none.
@@ -470,12 +515,21 @@ def jit_eval_step(config, model, topology, state_sharding_, batch_sharding_,
     pred = predictions(outputs, regress)
     gt = losses.ground_truth(batch, _ground_truth_mesh(body, batch), regress, topology)
     errors = metrics.errors_from_arrays(
-        pred['pred_3d_joints'], gt['joints_3d'][..., :3], pred['pred_vertices'],
-        gt['vertices_fine'], batch['has_3d_joints'], batch['has_smpl'], batch['mask'])
+        pred['pred_3d_joints'],
+        gt['joints_3d'][..., :3],
+        pred['pred_vertices'],
+        gt['vertices_fine'],
+        batch['has_3d_joints'],
+        batch['has_smpl'],
+        batch['mask'],
+    )
     if config.model.smpl_param_regressor:
       errors.update(smpl_param_errors(body, regress, outputs, gt, batch))
       return SMPLEvalMetrics.single_from_model_output(**errors), pred
     return metrics.eval_metrics(errors), pred
 
-  return jax.jit(eval_step, in_shardings=(state_sharding_, batch_sharding_, repl),
-                 out_shardings=(repl, batch_sharding_))
+  return jax.jit(
+      eval_step,
+      in_shardings=(state_sharding_, batch_sharding_, repl),
+      out_shardings=(repl, batch_sharding_),
+  )

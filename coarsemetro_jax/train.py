@@ -45,10 +45,15 @@ class NonFiniteLossError(FloatingPointError):
 # (INPUT_ERRORS); their messages say what and where, so a command line prints
 # them as one line.
 CONFIG_ERRORS = (datasets.DataConfigError,)
-INPUT_ERRORS = (datasets.InputError, bad_rows.TooManyBadRowsError,
-                metro_labels.BadRowError, checkpoints.CheckpointError,
-                body_model_lib.BodyModelError, mesh_topology.TopologyError,
-                NonFiniteLossError)
+INPUT_ERRORS = (
+    datasets.InputError,
+    bad_rows.TooManyBadRowsError,
+    metro_labels.BadRowError,
+    checkpoints.CheckpointError,
+    body_model_lib.BodyModelError,
+    mesh_topology.TopologyError,
+    NonFiniteLossError,
+)
 
 
 class _SigtermFlag:
@@ -68,7 +73,7 @@ class _SigtermFlag:
       return
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:   # not the main thread
+    except ValueError:  # not the main thread
       pass
 
   def _handle(self, signum, frame):
@@ -95,23 +100,31 @@ def check_model_inputs(config):
   file fail before any work. Returns one line per input for the log.
   """
   lines = []
-  files = (('body_model.path', body_model_lib.BodyModelError, 'body model'),
-           ('body_model.h36m_regressor', body_model_lib.BodyModelError, 'H36M regressor'),
-           ('topology.hierarchy', mesh_topology.TopologyError, 'mesh hierarchy'))
+  files = (
+      ('body_model.path', body_model_lib.BodyModelError, 'body model'),
+      ('body_model.h36m_regressor', body_model_lib.BodyModelError, 'H36M regressor'),
+      ('topology.hierarchy', mesh_topology.TopologyError, 'mesh hierarchy'),
+  )
   for key, error, what in files:
     section, name = key.split('.')
     path = config[section][name]
-    lines.append(_check_file(key, path, error, what) if path else
-                 f'config.{key}: embedded')
+    lines.append(_check_file(key, path, error, what) if path else f'config.{key}: embedded')
   prefix = config.topology.adjmat_prefix
   if prefix:
-    lines += [_check_file('topology.adjmat_prefix', f'{prefix}_{k}.pt',
-                          mesh_topology.TopologyError, 'decoder adjacency file')
-              for k in ('indices', 'values', 'size')]
+    lines += [
+        _check_file(
+            'topology.adjmat_prefix',
+            f'{prefix}_{k}.pt',
+            mesh_topology.TopologyError,
+            'decoder adjacency file',
+        )
+        for k in ('indices', 'values', 'size')
+    ]
   if config.init_from:
     if not os.path.exists(config.init_from) or not os.access(config.init_from, os.R_OK):
       raise checkpoints.CheckpointError(
-          f'config.init_from: not found or not readable: {config.init_from}')
+          f'config.init_from: not found or not readable: {config.init_from}'
+      )
     lines.append(f'config.init_from: {config.init_from}')
   else:
     lines.append('config.init_from: unset (a new run starts from random weights)')
@@ -133,13 +146,20 @@ def check_inputs(config):
 def abstract_train_state(config, model, device_mesh, image_shape, steps_per_epoch):
   """Shapes, dtypes and shardings of the TrainState, without initialising it."""
   abstract = jax.eval_shape(
-      lambda key: steps.create_train_state(config, model, key, device_mesh, image_shape,
-                                           steps_per_epoch=steps_per_epoch)[0],
-      jax.random.key(config.seed))
-  sharding = steps.state_sharding(abstract, device_mesh, config.param_sharding,
-                                  config.fsdp_min_size)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, sharding), sharding
+      lambda key: steps.create_train_state(
+          config, model, key, device_mesh, image_shape, steps_per_epoch=steps_per_epoch
+      )[0],
+      jax.random.key(config.seed),
+  )
+  sharding = steps.state_sharding(
+      abstract, device_mesh, config.param_sharding, config.fsdp_min_size
+  )
+  return (
+      jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sharding
+      ),
+      sharding,
+  )
 
 
 def initial_state(config, model, steps_per_epoch, device_mesh, manager, mode='train'):
@@ -156,20 +176,29 @@ def initial_state(config, model, steps_per_epoch, device_mesh, manager, mode='tr
   image_shape = (config.data.image_size, config.data.image_size, 3)
   if manager.latest_step() is not None:
     logging.info('Resuming from %s step %d', manager.directory, manager.latest_step())
-    abstract, state_sharding = abstract_train_state(config, model, device_mesh,
-                                                    image_shape, steps_per_epoch)
-    state, _ = checkpoints.restore_newest_intact(manager, abstract,
-                                                 set_aside_corrupt=mode == 'train')
+    abstract, state_sharding = abstract_train_state(
+        config, model, device_mesh, image_shape, steps_per_epoch
+    )
+    state, _ = checkpoints.restore_newest_intact(
+        manager, abstract, set_aside_corrupt=mode == 'train'
+    )
     return state, state_sharding, 'resumed'
   state, state_sharding = steps.create_train_state(
-      config, model, jax.random.key(config.seed), device_mesh, image_shape,
-      steps_per_epoch=steps_per_epoch)
+      config,
+      model,
+      jax.random.key(config.seed),
+      device_mesh,
+      image_shape,
+      steps_per_epoch=steps_per_epoch,
+  )
   if config.init_from:
     logging.info('Initialising from %s', config.init_from)
     variables = checkpoints.load_variables(
-        config.init_from, {'params': state.params, 'batch_stats': state.batch_stats})
-    state = state.replace(params=variables['params'],
-                          batch_stats=variables.get('batch_stats', state.batch_stats))
+        config.init_from, {'params': state.params, 'batch_stats': state.batch_stats}
+    )
+    state = state.replace(
+        params=variables['params'], batch_stats=variables.get('batch_stats', state.batch_stats)
+    )
     state = jax.device_put(state, state_sharding)
     return state, state_sharding, 'init_from'
   return state, state_sharding, 'scratch'
@@ -181,7 +210,8 @@ def _check_finite(metrics, step):
     raise NonFiniteLossError(
         f'non-finite training values at step {step}: {bad}. Stopping; the last '
         'good checkpoint is kept. Check the input batch for NaN/Inf labels or '
-        'images and lower config.optim.lr.')
+        'images and lower config.optim.lr.'
+    )
 
 
 def _local_rows(x):
@@ -189,7 +219,7 @@ def _local_rows(x):
   if x.is_fully_addressable:
     return np.asarray(x)
   rows = {}
-  for shard in x.addressable_shards:   # replicas of a row block appear once
+  for shard in x.addressable_shards:  # replicas of a row block appear once
     rows.setdefault(shard.index[0].start or 0, shard.data)
   return np.concatenate([np.asarray(rows[k]) for k in sorted(rows)])
 
@@ -210,39 +240,46 @@ def evaluate(eval_step, state, data, batch_sharding, max_batches=None):
     if first is None:
       first = jax.tree.map(_local_rows, {'batch': batch, 'predictions': predictions})
   result = {k: float(v) for k, v in collection.compute().items()}
-  result.update({f'{k}_count': int(getattr(collection, k).count)
-                 for k in ('mpjpe', 'mpve')})
+  result.update({f'{k}_count': int(getattr(collection, k).count) for k in ('mpjpe', 'mpve')})
   return result, first
 
 
 def metrics_table(results, baseline=None):
   """Markdown table of eval metrics (mm), with the mean-pose baseline if given."""
-  lines = ['| model | MPJPE (mm) | PA-MPJPE (mm) | MPVE (mm) | examples |',
-           '|---|---|---|---|---|']
+  lines = ['| model | MPJPE (mm) | PA-MPJPE (mm) | MPVE (mm) | examples |', '|---|---|---|---|---|']
   for name, r in results:
-    lines.append(f"| {name} | {r['mpjpe']:.1f} | {r['pa_mpjpe']:.1f} | "
-                 f"{r['mpve']:.1f} | {r['mpjpe_count']} |")
+    lines.append(
+        f"| {name} | {r['mpjpe']:.1f} | {r['pa_mpjpe']:.1f} | "
+        f"{r['mpve']:.1f} | {r['mpjpe_count']} |"
+    )
   if baseline is not None:
-    lines.append(f"| mean-pose baseline | {baseline['mpjpe']:.1f} | "
-                 f"{baseline['pa_mpjpe']:.1f} | - | {baseline['count']} |")
+    lines.append(
+        f"| mean-pose baseline | {baseline['mpjpe']:.1f} | "
+        f"{baseline['pa_mpjpe']:.1f} | - | {baseline['count']} |"
+    )
   return '\n'.join(lines)
 
 
 def skipped_rows_line(skipped):
   """'Skipped rows: ...' of {'train' | 'eval': {file: rows}} (this host's reads)."""
-  parts = [f'{n} in {path} ({split})' for split, files in skipped.items()
-           for path, n in files.items()]
+  parts = [
+      f'{n} in {path} ({split})' for split, files in skipped.items() for path, n in files.items()
+  ]
   return 'Skipped rows: ' + (', '.join(parts) if parts else 'none')
 
 
 def _write_pictures(writer, step, first, topology, workdir, num_images):
   """Image summary and PNG of predicted meshes over eval images."""
   from coarsemetro_jax import visualize
+
   batch, pred = first['batch'], first['predictions']
   keep = np.flatnonzero(batch['mask'] > 0)[:num_images]
   grid = visualize.prediction_grid(
-      visualize.denormalize(batch['image'][keep]), pred['pred_vertices'][keep],
-      pred['pred_cam'][keep], topology.faces[0])
+      visualize.denormalize(batch['image'][keep]),
+      pred['pred_vertices'][keep],
+      pred['pred_cam'][keep],
+      topology.faces[0],
+  )
   writer.write_images(step, {'eval/predictions': grid[None]})
   path = os.path.join(workdir, f'predictions_step{step}.png')
   visualize.save_png(path, grid)
@@ -286,11 +323,23 @@ def train_and_evaluate(config, workdir, mode='train'):
   device_mesh = steps.make_device_mesh()
   batch_sharding = steps.batch_sharding(device_mesh)
   num_steps = steps.total_train_steps(config, data.steps_per_epoch)
-  manager = checkpoints.make_manager(workdir, config.checkpoint_every_steps,
-                                     config.keep_checkpoints)
+  manager = checkpoints.make_manager(
+      workdir, config.checkpoint_every_steps, config.keep_checkpoints
+  )
   try:
-    return _run(config, workdir, mode, topology, body, model, data, device_mesh,
-                batch_sharding, num_steps, manager)
+    return _run(
+        config,
+        workdir,
+        mode,
+        topology,
+        body,
+        model,
+        data,
+        device_mesh,
+        batch_sharding,
+        num_steps,
+        manager,
+    )
   finally:
     # Also on errors (NaN guard, crash): let a pending async save of the last
     # good step finish, so a restart finds it.
@@ -298,41 +347,74 @@ def train_and_evaluate(config, workdir, mode='train'):
     manager.close()
 
 
-def _run(config, workdir, mode, topology, body, model, data, device_mesh,
-         batch_sharding, num_steps, manager):
+def _run(
+    config,
+    workdir,
+    mode,
+    topology,
+    body,
+    model,
+    data,
+    device_mesh,
+    batch_sharding,
+    num_steps,
+    manager,
+):
   """train_and_evaluate after the setup; see there."""
   steps_per_epoch = data.steps_per_epoch
   if mode == 'eval' and manager.latest_step() is None and not config.init_from:
     raise checkpoints.CheckpointError(
-        f'--mode=eval needs a checkpoint in {manager.directory} or config.init_from')
-  state, state_sharding, origin = initial_state(config, model, steps_per_epoch,
-                                                device_mesh, manager, mode)
+        f'--mode=eval needs a checkpoint in {manager.directory} or config.init_from'
+    )
+  state, state_sharding, origin = initial_state(
+      config, model, steps_per_epoch, device_mesh, manager, mode
+  )
   start_step = int(jax.device_get(state.step))
-  eval_step = steps.make_eval_step(config, model, body, topology, state_sharding,
-                                   batch_sharding)
+  eval_step = steps.make_eval_step(config, model, body, topology, state_sharding, batch_sharding)
   # With the flip test on, the final table also has the single-view protocol.
-  no_flip_step = (steps.make_eval_step(config, model, body, topology, state_sharding,
-                                       batch_sharding, flip=False)
-                  if config.eval_flip else None)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  no_flip_step = (
+      steps.make_eval_step(
+          config, model, body, topology, state_sharding, batch_sharding, flip=False
+      )
+      if config.eval_flip
+      else None
+  )
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if mode == 'eval':
-    return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                       topology, start_step, no_flip_step=no_flip_step)
+    return _final_eval(
+        config,
+        workdir,
+        writer,
+        eval_step,
+        state,
+        data,
+        batch_sharding,
+        topology,
+        start_step,
+        no_flip_step=no_flip_step,
+    )
 
-  logging.info('Training %s from step %d (%s) to %d; %d steps per epoch',
-               config.model.name, start_step, origin, num_steps, steps_per_epoch)
-  writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
-                        if not isinstance(v, dict)})
-  train_step = steps.make_train_step(config, model, body, topology, state_sharding,
-                                     batch_sharding)
+  logging.info(
+      'Training %s from step %d (%s) to %d; %d steps per epoch',
+      config.model.name,
+      start_step,
+      origin,
+      num_steps,
+      steps_per_epoch,
+  )
+  writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  train_step = steps.make_train_step(config, model, body, topology, state_sharding, batch_sharding)
   rng = jax.random.key(config.seed + 1)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
+  report = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
+  )
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   sigterm = _SigtermFlag()
-  meta = lambda step: {'step': step, 'epoch': step / steps_per_epoch,
-                       'model': config.model.to_dict()}
+  meta = lambda step: {
+      'step': step,
+      'epoch': step / steps_per_epoch,
+      'model': config.model.to_dict(),
+  }
   pending, last_train = None, None
   batches = data.train_batches(batch_sharding, start_step)
   # Python's cyclic GC would otherwise walk the whole object graph of JAX,
@@ -358,27 +440,38 @@ def _run(config, workdir, mode, topology, body, model, data, device_mesh,
         if step % config.checkpoint_every_steps == 0 or is_last or stop:
           # Never checkpoint a non-finite state: check this step first.
           _check_finite(jax.device_get(metrics), step)
-          manager.save(step, args=checkpoints.save_args(state, meta(step)),
-                       force=is_last or stop)
+          manager.save(step, args=checkpoints.save_args(state, meta(step)), force=is_last or stop)
         if stop:
           logging.warning('Stopping at step %d for preemption.', step)
           break
         if step % eval_every == 0 and not is_last:
           with report.timed('eval'):
-            result, _ = evaluate(eval_step, state, data, batch_sharding,
-                                 config.eval_max_batches or None)
+            result, _ = evaluate(
+                eval_step, state, data, batch_sharding, config.eval_max_batches or None
+            )
           writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
       if pending is not None:
         last_train = _log_train(writer, *pending, config, force=True)
   finally:
     gc.unfreeze()
     sigterm.restore()
-    batches.close()   # stops the input pipeline's prefetch thread
+    batches.close()  # stops the input pipeline's prefetch thread
   if sigterm.raised:
     return None
   manager.wait_until_finished()
-  return _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                     topology, int(jax.device_get(state.step)), last_train, no_flip_step)
+  return _final_eval(
+      config,
+      workdir,
+      writer,
+      eval_step,
+      state,
+      data,
+      batch_sharding,
+      topology,
+      int(jax.device_get(state.step)),
+      last_train,
+      no_flip_step,
+  )
 
 
 def _log_train(writer, step, metrics, config, force=False):
@@ -390,8 +483,19 @@ def _log_train(writer, step, metrics, config, force=False):
   return {k: float(v) for k, v in values.items()}
 
 
-def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
-                topology, step, train_metrics=None, no_flip_step=None):
+def _final_eval(
+    config,
+    workdir,
+    writer,
+    eval_step,
+    state,
+    data,
+    batch_sharding,
+    topology,
+    step,
+    train_metrics=None,
+    no_flip_step=None,
+):
   """Full evaluation, metrics table (+ mean-pose baseline) and the picture.
 
   With `no_flip_step` (config.eval_flip on) the table has a row for each
@@ -406,7 +510,8 @@ def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
   if data.synthetic:
     baseline = metrics_lib.mean_pose_baseline(
         datasets.j14_joints(data.data_config.train_yaml),
-        datasets.j14_joints(data.data_config.eval_yaml))
+        datasets.j14_joints(data.data_config.eval_yaml),
+    )
   name = f'{config.model.name} step {step}'
   summary = {'step': step, 'eval': result, 'mean_pose_baseline': baseline}
   rows = [(name, result)]
@@ -417,16 +522,17 @@ def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
     rows = [(name, single), (f'{name} + flip test', result)]
   table = metrics_table(rows, baseline)
   if train_metrics is not None:
-    summary['train'] = train_metrics      # the last step's loss terms
+    summary['train'] = train_metrics  # the last step's loss terms
   summary['skipped_rows'] = data.skipped_rows()
   skipped = skipped_rows_line(summary['skipped_rows'])
   logging.info('%s', skipped)
   if jax.process_index() == 0:
     try:
-      if config.num_eval_images > 0:   # 0: no picture
-        summary['picture'] = _write_pictures(writer, step, first, topology, workdir,
-                                             config.num_eval_images)
-    except ImportError as e:   # visualize needs the optional rasterizer deps
+      if config.num_eval_images > 0:  # 0: no picture
+        summary['picture'] = _write_pictures(
+            writer, step, first, topology, workdir, config.num_eval_images
+        )
+    except ImportError as e:  # visualize needs the optional rasterizer deps
       logging.warning('No prediction picture: %s', e)
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
       json.dump(summary, f, indent=2)
@@ -437,4 +543,3 @@ def _final_eval(config, workdir, writer, eval_step, state, data, batch_sharding,
     if 'picture' in summary:
       print(f"Predicted meshes over test images: {summary['picture']}", flush=True)
   return summary
-

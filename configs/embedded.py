@@ -60,7 +60,7 @@ def get_config():
   # unseen ones; more did not help.
   config.data.synthetic.num_train = 20_000
   config.data.synthetic.num_test = 1_000
-  config.data.synthetic.image_size = 128   # stored crops; decoded every step
+  config.data.synthetic.image_size = 128  # stored crops; decoded every step
   # The renders already vary scale, position, roll and colour; METRO's extra
   # augmentations made the run worse.
   config.data.rot_factor = 0.0

@@ -14,16 +14,21 @@ settings are configs/r50.py's, which follow FastMETRO's released training.
 from configs import r50
 
 SIZES = {'S': 1, 'M': 2, 'L': 3}
-BACKBONES = {'r50': ('resnet50', 64), 'h64': ('hrnet', 64), 'h48': ('hrnet', 48),
-             'h32': ('hrnet', 32)}
+BACKBONES = {
+    'r50': ('resnet50', 64),
+    'h64': ('hrnet', 64),
+    'h48': ('hrnet', 48),
+    'h32': ('hrnet', 32),
+}
 
 
 def get_config(arg='S-r50'):
   """FastMETRO recipe; `arg` picks size and backbone."""
   size, _, backbone = arg.partition('-')
   if size not in SIZES or backbone not in BACKBONES:
-    raise ValueError(f"configs/fastmetro.py argument must be '<S|M|L>-<{'|'.join(BACKBONES)}>', "
-                     f'got {arg!r}')
+    raise ValueError(
+        f"configs/fastmetro.py argument must be '<S|M|L>-<{'|'.join(BACKBONES)}>', " f'got {arg!r}'
+    )
   config = r50.get_config()
   config.model.name = 'fastmetro'
   config.model.fastmetro_layers = SIZES[size]

@@ -35,5 +35,5 @@ def get_config():
   config = r50.get_config()
   config.model.backbone = 'hrnet'
   config.model.hrnet_width = 64
-  config.data.batch_size = 128             # 16 per GPU x 8 A100 (paper Sec. 4)
+  config.data.batch_size = 128  # 16 per GPU x 8 A100 (paper Sec. 4)
   return config

@@ -32,11 +32,11 @@ from coarsemetro_jax import image_ops
 from coarsemetro_jax import joints
 
 # METRO's augmentation constants (`MeshTSVDataset.__init__`, `augm_params`).
-SCALE_FACTOR = 0.25   # sc ~ clip(N(1, 0.25), 0.75, 1.25)
-ROT_FACTOR = 30.0     # rot ~ clip(N(0, 30), -60, 60) degrees
-NOISE_FACTOR = 0.4    # pn ~ U[0.6, 1.4] per channel
+SCALE_FACTOR = 0.25  # sc ~ clip(N(1, 0.25), 0.75, 1.25)
+ROT_FACTOR = 30.0  # rot ~ clip(N(0, 30), -60, 60) degrees
+NOISE_FACTOR = 0.4  # pn ~ U[0.6, 1.4] per channel
 FLIP_PROB = 0.5
-ROT_ZERO_PROB = 0.6   # rotation is set to 0 with this probability
+ROT_ZERO_PROB = 0.6  # rotation is set to 0 with this probability
 
 # The input pipeline decodes, augments and normalises an example through this
 # module; these steps are the core's `image_ops`, shared with inference.
@@ -48,28 +48,27 @@ single_threaded_opencv = image_ops.single_threaded_opencv
 @dataclasses.dataclass(frozen=True)
 class AugParams:
   """Per-example crop and augmentation parameters (defaults: test time, no change)."""
+
   flip: bool = False
-  rot: float = 0.0                     # degrees
-  sc: float = 1.0                      # multiplies the label's scale
-  pn: tuple = (1.0, 1.0, 1.0)          # per-channel (R, G, B) noise
+  rot: float = 0.0  # degrees
+  sc: float = 1.0  # multiplies the label's scale
+  pn: tuple = (1.0, 1.0, 1.0)  # per-channel (R, G, B) noise
   # How image and 2D joints are cropped: 'continuous' (`process_example`) or
   # 'metro' (metro_crop.image_and_joints_2d); config.data.crop / train_crop.
   crop: str = 'continuous'
 
 
-def sample_params(rng, *, scale_factor=SCALE_FACTOR, rot_factor=ROT_FACTOR,
-                  noise_factor=NOISE_FACTOR):
+def sample_params(
+    rng, *, scale_factor=SCALE_FACTOR, rot_factor=ROT_FACTOR, noise_factor=NOISE_FACTOR
+):
   """Samples training parameters like METRO's `augm_params` (same order)."""
   flip = rng.uniform() <= FLIP_PROB
   pn = rng.uniform(1 - noise_factor, 1 + noise_factor, 3)
-  rot = min(2 * rot_factor, max(-2 * rot_factor, rng.standard_normal() *
-                                rot_factor))
-  sc = min(1 + scale_factor, max(1 - scale_factor, rng.standard_normal() *
-                                 scale_factor + 1))
+  rot = min(2 * rot_factor, max(-2 * rot_factor, rng.standard_normal() * rot_factor))
+  sc = min(1 + scale_factor, max(1 - scale_factor, rng.standard_normal() * scale_factor + 1))
   if rng.uniform() <= ROT_ZERO_PROB:
     rot = 0.0
-  return AugParams(flip=bool(flip), rot=float(rot), sc=float(sc),
-                   pn=tuple(float(p) for p in pn))
+  return AugParams(flip=bool(flip), rot=float(rot), sc=float(sc), pn=tuple(float(p) for p in pn))
 
 
 def transform_joints_2d(joints_2d, matrix, size, flip=False):
@@ -77,7 +76,7 @@ def transform_joints_2d(joints_2d, matrix, size, flip=False):
 
   `matrix` already contains the flip; `flip` only permutes left and right.
   """
-  xy = joints_2d[:, :2] @ matrix[:, :2].T + matrix[:, 2]   # [24, 2] crop px
+  xy = joints_2d[:, :2] @ matrix[:, :2].T + matrix[:, 2]  # [24, 2] crop px
   out = np.concatenate([2.0 * (xy + 0.5) / size - 1.0, joints_2d[:, 2:]], 1)
   if flip:
     out = out[list(joints.J24_FLIP_PERM)]
@@ -130,8 +129,7 @@ def label_targets(label, params):
     has_3d_joints, has_smpl (float32).
   """
   return {
-      'joints_3d': transform_joints_3d(label['joints_3d'], params.rot,
-                                       params.flip),
+      'joints_3d': transform_joints_3d(label['joints_3d'], params.rot, params.flip),
       'pose': transform_pose(label['pose'], params.rot, params.flip),
       'betas': np.asarray(label['betas'], np.float32),
       'has_2d_joints': np.float32(label['has_2d_joints']),
@@ -153,12 +151,12 @@ def process_example(image, label, params, size):
     dict: image uint8 [S, S, 3] (the crop, before `color_normalize`), pn [3]
     float32 (the colour noise), joints_2d, and the `label_targets`.
   """
-  matrix = image_ops.crop_matrix(label['center'], params.sc * label['scale'],
-                                 size, params.rot, params.flip)
+  matrix = image_ops.crop_matrix(
+      label['center'], params.sc * label['scale'], size, params.rot, params.flip
+  )
   return {
       'image': image_ops.warp_image(image, matrix, size),
       'pn': np.asarray(params.pn, np.float32),
-      'joints_2d': transform_joints_2d(label['joints_2d'], matrix, size,
-                                       params.flip),
+      'joints_2d': transform_joints_2d(label['joints_2d'], matrix, size, params.flip),
       **label_targets(label, params),
   }

@@ -54,8 +54,9 @@ class BadRows:
       self.messages.append(message)
       num_rows = len(self.rows)
     if first:
-      logging.warning('input pipeline: skipping bad row (%d distinct so far): '
-                      '%s', num_rows, message)
+      logging.warning(
+          'input pipeline: skipping bad row (%d distinct so far): ' '%s', num_rows, message
+      )
 
   def check(self):
     """Raises TooManyBadRowsError past the limit."""
@@ -63,7 +64,8 @@ class BadRows:
       last = '; '.join(list(self.messages)[-3:])
       raise TooManyBadRowsError(
           f'input pipeline: {len(self.rows)} distinct bad rows exceed the limit of '
-          f'{self.limit} (config.data.max_bad_fraction={self.max_fraction}); last: {last}')
+          f'{self.limit} (config.data.max_bad_fraction={self.max_fraction}); last: {last}'
+      )
 
   def per_file(self):
     """{file (or TFDS split): distinct bad rows}."""

@@ -52,12 +52,13 @@ def check_config(data_config):
   """Raises DataConfigError unless `data_config` names one source completely."""
   source = data_config.source
   if source not in SOURCES:
-    raise DataConfigError(f'config.data.source must be one of {list(SOURCES)}, '
-                          f'got {source!r}')
+    raise DataConfigError(f'config.data.source must be one of {list(SOURCES)}, ' f'got {source!r}')
   for key in ('crop', 'train_crop'):
     if data_config.get(key) not in input_pipeline.CROPS:
-      raise DataConfigError(f'config.data.{key} must be one of {list(input_pipeline.CROPS)}, '
-                            f'got {data_config.get(key)!r}')
+      raise DataConfigError(
+          f'config.data.{key} must be one of {list(input_pipeline.CROPS)}, '
+          f'got {data_config.get(key)!r}'
+      )
   yamls = ('train_yaml', 'eval_yaml')
   if source == 'tsv':
     unset = [f'config.data.{k}' for k in yamls if not data_config[k]]
@@ -67,26 +68,32 @@ def check_config(data_config):
           "(config.data.source='tsv'): point at METRO dataset yamls with "
           '--config.data.train_yaml=/path/train.yaml '
           '--config.data.eval_yaml=/path/valid.yaml, or run this recipe on the '
-          'embedded synthetic data with --config.data.source=synthetic')
+          'embedded synthetic data with --config.data.source=synthetic'
+      )
   elif source == 'tfds':
     if not data_config.tfds_data_dir:
-      raise DataConfigError("config.data.tfds_data_dir is unset (config.data.source='tfds'): "
-                            'point it at a build of data_pipelines/tfds_metro.py')
+      raise DataConfigError(
+          "config.data.tfds_data_dir is unset (config.data.source='tfds'): "
+          'point it at a build of data_pipelines/tfds_metro.py'
+      )
   else:
     given = [f'config.data.{k}' for k in yamls if data_config[k]]
     if given:
       raise DataConfigError(
           f"{' and '.join(given)} set while config.data.source='synthetic': "
-          'add --config.data.source=tsv to train on those yamls')
+          'add --config.data.source=tsv to train on those yamls'
+      )
     synthetic = data_config.synthetic
     if synthetic.num_train < data_config.batch_size or synthetic.num_test < 1:
       raise DataConfigError(
           f'config.data.synthetic needs num_train >= config.data.batch_size '
           f'({data_config.batch_size}) and num_test >= 1, got '
-          f'{synthetic.num_train} and {synthetic.num_test}')
+          f'{synthetic.num_train} and {synthetic.num_test}'
+      )
     if synthetic.image_size < 32:
-      raise DataConfigError(f'config.data.synthetic.image_size must be >= 32, got '
-                            f'{synthetic.image_size}')
+      raise DataConfigError(
+          f'config.data.synthetic.image_size must be >= 32, got ' f'{synthetic.image_size}'
+      )
 
 
 def _yaml_rows(key, path):
@@ -102,13 +109,15 @@ def _tfds_rows(data_config, key):
   """Examples of the TFDS split `config.data.<key>` names."""
   # Imported here: TFDS is needed only for this source.
   from data_pipelines import tfds_metro
+
   split = data_config[key]
   try:
     return tfds_metro.num_examples(data_config.tfds_data_dir, split)
   except Exception as e:
     # TFDS reports a missing build or split with several exception types.
-    raise InputError(f'config.data.{key}={split!r} in {data_config.tfds_data_dir}: '
-                     f'{type(e).__name__}: {e}') from e
+    raise InputError(
+        f'config.data.{key}={split!r} in {data_config.tfds_data_dir}: ' f'{type(e).__name__}: {e}'
+    ) from e
 
 
 def check_inputs(data_config):
@@ -121,12 +130,16 @@ def check_inputs(data_config):
   """
   check_config(data_config)
   if data_config.source == 'tsv':
-    return [f'config.data.{k}: {data_config[k]} ({_yaml_rows(k, data_config[k])} rows)'
-            for k in ('train_yaml', 'eval_yaml')]
+    return [
+        f'config.data.{k}: {data_config[k]} ({_yaml_rows(k, data_config[k])} rows)'
+        for k in ('train_yaml', 'eval_yaml')
+    ]
   if data_config.source == 'tfds':
-    return [f'config.data.{k}: {data_config[k]} in {data_config.tfds_data_dir} '
-            f'({_tfds_rows(data_config, k)} examples)'
-            for k in ('tfds_train_split', 'tfds_eval_split')]
+    return [
+        f'config.data.{k}: {data_config[k]} in {data_config.tfds_data_dir} '
+        f'({_tfds_rows(data_config, k)} examples)'
+        for k in ('tfds_train_split', 'tfds_eval_split')
+    ]
   out = synthetic_dir(data_config.synthetic)
   state = 'cached' if os.path.exists(os.path.join(out, DONE_MARKER)) else 'to render'
   return [f'config.data.source: synthetic, {out} ({state})']
@@ -138,8 +151,7 @@ def check_inputs(data_config):
 def synthetic_dir(synthetic_config):
   """The directory of the synthetic dataset with these generation parameters."""
   p = {k: synthetic_config[k] for k in SYNTHETIC_PARAMS}
-  name = (f"train{p['num_train']}_test{p['num_test']}_seed{p['seed']}_"
-          f"{p['image_size']}px")
+  name = f"train{p['num_train']}_test{p['num_test']}_seed{p['seed']}_" f"{p['image_size']}px"
   return os.path.join(os.path.abspath(synthetic_config.dir), name)
 
 
@@ -148,7 +160,7 @@ def _exclusive(directory):
   """Holds an exclusive lock on `directory`: one render in it at a time."""
   fd = os.open(directory, os.O_RDONLY)
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX)   # released by the OS if the process dies
+    fcntl.flock(fd, fcntl.LOCK_EX)  # released by the OS if the process dies
     yield
   finally:
     os.close(fd)
@@ -162,12 +174,16 @@ def _is_finished(out, params):
       found = json.load(f)
     if found == params:
       return True
-    raise InputError(f'{out} holds a synthetic dataset made with {found}, not {params}; '
-                     'it is left as it is: move it away or set config.data.synthetic.dir')
+    raise InputError(
+        f'{out} holds a synthetic dataset made with {found}, not {params}; '
+        'it is left as it is: move it away or set config.data.synthetic.dir'
+    )
   if os.path.exists(out):
-    raise InputError(f'{out} exists but is not a finished synthetic dataset (no '
-                     f'{DONE_MARKER}); it is left as it is: move it away or set '
-                     'config.data.synthetic.dir')
+    raise InputError(
+        f'{out} exists but is not a finished synthetic dataset (no '
+        f'{DONE_MARKER}); it is left as it is: move it away or set '
+        'config.data.synthetic.dir'
+    )
   return False
 
 
@@ -183,7 +199,7 @@ def prepare_synthetic(data_config):
   params = {k: synthetic[k] for k in SYNTHETIC_PARAMS}
   out = synthetic_dir(synthetic)
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  with _exclusive(os.path.dirname(out)):   # a second run waits here, then reuses it
+  with _exclusive(os.path.dirname(out)):  # a second run waits here, then reuses it
     if _is_finished(out, params):
       logging.info('Using the synthetic dataset in %s', out)
       return out
@@ -194,15 +210,19 @@ def prepare_synthetic(data_config):
       shutil.rmtree(tmp)
     # Imported here: rendering is only needed when the data is not there.
     from data_pipelines.synthetic import generate
+
     os.makedirs(tmp)
-    print(f'Rendering the synthetic dataset into {out} '
-          f"({params['num_train']} train / {params['num_test']} test images) ...",
-          flush=True)
+    print(
+        f'Rendering the synthetic dataset into {out} '
+        f"({params['num_train']} train / {params['num_test']} test images) ...",
+        flush=True,
+    )
     assets = generate.load_assets()
     workers = synthetic.workers or os.cpu_count() or 1
     for split, num in (('train', params['num_train']), ('test', params['num_test'])):
-      generate.generate_split(assets, tmp, split, num, params['seed'], params['image_size'],
-                              workers)
+      generate.generate_split(
+          assets, tmp, split, num, params['seed'], params['image_size'], workers
+      )
     with open(os.path.join(tmp, DONE_MARKER), 'w') as f:
       json.dump(params, f)
     os.replace(tmp, out)
@@ -235,12 +255,13 @@ def j14_joints(yaml_path):
 @dataclasses.dataclass
 class Datasets:
   """Resolved data config, sizes and iterators for one training run."""
-  config: ml_collections.ConfigDict     # the full config
-  data_config: ml_collections.ConfigDict   # source 'tsv' or 'tfds', paths filled in
+
+  config: ml_collections.ConfigDict  # the full config
+  data_config: ml_collections.ConfigDict  # source 'tsv' or 'tfds', paths filled in
   synthetic: bool
   num_train: int
   train_bad_rows: bad_rows_lib.BadRows
-  eval_bad_rows: bad_rows_lib.BadRows   # one for every evaluation of the run
+  eval_bad_rows: bad_rows_lib.BadRows  # one for every evaluation of the run
 
   @classmethod
   def create(cls, config, rendered_dir=None):
@@ -250,8 +271,10 @@ class Datasets:
     synthetic = data_config.source == 'synthetic'
     if synthetic:
       if rendered_dir is None:
-        raise ValueError("config.data.source='synthetic': pass the directory of "
-                         'prepare_synthetic(config.data)')
+        raise ValueError(
+            "config.data.source='synthetic': pass the directory of "
+            'prepare_synthetic(config.data)'
+        )
       data_config.source = 'tsv'
       data_config.train_yaml = os.path.join(rendered_dir, 'train.yaml')
       data_config.eval_yaml = os.path.join(rendered_dir, 'test.yaml')
@@ -260,8 +283,10 @@ class Datasets:
     else:
       num_train = _tfds_rows(data_config, 'tfds_train_split')
     if num_train < data_config.batch_size:
-      raise DataConfigError(f'the training set has {num_train} examples, fewer than one '
-                            f'global batch (config.data.batch_size={data_config.batch_size})')
+      raise DataConfigError(
+          f'the training set has {num_train} examples, fewer than one '
+          f'global batch (config.data.batch_size={data_config.batch_size})'
+      )
     bad_rows = lambda: bad_rows_lib.BadRows(max_fraction=data_config.max_bad_fraction)
     return cls(config, data_config, synthetic, num_train, bad_rows(), bad_rows())
 
@@ -281,10 +306,16 @@ class Datasets:
     """
     local_rows = ordering.process_rows(sharding, self.data_config.batch_size)
     ds = input_pipeline.create_train_dataset(
-        self.data_config, seed=self.config.seed, shuffle=self.data_config.shuffle,
-        bad_rows=self.train_bad_rows, start_step=start_step, local_rows=local_rows)
-    return input_pipeline.global_batches(ds, sharding, self.data_config.device_prefetch,
-                                         bad_rows=self.train_bad_rows)
+        self.data_config,
+        seed=self.config.seed,
+        shuffle=self.data_config.shuffle,
+        bad_rows=self.train_bad_rows,
+        start_step=start_step,
+        local_rows=local_rows,
+    )
+    return input_pipeline.global_batches(
+        ds, sharding, self.data_config.device_prefetch, bad_rows=self.train_bad_rows
+    )
 
   def eval_batches(self, sharding):
     ds = input_pipeline.create_eval_dataset(self.data_config, bad_rows=self.eval_bad_rows)

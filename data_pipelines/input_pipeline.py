@@ -58,6 +58,7 @@ import functools
 
 import jax
 import numpy as np
+
 # TensorFlow is imported only by the tf.data code in data_pipelines (the
 # jit-compiled core stays TF-free for accelerator hosts without it).
 import tensorflow as tf
@@ -93,13 +94,17 @@ def example_spec(size):
 
 def empty_example(size):
   """All-zero example with mask 0 (bad rows and eval padding)."""
-  return {name: np.zeros(shape, dtype.as_numpy_dtype)
-          for name, (shape, dtype) in example_spec(size).items()}
+  return {
+      name: np.zeros(shape, dtype.as_numpy_dtype)
+      for name, (shape, dtype) in example_spec(size).items()
+  }
 
 
 # The assertion that ends a stream past the limit; `BadRows.check` has the details.
-_STOP_MESSAGE = ('input pipeline: too many bad rows (config.data.max_bad_fraction); '
-                 'see the bad rows logged above')
+_STOP_MESSAGE = (
+    'input pipeline: too many bad rows (config.data.max_bad_fraction); '
+    'see the bad rows logged above'
+)
 
 
 # config.data.crop (evaluation) and train_crop (training): how the image and
@@ -126,8 +131,15 @@ def _process(jpeg, label, params, size, where):
     # Already noised, clipped and ImageNet-normalised, as the released code.
     out = augment.label_targets(label, params)
     out['image'], out['joints_2d'] = metro_crop.image_and_joints_2d(
-        image, label['center'], params.sc * label['scale'], label['joints_2d'],
-        size, params.rot, params.flip, params.pn)
+        image,
+        label['center'],
+        params.sc * label['scale'],
+        label['joints_2d'],
+        size,
+        params.rot,
+        params.flip,
+        params.pn,
+    )
   else:
     out = augment.process_example(image, label, params, size)
     out['image'] = augment.color_normalize(out['image'], out.pop('pn'))
@@ -140,11 +152,15 @@ def _params_fn(data_config, seed, train):
   crop = _crop(data_config, train)
   if not train:
     return lambda epoch, row: augment.AugParams(crop=crop)
-  return lambda epoch, row: dataclasses.replace(augment.sample_params(
-      np.random.default_rng((seed, int(epoch), int(row))),
-      scale_factor=data_config.scale_factor,
-      rot_factor=data_config.rot_factor,
-      noise_factor=data_config.noise_factor), crop=crop)
+  return lambda epoch, row: dataclasses.replace(
+      augment.sample_params(
+          np.random.default_rng((seed, int(epoch), int(row))),
+          scale_factor=data_config.scale_factor,
+          rot_factor=data_config.rot_factor,
+          noise_factor=data_config.noise_factor,
+      ),
+      crop=crop,
+  )
 
 
 def _stacked(examples, spec):
@@ -163,6 +179,7 @@ def _guarded(load, bad_rows, spec, size):
     if bad_rows.exceeded:
       return _stacked([empty_example(size)] * len(args[0]), spec) + (np.True_,)
     return load(*args) + (np.bool_(bad_rows.exceeded),)
+
   return fn
 
 
@@ -187,13 +204,20 @@ def _tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
     path, row = dataset.location(index)
     try:
       ex = dataset.read(index)
-      return _process(ex['jpeg'], ex['label'],
-                      params_fn(counter // epoch_length, index), size,
-                      f'{path} row {row}')
+      return _process(
+          ex['jpeg'],
+          ex['label'],
+          params_fn(counter // epoch_length, index),
+          size,
+          f'{path} row {row}',
+      )
     except Exception as e:
       # One bad row must not end a long run; BadRows bounds systematic errors.
-      message = str(e) if isinstance(e, metro_labels.BadRowError) else (
-          f'{path} row {row}: {type(e).__name__}: {e}')
+      message = (
+          str(e)
+          if isinstance(e, metro_labels.BadRowError)
+          else (f'{path} row {row}: {type(e).__name__}: {e}')
+      )
       bad_rows.record((path, row), message)
       return empty_example(size)
 
@@ -201,40 +225,55 @@ def _tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
     return _stacked([load_one(c, i) for c, i in zip(counters, indices)], spec)
 
   def fn(counters, indices):
-    values = tf.numpy_function(_guarded(load, bad_rows, spec, size),
-                               [counters, indices], _chunk_spec(spec))
+    values = tf.numpy_function(
+        _guarded(load, bad_rows, spec, size), [counters, indices], _chunk_spec(spec)
+    )
     return _as_chunk(values, size)
+
   return fn
 
 
 def _tfds_loader(bad_rows, params_fn, size, split, epoch_length):
   """[rows] (counter, TFDS example) -> dict of [rows, ...] through one numpy_function."""
   spec = example_spec(size)
-  label_names = ('center', 'scale', 'joints_2d', 'joints_3d', 'pose', 'betas',
-                 'has_2d_joints', 'has_3d_joints', 'has_smpl')
+  label_names = (
+      'center',
+      'scale',
+      'joints_2d',
+      'joints_3d',
+      'pose',
+      'betas',
+      'has_2d_joints',
+      'has_3d_joints',
+      'has_smpl',
+  )
 
   def load_one(counter, index, key, jpeg, label_values):
     key = key.decode('utf-8', 'replace')
     label = dict(zip(label_names, label_values))
     try:
-      return _process(jpeg, label, params_fn(counter // epoch_length, index),
-                      size, f'{split} key {key}')
+      return _process(
+          jpeg, label, params_fn(counter // epoch_length, index), size, f'{split} key {key}'
+      )
     except Exception as e:
       bad_rows.record((split, key), f'{split} key {key}: {e}')
       return empty_example(size)
 
   def load(counters, indices, keys, jpegs, *labels):
-    return _stacked([
-        load_one(counters[k], indices[k], keys[k], jpegs[k],
-                 [values[k] for values in labels])
-        for k in range(len(counters))], spec)
+    return _stacked(
+        [
+            load_one(counters[k], indices[k], keys[k], jpegs[k], [values[k] for values in labels])
+            for k in range(len(counters))
+        ],
+        spec,
+    )
 
   def fn(counters, ex):
     inputs = [counters, ex['index'], ex['key'], ex['image']]
     inputs += [ex[n] for n in label_names]
-    values = tf.numpy_function(_guarded(load, bad_rows, spec, size), inputs,
-                               _chunk_spec(spec))
+    values = tf.numpy_function(_guarded(load, bad_rows, spec, size), inputs, _chunk_spec(spec))
     return _as_chunk(values, size)
+
   return fn
 
 
@@ -244,8 +283,10 @@ def _cast_images(batch, dtype):
 
 def host_range(num_rows, process_index, process_count):
   """The contiguous rows [start, end) that one host reads."""
-  return (num_rows * process_index // process_count,
-          num_rows * (process_index + 1) // process_count)
+  return (
+      num_rows * process_index // process_count,
+      num_rows * (process_index + 1) // process_count,
+  )
 
 
 def _process_args(process_index, process_count):
@@ -254,15 +295,16 @@ def _process_args(process_index, process_count):
   if process_count is None:
     process_count = jax.process_count()
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in '
-                     f'[0, {process_count})')
+    raise ValueError(f'process_index {process_index} is not in ' f'[0, {process_count})')
   return process_index, process_count
 
 
 def _local_batch_size(global_batch_size, process_count, name):
   if global_batch_size % process_count:
-    raise ValueError(f'config.data.{name}={global_batch_size} is not divisible '
-                     f'by the number of hosts ({process_count})')
+    raise ValueError(
+        f'config.data.{name}={global_batch_size} is not divisible '
+        f'by the number of hosts ({process_count})'
+    )
   return global_batch_size // process_count
 
 
@@ -278,30 +320,46 @@ def _hide_accelerators_from_tf():
 def _dtype(data_config):
   dtypes = {'float32': tf.float32, 'bfloat16': tf.bfloat16}
   if data_config.image_dtype not in dtypes:
-    raise ValueError(f'config.data.image_dtype must be one of {list(dtypes)}, '
-                     f'got {data_config.image_dtype!r}')
+    raise ValueError(
+        f'config.data.image_dtype must be one of {list(dtypes)}, '
+        f'got {data_config.image_dtype!r}'
+    )
   return dtypes[data_config.image_dtype]
 
 
-def _global_order(num_rows, global_batch_size, local_rows, *, seed, shuffle,
-                  start_step):
+def _global_order(num_rows, global_batch_size, local_rows, *, seed, shuffle, start_step):
   """Endless (global position, row) of this host's slots (`ordering`), from start_step."""
   start = start_step * global_batch_size
 
   def one_epoch(epoch):
     positions, rows = tf.numpy_function(
-        lambda e: ordering.host_positions(num_rows, global_batch_size, local_rows, int(e),
-                                          seed=seed, shuffle=shuffle, start=start),
-        [epoch], (tf.int64, tf.int64))
+        lambda e: ordering.host_positions(
+            num_rows, global_batch_size, local_rows, int(e), seed=seed, shuffle=shuffle, start=start
+        ),
+        [epoch],
+        (tf.int64, tf.int64),
+    )
     positions.set_shape([None])
     rows.set_shape([None])
     return tf.data.Dataset.from_tensor_slices((positions, rows))
+
   return tf.data.Dataset.counter(start // num_rows).flat_map(one_epoch)
 
 
-def _examples(data_config, *, yaml_path, tfds_split, train, seed,
-              process_index, process_count, shuffle, bad_rows,
-              start_step=0, local_rows=None):
+def _examples(
+    data_config,
+    *,
+    yaml_path,
+    tfds_split,
+    train,
+    seed,
+    process_index,
+    process_count,
+    shuffle,
+    bad_rows,
+    start_step=0,
+    local_rows=None,
+):
   """Host-local stream of chunks of processed rows (and the source size).
 
   Each element is a dict of [<= ROWS_PER_CALL, ...] tensors in stream order,
@@ -325,8 +383,14 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
     if train:
       # Positions count from the start of the global stream: the example at
       # position g is in epoch g // num_rows. Nothing before start_step is read.
-      ds = _global_order(num_rows, data_config.batch_size, local_rows, seed=seed,
-                         shuffle=shuffle, start_step=start_step)
+      ds = _global_order(
+          num_rows,
+          data_config.batch_size,
+          local_rows,
+          seed=seed,
+          shuffle=shuffle,
+          start_step=start_step,
+      )
       loader = _tsv_loader(dataset, bad_rows, params_fn, size, num_rows)
     else:
       ds = tf.data.Dataset.range(start, end).enumerate()
@@ -334,15 +398,20 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
   elif data_config.source == 'tfds':
     # Imported here: TFDS is needed only for this source.
     from data_pipelines import tfds_metro
+
     num_rows = tfds_metro.num_examples(data_config.tfds_data_dir, tfds_split)
     start, end = host_range(num_rows, process_index, process_count)
     bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
-    ds = tfds_metro.read_split(data_config.tfds_data_dir, tfds_split,
-                               start=start, end=end, shuffle_files=shuffle,
-                               seed=seed)
+    ds = tfds_metro.read_split(
+        data_config.tfds_data_dir,
+        tfds_split,
+        start=start,
+        end=end,
+        shuffle_files=shuffle,
+        seed=seed,
+    )
     if shuffle:
-      ds = ds.shuffle(data_config.shuffle_buffer, seed=seed,
-                      reshuffle_each_iteration=True)
+      ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if train:
       ds = ds.repeat()
     # Element k of the host's stream is in epoch k // (end - start). Skipping
@@ -351,8 +420,7 @@ def _examples(data_config, *, yaml_path, tfds_split, train, seed,
     ds = ds.enumerate().skip(start_step * local)
     loader = _tfds_loader(bad_rows, params_fn, size, tfds_split, end - start)
   else:
-    raise ValueError(f"config.data.source must be 'tsv' or 'tfds', got "
-                     f'{data_config.source!r}')
+    raise ValueError(f"config.data.source must be 'tsv' or 'tfds', got " f'{data_config.source!r}')
   return ds.batch(ROWS_PER_CALL).map(loader, num_parallel_calls=parallel), num_rows
 
 
@@ -386,9 +454,17 @@ def _drop_bad_rows(chunk):
   return {name: tf.boolean_mask(value, good) for name, value in chunk.items()}
 
 
-def create_train_dataset(data_config, *, seed=0, process_index=None,
-                         process_count=None, shuffle=True, bad_rows=None,
-                         start_step=0, local_rows=None):
+def create_train_dataset(
+    data_config,
+    *,
+    seed=0,
+    process_index=None,
+    process_count=None,
+    shuffle=True,
+    bad_rows=None,
+    start_step=0,
+    local_rows=None,
+):
   """Endless host-local training batches (batch keys: data_pipelines).
 
   With the TSV source, host p's batch t holds rows `local_rows` of global
@@ -416,32 +492,51 @@ def create_train_dataset(data_config, *, seed=0, process_index=None,
   if seed < 0:
     raise ValueError(f'seed must be >= 0 (numpy SeedSequence), got {seed}')
   process_index, process_count = _process_args(process_index, process_count)
-  local = _local_batch_size(data_config.batch_size, process_count,
-                            'batch_size')
+  local = _local_batch_size(data_config.batch_size, process_count, 'batch_size')
   if local_rows is None:
-    local_rows = ordering.contiguous_rows(data_config.batch_size, process_index,
-                                          process_count)
+    local_rows = ordering.contiguous_rows(data_config.batch_size, process_index, process_count)
   local_rows = np.asarray(local_rows, np.int64)
-  if len(local_rows) != local or np.any(np.diff(local_rows) <= 0) or not (
-      0 <= local_rows[0] and local_rows[-1] < data_config.batch_size):
-    raise ValueError(f'local_rows must be {local} increasing slots in '
-                     f'[0, {data_config.batch_size}), got {local_rows.tolist()}')
-  ds, _ = _examples(data_config, yaml_path=data_config.train_yaml,
-                    tfds_split=data_config.tfds_train_split, train=True,
-                    seed=seed, process_index=process_index,
-                    process_count=process_count, shuffle=shuffle,
-                    bad_rows=bad_rows, start_step=start_step, local_rows=local_rows)
+  if (
+      len(local_rows) != local
+      or np.any(np.diff(local_rows) <= 0)
+      or not (0 <= local_rows[0] and local_rows[-1] < data_config.batch_size)
+  ):
+    raise ValueError(
+        f'local_rows must be {local} increasing slots in '
+        f'[0, {data_config.batch_size}), got {local_rows.tolist()}'
+    )
+  ds, _ = _examples(
+      data_config,
+      yaml_path=data_config.train_yaml,
+      tfds_split=data_config.tfds_train_split,
+      train=True,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      shuffle=shuffle,
+      bad_rows=bad_rows,
+      start_step=start_step,
+      local_rows=local_rows,
+  )
   # Chunks -> full batches (static shapes for jit).
   ds = ds.map(_keep_slots).rebatch(local, drop_remainder=True)
   if _dtype(data_config) != tf.float32:
-    ds = ds.map(functools.partial(_cast_images, dtype=_dtype(data_config)),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        functools.partial(_cast_images, dtype=_dtype(data_config)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
   return ds.prefetch(data_config.prefetch)
 
 
-def create_eval_dataset(data_config, *, yaml_path=None, tfds_split=None,
-                        process_index=None, process_count=None,
-                        bad_rows=None):
+def create_eval_dataset(
+    data_config,
+    *,
+    yaml_path=None,
+    tfds_split=None,
+    process_index=None,
+    process_count=None,
+    bad_rows=None,
+):
   """Finite host-local eval batches; `mask` = 0 marks padding.
 
   Every example is in exactly one host's batches; all hosts yield the same
@@ -459,27 +554,36 @@ def create_eval_dataset(data_config, *, yaml_path=None, tfds_split=None,
   """
   _hide_accelerators_from_tf()
   process_index, process_count = _process_args(process_index, process_count)
-  local = _local_batch_size(data_config.eval_batch_size, process_count,
-                            'eval_batch_size')
+  local = _local_batch_size(data_config.eval_batch_size, process_count, 'eval_batch_size')
   ds, num_rows = _examples(
-      data_config, yaml_path=yaml_path or data_config.eval_yaml,
-      tfds_split=tfds_split or data_config.tfds_eval_split, train=False,
-      seed=0, process_index=process_index, process_count=process_count,
-      shuffle=False, bad_rows=bad_rows)
+      data_config,
+      yaml_path=yaml_path or data_config.eval_yaml,
+      tfds_split=tfds_split or data_config.tfds_eval_split,
+      train=False,
+      seed=0,
+      process_index=process_index,
+      process_count=process_count,
+      shuffle=False,
+      bad_rows=bad_rows,
+  )
   ds = ds.map(_drop_bad_rows)
-  largest = max(end - start for start, end in (
-      host_range(num_rows, p, process_count) for p in range(process_count)))
+  largest = max(
+      end - start
+      for start, end in (host_range(num_rows, p, process_count) for p in range(process_count))
+  )
   num_batches = -(-largest // local)
   # Endless mask-0 padding, cut at the same length on every host (bad rows
   # that were dropped are replaced by padding too).
-  padding = tf.data.Dataset.from_tensors(jax.tree.map(
-      lambda x: np.stack([x] * local),
-      empty_example(data_config.image_size))).repeat()
+  padding = tf.data.Dataset.from_tensors(
+      jax.tree.map(lambda x: np.stack([x] * local), empty_example(data_config.image_size))
+  ).repeat()
   ds = ds.concatenate(padding).rebatch(local, drop_remainder=True)
   ds = ds.take(num_batches)
   if _dtype(data_config) != tf.float32:
-    ds = ds.map(functools.partial(_cast_images, dtype=_dtype(data_config)),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        functools.partial(_cast_images, dtype=_dtype(data_config)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
   ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
   return ds.prefetch(data_config.prefetch)
 
@@ -487,8 +591,8 @@ def create_eval_dataset(data_config, *, yaml_path=None, tfds_split=None,
 def to_global_batch(batch, sharding):
   """Host-local numpy batch -> global jax.Arrays laid out by `sharding`."""
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )
 
 
 def numpy_batches(dataset, bad_rows=None):
@@ -503,12 +607,12 @@ def numpy_batches(dataset, bad_rows=None):
       batch = next(iterator)
     except StopIteration:
       break
-    except tf.errors.InvalidArgumentError:   # the assertion in `_assert_not_stopped`
+    except tf.errors.InvalidArgumentError:  # the assertion in `_assert_not_stopped`
       if bad_rows is None or not bad_rows.exceeded:
         raise
       break
     if bad_rows is not None and bad_rows.exceeded:
-      break   # prepared while the limit was crossed: it may be all bad rows
+      break  # prepared while the limit was crossed: it may be all bad rows
     yield batch
   del iterator
   if bad_rows is not None:

@@ -66,11 +66,11 @@ def get_transform(center, scale, res, rot=0.0):
   t = np.zeros((3, 3))
   t[0, 0] = float(res) / h
   t[1, 1] = float(res) / h
-  t[0, 2] = res * (-float(center[0]) / h + .5)
-  t[1, 2] = res * (-float(center[1]) / h + .5)
+  t[0, 2] = res * (-float(center[0]) / h + 0.5)
+  t[1, 2] = res * (-float(center[1]) / h + 0.5)
   t[2, 2] = 1
   if rot != 0:
-    rad = -rot * np.pi / 180      # -r: the crop turns opposite to the content
+    rad = -rot * np.pi / 180  # -r: the crop turns opposite to the content
     sn, cs = np.sin(rad), np.cos(rad)
     rot_mat = np.zeros((3, 3))
     rot_mat[0, :2] = [cs, -sn]
@@ -95,7 +95,7 @@ def transform_point(pt, center, scale, res, invert=False, rot=0.0):
   t = get_transform(center, scale, res, rot)
   if invert:
     t = inverse(t)
-  new_pt = np.array([pt[0] - 1, pt[1] - 1, 1.]).T
+  new_pt = np.array([pt[0] - 1, pt[1] - 1, 1.0]).T
   new_pt = np.dot(t, new_pt)
   return new_pt[:2].astype(int) + 1
 
@@ -119,12 +119,12 @@ def crop(img, center, scale, res, rot=0.0):
   x0, x1 = max(0, ul[0]), min(width, br[0])
   y0, y1 = max(0, ul[1]), min(height, br[1])
   if x0 < x1 and y0 < y1:
-    new_img[y0 - ul[1]:y1 - ul[1], x0 - ul[0]:x1 - ul[0]] = img[y0:y1, x0:x1]
+    new_img[y0 - ul[1] : y1 - ul[1], x0 - ul[0] : x1 - ul[0]] = img[y0:y1, x0:x1]
   if rot != 0:
     h, w = new_img.shape[:2]
     matrix = cv2.getRotationMatrix2D(((w - 1) * 0.5, (h - 1) * 0.5), rot, 1.0)
     new_img = cv2.warpAffine(new_img, matrix, (w, h), borderValue=0)
-    new_img = new_img[pad:h - pad, pad:w - pad]
+    new_img = new_img[pad : h - pad, pad : w - pad]
   return cv2.resize(new_img, (res, res), interpolation=cv2.INTER_LINEAR)
 
 
@@ -150,15 +150,16 @@ def joints_2d_processing(kp, center, scale, res, rot=0.0, flip=False):
   kp = np.array(kp, np.float64)
   for i in range(kp.shape[0]):
     kp[i, 0:2] = transform_point(kp[i, 0:2] + 1, center, scale, res, rot=rot)
-  kp[:, :-1] = 2. * kp[:, :-1] / res - 1.
+  kp[:, :-1] = 2.0 * kp[:, :-1] / res - 1.0
   if flip:
     kp = kp[list(joints.J24_FLIP_PERM)]
     kp[:, 0] = -kp[:, 0]
   return kp.astype(np.float32)
 
 
-def image_and_joints_2d(img, center, scale, joints_2d, res, rot=0.0, flip=False,
-                        pn=(1.0, 1.0, 1.0)):
+def image_and_joints_2d(
+    img, center, scale, joints_2d, res, rot=0.0, flip=False, pn=(1.0, 1.0, 1.0)
+):
   """The network input and 2D target of one example.
 
   Args:

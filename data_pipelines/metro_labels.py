@@ -36,8 +36,17 @@ _OPTIONAL_FIELDS = (
     ('betas', 'has_smpl', (NUM_BETAS,), 'betas'),
 )
 # Every key METRO's reader indexes (gender is optional).
-_LABEL_KEYS = ('center', 'scale', '2d_joints', '3d_joints', 'has_2d_joints',
-               'has_3d_joints', 'pose', 'betas', 'has_smpl')
+_LABEL_KEYS = (
+    'center',
+    'scale',
+    '2d_joints',
+    '3d_joints',
+    'has_2d_joints',
+    'has_3d_joints',
+    'pose',
+    'betas',
+    'has_smpl',
+)
 
 
 class BadRowError(ValueError):
@@ -154,8 +163,7 @@ def encode_label(label):
   """
   missing = [k for k in _LABEL_KEYS if k not in label]
   if missing:
-    raise ValueError(f'label is missing {missing}; METRO reads all of '
-                     f'{list(_LABEL_KEYS)}')
+    raise ValueError(f'label is missing {missing}; METRO reads all of ' f'{list(_LABEL_KEYS)}')
   parse_label(label)
   # NumPy arrays and scalars both have .tolist().
   return json.dumps([label], allow_nan=False, default=lambda v: v.tolist())

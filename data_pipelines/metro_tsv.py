@@ -41,7 +41,6 @@ import yaml
 
 from data_pipelines import metro_labels
 
-
 # ------------------------------------------------------------------- writer
 
 
@@ -77,8 +76,7 @@ class TsvWriter:
         field = field.decode('utf-8')
       field = str(field)
       if '\t' in field or '\n' in field or '\r' in field:
-        raise ValueError(f'{self.path} row {self.num_rows}: a field contains a '
-                         'tab or newline')
+        raise ValueError(f'{self.path} row {self.num_rows}: a field contains a ' 'tab or newline')
       fields.append(field)
     line = ('\t'.join(fields) + '\n').encode('utf-8')
     self._fidx.write(b'%d\n' % self._offset)
@@ -151,18 +149,17 @@ def write_split(out_dir, split, examples):
       METRO could not read; nothing is left under the final names.
   """
   os.makedirs(out_dir, exist_ok=True)
-  names = {kind: f'{split}.{kind}.tsv'
-           for kind in ('img', 'hw', 'label', 'linelist')}
+  names = {kind: f'{split}.{kind}.tsv' for kind in ('img', 'hw', 'label', 'linelist')}
   paths = {kind: os.path.join(out_dir, name) for kind, name in names.items()}
   seen = set()  # keys only; images are streamed
-  with TsvWriter(paths['img']) as img, TsvWriter(paths['hw']) as hw, \
-       TsvWriter(paths['label']) as lab, TsvWriter(paths['linelist']) as lines:
+  with TsvWriter(paths['img']) as img, TsvWriter(paths['hw']) as hw, TsvWriter(
+      paths['label']
+  ) as lab, TsvWriter(paths['linelist']) as lines:
     for i, ex in enumerate(examples):
       key = ex['key']
       where = f'{split} example {i} (key {key!r})'
       if not isinstance(key, str) or not key or key.strip() != key:
-        raise ValueError(f'{where}: key must be a non-empty str without '
-                         'surrounding whitespace')
+        raise ValueError(f'{where}: key must be a non-empty str without ' 'surrounding whitespace')
       if key in seen:
         raise ValueError(f'{where}: duplicate key')
       seen.add(key)
@@ -235,21 +232,21 @@ class TsvFile:
     if os.path.isfile(idx_path):
       self.offsets = _read_offsets(idx_path)
     else:
-      logging.warning('%s is missing; regenerating it from %s', idx_path,
-                      self.path)
+      logging.warning('%s is missing; regenerating it from %s', idx_path, self.path)
       try:
         self.offsets = generate_lineidx(self.path)
       except OSError as e:  # e.g. a read-only dataset mount
-        logging.warning('cannot write %s (%s); keeping offsets in memory',
-                        idx_path, e)
+        logging.warning('cannot write %s (%s); keeping offsets in memory', idx_path, e)
         self.offsets = compute_offsets(self.path)
     offsets = self.offsets
-    if len(offsets) and (offsets[0] != 0 or np.any(np.diff(offsets) <= 0)
-                         or offsets[-1] >= self.size):
+    if len(offsets) and (
+        offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] >= self.size
+    ):
       raise ValueError(
           f'{idx_path} does not fit {self.path} ({self.size} bytes, last '
           f'offset {offsets[-1]}): the tsv is truncated or the .lineidx is '
-          'stale; delete the .lineidx to regenerate it')
+          'stale; delete the .lineidx to regenerate it'
+      )
     self._fd = os.open(self.path, os.O_RDONLY)
 
   def __len__(self):
@@ -258,21 +255,23 @@ class TsvFile:
   def read_row(self, row):
     """The fields of one row as stripped bytes (METRO strips every field)."""
     if not 0 <= row < len(self.offsets):
-      raise metro_labels.BadRowError(f'{self.path} row {row}: out of range '
-                                     f'[0, {len(self.offsets)})')
+      raise metro_labels.BadRowError(
+          f'{self.path} row {row}: out of range ' f'[0, {len(self.offsets)})'
+      )
     start = int(self.offsets[row])
-    end = (int(self.offsets[row + 1]) if row + 1 < len(self.offsets)
-           else self.size)
+    end = int(self.offsets[row + 1]) if row + 1 < len(self.offsets) else self.size
     data = os.pread(self._fd, end - start, start)
     if len(data) != end - start:
-      raise metro_labels.BadRowError(f'{self.path} row {row}: read {len(data)} of '
-                                     f'{end - start} bytes (file truncated?)')
+      raise metro_labels.BadRowError(
+          f'{self.path} row {row}: read {len(data)} of ' f'{end - start} bytes (file truncated?)'
+      )
     # Every row, the last one included, ends with its only newline (METRO's
     # writer); anything else is a stale .lineidx or a truncated file.
     if data.find(b'\n') != len(data) - 1:
       raise metro_labels.BadRowError(
           f'{self.path} row {row}: the row does not end at the next .lineidx '
-          'offset (truncated file or stale .lineidx)')
+          'offset (truncated file or stale .lineidx)'
+      )
     return [field.strip() for field in data.split(b'\t')]
 
   def close(self, _os_close=os.close):
@@ -296,8 +295,9 @@ def load_yaml(path):
   except yaml.YAMLError as e:
     raise ValueError(f'{path}: malformed yaml: {e}') from e
   if not isinstance(cfg, dict):
-    raise ValueError(f'{path}: expected a mapping with img/label keys, got '
-                     f'{type(cfg).__name__}')
+    raise ValueError(
+        f'{path}: expected a mapping with img/label keys, got ' f'{type(cfg).__name__}'
+    )
   for key in ('img', 'label'):
     if not cfg.get(key):
       raise ValueError(f'{path}: no {key!r} entry')
@@ -310,8 +310,7 @@ def _resolve(root, name, yaml_path, key):
     raise ValueError(f'{yaml_path}: {key!r} must be a path, got {name!r}')
   path = name if os.path.isabs(name) else os.path.join(root, name)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{yaml_path}: {key!r} points to a missing file: '
-                            f'{path}')
+    raise FileNotFoundError(f'{yaml_path}: {key!r} points to a missing file: ' f'{path}')
   return path
 
 
@@ -341,8 +340,7 @@ def _read_linelist(path, composite):
           rows.append((0, int(parts[0])))
       except (ValueError, IndexError) as e:
         want = '`source \\t row`' if composite else 'a row index'
-        raise ValueError(f'{path} line {n + 1}: expected {want}, got '
-                         f'{line.strip()!r}') from e
+        raise ValueError(f'{path} line {n + 1}: expected {want}, got ' f'{line.strip()!r}') from e
   return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
@@ -366,11 +364,11 @@ class MetroDataset:
       if cfg.get('hw'):
         _resolve_list(root, cfg['hw'], self.yaml_path, 'hw')
       if len(label) != len(img):
-        raise ValueError(f'{self.yaml_path}: {len(img)} img files but '
-                         f'{len(label)} label files')
+        raise ValueError(f'{self.yaml_path}: {len(img)} img files but ' f'{len(label)} label files')
       if not cfg.get('linelist'):
-        raise ValueError(f'{self.yaml_path}: a composite dataset needs a '
-                         "'linelist' of `source \\t row` rows")
+        raise ValueError(
+            f'{self.yaml_path}: a composite dataset needs a ' "'linelist' of `source \\t row` rows"
+        )
     else:
       img = [_resolve(root, cfg['img'], self.yaml_path, 'img')]
       label = [_resolve(root, cfg['label'], self.yaml_path, 'label')]
@@ -380,26 +378,27 @@ class MetroDataset:
     self.label_files = [TsvFile(p) for p in label]
     for i, (im, lab) in enumerate(zip(self.img_files, self.label_files)):
       if len(im) != len(lab):
-        raise ValueError(f'{im.path} has {len(im)} rows but {lab.path} has '
-                         f'{len(lab)} (source {i})')
+        raise ValueError(
+            f'{im.path} has {len(im)} rows but {lab.path} has ' f'{len(lab)} (source {i})'
+        )
     if cfg.get('linelist'):
       linelist = _resolve(root, cfg['linelist'], self.yaml_path, 'linelist')
       self.rows = _read_linelist(linelist, self.composite)
       where = linelist
     else:
-      self.rows = np.stack([np.zeros(len(self.img_files[0]), np.int64),
-                            np.arange(len(self.img_files[0]))], axis=1)
+      self.rows = np.stack(
+          [np.zeros(len(self.img_files[0]), np.int64), np.arange(len(self.img_files[0]))], axis=1
+      )
       where = self.img_files[0].path
     sources, rows = self.rows[:, 0], self.rows[:, 1]
-    if len(self.rows) and (sources.min() < 0
-                           or sources.max() >= len(self.img_files)):
-      raise ValueError(f'{where}: source index out of range '
-                       f'[0, {len(self.img_files)})')
+    if len(self.rows) and (sources.min() < 0 or sources.max() >= len(self.img_files)):
+      raise ValueError(f'{where}: source index out of range ' f'[0, {len(self.img_files)})')
     for s, tsv in enumerate(self.img_files):
       sel = rows[sources == s]
       if len(sel) and (sel.min() < 0 or sel.max() >= len(tsv)):
-        raise ValueError(f'{where}: row {sel.max()} is out of range for '
-                         f'{tsv.path} ({len(tsv)} rows)')
+        raise ValueError(
+            f'{where}: row {sel.max()} is out of range for ' f'{tsv.path} ({len(tsv)} rows)'
+        )
     if not len(self.rows):
       raise ValueError(f'{self.yaml_path}: the dataset has no rows')
 
@@ -433,7 +432,8 @@ class MetroDataset:
     if label_key != key:
       raise metro_labels.BadRowError(
           f'{label_tsv.path} row {row}: key {label_key!r} does not match {key!r} '
-          f'in {img_tsv.path}')
+          f'in {img_tsv.path}'
+      )
     try:
       # The last column, as METRO's reader (old files had more columns).
       jpeg = base64.b64decode(img_fields[-1], validate=True)

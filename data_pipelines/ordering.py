@@ -62,8 +62,7 @@ def process_rows(sharding, global_batch_size, devices=None):
   return np.array(sorted(rows), np.int64)
 
 
-def host_positions(num_rows, global_batch_size, local_rows, epoch, *, seed,
-                   shuffle=True, start=0):
+def host_positions(num_rows, global_batch_size, local_rows, epoch, *, seed, shuffle=True, start=0):
   """This process's (global position, row) pairs of one epoch, in stream order.
 
   Args:
@@ -90,5 +89,4 @@ def global_batch_rows(num_rows, global_batch_size, step, *, seed, shuffle=True):
   positions = np.arange(step * global_batch_size, (step + 1) * global_batch_size)
   epochs = positions // num_rows
   orders = {e: epoch_order(num_rows, seed, e, shuffle) for e in np.unique(epochs)}
-  return np.array([orders[e][g - e * num_rows] for g, e in zip(positions, epochs)],
-                  np.int64)
+  return np.array([orders[e][g - e * num_rows] for g, e in zip(positions, epochs)], np.int64)

@@ -3,7 +3,6 @@
 import queue
 import threading
 
-
 _END = object()
 
 
@@ -30,7 +29,7 @@ class BackgroundIterator:
           continue
       return False
 
-    def produce():   # refers to neither self nor the consumer: dropping it stops this
+    def produce():  # refers to neither self nor the consumer: dropping it stops this
       try:
         for item in iterator:
           if not put((item, None)):

@@ -78,14 +78,14 @@ class Metro(tfds.core.GeneratorBasedBuilder):
         # Position in the source yaml dataset (linelist order); the pipeline
         # keys its augmentation on it, as it does for the TSV source.
         'index': tfds.features.Scalar(dtype=np.int64),
-        'image': tfds.features.Image(shape=(None, None, 3),
-                                     encoding_format='jpeg'),
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
     }
     for name, shape in LABEL_FEATURES.items():
       if name in metro_labels.FLOAT64_FIELDS:
         # As raw bytes: a tf.train.Example float list would round to float32.
-        features[name] = tfds.features.Tensor(shape=shape, dtype=np.float64,
-                                              encoding=tfds.features.Encoding.BYTES)
+        features[name] = tfds.features.Tensor(
+            shape=shape, dtype=np.float64, encoding=tfds.features.Encoding.BYTES
+        )
       else:
         features[name] = tfds.features.Tensor(shape=shape, dtype=np.float32)
     return tfds.core.DatasetInfo(
@@ -100,10 +100,8 @@ class Metro(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
     if not self._yamls:
-      raise ValueError('Metro: pass yamls={split: METRO yaml path} to build '
-                       'the dataset')
-    return {split: self._generate_examples(path)
-            for split, path in self._yamls.items()}
+      raise ValueError('Metro: pass yamls={split: METRO yaml path} to build ' 'the dataset')
+    return {split: self._generate_examples(path) for split, path in self._yamls.items()}
 
   def _generate_examples(self, yaml_path):
     dataset = metro_tsv.MetroDataset(yaml_path)
@@ -113,25 +111,25 @@ class Metro(tfds.core.GeneratorBasedBuilder):
         example = dataset.read(index)
         if augment.decode_jpeg(example['jpeg']) is None:
           path, row = dataset.location(index)
-          raise metro_labels.BadRowError(f'{path} row {row}: JPEG does not '
-                                      'decode')
+          raise metro_labels.BadRowError(f'{path} row {row}: JPEG does not ' 'decode')
       except metro_labels.BadRowError as e:
         num_bad += 1
-        logging.warning('tfds_metro: skipping bad row %d of %s: %s', num_bad,
-                        yaml_path, e)
+        logging.warning('tfds_metro: skipping bad row %d of %s: %s', num_bad, yaml_path, e)
         continue
-      features = {'key': example['key'], 'index': index,
-                  'image': example['jpeg']}
+      features = {'key': example['key'], 'index': index, 'image': example['jpeg']}
       features.update(example['label'])
       # Integer keys keep the linelist order (disable_shuffling sorts by key).
       yield index, features
     if num_bad:
-      logging.warning('tfds_metro: %d of %d rows of %s were skipped', num_bad,
-                      len(dataset), os.fspath(yaml_path))
+      logging.warning(
+          'tfds_metro: %d of %d rows of %s were skipped',
+          num_bad,
+          len(dataset),
+          os.fspath(yaml_path),
+      )
 
 
-def read_split(data_dir, split, *, start=None, end=None, shuffle_files=False,
-               seed=None):
+def read_split(data_dir, split, *, start=None, end=None, shuffle_files=False, seed=None):
   """Raw examples [start, end) of a built split, with undecoded JPEG bytes.
 
   Returns:
@@ -142,11 +140,13 @@ def read_split(data_dir, split, *, start=None, end=None, shuffle_files=False,
   if start is not None or end is not None:
     split = f'{split}[{start or 0}:{"" if end is None else end}]'
   # The split is stored in order; shuffled reading is deliberate for training.
-  read_config = tfds.ReadConfig(shuffle_seed=seed,
-                                enable_ordering_guard=not shuffle_files)
+  read_config = tfds.ReadConfig(shuffle_seed=seed, enable_ordering_guard=not shuffle_files)
   return builder.as_dataset(
-      split=split, shuffle_files=shuffle_files, read_config=read_config,
-      decoders={'image': tfds.decode.SkipDecoding()})
+      split=split,
+      shuffle_files=shuffle_files,
+      read_config=read_config,
+      decoders={'image': tfds.decode.SkipDecoding()},
+  )
 
 
 def num_examples(data_dir, split):

@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, set before JAX is first imported."""
+
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -18,9 +19,12 @@ jax.config.update('jax_disable_most_optimizations', True)
 
 # Real SMPL topology files live outside the repository (never committed);
 # tests that need them skip when the folder is absent.
-SMPL_TOPOLOGY_DIR = pathlib.Path(os.environ.get(
-    'SMPL_TOPOLOGY_DIR',
-    pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'smpl_topology'))
+SMPL_TOPOLOGY_DIR = pathlib.Path(
+    os.environ.get(
+        'SMPL_TOPOLOGY_DIR',
+        pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'smpl_topology',
+    )
+)
 
 
 @pytest.fixture(scope='session')
@@ -39,4 +43,5 @@ def pytest_report_header(config):
 def topology():
   """The embedded mesh hierarchy (6890/1723/431)."""
   from coarsemetro_jax import mesh_topology
+
   return mesh_topology.load_topology()

@@ -32,12 +32,14 @@ def recording(train_batches, out_dir):
         yield batch
     finally:
       batches.close()
+
   return wrapped
 
 
 if __name__ == '__main__':
-  sys.path[0] = REPO      # this file's folder is there; main.py expects the repository
+  sys.path[0] = REPO  # this file's folder is there; main.py expects the repository
   from data_pipelines import datasets
+
   datasets.Datasets.train_batches = recording(datasets.Datasets.train_batches, sys.argv[1])
   sys.argv = [os.path.join(REPO, 'main.py')] + sys.argv[2:]
   runpy.run_path(sys.argv[0], run_name='__main__')

@@ -28,8 +28,9 @@ def leaf_bytes(tree):
 def tiny_params_bytes(config):
   model = models.build_model(config.model, mesh_topology.load_topology())
   size = config.data.image_size
-  variables = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False))
+  variables = jax.eval_shape(
+      lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)
+  )
   return leaf_bytes(variables['params'])
 
 
@@ -41,9 +42,10 @@ def check_report(report, config, devices):
   # Replicated: every device holds all parameters, and AdamW two moments of each.
   assert report.params == params
   assert report.opt_state >= 2 * params
-  image = config.data.image_size ** 2 * 3 * 4
+  image = config.data.image_size**2 * 3 * 4
   assert report.batch == (image + (24 * 3 + 24 * 4 + 72 + 10 + 4) * 4) * (
-      report.global_batch // devices)
+      report.global_batch // devices
+  )
   train, eval_ = report.steps['train'], report.steps['eval']
   state = report.params + report.opt_state + report.batch_stats
   # jit drops arguments a step does not read: eval reads no optimizer state.
@@ -53,7 +55,7 @@ def check_report(report, config, devices):
     assert step.temporaries > 0 and step.outputs > 0
     assert 0 < step.peak <= step.arguments + step.outputs + step.temporaries
   # The train step donates the state: its new state reuses those buffers.
-  assert train.aliased == state + 4   # + the int32 step counter
+  assert train.aliased == state + 4  # + the int32 step counter
   assert eval_.aliased == 0
   analytic = aot.analytic_flops(report, 'train')
   assert analytic <= report.per_chip(train.flops) <= FLOPS_FACTOR * analytic
@@ -83,13 +85,18 @@ def test_fsdp_shards_params_and_optimizer_state():
   config.fsdp_min_size = 2**10
   target = aot.make_target('cpu:8')
   state, _ = aot.abstract_state(
-      config, models.build_model(config.model, mesh_topology.load_topology()),
-      steps.make_device_mesh(target.devices), (64, 64, 3))
+      config,
+      models.build_model(config.model, mesh_topology.load_topology()),
+      steps.make_device_mesh(target.devices),
+      (64, 64, 3),
+  )
   full = leaf_bytes(state.params)
   sharded = aot.shard_bytes(state.params)
-  large = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(state.params)
-              if np.prod(x.shape) >= config.fsdp_min_size and
-              any(d % 8 == 0 for d in x.shape))
+  large = sum(
+      int(np.prod(x.shape)) * 4
+      for x in jax.tree.leaves(state.params)
+      if np.prod(x.shape) >= config.fsdp_min_size and any(d % 8 == 0 for d in x.shape)
+  )
   assert sharded == full - large + large // 8
 
 
@@ -107,12 +114,15 @@ def test_tiny_compiles_for_a_v5e_slice(monkeypatch):
   assert 'lower bound, not a measurement' in text and 'fits' in text
 
 
-@pytest.mark.parametrize('name, devices, chips, kind', [
-    ('v4:2x2x1', 8, 4, 'v4'),     # two TensorCores (devices) per v4 chip
-    ('v5p:2x2x2', 8, 8, 'v5p'),
-    ('v5e:4x4', 16, 16, 'v5e'),
-    ('v6e:4x4', 16, 16, 'v6e'),
-])
+@pytest.mark.parametrize(
+    'name, devices, chips, kind',
+    [
+        ('v4:2x2x1', 8, 4, 'v4'),  # two TensorCores (devices) per v4 chip
+        ('v5p:2x2x2', 8, 8, 'v5p'),
+        ('v5e:4x4', 16, 16, 'v5e'),
+        ('v6e:4x4', 16, 16, 'v6e'),
+    ],
+)
 def test_tpu_topologies_count_chips(name, devices, chips, kind, monkeypatch):
   needs_libtpu(monkeypatch)
   target = aot.make_target(name)
@@ -123,17 +133,20 @@ def test_tpu_topologies_count_chips(name, devices, chips, kind, monkeypatch):
 def test_local_devices_without_topology():
   target = aot.make_target('')
   assert len(target.devices) == jax.device_count() and target.devices_per_chip == 1
-  assert target.chip is None   # CPU: no published HBM or peak
+  assert target.chip is None  # CPU: no published HBM or peak
   assert aot.make_target('', peak_tflops=2.0).chip.peak_bf16_flops == 2e12
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--topology=cpu:0'], "expected 'cpu:N'"),
-    (['--topology=cpu:64'], 'xla_force_host_platform_device_count=64'),
-    (['--per_chip_batch=0'], 'per_chip_batch must be >= 1'),
-    (['--config.model.no_such_key=1'], 'no_such_key'),
-    (['--no_such_flag=1'], 'no_such_flag'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--topology=cpu:0'], "expected 'cpu:N'"),
+        (['--topology=cpu:64'], 'xla_force_host_platform_device_count=64'),
+        (['--per_chip_batch=0'], 'per_chip_batch must be >= 1'),
+        (['--config.model.no_such_key=1'], 'no_such_key'),
+        (['--no_such_flag=1'], 'no_such_flag'),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
   assert aot.main(['aot', '--config=configs/tiny.py', *argv]) == 2
   err = capsys.readouterr().err

@@ -18,8 +18,15 @@ import pytest
 pytest.importorskip('torch')
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMOKE = ['--tiny', '--quick', '--parts=transformer', '--batch_sizes=2',
-         '--torch_threads=1', '--no_torch_coarsemetro', '--models=coarsemetro']
+SMOKE = [
+    '--tiny',
+    '--quick',
+    '--parts=transformer',
+    '--batch_sizes=2',
+    '--torch_threads=1',
+    '--no_torch_coarsemetro',
+    '--models=coarsemetro',
+]
 TORCH = 'PyTorch eager (1 thr)'
 
 
@@ -30,8 +37,15 @@ def run_benchmark(name, argv):
   # to the tolerances used here.
   env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  result = subprocess.run([sys.executable, '-m', f'benchmarks.{name}', *argv], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+  result = subprocess.run(
+      [sys.executable, '-m', f'benchmarks.{name}', *argv],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -45,23 +59,25 @@ def tables(stdout):
     elif block:
       blocks.append(block)
       block = []
-  return [[[c.strip() for c in line.strip().strip('|').split('|')] for line in b[2:]]
-          for b in blocks]
+  return [
+      [[c.strip() for c in line.strip().strip('|').split('|')] for line in b[2:]] for b in blocks
+  ]
 
 
 def test_inference_table():
   rows = tables(run_benchmark('inference', SMOKE[:-1] + ['--models=fastmetro']))[-1]
   assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
       ('transformer', '2', 'FastMETRO-S', 'JAX'),
-      ('transformer', '2', 'FastMETRO-S', TORCH)]
-  assert rows[1][6].startswith('1.00x')          # the baseline against itself
-  assert float(rows[0][9]) < 1e-4                # same weights, same outputs
+      ('transformer', '2', 'FastMETRO-S', TORCH),
+  ]
+  assert rows[1][6].startswith('1.00x')  # the baseline against itself
+  assert float(rows[0][9]) < 1e-4  # same weights, same outputs
 
 
 def test_train_step_table():
   rows = tables(run_benchmark('train_step', SMOKE))[-1]
   assert [(r[2], r[3]) for r in rows] == [('CoarseMETRO-S', 'JAX'), ('FastMETRO-S', TORCH)]
-  assert all(np.isfinite(float(r[9])) for r in rows)   # first losses
+  assert all(np.isfinite(float(r[9])) for r in rows)  # first losses
 
 
 def test_memory_tables():

@@ -41,7 +41,7 @@ def make_batch(body, size, seed=0):
   rng = np.random.default_rng(seed)
   pose = (rng.normal(size=(B, 72)) * 0.2).astype(np.float32)
   betas = rng.normal(size=(B, 10)).astype(np.float32)
-  _, joints = body_model.forward(body, pose, betas)   # SMPL's 24 joints stand in for J24
+  _, joints = body_model.forward(body, pose, betas)  # SMPL's 24 joints stand in for J24
   joints = np.asarray(joints)
   joints_3d = np.concatenate([joints - joints[:, 14:15], np.ones((B, 24, 1))], -1)
   joints_2d = np.concatenate([joints[..., :2] * 2, np.ones((B, 24, 1))], -1)
@@ -49,7 +49,8 @@ def make_batch(body, size, seed=0):
       'image': rng.normal(size=(B, size, size, 3)).astype(np.float32),
       'joints_2d': joints_2d.astype(np.float32),
       'joints_3d': joints_3d.astype(np.float32),
-      'pose': pose, 'betas': betas,
+      'pose': pose,
+      'betas': betas,
       'has_2d_joints': np.ones(B, np.float32),
       'has_3d_joints': np.float32([1, 1, 0, 1, 1, 1, 0, 1]),
       'has_smpl': np.float32([1, 0, 1, 1, 1, 0, 1, 1]),
@@ -65,8 +66,9 @@ def setup(topology):
   size = config.data.image_size
   device_mesh = steps.make_device_mesh(jax.devices()[:2])
   model = models.build_model(config.model, topology)
-  state, sharding = steps.create_train_state(config, model, jax.random.key(0),
-                                             device_mesh, (size, size, 3))
+  state, sharding = steps.create_train_state(
+      config, model, jax.random.key(0), device_mesh, (size, size, 3)
+  )
   return body, state, sharding, make_batch(body, size), device_mesh
 
 
@@ -79,10 +81,13 @@ def loss_and_grads(config, topology, body, batch_stats):
   def loss_fn(params, batch):
     gt_vertices, _ = body_model.forward(body, batch['pose'], batch['betas'])
     outputs, _ = steps.apply_train(
-        model, {'params': params, 'batch_stats': batch_stats}, batch['image'], rngs,
-        config.bn_group_size)
-    return losses.compute_loss(outputs, batch, gt_vertices, regress, topology,
-                               config.loss)[0]
+        model,
+        {'params': params, 'batch_stats': batch_stats},
+        batch['image'],
+        rngs,
+        config.bn_group_size,
+    )
+    return losses.compute_loss(outputs, batch, gt_vertices, regress, topology, config.loss)[0]
 
   return jax.jit(jax.value_and_grad(loss_fn))
 
@@ -106,8 +111,10 @@ def test_bf16_loss_and_gradients_match_f32(setup, topology):
   error = np.linalg.norm(g16 - g32) / np.linalg.norm(g32)
   rounding = np.linalg.norm(flat(grads_rounded) - g32) / np.linalg.norm(g32)
   cosine = g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32))
-  print(f'loss f32 {loss32:.4f} bf16 {loss16:.4f}; gradient relative error {error:.3f}, '
-        f'f32 with the image rounded to bf16 {rounding:.3f}, cosine {cosine:.4f}')
+  print(
+      f'loss f32 {loss32:.4f} bf16 {loss16:.4f}; gradient relative error {error:.3f}, '
+      f'f32 with the image rounded to bf16 {rounding:.3f}, cosine {cosine:.4f}'
+  )
   # bf16 rounding does change the gradient: the bf16 path is really taken.
   assert error > 0
   assert error <= GRAD_ERROR_VS_INPUT_ROUNDING * rounding
@@ -119,14 +126,13 @@ def test_bf16_model_computes_in_bf16(setup, topology):
   _, state, _, batch, _ = setup
   model = models.build_model(tiny_config('bfloat16').model, topology)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
-      variables, batch['image'])
-  heavy = [e for e in jaxpr.jaxpr.eqns
-           if e.primitive.name in ('dot_general', 'conv_general_dilated')]
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, batch['image'])
+  heavy = [
+      e for e in jaxpr.jaxpr.eqns if e.primitive.name in ('dot_general', 'conv_general_dilated')
+  ]
   operand_dtypes = {v.aval.dtype for e in heavy for v in e.invars}
   assert heavy and operand_dtypes == {jnp.dtype(jnp.bfloat16)}
-  outputs = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
-                           batch['image'])
+  outputs = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, batch['image'])
   assert all(o.dtype == jnp.float32 for o in jax.tree.leaves(outputs))
 
 
@@ -135,23 +141,24 @@ def test_bf16_train_step_keeps_state_and_metrics_in_f32(setup, topology):
   config = tiny_config('bfloat16')
   model = models.build_model(config.model, topology)
   batch_sharding = steps.batch_sharding(device_mesh)
-  train_step = steps.make_train_step(config, model, body, topology, sharding,
-                                     batch_sharding)
-  state = jax.tree.map(lambda x: x.copy(), state)   # the step donates it
+  train_step = steps.make_train_step(config, model, body, topology, sharding, batch_sharding)
+  state = jax.tree.map(lambda x: x.copy(), state)  # the step donates it
   old_stats = jax.device_get(state.batch_stats)
-  new_state, out = train_step(state, jax.device_put(batch, batch_sharding),
-                              jax.random.key(7))
+  new_state, out = train_step(state, jax.device_put(batch, batch_sharding), jax.random.key(7))
   for name in ('params', 'opt_state', 'batch_stats'):
-    leaves = [x for x in jax.tree.leaves(getattr(new_state, name))
-              if jnp.issubdtype(x.dtype, jnp.floating)]
+    leaves = [
+        x
+        for x in jax.tree.leaves(getattr(new_state, name))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
     assert leaves and all(x.dtype == jnp.float32 for x in leaves), name
   assert all(v.dtype == jnp.float32 and np.isfinite(v) for v in out.values())
   # The statistics were updated from the bf16 activations, in f32.
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), old_stats,
-                         jax.device_get(new_state.batch_stats))
+  changed = jax.tree.map(
+      lambda a, b: not np.array_equal(a, b), old_stats, jax.device_get(new_state.batch_stats)
+  )
   assert all(jax.tree.leaves(changed))
   # The step's loss is the function above at its first step (2 devices vs 1:
   # only reduction orders differ).
-  loss16, _ = loss_and_grads(config, topology, body, setup[1].batch_stats)(
-      setup[1].params, batch)
+  loss16, _ = loss_and_grads(config, topology, body, setup[1].batch_stats)(setup[1].params, batch)
   np.testing.assert_allclose(out['loss'], loss16, rtol=1e-3)

@@ -1,4 +1,5 @@
 """Body model: LBS against a NumPy reference, SMPL pickle loading, the asset."""
+
 import io
 import pickle
 import sys
@@ -15,7 +16,6 @@ from coarsemetro_jax import body_model as bm
 from coarsemetro_jax import joints as joints_lib
 from coarsemetro_jax import mesh_topology
 
-
 # One jitted forward for all tests (eager op-by-op dispatch is slower).
 forward = jax.jit(bm.forward)
 BATCH = 8
@@ -28,9 +28,9 @@ def body():
 
 def reference_lbs(v_template, shapedirs, posedirs, j_regressor, weights, pose, betas):
   """SMPL's LBS as 4x4 transform chains (float64, one sample)."""
-  v_shaped = v_template + shapedirs @ betas                       # [V, 3]
-  rest = j_regressor @ v_shaped                                  # [24, 3]
-  rot = Rotation.from_rotvec(pose.reshape(-1, 3)).as_matrix()    # [24, 3, 3]
+  v_shaped = v_template + shapedirs @ betas  # [V, 3]
+  rest = j_regressor @ v_shaped  # [24, 3]
+  rot = Rotation.from_rotvec(pose.reshape(-1, 3)).as_matrix()  # [24, 3, 3]
   if posedirs is not None:
     v_shaped = v_shaped + (posedirs.T @ (rot[1:] - np.eye(3)).ravel()).reshape(-1, 3)
   world = []
@@ -55,12 +55,17 @@ def test_forward_matches_numpy_reference(body):
   rng = np.random.default_rng(0)
   pose = rng.normal(0, 0.5, (BATCH, 72))
   betas = rng.normal(0, 1, (BATCH, 10))
-  verts, joints = forward(body, jnp.asarray(pose, jnp.float32),
-                                      jnp.asarray(betas, jnp.float32))
+  verts, joints = forward(body, jnp.asarray(pose, jnp.float32), jnp.asarray(betas, jnp.float32))
   for i in range(0, BATCH, 3):
     ref_v, ref_j = reference_lbs(
-        _np(body, 'v_template'), _np(body, 'shapedirs'), None,
-        _np(body, 'j_regressor'), _np(body, 'weights'), pose[i], betas[i])
+        _np(body, 'v_template'),
+        _np(body, 'shapedirs'),
+        None,
+        _np(body, 'j_regressor'),
+        _np(body, 'weights'),
+        pose[i],
+        betas[i],
+    )
     np.testing.assert_allclose(verts[i], ref_v, atol=2e-5)
     np.testing.assert_allclose(joints[i], ref_j, atol=2e-5)
 
@@ -73,9 +78,11 @@ def _tiny_body(rng, num_v=40, posedirs=True):
   arrays = {
       'v_template': rng.normal(size=(num_v, 3)),
       'shapedirs': rng.normal(0, 0.1, (num_v, 3, 4)),
-      'weights': weights, 'j_regressor': j_reg,
+      'weights': weights,
+      'j_regressor': j_reg,
       'faces': rng.integers(0, num_v, (10, 3)),
-      'posedirs': rng.normal(0, 0.1, (num_v, 3, 207)) if posedirs else None}
+      'posedirs': rng.normal(0, 0.1, (num_v, 3, 207)) if posedirs else None,
+  }
   return arrays, bm._assemble(arrays, 'tiny', jnp.float32)
 
 
@@ -84,13 +91,18 @@ def test_forward_with_pose_correctives_matches_reference():
   arrays, body = _tiny_body(rng)
   pose = rng.normal(0, 0.6, (2, 72))
   betas = rng.normal(0, 1, (2, 3))  # fewer betas than shape directions
-  verts, joints = forward(body, jnp.asarray(pose, jnp.float32),
-                             jnp.asarray(betas, jnp.float32))
+  verts, joints = forward(body, jnp.asarray(pose, jnp.float32), jnp.asarray(betas, jnp.float32))
   posedirs = arrays['posedirs'].reshape(-1, 207).T
   for i in range(2):
     ref_v, ref_j = reference_lbs(
-        arrays['v_template'], arrays['shapedirs'][..., :3], posedirs,
-        arrays['j_regressor'], arrays['weights'], pose[i], betas[i])
+        arrays['v_template'],
+        arrays['shapedirs'][..., :3],
+        posedirs,
+        arrays['j_regressor'],
+        arrays['weights'],
+        pose[i],
+        betas[i],
+    )
     np.testing.assert_allclose(verts[i], ref_v, atol=1e-4)
     np.testing.assert_allclose(joints[i], ref_j, atol=1e-4)
 
@@ -101,8 +113,9 @@ def test_identity_pose_returns_shaped_template(body):
   verts, joints = forward(body, jnp.zeros((BATCH, 72)), jnp.asarray(betas))
   expected = _np(body, 'v_template') + np.einsum('bk,vck->bvc', betas, _np(body, 'shapedirs'))
   np.testing.assert_allclose(verts, expected, atol=1e-5)
-  np.testing.assert_allclose(joints, np.einsum('jv,bvc->bjc', _np(body, 'j_regressor'),
-                                               expected), atol=1e-5)
+  np.testing.assert_allclose(
+      joints, np.einsum('jv,bvc->bjc', _np(body, 'j_regressor'), expected), atol=1e-5
+  )
   np.testing.assert_allclose(verts[-1], body.v_template, atol=1e-6)
 
 
@@ -128,6 +141,7 @@ def _fake_smpl_pickle(monkeypatch, arrays):
   ch_mod = types.ModuleType('chumpy.ch')
 
   class Ch:
+
     def __init__(self, x):
       self.x = x
       self._cache = {'unused': 1}
@@ -137,7 +151,8 @@ def _fake_smpl_pickle(monkeypatch, arrays):
   chumpy.ch = ch_mod
   csc_mod = types.ModuleType('scipy.sparse.csc')
 
-  class csc_matrix:
+  class csc_matrix:  # noqa: N801 (the pickled class name)
+
     def __init__(self, dense):
       cols = [np.nonzero(c)[0] for c in dense.T]
       self.indices = np.concatenate(cols).astype(np.int32)
@@ -149,11 +164,11 @@ def _fake_smpl_pickle(monkeypatch, arrays):
 
   csc_matrix.__module__, csc_matrix.__qualname__ = 'scipy.sparse.csc', 'csc_matrix'
   csc_mod.csc_matrix = csc_matrix
-  for name, mod in (('chumpy', chumpy), ('chumpy.ch', ch_mod),
-                    ('scipy.sparse.csc', csc_mod)):
+  for name, mod in (('chumpy', chumpy), ('chumpy.ch', ch_mod), ('scipy.sparse.csc', csc_mod)):
     monkeypatch.setitem(sys.modules, name, mod)
-  kintree = np.stack([np.asarray(joints_lib.SMPL_PARENTS, np.int64) % 2**32,
-                      np.arange(24)]).astype(np.uint32)
+  kintree = np.stack(
+      [np.asarray(joints_lib.SMPL_PARENTS, np.int64) % 2**32, np.arange(24)]
+  ).astype(np.uint32)
   model = {
       'v_template': Ch(arrays['v_template']),
       'shapedirs': Ch(arrays['shapedirs']),
@@ -163,7 +178,8 @@ def _fake_smpl_pickle(monkeypatch, arrays):
       'J': Ch(arrays['j_regressor'] @ arrays['v_template']),
       'f': arrays['faces'].astype(np.uint32),
       'kintree_table': kintree,
-      'bs_type': 'lrotmin', 'bs_style': 'lbs',
+      'bs_type': 'lrotmin',
+      'bs_style': 'lbs',
   }
   return pickle.dumps(model, protocol=2)
 
@@ -179,18 +195,33 @@ def test_smpl_pickle_loads_without_chumpy(tmp_path, monkeypatch):
   assert b'chumpy.ch' in path.read_bytes() and b'scipy.sparse.csc' in path.read_bytes()
   assert 'chumpy' not in sys.modules
   loaded = bm.load_body_model(str(path))
-  for key in ('v_template', 'shapedirs', 'weights', 'j_regressor', 'posedirs',
-              'h36m_regressor', 'j24_regressor', 'j24_conf'):
-    np.testing.assert_allclose(getattr(loaded, key), getattr(reference, key),
-                               atol=1e-6, err_msg=key)
+  for key in (
+      'v_template',
+      'shapedirs',
+      'weights',
+      'j_regressor',
+      'posedirs',
+      'h36m_regressor',
+      'j24_regressor',
+      'j24_conf',
+  ):
+    np.testing.assert_allclose(
+        getattr(loaded, key), getattr(reference, key), atol=1e-6, err_msg=key
+    )
   assert loaded.parents == joints_lib.SMPL_PARENTS
   np.testing.assert_array_equal(np.asarray(loaded.faces), arrays['faces'])
   pose = rng.normal(0, 0.5, (2, 72))
   betas = rng.normal(size=(2, 4))
   verts, _ = forward(loaded, jnp.asarray(pose, jnp.float32), jnp.asarray(betas, jnp.float32))
-  ref_v, _ = reference_lbs(arrays['v_template'], arrays['shapedirs'],
-                           arrays['posedirs'].reshape(-1, 207).T, arrays['j_regressor'],
-                           arrays['weights'], pose[1], betas[1])
+  ref_v, _ = reference_lbs(
+      arrays['v_template'],
+      arrays['shapedirs'],
+      arrays['posedirs'].reshape(-1, 207).T,
+      arrays['j_regressor'],
+      arrays['weights'],
+      pose[1],
+      betas[1],
+  )
   np.testing.assert_allclose(verts[1], ref_v, atol=1e-4)
 
 
@@ -207,8 +238,11 @@ def test_smpl_pickle_with_h36m_regressor_file(tmp_path, monkeypatch):
   np.testing.assert_allclose(loaded.h36m_regressor, h36m, atol=1e-6)
   j24, conf = map(np.asarray, bm.j24_joints(loaded, jnp.asarray(arrays['v_template'], jnp.float32)))
   j17 = bm.h36m_joints(loaded, jnp.asarray(arrays['v_template'], jnp.float32))
-  np.testing.assert_allclose(np.asarray(j24)[list(joints_lib.J24_TO_J14)],
-                             np.asarray(j17)[list(joints_lib.H36M_J17_TO_J14)], atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(j24)[list(joints_lib.J24_TO_J14)],
+      np.asarray(j17)[list(joints_lib.H36M_J17_TO_J14)],
+      atol=1e-6,
+  )
   assert conf[list(joints_lib.J24_TO_J14)].min() == 1
   np.save(tmp_path / 'bad.npy', h36m[:5])
   with pytest.raises(bm.BodyModelError, match=r'bad.npy.*expected \(17, 40\)'):
@@ -258,9 +292,10 @@ def test_embedded_hierarchy_is_closed_manifold_and_nested(body):
     sel = topo.down_indices[level]
     assert (np.diff(sel) > 0).all()
     # U: 3 stored entries per row, non-negative, rows sum to 1.
-    assert np.array_equal(np.bincount(arrays[f'U{level}_indices'],
-                                      minlength=topo.num_vertices[level]),
-                          np.full(topo.num_vertices[level], 3))
+    assert np.array_equal(
+        np.bincount(arrays[f'U{level}_indices'], minlength=topo.num_vertices[level]),
+        np.full(topo.num_vertices[level], 3),
+    )
     w = topo.up_weights[level]
     assert w.shape[1] == 3 and (w >= 0).all()
     np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
@@ -292,8 +327,7 @@ def test_regressor_error_under_pose(body):
   pose = rng.normal(0, 0.3, (BATCH, 72))
   pose[:, :3] = Rotation.random(BATCH, random_state=6).as_rotvec()
   betas = rng.normal(size=(BATCH, 10))
-  verts, joints = forward(body, jnp.asarray(pose, jnp.float32),
-                             jnp.asarray(betas, jnp.float32))
+  verts, joints = forward(body, jnp.asarray(pose, jnp.float32), jnp.asarray(betas, jnp.float32))
   regressed = np.einsum('jv,bvc->bjc', _np(body, 'j_regressor'), np.asarray(verts, np.float64))
   err = np.linalg.norm(regressed - np.asarray(joints), axis=-1)
   assert err.mean() < 2e-3, err.mean()
@@ -319,8 +353,9 @@ def test_h36m_and_j14_joints_are_anatomical(body):
   h36m = bm.h36m_equivalent(body.j_regressor, body.v_template, body.weights)
   np.testing.assert_allclose(body.h36m_regressor, h36m, atol=1e-6)
   j24 = np.asarray(bm.j24_joints(body, verts)[0])
-  np.testing.assert_allclose(j24[0, list(joints_lib.J24_TO_J14)],
-                             j17[list(joints_lib.H36M_J17_TO_J14)], atol=1e-6)
+  np.testing.assert_allclose(
+      j24[0, list(joints_lib.J24_TO_J14)], j17[list(joints_lib.H36M_J17_TO_J14)], atol=1e-6
+  )
   assert conf[list(joints_lib.J24_TO_J14)].min() == 1
   assert conf[joints_lib.J24_NAMES.index('Jaw')] == 0
 
@@ -331,7 +366,7 @@ def _coo(dense):
 
 
 def test_adjmat_arrays_replace_the_derived_adjacency():
-  derived = mesh_topology.load_topology().coarse_adjacency          # bool [431, 431]
+  derived = mesh_topology.load_topology().coarse_adjacency  # bool [431, 431]
   assert derived.shape == (431, 431) and derived.diagonal().all()
   # Drop one edge (both directions) and row-normalise, as FastMETRO's values are.
   i, j = np.argwhere(np.triu(derived, 1))[0]
@@ -339,22 +374,28 @@ def test_adjmat_arrays_replace_the_derived_adjacency():
   edited[i, j] = edited[j, i] = False
   weights = edited / edited.sum(1, keepdims=True)
   indices, values, size = _coo(weights)
-  zero_entry = (np.array([[i], [j]]), np.zeros(1), size)   # explicit zero: no edge
+  zero_entry = (np.array([[i], [j]]), np.zeros(1), size)  # explicit zero: no edge
   scipy_sparse = pytest.importorskip('scipy.sparse')
-  for adjmat in ((indices, values, size), weights, scipy_sparse.csr_matrix(weights),
-                 (np.concatenate([indices, zero_entry[0]], 1),
-                  np.concatenate([values, zero_entry[1]]), size)):
+  for adjmat in (
+      (indices, values, size),
+      weights,
+      scipy_sparse.csr_matrix(weights),
+      (np.concatenate([indices, zero_entry[0]], 1), np.concatenate([values, zero_entry[1]]), size),
+  ):
     topology = mesh_topology.load_topology(adjmat=adjmat)
     np.testing.assert_array_equal(topology.coarse_adjacency, edited)
     assert not topology.decoder_attention_mask(14)[14 + i, 14 + j]
 
 
-@pytest.mark.parametrize('adjmat, message', [
-    ((np.zeros((2, 0), np.int64), np.zeros(0), (430, 430)), r'size \(430, 430\)'),
-    ((np.array([[0], [431]]), np.ones(1), (431, 431)), r'indices \(2, 1\)'),
-    ((np.zeros((3, 4), np.int64), np.ones(4), (431, 431)), r'indices \(3, 4\)'),
-    (np.eye(430), r'shape \(430, 430\)'),
-])
+@pytest.mark.parametrize(
+    'adjmat, message',
+    [
+        ((np.zeros((2, 0), np.int64), np.zeros(0), (430, 430)), r'size \(430, 430\)'),
+        ((np.array([[0], [431]]), np.ones(1), (431, 431)), r'indices \(2, 1\)'),
+        ((np.zeros((3, 4), np.int64), np.ones(4), (431, 431)), r'indices \(3, 4\)'),
+        (np.eye(430), r'shape \(430, 430\)'),
+    ],
+)
 def test_adjmat_that_does_not_fit_is_refused(adjmat, message):
   with pytest.raises(mesh_topology.TopologyError, match=r'^adj_\*\.pt: .*' + message):
     mesh_topology.load_topology(adjmat=adjmat, adjmat_source='adj_*.pt')
@@ -367,16 +408,24 @@ def test_forward_rotmats_matches_axis_angle_path_and_reference():
   betas = rng.normal(0, 1, (3, 4))
   # Rotation matrices from SciPy, not from bm.rodrigues.
   rotmats = Rotation.from_rotvec(pose.reshape(-1, 3)).as_matrix().reshape(3, 24, 3, 3)
-  verts, joints = jax.jit(bm.forward_rotmats)(body, jnp.asarray(rotmats, jnp.float32),
-                                              jnp.asarray(betas, jnp.float32))
-  ref_verts, ref_joints = forward(body, jnp.asarray(pose, jnp.float32),
-                                  jnp.asarray(betas, jnp.float32))
+  verts, joints = jax.jit(bm.forward_rotmats)(
+      body, jnp.asarray(rotmats, jnp.float32), jnp.asarray(betas, jnp.float32)
+  )
+  ref_verts, ref_joints = forward(
+      body, jnp.asarray(pose, jnp.float32), jnp.asarray(betas, jnp.float32)
+  )
   np.testing.assert_allclose(verts, ref_verts, atol=1e-5)
   np.testing.assert_allclose(joints, ref_joints, atol=1e-5)
   posedirs = arrays['posedirs'].reshape(-1, 207).T
   for i in range(3):
     np_verts, np_joints = reference_lbs(
-        arrays['v_template'], arrays['shapedirs'], posedirs, arrays['j_regressor'],
-        arrays['weights'], pose[i], betas[i])
+        arrays['v_template'],
+        arrays['shapedirs'],
+        posedirs,
+        arrays['j_regressor'],
+        arrays['weights'],
+        pose[i],
+        betas[i],
+    )
     np.testing.assert_allclose(verts[i], np_verts, atol=1e-4)
     np.testing.assert_allclose(joints[i], np_joints, atol=1e-4)

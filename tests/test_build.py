@@ -44,6 +44,8 @@ def test_adjmat_prefix_errors_name_the_files(tmp_path):
   with pytest.raises(mesh_topology.TopologyError, match='adj_indices.pt'):
     build.build(config, body=False)
   _write_adjmat(tmp_path / 'adj', np.eye(5))
-  with pytest.raises(mesh_topology.TopologyError,
-                     match=r'adj_\*\.pt: adjacency of size \(5, 5\) .* \(431 vertices\)'):
+  with pytest.raises(
+      mesh_topology.TopologyError,
+      match=r'adj_\*\.pt: adjacency of size \(5, 5\) .* \(431 vertices\)',
+  ):
     build.build(config, body=False)

@@ -39,7 +39,7 @@ from coarsemetro_jax.convert import orbax_variables
 from configs import tiny
 from data_pipelines import metro_tsv
 
-NUM_TRAIN, NUM_TEST = 16, 3     # 2 steps per epoch at batch 8
+NUM_TRAIN, NUM_TEST = 16, 3  # 2 steps per epoch at batch 8
 STEPS = (2, 4)
 
 
@@ -47,13 +47,24 @@ def _examples(n, seed):
   rng = np.random.default_rng(seed)
   for i in range(n):
     img = rng.integers(0, 255, (64, 64, 3), np.uint8)
-    label = {'center': [32, 32], 'scale': 0.3,
-             '2d_joints': np.c_[rng.uniform(10, 50, (24, 2)), np.ones(24)],
-             'has_2d_joints': 1, '3d_joints': np.c_[rng.normal(0, .3, (24, 3)), np.ones(24)],
-             'has_3d_joints': 1, 'pose': rng.normal(0, .2, 72), 'betas': rng.normal(0, .5, 10),
-             'has_smpl': 1}
-    yield {'key': f'ex{i:02d}', 'jpeg': cv2.imencode('.jpg', img)[1].tobytes(),
-           'height': 64, 'width': 64, 'label': label}
+    label = {
+        'center': [32, 32],
+        'scale': 0.3,
+        '2d_joints': np.c_[rng.uniform(10, 50, (24, 2)), np.ones(24)],
+        'has_2d_joints': 1,
+        '3d_joints': np.c_[rng.normal(0, 0.3, (24, 3)), np.ones(24)],
+        'has_3d_joints': 1,
+        'pose': rng.normal(0, 0.2, 72),
+        'betas': rng.normal(0, 0.5, 10),
+        'has_smpl': 1,
+    }
+    yield {
+        'key': f'ex{i:02d}',
+        'jpeg': cv2.imencode('.jpg', img)[1].tobytes(),
+        'height': 64,
+        'width': 64,
+        'label': label,
+    }
 
 
 def _config(data_dir):
@@ -89,18 +100,25 @@ def saved(tmp_path_factory):
   config = _config(data_dir)
   model = build.build(config).model
   mesh = steps.make_device_mesh()
-  state, _ = steps.create_train_state(config, model, jax.random.key(0), mesh,
-                                      (64, 64, 3), steps_per_epoch=2)
-  manager = checkpoints.make_manager(workdir, config.checkpoint_every_steps,
-                                     config.keep_checkpoints)
+  state, _ = steps.create_train_state(
+      config, model, jax.random.key(0), mesh, (64, 64, 3), steps_per_epoch=2
+  )
+  manager = checkpoints.make_manager(
+      workdir, config.checkpoint_every_steps, config.keep_checkpoints
+  )
   states = {}
   rng = np.random.default_rng(0)
   for step in STEPS:
     # Noise in every float array (AdamW moments too): incompressible, like a
     # trained state's, so each data file is mostly array bytes; nu stays >= 0.
     state = jax.tree_util.tree_map_with_path(
-        lambda path, x: (_perturb(x, rng, '/nu/' in checksums.path_name(path))
-                         if np.issubdtype(x.dtype, np.floating) else x), state)
+        lambda path, x: (
+            _perturb(x, rng, '/nu/' in checksums.path_name(path))
+            if np.issubdtype(x.dtype, np.floating)
+            else x
+        ),
+        state,
+    )
     state = state.replace(step=jax.device_put(np.int32(step), state.step.sharding))
     manager.save(step, args=checkpoints.save_args(state, {'step': step}))
     states[step] = _numpy(state)
@@ -122,8 +140,12 @@ def _largest_data_file(directory, step=None):
   """The largest array data file (OCDBT's d/ folders) of a step's state item or a directory."""
   if step is not None:
     directory = os.path.join(directory, 'checkpoints', str(step), checkpoints.STATE_ITEM)
-  files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names
-           if os.path.basename(root) == 'd']
+  files = [
+      os.path.join(root, f)
+      for root, _, names in os.walk(directory)
+      for f in names
+      if os.path.basename(root) == 'd'
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -152,11 +174,13 @@ def _resume(data_dir, workdir, mode='train'):
   """train.initial_state as train_and_evaluate calls it."""
   config = _config(data_dir)
   model = build.build(config).model
-  manager = checkpoints.make_manager(workdir, config.checkpoint_every_steps,
-                                     config.keep_checkpoints)
+  manager = checkpoints.make_manager(
+      workdir, config.checkpoint_every_steps, config.keep_checkpoints
+  )
   try:
-    state, _, origin = train.initial_state(config, model, 2, steps.make_device_mesh(),
-                                           manager, mode)
+    state, _, origin = train.initial_state(
+        config, model, 2, steps.make_device_mesh(), manager, mode
+    )
   finally:
     manager.close()
   return _numpy(state), origin
@@ -191,8 +215,11 @@ def test_resume_skips_a_corrupt_step_and_keeps_it(saved, workdir, caplog, corrup
   assert 'using step 2 instead' in warning
   # A truncated file fails to read; overwritten bytes fail zstd's decoding or,
   # where the frame still decodes, the checksums.
-  reasons = (('cannot be read', 'do not match their saved checksums')
-             if corrupt is _overwrite_middle else ('cannot be read',))
+  reasons = (
+      ('cannot be read', 'do not match their saved checksums')
+      if corrupt is _overwrite_middle
+      else ('cannot be read',)
+  )
   assert any(r in warning for r in reasons), warning
   # Kept byte for byte, out of orbax's way.
   assert not os.path.exists(step_dir)
@@ -217,7 +244,7 @@ def test_resumed_run_saves_the_step_again_and_keeps_the_corrupt_one(saved, workd
   digest = _overwrite_middle(bad_file)
   moved = bad_file.replace(os.sep + '4' + os.sep, os.sep + '4.corrupt' + os.sep)
   config = _config(data_dir)
-  config.num_train_steps = 6   # saves 4 and 6; keep_checkpoints=2 then deletes 2
+  config.num_train_steps = 6  # saves 4 and 6; keep_checkpoints=2 then deletes 2
   with caplog.at_level(logging.WARNING):
     summary = train.train_and_evaluate(config, workdir)
   assert summary['step'] == 6
@@ -227,17 +254,20 @@ def test_resumed_run_saves_the_step_again_and_keeps_the_corrupt_one(saved, workd
   assert _digest(moved) == digest
   # The new step 4 continued from step 2's state, not from the corrupt one.
   new4, _ = checkpoints.read_variables(os.path.join(workdir, 'checkpoints', '4'))
-  assert not np.array_equal(new4['params']['xyz_regressor']['kernel'],
-                            states[4].params['xyz_regressor']['kernel'])
+  assert not np.array_equal(
+      new4['params']['xyz_regressor']['kernel'], states[4].params['xyz_regressor']['kernel']
+  )
 
 
 def test_no_intact_step_is_one_clear_error(saved, workdir):
   data_dir, _, _ = saved
   _overwrite_middle(_largest_data_file(workdir, 4))
   _truncate(_largest_data_file(workdir, 2))
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r'(?s)no intact checkpoint \(nothing was moved.*'
-                           r'/checkpoints/4[: ].*/checkpoints/2 cannot be read'):
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match=r'(?s)no intact checkpoint \(nothing was moved.*'
+      r'/checkpoints/4[: ].*/checkpoints/2 cannot be read',
+  ):
     _resume(data_dir, workdir)
   # Nothing moved: a rerun fails the same way instead of starting from scratch.
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
@@ -249,8 +279,9 @@ def test_another_configs_checkpoint_is_not_taken_for_corruption(saved, workdir):
   config.model.stage_dims = (32, 16, 8)
   model = build.build(config).model
   manager = checkpoints.make_manager(workdir, 2, 2)
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r'(?s)step 4 does not fit this config.*mis-shaped') as e:
+  with pytest.raises(
+      checkpoints.CheckpointError, match=r'(?s)step 4 does not fit this config.*mis-shaped'
+  ) as e:
     train.initial_state(config, model, 2, steps.make_device_mesh(), manager)
   manager.close()
   assert not isinstance(e.value, checkpoints.CorruptCheckpointError)
@@ -269,9 +300,11 @@ def test_load_variables_verifies_and_falls_back_in_a_workdir(saved, workdir, cap
   with open(meta_file, 'w') as f:
     json.dump(meta, f)
   variables = {'params': states[4].params, 'batch_stats': states[4].batch_stats}
-  with pytest.raises(checkpoints.CorruptCheckpointError,
-                     match=re.escape(step4) + r'/state: 1 of \d+ arrays do not match their '
-                           r'saved checksums \(params/xyz_regressor/kernel\)'):
+  with pytest.raises(
+      checkpoints.CorruptCheckpointError,
+      match=re.escape(step4) + r'/state: 1 of \d+ arrays do not match their '
+      r'saved checksums \(params/xyz_regressor/kernel\)',
+  ):
     checkpoints.load_variables(step4, variables)
   # A workdir gives its newest intact step, with a warning; nothing is moved.
   with caplog.at_level(logging.WARNING):
@@ -284,8 +317,9 @@ def test_load_variables_verifies_and_falls_back_in_a_workdir(saved, workdir, cap
   for root, _, names in os.walk(os.path.join(step4, checkpoints.STATE_ITEM, 'ocdbt.process_0')):
     for name in names:
       os.truncate(os.path.join(root, name), 0)
-  with pytest.raises(checkpoints.CorruptCheckpointError,
-                     match=re.escape(step4) + '/state cannot be read'):
+  with pytest.raises(
+      checkpoints.CorruptCheckpointError, match=re.escape(step4) + '/state cannot be read'
+  ):
     checkpoints.load_variables(step4, variables)
   # infer says the same, without a hint at another config.
   config = _config(data_dir)
@@ -320,8 +354,9 @@ def test_reading_a_training_checkpoint_logs_no_metadata_warning(saved, caplog):
 def test_step_saved_before_checksums_restores_with_one_warning(saved, workdir, caplog):
   data_dir, _, states = saved
   for step in STEPS:
-    meta_file = os.path.join(workdir, 'checkpoints', str(step), checkpoints.META_ITEM,
-                             checkpoints.META_FILE)
+    meta_file = os.path.join(
+        workdir, 'checkpoints', str(step), checkpoints.META_ITEM, checkpoints.META_FILE
+    )
     with open(meta_file) as f:
       meta = json.load(f)
     del meta['checksums']
@@ -357,7 +392,7 @@ def _reference(x):
 
 
 def test_checksum_hand_computed():
-  assert _fmix(1) == 0x514E28B7       # MurmurHash3's published fmix32(1)
+  assert _fmix(1) == 0x514E28B7  # MurmurHash3's published fmix32(1)
   # Word 0 mixes to 0; word 1 at index 1 has weight 3: 3 * 0x514E28B7.
   assert checksums.tree_checksums({'a': np.array([0, 1], np.uint32)}) == {'a': 0xF3EA7A25}
   assert checksums.tree_checksums(np.uint32(1)) == {'': 0x514E28B7}
@@ -366,9 +401,15 @@ def test_checksum_hand_computed():
 def test_checksum_matches_reference_for_each_dtype():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(5, 7)).astype(np.float32)
-  tree = {'f32': x, 'bf16': x.astype(ml_dtypes.bfloat16), 'f16': x.astype(np.float16),
-          'i8': (x * 20).astype(np.int8), 'bool': x > 0, 'i32': (x * 1e6).astype(np.int32),
-          'scalar': np.float32(3.5)}
+  tree = {
+      'f32': x,
+      'bf16': x.astype(ml_dtypes.bfloat16),
+      'f16': x.astype(np.float16),
+      'i8': (x * 20).astype(np.int8),
+      'bool': x > 0,
+      'i32': (x * 1e6).astype(np.int32),
+      'scalar': np.float32(3.5),
+  }
   got = checksums.tree_checksums(tree)
   assert got == {k: _reference(v) for k, v in tree.items()}
 
@@ -378,7 +419,7 @@ def test_checksum_detects_any_one_change_and_cancelling_pairs():
   base = checksums.tree_checksums(x)['']
   for i in range(x.size):
     y = x.copy()
-    y[i] = np.nextafter(y[i], np.float32(np.inf))    # the smallest possible change
+    y[i] = np.nextafter(y[i], np.float32(np.inf))  # the smallest possible change
     assert checksums.tree_checksums(y)[''] != base, i
   # Two flipped sign bits add 2 * 2**31 = 0 (mod 2**32) to an unmixed weighted sum.
   y = x.copy()
@@ -415,7 +456,7 @@ def _abandoned_read():
   promise, future = ts.Promise.new()
 
   async def restore():
-    next(future.__await__())     # the read is waiting (on an asyncio future)
+    next(future.__await__())  # the read is waiting (on an asyncio future)
     raise ValueError('one read failed')
 
   loop = asyncio.new_event_loop()
@@ -430,34 +471,43 @@ def _abandoned_read():
 def test_reports_of_abandoned_reads_are_dropped(monkeypatch, tmp_path):
   reported = []
   monkeypatch.setattr(sys, 'unraisablehook', reported.append)
-  _abandoned_read()        # without the filter: reported
+  _abandoned_read()  # without the filter: reported
   assert [str(u.exc_value) for u in reported] == ['Event loop is closed']
   orbax_variables.quiet_abandoned_reads()
-  orbax_variables.quiet_abandoned_reads()      # idempotent: one filter
+  orbax_variables.quiet_abandoned_reads()  # idempotent: one filter
   _abandoned_read()
   assert len(reported) == 1
   # Other unraisable errors still reach the previous hook.
-  sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError('Event loop is closed'),
-                                           exc_traceback=None, object=None))
+  sys.unraisablehook(
+      types.SimpleNamespace(
+          exc_value=RuntimeError('Event loop is closed'), exc_traceback=None, object=None
+      )
+  )
   assert len(reported) == 2
   # asyncio's report of an orbax task's error is dropped, others are kept.
   with ocp.StandardCheckpointer() as ckptr, pytest.raises(FileNotFoundError) as orbax_error:
     ckptr.restore(tmp_path / 'missing')
-  assert any(orbax_variables.ORBAX_CODE in f.filename
-             for f in traceback.extract_tb(orbax_error.tb))
+  assert any(orbax_variables.ORBAX_CODE in f.filename for f in traceback.extract_tb(orbax_error.tb))
   keep = logging.getLogger('asyncio').filter
   for error, kept in ((orbax_error.value, False), (ValueError('elsewhere'), True)):
-    record = logging.LogRecord('asyncio', logging.ERROR, __file__, 1,
-                                 'Task exception was never retrieved', None,
-                                 (type(error), error, error.__traceback__))
+    record = logging.LogRecord(
+        'asyncio',
+        logging.ERROR,
+        __file__,
+        1,
+        'Task exception was never retrieved',
+        None,
+        (type(error), error, error.__traceback__),
+    )
     assert bool(keep(record)) == kept
 
 
 def test_convert_checks_out_and_src_before_reading(tmp_path, capsys, monkeypatch):
   reads = []
   original = orbax_variables.read_state_dict
-  monkeypatch.setattr(orbax_variables, 'read_state_dict',
-                      lambda *a, **k: reads.append(a) or original(*a, **k))
+  monkeypatch.setattr(
+      orbax_variables, 'read_state_dict', lambda *a, **k: reads.append(a) or original(*a, **k)
+  )
   src = tmp_path / 'not_a_torch_file.pth'
   src.write_bytes(b'\0' * 4096)
   (tmp_path / 'out').mkdir()
@@ -470,6 +520,8 @@ def test_convert_checks_out_and_src_before_reading(tmp_path, capsys, monkeypatch
   assert convert_cli.main(['--src', str(missing), '--out', str(tmp_path / 'new')]) == 1
   assert capsys.readouterr().err == f'error: --src {missing} does not exist\n'
   assert not reads and not os.path.exists(tmp_path / 'new')
-  assert convert_cli.main(['--to-torch', '--src', str(missing),
-                           '--out', str(tmp_path / 'new.pth')]) == 1
+  assert (
+      convert_cli.main(['--to-torch', '--src', str(missing), '--out', str(tmp_path / 'new.pth')])
+      == 1
+  )
   assert capsys.readouterr().err == f'error: --src {missing} does not exist\n'

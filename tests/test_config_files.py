@@ -2,8 +2,8 @@
 
 import json
 import os
-import re
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +22,7 @@ def test_absolute_path_from_another_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   config = config_files.load(str(TINY))
   assert config.model.name == 'coarsemetro' and config.model.resnet_width == 8
-  assert config.seed == 88                      # from configs/r50.py, its parent
+  assert config.seed == 88  # from configs/r50.py, its parent
   assert config.is_locked
 
 
@@ -34,10 +34,15 @@ def test_relative_path_from_another_directory(tmp_path, monkeypatch):
 
 
 def test_arg_suffix_and_overrides():
-  config = config_files.load(f'{TINY}:fastmetro',
-                             ['data.batch_size=4', 'model.stage_dims=(8, 4, 4)',
-                              'topology.hierarchy=/data/mesh_downsampling.npz',
-                              'model.backbone_remat=True'])
+  config = config_files.load(
+      f'{TINY}:fastmetro',
+      [
+          'data.batch_size=4',
+          'model.stage_dims=(8, 4, 4)',
+          'topology.hierarchy=/data/mesh_downsampling.npz',
+          'model.backbone_remat=True',
+      ],
+  )
   assert config.model.name == 'fastmetro'
   assert config.data.batch_size == 4
   assert config.model.stage_dims == (8, 4, 4)
@@ -49,9 +54,10 @@ def test_arg_suffix_and_overrides():
 def test_misspelt_override_key_is_named():
   with pytest.raises(config_files.ConfigError) as error:
     config_files.load(str(TINY), ['data.batch_size=4', 'model.nmae=fastmetro'])
-  assert str(error.value) == (f"config {str(TINY)!r} has no field 'model.nmae'. "
-                              'Did you mean "name" instead of "nmae"?')
-  message = '''no field 'modle'. Did you mean "model" instead of "modle"?'''
+  assert str(error.value) == (
+      f"config {str(TINY)!r} has no field 'model.nmae'. " 'Did you mean "name" instead of "nmae"?'
+  )
+  message = """no field 'modle'. Did you mean "model" instead of "modle"?"""
   with pytest.raises(config_files.ConfigError, match=re.escape(message)):
     config_files.load(str(TINY), ['modle.name=fastmetro'])
 
@@ -66,17 +72,23 @@ def test_absl_flag_overrides_and_misspelt_key():
   argv = ['prog', f'--config={TINY}', '--config.data.bach_size=2']
   flag_values = flags.FlagValues()
   config_files.define_flag('config', flag_values=flag_values, sys_argv=argv)
-  with pytest.raises(flags.Error, match=re.escape(
-      '''has no field 'data.bach_size'. Did you mean "batch_size" instead of "bach_size"?''')):
+  with pytest.raises(
+      flags.Error,
+      match=re.escape(
+          """has no field 'data.bach_size'. Did you mean "batch_size" instead of "bach_size"?"""
+      ),
+  ):
     flag_values(argv)
 
 
 def test_file_errors(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(config_files.ConfigError,
-                     match=rf"config file 'configs/nope.py' \(from {tmp_path}\) not found"):
+  with pytest.raises(
+      config_files.ConfigError,
+      match=rf"config file 'configs/nope.py' \(from {tmp_path}\) not found",
+  ):
     config_files.load('configs/nope.py')
-  with pytest.raises(config_files.ConfigError, match="ValueError: configs/tiny.py argument"):
+  with pytest.raises(config_files.ConfigError, match='ValueError: configs/tiny.py argument'):
     config_files.load(f'{TINY}:bogus')
   (tmp_path / 'empty.py').write_text('X = 1\n')
   with pytest.raises(config_files.ConfigError, match='defines no get_config'):
@@ -88,7 +100,8 @@ def test_standalone_file_without_package(tmp_path, monkeypatch):
   (tmp_path / 'mine.py').write_text(
       'import ml_collections\n'
       'def get_config(arg="7"):\n'
-      '  return ml_collections.ConfigDict({"n": int(arg)})\n')
+      '  return ml_collections.ConfigDict({"n": int(arg)})\n'
+  )
   assert config_files.load('mine.py').n == 7
   assert config_files.load('mine.py:3', ['n=5']).n == 5
 
@@ -123,8 +136,18 @@ print(json.dumps({{'name': config.model.name, 'seed': config.seed,
                   'batch_size': config.data.batch_size,
                   'configs_left': [k for k in sys.modules if k.split('.')[0] == 'configs']}}))
 """
-  result = subprocess.run([sys.executable, '-I', '-c', script], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, check=False)
+  result = subprocess.run(
+      [sys.executable, '-I', '-c', script],
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr
   assert json.loads(result.stdout.splitlines()[-1]) == {
-      'name': 'fastmetro', 'seed': 88, 'batch_size': 3, 'configs_left': []}
+      'name': 'fastmetro',
+      'seed': 88,
+      'batch_size': 3,
+      'configs_left': [],
+  }

@@ -2,7 +2,6 @@
 
 import os
 
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -28,8 +27,13 @@ RECIPES = {
 
 
 # The same recipes as command lines name them (config_files.load).
-RECIPE_FILES = {'r50': 'r50.py', 'h64': 'h64.py', 'fastmetro-S-r50': 'fastmetro.py:S-r50',
-                'tiny': 'tiny.py', 'embedded': 'embedded.py'}
+RECIPE_FILES = {
+    'r50': 'r50.py',
+    'h64': 'h64.py',
+    'fastmetro-S-r50': 'fastmetro.py:S-r50',
+    'tiny': 'tiny.py',
+    'embedded': 'embedded.py',
+}
 
 
 @pytest.mark.parametrize('name', sorted(RECIPES))
@@ -49,7 +53,8 @@ def output_shapes(module, image_size, **kwargs):
   """Shapes of module(images, **kwargs) for 2 images, without computing anything."""
   images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(
-      lambda x: module.init({'params': jax.random.key(0)}, x, **kwargs), images)
+      lambda x: module.init({'params': jax.random.key(0)}, x, **kwargs), images
+  )
   return jax.eval_shape(lambda v, x: module.apply(v, x, **kwargs), variables, images)
 
 
@@ -70,8 +75,7 @@ def test_embedded_recipe_token_grid_and_schedule():
   assert features.shape == (2, 3, 3, 512)
   # Warm-up to lr, then a straight line to 0 at the last step.
   assert config.optim.schedule == 'linear'
-  _, lr_fn = steps.make_optimizer(config.optim,
-                                  total_steps=steps.total_train_steps(config))
+  _, lr_fn = steps.make_optimizer(config.optim, total_steps=steps.total_train_steps(config))
   warmup, total = config.optim.warmup_steps, config.num_train_steps
   assert float(lr_fn(0)) == 0.0
   assert float(lr_fn(warmup)) == pytest.approx(config.optim.lr)
@@ -88,8 +92,11 @@ def test_real_data_recipes_need_their_data(name):
     datasets.check_config(config.data)
   message = str(e.value)
   assert message.startswith('config.data.train_yaml and config.data.eval_yaml are unset')
-  for hint in ('--config.data.train_yaml=', '--config.data.eval_yaml=',
-               '--config.data.source=synthetic'):
+  for hint in (
+      '--config.data.train_yaml=',
+      '--config.data.eval_yaml=',
+      '--config.data.source=synthetic',
+  ):
     assert hint in message
   config.data.source = 'synthetic'
   datasets.check_config(config.data)

@@ -11,23 +11,28 @@ import jax
 import numpy as np
 import pytest
 
-from configs import r50
-from configs import tiny
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
-from coarsemetro_jax.convert import orbax_variables
 from coarsemetro_jax.convert import kinds
+from coarsemetro_jax.convert import orbax_variables
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
+from configs import r50
+from configs import tiny
 
 torch = pytest.importorskip('torch')
 from torch_reference import build
 from torch_reference import random_init
 from torch_reference import resnet
 
-TOLERANCE = 1e-4   # max abs difference, float32
-OUTPUTS = ('pred_cam', 'pred_3d_joints', 'pred_3d_vertices_coarse',
-           'pred_3d_vertices_intermediate', 'pred_3d_vertices_fine')
+TOLERANCE = 1e-4  # max abs difference, float32
+OUTPUTS = (
+    'pred_cam',
+    'pred_3d_joints',
+    'pred_3d_vertices_coarse',
+    'pred_3d_vertices_intermediate',
+    'pred_3d_vertices_fine',
+)
 
 
 def synthetic_topology(levels=(60, 24, 10), seed=0):
@@ -41,12 +46,13 @@ def synthetic_topology(levels=(60, 24, 10), seed=0):
       num_vertices=levels,
       faces=tuple(np.zeros((0, 3), np.int32) for _ in levels),
       edges=tuple(np.zeros((0, 2), np.int32) for _ in levels),
-      down_indices=tuple(np.sort(rng.choice(levels[l], levels[l + 1], replace=False))
-                         .astype(np.int32) for l in up),
-      up_indices=tuple(rng.integers(0, levels[l + 1], (levels[l], k)).astype(np.int32)
-                       for l in up),
+      down_indices=tuple(
+          np.sort(rng.choice(levels[l], levels[l + 1], replace=False)).astype(np.int32) for l in up
+      ),
+      up_indices=tuple(rng.integers(0, levels[l + 1], (levels[l], k)).astype(np.int32) for l in up),
       up_weights=tuple(rng.uniform(-0.2, 1.0, (levels[l], k)).astype(np.float32) for l in up),
-      coarse_adjacency=adjacency)
+      coarse_adjacency=adjacency,
+  )
 
 
 def _through_file(model, tmp_path):
@@ -75,28 +81,31 @@ def test_resnet50_imagenet_parity(tmp_path):
   assert kind == 'resnet50-imagenet'
   config, scope = kinds.apply_kind(kind, config)
   variables, report = state_dict_lib.to_flax(
-      state, tables.model_table(config.model, scope), kinds.abstract_variables(config, scope))
+      state, tables.model_table(config.model, scope), kinds.abstract_variables(config, scope)
+  )
   assert not report.ignored
   assert [k for k in report.carried if 'num_batches' not in k] == ['fc.weight', 'fc.bias']
   backbone = models.build_backbone(config.model)
   images = _images()
   out = jax.jit(lambda v, x: backbone.apply(v, x, train=False))(
-      {c: v['backbone'] for c, v in variables.items()}, images)
+      {c: v['backbone'] for c, v in variables.items()}, images
+  )
   expected = _torch_forward(resnet.trunk(reference), images).permute(0, 2, 3, 1).numpy()
   assert out.shape == expected.shape == (2, 2, 2, 2048)
-  assert np.abs(expected).max() > 0.5            # non-trivial activations
+  assert np.abs(expected).max() > 0.5  # non-trivial activations
   np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=TOLERANCE)
 
 
 def _parity(config, tmp_path):
   topology = synthetic_topology()
   mask, upsample = build.topology_tensors(topology, config.model.num_joints)
-  reference = random_init.randomize_(build.reference_model(config.model, mask, upsample),
-                                     seed=2).eval()
+  reference = random_init.randomize_(
+      build.reference_model(config.model, mask, upsample), seed=2
+  ).eval()
   state = _through_file(reference, tmp_path)
   variables, report = state_dict_lib.to_flax(
-      state, tables.model_table(config.model),
-      kinds.abstract_variables(config, topology=topology))
+      state, tables.model_table(config.model), kinds.abstract_variables(config, topology=topology)
+  )
   assert not report.ignored
   assert all(k.endswith('num_batches_tracked') for k in report.carried)
   model = models.build_model(config.model, topology)
@@ -112,7 +121,7 @@ def _parity(config, tmp_path):
 
 def test_fastmetro_l_parity(tmp_path):
   config = tiny.get_config('fastmetro')
-  config.model.fastmetro_layers = 3          # FastMETRO-L structure
+  config.model.fastmetro_layers = 3  # FastMETRO-L structure
   _parity(config, tmp_path)
 
 
@@ -120,5 +129,5 @@ def test_coarsemetro_parity(tmp_path):
   config = tiny.get_config('coarsemetro')
   config.model.vertex_tokens = (4, 6, 8)
   assert config.model.vertex_attention == 'end'
-  assert len(set(config.model.stage_dims)) > 1   # exercises dim_reduce_*
+  assert len(set(config.model.stage_dims)) > 1  # exercises dim_reduce_*
   _parity(config, tmp_path)

@@ -7,17 +7,18 @@ models instantiated on torch's 'meta' device (no memory, no compute).
 import numpy as np
 import pytest
 
-from configs import fastmetro as fastmetro_config
-from configs import r50
-from configs import tiny
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax.convert import kinds
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
+from configs import fastmetro as fastmetro_config
+from configs import r50
+from configs import tiny
 
 
 def _meta_state_shapes(torch, model_config):
   from torch_reference import build
+
   with torch.device('meta'):
     mask, upsample = build.placeholder_tensors(mesh_topology.SMPL_LEVELS, model_config.num_joints)
     model = build.reference_model(model_config, mask, upsample)
@@ -25,13 +26,18 @@ def _meta_state_shapes(torch, model_config):
 
 
 def _param_count(shapes):
-  return sum(int(np.prod(s)) for k, s in shapes.items()
-             if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
+  return sum(
+      int(np.prod(s))
+      for k, s in shapes.items()
+      if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
+  )
 
 
 def test_flax_name_rule():
-  assert tables.flax_name('transformer_1.encoder.layers.0.self_attn') == \
-      'transformer_1/encoder/layers_0/self_attn'
+  assert (
+      tables.flax_name('transformer_1.encoder.layers.0.self_attn')
+      == 'transformer_1/encoder/layers_0/self_attn'
+  )
   assert tables.flax_name('layer1.0.downsample.1') == 'layer1_0/downsample_1'
   assert tables.flax_name('vertex_upsample.2') == 'vertex_upsample_2'
 
@@ -41,8 +47,8 @@ def test_layouts_are_inverse():
   for layout, shape in (('linear', (5, 3)), ('conv', (8, 3, 7, 5)), ('copy', (4,))):
     w = rng.standard_normal(shape)
     np.testing.assert_array_equal(tables.TO_TORCH[layout](tables.TO_FLAX[layout](w)), w)
-  w = rng.standard_normal((8, 3, 7, 5))          # OIHW
-  assert tables.TO_FLAX['conv'](w)[6, 4, 2, 7] == w[7, 2, 6, 4]   # HWIO
+  w = rng.standard_normal((8, 3, 7, 5))  # OIHW
+  assert tables.TO_FLAX['conv'](w)[6, 4, 2, 7] == w[7, 2, 6, 4]  # HWIO
 
 
 # FastMETRO's released state dicts: (keys, parameters) per variant.
@@ -57,7 +63,8 @@ def test_fastmetro_r50_full_size_accounting(size):
   shapes = state_dict_lib.torch_shapes(table, target)
   # Every Flax leaf is covered exactly once.
   flat = state_dict_lib.flatten(target['params']).keys() | {
-      f'stats:{p}' for p in state_dict_lib.flatten(target['batch_stats'])}
+      f'stats:{p}' for p in state_dict_lib.flatten(target['batch_stats'])
+  }
   leaves, _ = tables.expand(table)
   assert len(leaves) == len(flat)
   keys, params = FASTMETRO_COUNTS[size]
@@ -88,6 +95,7 @@ def test_full_size_keys_match_torch_reference(model):
 def test_resnet50_imagenet_accounting():
   torch = pytest.importorskip('torch')
   from torch_reference import resnet
+
   with torch.device('meta'):
     reference = {k: tuple(v.shape) for k, v in resnet.ResNet().state_dict().items()}
   config, scope = kinds.apply_kind('resnet50-imagenet', r50.get_config())
@@ -96,14 +104,14 @@ def test_resnet50_imagenet_accounting():
   assert set(reference) - set(expected) == {'fc.weight', 'fc.bias'}
   assert all(tables.carrying_module(k, table) == 'fc' for k in ('fc.weight', 'fc.bias'))
   assert {k: reference[k] for k in expected} == dict(expected)
-  assert _param_count(expected) == 23_508_032      # FastMETRO-*-R50's backbone parameters
+  assert _param_count(expected) == 23_508_032  # FastMETRO-*-R50's backbone parameters
 
 
 @pytest.mark.parametrize('vertex_attention', ['none', 'beginning'])
 def test_coarsemetro_variants_accounting(vertex_attention):
   config = tiny.get_config()
   config.model.vertex_attention = vertex_attention
-  config.model.stage_dims = (32, 32, 16)           # only the second transition reduces
+  config.model.stage_dims = (32, 32, 16)  # only the second transition reduces
   target = kinds.abstract_variables(config)
   table = tables.model_table(config.model)
   shapes = state_dict_lib.torch_shapes(table, target)
@@ -111,7 +119,8 @@ def test_coarsemetro_variants_accounting(vertex_attention):
   n_flax = sum(len(state_dict_lib.flatten(target[c])) for c in target)
   assert len(leaves) == n_flax
   assert ('transformer_2.decoder.layers.0.vertex_attn.in_proj_weight' in shapes) == (
-      vertex_attention != 'none')
+      vertex_attention != 'none'
+  )
   assert 'dim_reduce_dec.1.weight' in shapes and 'dim_reduce_dec.0.weight' not in shapes
   assert shapes['vertex_upsample.2.weight'] == (431, 384)
   assert shapes['vertex_token_init.weight'] == (48, 14)
@@ -122,13 +131,23 @@ def _keys(config, kind):
   return tables.torch_keys(tables.model_table(kind_config.model, scope))
 
 
-@pytest.mark.parametrize('kind', ['resnet50-imagenet', 'fastmetro-S-r50', 'fastmetro-M-r50',
-                                  'fastmetro-L-r50', 'coarsemetro-S-r50'])
+@pytest.mark.parametrize(
+    'kind',
+    [
+        'resnet50-imagenet',
+        'fastmetro-S-r50',
+        'fastmetro-M-r50',
+        'fastmetro-L-r50',
+        'coarsemetro-S-r50',
+    ],
+)
 def test_detect_kind(kind):
   config = r50.get_config()
   keys = _keys(config, kind)
-  extra = {'resnet50-imagenet': ['fc.weight', 'fc.bias', 'bn1.num_batches_tracked'],
-           'fastmetro-S-r50': ['smpl_parameter_regressor.regressor.3.weight']}.get(kind, [])
+  extra = {
+      'resnet50-imagenet': ['fc.weight', 'fc.bias', 'bn1.num_batches_tracked'],
+      'fastmetro-S-r50': ['smpl_parameter_regressor.regressor.3.weight'],
+  }.get(kind, [])
   assert kinds.detect_kind(keys + extra, config) == kind
 
 
@@ -137,14 +156,21 @@ def test_detect_kind_names_closest():
   keys = _keys(config, 'fastmetro-M-r50')
   keys.remove('transformer_1.encoder.layers.1.linear1.weight')
   keys.append('my_head.weight')
-  with pytest.raises(ValueError, match=r'closest is fastmetro-M-r50 with 1 missing and 1 '
-                                       r'unexpected(.|\n)*my_head.weight'):
+  with pytest.raises(
+      ValueError,
+      match=r'closest is fastmetro-M-r50 with 1 missing and 1 ' r'unexpected(.|\n)*my_head.weight',
+  ):
     kinds.detect_kind(keys, config)
 
 
 def test_kind_names_round_trip():
-  for kind in ('resnet50-imagenet', 'fastmetro-S-r50', 'fastmetro-L-h64', 'coarsemetro-S-r50',
-               'hrnet-w64-imagenet'):
+  for kind in (
+      'resnet50-imagenet',
+      'fastmetro-S-r50',
+      'fastmetro-L-h64',
+      'coarsemetro-S-r50',
+      'hrnet-w64-imagenet',
+  ):
     config, scope = kinds.apply_kind(kind, r50.get_config())
     assert kinds.kind_of(config.model, scope) == kind
   assert kinds.apply_kind('FastMETRO-L-H64', r50.get_config())[0].model.fastmetro_layers == 3

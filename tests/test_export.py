@@ -5,14 +5,13 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from coarsemetro_jax import export
-from coarsemetro_jax import build
-from coarsemetro_jax import infer
-
 from test_infer import random_regressor
 from test_infer import random_variables
 from test_infer import tiny_config
+
+from coarsemetro_jax import build
+from coarsemetro_jax import export
+from coarsemetro_jax import infer
 
 
 @pytest.fixture(scope='module')
@@ -27,8 +26,7 @@ def tiny(topology):
 @pytest.fixture(scope='module')
 def artifact(tiny, tmp_path_factory):
   model, variables, regressor = tiny
-  exported = export.export_inference(model, variables, 64, regressor,
-                                     platforms=('cpu', 'cuda'))
+  exported = export.export_inference(model, variables, 64, regressor, platforms=('cpu', 'cuda'))
   return export.save(str(tmp_path_factory.mktemp('export') / 'tiny.jaxexport'), exported)
 
 
@@ -41,14 +39,15 @@ def test_exported_equals_jitted_model_at_two_batch_sizes(tiny, artifact):
   images = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
   want = jax.jit(infer.make_predict_fn(model, regressor))(variables, images)
   assert sorted(want) == ['pred_2d_joints', 'pred_3d_joints', 'pred_cam', 'pred_vertices']
-  for batch in (3, 1):   # eval-mode examples are independent: batch 1 = row 0
+  for batch in (3, 1):  # eval-mode examples are independent: batch 1 = row 0
     got = served(images[:batch])
     assert sorted(got) == sorted(want)
     for key in want:
       assert got[key].shape == (batch,) + want[key].shape[1:]
       # Same program up to XLA's fusion of the embedded weights: float32 round-off.
-      np.testing.assert_allclose(got[key], want[key][:batch], rtol=1e-5, atol=1e-5,
-                                 err_msg=f'{key}, batch {batch}')
+      np.testing.assert_allclose(
+          got[key], want[key][:batch], rtol=1e-5, atol=1e-5, err_msg=f'{key}, batch {batch}'
+      )
 
 
 def test_load_rejects_bad_files_and_shapes(artifact, tmp_path):
@@ -60,14 +59,16 @@ def test_load_rejects_bad_files_and_shapes(artifact, tmp_path):
     export.load(artifact)(np.zeros((2, 32, 32, 3), np.float32))
 
 
-@pytest.mark.skipif(not os.environ.get('TEST_SAVED_MODEL'),
-                    reason='jax2tf + TensorFlow take ~45 s on CI; set TEST_SAVED_MODEL=1')
+@pytest.mark.skipif(
+    not os.environ.get('TEST_SAVED_MODEL'),
+    reason='jax2tf + TensorFlow take ~45 s on CI; set TEST_SAVED_MODEL=1',
+)
 def test_tf_saved_model_equals_jitted_model(tiny, tmp_path):
   tf = pytest.importorskip('tensorflow')
   model, variables, regressor = tiny
   path = export.save_tf_saved_model(str(tmp_path / 'sm'), model, variables, 64, regressor)
   images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
-  loaded = tf.saved_model.load(path)   # keep a reference: it owns the variables
+  loaded = tf.saved_model.load(path)  # keep a reference: it owns the variables
   got = loaded.serve(images)
   want = jax.jit(infer.make_predict_fn(model, regressor))(variables, images)
   for key in want:

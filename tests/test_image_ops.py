@@ -7,11 +7,14 @@ import pytest
 from coarsemetro_jax import image_ops
 
 
-@pytest.mark.parametrize('rot, flip, right_of_centre', [
-    (0.0, False, (63.5, 31.5)),    # the box's right edge is the crop's right edge
-    (0.0, True, (-0.5, 31.5)),     # mirrored: the left edge
-    (90.0, False, (31.5, -0.5)),   # turned counter-clockwise on screen: the top edge
-])
+@pytest.mark.parametrize(
+    'rot, flip, right_of_centre',
+    [
+        (0.0, False, (63.5, 31.5)),  # the box's right edge is the crop's right edge
+        (0.0, True, (-0.5, 31.5)),  # mirrored: the left edge
+        (90.0, False, (31.5, -0.5)),  # turned counter-clockwise on screen: the top edge
+    ],
+)
 def test_crop_matrix_maps_the_box_onto_the_crop(rot, flip, right_of_centre):
   # Box of side 200 * 0.5 = 100 px around (100, 50) onto a 64-px crop: zoom 0.64.
   matrix = image_ops.crop_matrix((100.0, 50.0), 0.5, 64, rot, flip)
@@ -31,7 +34,7 @@ def test_warp_image_is_zero_outside_the_image():
 
 def test_decode_jpeg_gives_rgb_and_none_when_corrupt():
   rgb = np.zeros((16, 16, 3), np.uint8)
-  rgb[..., 0] = 250                                           # red
+  rgb[..., 0] = 250  # red
   ok, jpeg = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
   assert ok
   decoded = image_ops.decode_jpeg(jpeg.tobytes())

@@ -33,8 +33,7 @@ CORE = {
 }
 LAYERS = ('core', 'data', 'apps', 'cli', 'dev')
 # Project packages whose modules are walked; tests are walked for cycles too.
-WALKED = ('coarsemetro_jax', 'data_pipelines', 'configs', 'torch_reference',
-          'benchmarks', 'tools')
+WALKED = ('coarsemetro_jax', 'data_pipelines', 'configs', 'torch_reference', 'benchmarks', 'tools')
 # Third-party packages the core never imports: accelerator hosts may lack
 # TensorFlow, and checkpointing and PyTorch belong to the apps and the tests.
 # (clu.metrics is TF-free; clu's writers, which import TF, are the loop's.)
@@ -49,7 +48,7 @@ def layer_of(module):
   if top in ('torch_reference', 'benchmarks', 'tools', 'tests'):
     return 'dev'
   if top == 'configs':
-    return 'core'         # plain ml_collections files, importable by anyone
+    return 'core'  # plain ml_collections files, importable by anyone
   if top == 'data_pipelines':
     return 'data'
   if top == 'coarsemetro_jax':
@@ -91,9 +90,9 @@ def imports_of(name, path, known):
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:
-        anchor = package.split('.')[:len(package.split('.')) - node.level + 1]
+        anchor = package.split('.')[: len(package.split('.')) - node.level + 1]
         base = '.'.join(anchor + ([base] if base else []))
-      for alias in node.names:   # `from pkg import module` imports pkg.module
+      for alias in node.names:  # `from pkg import module` imports pkg.module
         full = f'{base}.{alias.name}'
         targets.append(full if full in known else base)
   project, external = set(), set()
@@ -132,9 +131,13 @@ def test_no_upward_import(graph):
 
 
 def test_core_imports_no_tensorflow_orbax_or_torch(graph):
-  bad = [f'{name} imports {ext}' for name, (_, external) in graph.items()
-         if layer_of(name) == 'core' and not name.startswith('configs')
-         for ext in external if ext in NOT_IN_CORE]
+  bad = [
+      f'{name} imports {ext}'
+      for name, (_, external) in graph.items()
+      if layer_of(name) == 'core' and not name.startswith('configs')
+      for ext in external
+      if ext in NOT_IN_CORE
+  ]
   assert not bad, bad
 
 
@@ -147,7 +150,7 @@ def test_no_import_cycle(graph):
     stack.append(node)
     for target in sorted(graph[node][0]):
       if state.get(target) == 'open':
-        cycles.append(stack[stack.index(target):] + [target])
+        cycles.append(stack[stack.index(target) :] + [target])
       elif target not in state:
         visit(target)
     stack.pop()
@@ -167,17 +170,28 @@ def test_layer_rules_catch_an_upward_import(tmp_path):
   project, external = imports_of('coarsemetro_jax.losses', path, known)
   assert project == {'coarsemetro_jax.train'} and external == {'tensorflow'}
   assert LAYERS.index(layer_of('coarsemetro_jax.train')) > LAYERS.index(
-      layer_of('coarsemetro_jax.losses'))
+      layer_of('coarsemetro_jax.losses')
+  )
 
 
 def test_core_import_loads_no_tensorflow():
   """Importing every core module in a fresh interpreter leaves TF unloaded."""
-  modules = sorted(m for m in project_modules()
-                   if layer_of(m) == 'core' and m.startswith('coarsemetro_jax'))
-  code = ('import sys\n' + ''.join(f'import {m}\n' for m in modules) +
-          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-          "('tensorflow', 'orbax', 'torch')))")
-  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                       text=True, check=True, timeout=300,
-                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  modules = sorted(
+      m for m in project_modules() if layer_of(m) == 'core' and m.startswith('coarsemetro_jax')
+  )
+  code = (
+      'import sys\n'
+      + ''.join(f'import {m}\n' for m in modules)
+      + "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+      "('tensorflow', 'orbax', 'torch')))"
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert out.stdout.strip().splitlines()[-1] == '[]', out.stdout

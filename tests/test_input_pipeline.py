@@ -25,8 +25,17 @@ from data_pipelines import ordering
 from data_pipelines import prefetch
 
 S = 32
-BATCH_KEYS = {'image', 'joints_2d', 'joints_3d', 'pose', 'betas',
-              'has_2d_joints', 'has_3d_joints', 'has_smpl', 'mask'}
+BATCH_KEYS = {
+    'image',
+    'joints_2d',
+    'joints_3d',
+    'pose',
+    'betas',
+    'has_2d_joints',
+    'has_3d_joints',
+    'has_smpl',
+    'mask',
+}
 
 
 def _examples(n, seed=0):
@@ -34,20 +43,26 @@ def _examples(n, seed=0):
   rng = np.random.default_rng(seed)
   for i in range(n):
     h, w = rng.integers(40, 60, 2)
-    img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), np.uint8), (0, 0),
-                           1.5)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), np.uint8), (0, 0), 1.5)
     center = [w / 2 + rng.uniform(-3, 3), h / 2 + rng.uniform(-3, 3)]
     label = {
-        'center': center, 'scale': float(rng.uniform(0.15, 0.25)),
+        'center': center,
+        'scale': float(rng.uniform(0.15, 0.25)),
         '2d_joints': np.c_[rng.uniform(5, 35, (24, 2)), np.ones(24)],
         'has_2d_joints': 1,
-        '3d_joints': np.c_[rng.normal(0, .3, (24, 3)), np.ones(24)],
+        '3d_joints': np.c_[rng.normal(0, 0.3, (24, 3)), np.ones(24)],
         'has_3d_joints': int(i % 3 != 0),
-        'pose': rng.normal(0, .3, 72), 'betas': np.r_[i, rng.normal(size=9)],
+        'pose': rng.normal(0, 0.3, 72),
+        'betas': np.r_[i, rng.normal(size=9)],
         'has_smpl': int(i % 2 == 0),
     }
-    yield {'key': f'ex{i:02d}', 'jpeg': cv2.imencode('.jpg', img)[1].tobytes(),
-           'height': int(h), 'width': int(w), 'label': label}
+    yield {
+        'key': f'ex{i:02d}',
+        'jpeg': cv2.imencode('.jpg', img)[1].tobytes(),
+        'height': int(h),
+        'width': int(w),
+        'label': label,
+    }
 
 
 def _config(yaml_path, batch_size=4, eval_batch_size=8):
@@ -57,7 +72,7 @@ def _config(yaml_path, batch_size=4, eval_batch_size=8):
   data.batch_size = batch_size
   data.eval_batch_size = eval_batch_size
   data.num_parallel_calls = 2
-  data.crop = 'continuous'   # r50 evaluates with 'metro' (tested at the end)
+  data.crop = 'continuous'  # r50 evaluates with 'metro' (tested at the end)
   return data
 
 
@@ -70,8 +85,9 @@ def fixture_yaml_path(tmp_path_factory):
 def _reference(dataset, index, params):
   """NumPy reference of one batch row (decode, augment, noise, normalise)."""
   ex = dataset.read(index)
-  image = cv2.cvtColor(cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8),
-                                    cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+  image = cv2.cvtColor(
+      cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+  )
   out = augment.process_example(image, ex['label'], params, S)
   img = np.clip(out['image'] * np.float32(params.pn), 0, 255) / 255.0
   out['image'] = (img - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
@@ -90,8 +106,7 @@ def _permutation(seed, epoch, n):
 def test_train_batches_match_numpy_reference(yaml_path):
   data = _config(yaml_path)
   seed = 7
-  ds = input_pipeline.create_train_dataset(data, seed=seed, process_index=1,
-                                           process_count=2)
+  ds = input_pipeline.create_train_dataset(data, seed=seed, process_index=1, process_count=2)
   dataset = metro_tsv.MetroDataset(yaml_path)
   batches = list(ds.take(4).as_numpy_iterator())
   for batch in batches:
@@ -113,37 +128,46 @@ def test_train_batches_match_numpy_reference(yaml_path):
   # Row r at position g used rng((seed, g // 13, r)).
   flat = {k: np.concatenate([b[k] for b in batches]) for k in BATCH_KEYS}
   for n in (0, 3, 7):
-    params = augment.sample_params(
-        np.random.default_rng((seed, positions[n] // 13, ids[n])))
+    params = augment.sample_params(np.random.default_rng((seed, positions[n] // 13, ids[n])))
     ref = _reference(dataset, ids[n], params)
     np.testing.assert_allclose(flat['image'][n], ref['image'], atol=1e-5)
-    for name in ('joints_2d', 'joints_3d', 'pose', 'betas', 'has_2d_joints',
-                 'has_3d_joints', 'has_smpl'):
-      np.testing.assert_allclose(flat[name][n], ref[name], atol=1e-6,
-                                 err_msg=name)
+    for name in (
+        'joints_2d',
+        'joints_3d',
+        'pose',
+        'betas',
+        'has_2d_joints',
+        'has_3d_joints',
+        'has_smpl',
+    ):
+      np.testing.assert_allclose(flat[name][n], ref[name], atol=1e-6, err_msg=name)
 
 
 def test_train_is_reproducible_and_bfloat16(yaml_path):
   data = _config(yaml_path)
-  a = next(input_pipeline.create_train_dataset(
-      data, seed=3, process_index=0, process_count=1).as_numpy_iterator())
+  a = next(
+      input_pipeline.create_train_dataset(
+          data, seed=3, process_index=0, process_count=1
+      ).as_numpy_iterator()
+  )
   data.image_dtype = 'bfloat16'
-  b = next(input_pipeline.create_train_dataset(
-      data, seed=3, process_index=0, process_count=1).as_numpy_iterator())
+  b = next(
+      input_pipeline.create_train_dataset(
+          data, seed=3, process_index=0, process_count=1
+      ).as_numpy_iterator()
+  )
   assert b['image'].dtype == jax.numpy.bfloat16
-  np.testing.assert_allclose(b['image'].astype(np.float32), a['image'],
-                             atol=0.02)
+  np.testing.assert_allclose(b['image'].astype(np.float32), a['image'], atol=0.02)
   np.testing.assert_array_equal(a['joints_2d'], b['joints_2d'])
 
 
 def test_train_resume_skips_to_the_same_batches(yaml_path):
   data = _config(yaml_path)
   kwargs = {'seed': 3, 'process_index': 0, 'process_count': 1}
-  full = list(input_pipeline.create_train_dataset(data, **kwargs)
-              .take(6).as_numpy_iterator())
-  resumed = list(input_pipeline.create_train_dataset(data, start_step=4,
-                                                     **kwargs)
-                 .take(2).as_numpy_iterator())
+  full = list(input_pipeline.create_train_dataset(data, **kwargs).take(6).as_numpy_iterator())
+  resumed = list(
+      input_pipeline.create_train_dataset(data, start_step=4, **kwargs).take(2).as_numpy_iterator()
+  )
   for x, y in zip(full[4:], resumed):  # 4 batches of 4 > one 13-row epoch
     for name in x:
       np.testing.assert_array_equal(x[name], y[name], err_msg=name)
@@ -166,7 +190,7 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path, process_cou
   Also resumed at a mid-epoch step, and across epoch boundaries (10 rows,
   batches of 4: batches 2 and 4 straddle two epochs).
   """
-  yaml_path = _write_with_bad_rows(tmp_path)        # rows 1, 4, 6, 8 are bad
+  yaml_path = _write_with_bad_rows(tmp_path)  # rows 1, 4, 6, 8 are bad
   data = _config(yaml_path, batch_size=4)
   seed = 5
 
@@ -177,27 +201,36 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path, process_cou
   one = batches(6, process_index=0, process_count=1)
   order = np.concatenate([_permutation(seed, e, 10) for e in range(3)])
   for t, batch in enumerate(one):
-    rows = order[4 * t:4 * t + 4]
-    good = ~np.isin(rows, [1, 4, 6, 8])   # a bad row keeps its slot, mask 0
+    rows = order[4 * t : 4 * t + 4]
+    good = ~np.isin(rows, [1, 4, 6, 8])  # a bad row keeps its slot, mask 0
     np.testing.assert_array_equal(batch['mask'], good)
     np.testing.assert_array_equal(_ids(batch)[good], rows[good])
     assert not batch['image'][~good].any() and not batch['has_smpl'][~good].any()
-  assert not all(b['mask'].all() for b in one)   # some slots are bad ones
+  assert not all(b['mask'].all() for b in one)  # some slots are bad ones
 
   splits = [[ordering.contiguous_rows(4, p, process_count) for p in range(process_count)]]
-  if process_count == 2:   # a mesh whose processes' devices interleave
+  if process_count == 2:  # a mesh whose processes' devices interleave
     splits.append([np.array([0, 2]), np.array([1, 3])])
   for local_rows in splits:
     for start_step in (0, 3):
-      hosts = [batches(6 - start_step, process_index=p, process_count=process_count,
-                       start_step=start_step, local_rows=rows)
-               for p, rows in enumerate(local_rows)]
+      hosts = [
+          batches(
+              6 - start_step,
+              process_index=p,
+              process_count=process_count,
+              start_step=start_step,
+              local_rows=rows,
+          )
+          for p, rows in enumerate(local_rows)
+      ]
       for t, local in enumerate(zip(*hosts), start_step):
         glob = _assemble(local, local_rows, 4)
         for name in BATCH_KEYS:
           np.testing.assert_array_equal(
-              glob[name], one[t][name],
-              err_msg=f'{name}, batch {t}, start_step {start_step}, {local_rows}')
+              glob[name],
+              one[t][name],
+              err_msg=f'{name}, batch {t}, start_step {start_step}, {local_rows}',
+          )
 
 
 def test_process_rows_follow_the_mesh_device_order():
@@ -206,14 +239,16 @@ def test_process_rows_follow_the_mesh_device_order():
   sharding = steps.batch_sharding(steps.make_device_mesh())
   for p in range(2):
     np.testing.assert_array_equal(
-        ordering.process_rows(sharding, 16, devices[4 * p:4 * p + 4]),
-        ordering.contiguous_rows(16, p, 2))
+        ordering.process_rows(sharding, 16, devices[4 * p : 4 * p + 4]),
+        ordering.contiguous_rows(16, p, 2),
+    )
   np.testing.assert_array_equal(ordering.process_rows(sharding, 16), np.arange(16))
   # A mesh that interleaves two processes' devices: 2 rows per device.
   mesh = jax.sharding.Mesh(np.array(devices)[[0, 4, 1, 5, 2, 6, 3, 7]], ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.P('data'))
-  np.testing.assert_array_equal(ordering.process_rows(sharding, 16, devices[:4]),
-                                [0, 1, 4, 5, 8, 9, 12, 13])
+  np.testing.assert_array_equal(
+      ordering.process_rows(sharding, 16, devices[:4]), [0, 1, 4, 5, 8, 9, 12, 13]
+  )
 
 
 def test_eval_sees_every_example_once_across_hosts(yaml_path):
@@ -221,8 +256,7 @@ def test_eval_sees_every_example_once_across_hosts(yaml_path):
   dataset = metro_tsv.MetroDataset(yaml_path)
   hosts = []
   for process_index in range(2):
-    ds = input_pipeline.create_eval_dataset(
-        data, process_index=process_index, process_count=2)
+    ds = input_pipeline.create_eval_dataset(data, process_index=process_index, process_count=2)
     hosts.append(list(ds.as_numpy_iterator()))
     assert len(ds) == 2  # ceil(7 rows / 4 per host batch) on both hosts
   assert [len(h) for h in hosts] == [2, 2]
@@ -242,14 +276,12 @@ def test_eval_sees_every_example_once_across_hosts(yaml_path):
   for i, row in enumerate(_ids(batch)[batch['mask'] == 1]):
     ref = _reference(dataset, row, augment.AugParams())
     np.testing.assert_allclose(batch['image'][i], ref['image'], atol=1e-5)
-    np.testing.assert_allclose(batch['joints_2d'][i], ref['joints_2d'],
-                               atol=1e-6)
+    np.testing.assert_allclose(batch['joints_2d'][i], ref['joints_2d'], atol=1e-6)
 
   # The two hosts' batches form the global batch on 8 devices.
   mesh = jax.make_mesh((8,), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.P('data'))
-  local = {k: np.concatenate([hosts[0][0][k], hosts[1][0][k]])
-           for k in hosts[0][0]}
+  local = {k: np.concatenate([hosts[0][0][k], hosts[1][0][k]]) for k in hosts[0][0]}
   glob = input_pipeline.to_global_batch(local, sharding)
   assert glob['image'].shape == (8, S, S, 3)
   assert glob['image'].sharding == sharding
@@ -268,10 +300,8 @@ def _write_with_bad_rows(out_dir, n=10):
   metro_tsv.write_tsv(str(img_path), [tuple(r) for r in img_rows])
   lab_path = out_dir / 'train.label.tsv'
   lab_rows = [line.split('\t') for line in lab_path.read_text().splitlines()]
-  lab_rows[6][1] = re.sub(r'"3d_joints": \[\[[^,]+', '"3d_joints": [[NaN',
-                          lab_rows[6][1])
-  lab_rows[6][1] = lab_rows[6][1].replace('"has_3d_joints": 0',
-                                          '"has_3d_joints": 1')
+  lab_rows[6][1] = re.sub(r'"3d_joints": \[\[[^,]+', '"3d_joints": [[NaN', lab_rows[6][1])
+  lab_rows[6][1] = lab_rows[6][1].replace('"has_3d_joints": 0', '"has_3d_joints": 1')
   lab_rows[8][1] = lab_rows[8][1].replace('"center"', '"centre"')
   metro_tsv.write_tsv(str(lab_path), [tuple(r) for r in lab_rows])
   return yaml_path
@@ -282,7 +312,8 @@ def test_bad_rows_keep_their_slot_and_are_counted_and_logged(tmp_path, caplog):
   data = _config(yaml_path, batch_size=3, eval_batch_size=4)
   bad = bad_rows.BadRows(10, 0.01)
   ds = input_pipeline.create_train_dataset(
-      data, process_index=0, process_count=1, shuffle=False, bad_rows=bad)
+      data, process_index=0, process_count=1, shuffle=False, bad_rows=bad
+  )
   batches = list(ds.take(4).as_numpy_iterator())
   flat = {k: np.concatenate([b[k] for b in batches]) for k in BATCH_KEYS}
   # Rows 0-9 then 0, 1 in order; the bad ones stay as all-zero mask-0 examples.
@@ -301,8 +332,7 @@ def test_bad_rows_keep_their_slot_and_are_counted_and_logged(tmp_path, caplog):
   assert f"{lab} row 8: label has no 'center'" in text
 
   bad = bad_rows.BadRows(10, 0.01)
-  ds = input_pipeline.create_eval_dataset(
-      data, process_index=1, process_count=2, bad_rows=bad)
+  ds = input_pipeline.create_eval_dataset(data, process_index=1, process_count=2, bad_rows=bad)
   batches = list(ds.as_numpy_iterator())
   assert len(batches) == len(ds) == 3  # ceil(5 rows / 2 per batch)
   mask = np.concatenate([b['mask'] for b in batches])
@@ -315,23 +345,26 @@ def test_bad_rows_keep_their_slot_and_are_counted_and_logged(tmp_path, caplog):
 def test_too_many_bad_rows_fail_in_the_callers_thread(tmp_path):
   yaml_path = metro_tsv.write_split(str(tmp_path), 'train', _examples(12))
   img_path = tmp_path / 'train.img.tsv'
-  rows = [(line.split('\t')[0], base64.b64encode(b'junk').decode())
-          for line in img_path.read_text().splitlines()]
+  rows = [
+      (line.split('\t')[0], base64.b64encode(b'junk').decode())
+      for line in img_path.read_text().splitlines()
+  ]
   metro_tsv.write_tsv(str(img_path), rows)
   data = _config(yaml_path)
-  message = (r'1\d distinct bad rows exceed the limit of 10 \(config.data.max_bad_fraction=0.01\); '
-             rf'last: {img_path} row \d+: JPEG does not decode; ')
+  message = (
+      r'1\d distinct bad rows exceed the limit of 10 \(config.data.max_bad_fraction=0.01\); '
+      rf'last: {img_path} row \d+: JPEG does not decode; '
+  )
   existing = _prefetch_threads()
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  for ahead in (0, 2):   # in this thread, and from the prefetch thread
+  for ahead in (0, 2):  # in this thread, and from the prefetch thread
     bad = bad_rows.BadRows(max_fraction=0.01)
-    ds = input_pipeline.create_train_dataset(data, process_index=0, process_count=1,
-                                             bad_rows=bad)
+    ds = input_pipeline.create_train_dataset(data, process_index=0, process_count=1, bad_rows=bad)
     batches = input_pipeline.global_batches(ds, sharding, ahead, bad_rows=bad)
     # All-bad batches keep their slots, so a few may come before the limit
     # (10) is crossed; no batch prepared after it is ever returned.
     with pytest.raises(bad_rows.TooManyBadRowsError, match=message):
-      for _ in range(3):    # the 12 rows' batches
+      for _ in range(3):  # the 12 rows' batches
         next(batches)
     assert bad.limit == 10 and bad.exceeded
   assert not _prefetch_threads(existing)
@@ -347,9 +380,8 @@ def test_eval_over_the_bad_row_limit_fails_instead_of_padding(tmp_path):
   yaml_path = _write_with_bad_rows(tmp_path)
   data = _config(yaml_path, eval_batch_size=2)
   bad = bad_rows.BadRows(10, 0.01)
-  bad.limit = 3                 # below the floor of 10, so that 4 bad rows of 10 exceed it
-  ds = input_pipeline.create_eval_dataset(data, process_index=0, process_count=1,
-                                          bad_rows=bad)
+  bad.limit = 3  # below the floor of 10, so that 4 bad rows of 10 exceed it
+  ds = input_pipeline.create_eval_dataset(data, process_index=0, process_count=1, bad_rows=bad)
   with pytest.raises(bad_rows.TooManyBadRowsError, match='4 distinct bad rows exceed'):
     list(input_pipeline.numpy_batches(ds, bad))
 
@@ -357,25 +389,20 @@ def test_eval_over_the_bad_row_limit_fails_instead_of_padding(tmp_path):
 def test_bad_files_fail_when_the_dataset_is_created(tmp_path, yaml_path):
   data = _config(str(tmp_path / 'missing.yaml'))
   with pytest.raises(FileNotFoundError, match='missing.yaml'):
-    input_pipeline.create_train_dataset(data, process_index=0,
-                                        process_count=1)
+    input_pipeline.create_train_dataset(data, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match='missing.yaml'):
-    input_pipeline.create_eval_dataset(data, process_index=0,
-                                       process_count=1)
+    input_pipeline.create_eval_dataset(data, process_index=0, process_count=1)
   data = _config(yaml_path, batch_size=6)
   with pytest.raises(ValueError, match='batch_size=6 is not divisible'):
-    input_pipeline.create_train_dataset(data, process_index=0,
-                                        process_count=4)
+    input_pipeline.create_train_dataset(data, process_index=0, process_count=4)
   data.source = 'gcs'
   with pytest.raises(ValueError, match="'tsv' or 'tfds'"):
-    input_pipeline.create_train_dataset(data, process_index=0,
-                                        process_count=1)
+    input_pipeline.create_train_dataset(data, process_index=0, process_count=1)
 
 
 def _prefetch_threads(existing=()):
   """Live prefetch threads, but for `existing` (ones other tests may not have collected)."""
-  return [t for t in threading.enumerate()
-          if t.name == 'batch_prefetch' and t not in existing]
+  return [t for t in threading.enumerate() if t.name == 'batch_prefetch' and t not in existing]
 
 
 def test_background_iterator_keeps_order_reraises_and_stops():
@@ -403,9 +430,9 @@ def test_background_iterator_keeps_order_reraises_and_stops():
   batches = prefetch.BackgroundIterator(endless(), 3)
   assert [next(batches) for _ in range(5)] == list(range(5))
   time.sleep(0.2)
-  assert len(produced) <= 5 + 3 + 1     # at most `size` ahead (+1 waiting to be put)
+  assert len(produced) <= 5 + 3 + 1  # at most `size` ahead (+1 waiting to be put)
   batches.close()
-  assert not _prefetch_threads(existing)        # closing joined the thread
+  assert not _prefetch_threads(existing)  # closing joined the thread
   with pytest.raises(StopIteration):
     next(batches)
   # Closed before its first item was taken: the thread stops too.
@@ -449,14 +476,29 @@ def _metro_reference(dataset, index, params):
   """metro_crop applied to the row's JPEG and JSON label; the 3D targets from augment."""
   ex, label = dataset.read(index), _json_label(dataset, index)
   image, joints_2d = metro_crop.image_and_joints_2d(
-      metro_crop.decode_image(ex['jpeg']), label['center'], params.sc * label['scale'],
-      np.asarray(label['2d_joints']), S, params.rot, params.flip, params.pn)
+      metro_crop.decode_image(ex['jpeg']),
+      label['center'],
+      params.sc * label['scale'],
+      np.asarray(label['2d_joints']),
+      S,
+      params.rot,
+      params.flip,
+      params.pn,
+  )
   out = augment.process_example(augment.decode_jpeg(ex['jpeg']), ex['label'], params, S)
   return {**out, 'image': image, 'joints_2d': joints_2d}
 
 
-_TARGETS = ('image', 'joints_2d', 'joints_3d', 'pose', 'betas', 'has_2d_joints',
-            'has_3d_joints', 'has_smpl')
+_TARGETS = (
+    'image',
+    'joints_2d',
+    'joints_3d',
+    'pose',
+    'betas',
+    'has_2d_joints',
+    'has_3d_joints',
+    'has_smpl',
+)
 
 
 def test_metro_eval_batches_equal_the_official_crop(metro_yaml):
@@ -464,7 +506,8 @@ def test_metro_eval_batches_equal_the_official_crop(metro_yaml):
   data.crop = 'metro'
   dataset = metro_tsv.MetroDataset(metro_yaml)
   [batch] = input_pipeline.create_eval_dataset(
-      data, process_index=0, process_count=1).as_numpy_iterator()
+      data, process_index=0, process_count=1
+  ).as_numpy_iterator()
   np.testing.assert_array_equal(batch['mask'], [1] * 6 + [0] * 2)
   np.testing.assert_array_equal(_ids(batch)[:6], range(6))
   for i in range(6):
@@ -477,9 +520,10 @@ def test_metro_eval_batches_equal_the_official_crop(metro_yaml):
   # where int() rounds up).
   data.crop = 'continuous'
   [cont] = input_pipeline.create_eval_dataset(
-      data, process_index=0, process_count=1).as_numpy_iterator()
+      data, process_index=0, process_count=1
+  ).as_numpy_iterator()
   assert np.any(cont['image'][:6] != batch['image'][:6])
-  shift = (batch['joints_2d'][:6, :, :2] - cont['joints_2d'][:6, :, :2]) * S / 2   # crop px
+  shift = (batch['joints_2d'][:6, :, :2] - cont['joints_2d'][:6, :, :2]) * S / 2  # crop px
   assert shift.min() >= -1e-4 and 0.3 < shift.mean() < 0.7 and shift.max() < 2
 
 
@@ -488,8 +532,9 @@ def test_metro_train_batches_use_the_sampled_parameters(metro_yaml):
   data.train_crop = 'metro'
   seed = 4
   dataset = metro_tsv.MetroDataset(metro_yaml)
-  ds = input_pipeline.create_train_dataset(data, seed=seed, process_index=0,
-                                           process_count=1, shuffle=False)
+  ds = input_pipeline.create_train_dataset(
+      data, seed=seed, process_index=0, process_count=1, shuffle=False
+  )
   batch = next(ds.as_numpy_iterator())
   flips = []
   for i in range(6):
@@ -504,14 +549,17 @@ def test_metro_train_batches_use_the_sampled_parameters(metro_yaml):
 def test_metro_crop_from_tfds_equals_tsv(metro_yaml, tmp_path):
   # Imported here: the other tests of this file do not need TFDS.
   from data_pipelines import tfds_metro
+
   tfds_metro.Metro(data_dir=str(tmp_path), yamls={'validation': metro_yaml}).download_and_prepare()
   data = _config(metro_yaml, eval_batch_size=8)
   data.crop = 'metro'
   [tsv] = input_pipeline.create_eval_dataset(
-      data, process_index=0, process_count=1).as_numpy_iterator()
+      data, process_index=0, process_count=1
+  ).as_numpy_iterator()
   data.source, data.tfds_data_dir = 'tfds', str(tmp_path)
   [tfds] = input_pipeline.create_eval_dataset(
-      data, process_index=0, process_count=1).as_numpy_iterator()
+      data, process_index=0, process_count=1
+  ).as_numpy_iterator()
   for name in tsv:
     np.testing.assert_array_equal(tfds[name], tsv[name], err_msg=name)
 
@@ -523,7 +571,10 @@ def test_unknown_crop_is_one_error_naming_the_key(yaml_path, key):
   message = rf"config.data.{key} must be one of \['continuous', 'metro'\], got 'metr'"
   with pytest.raises(datasets.DataConfigError, match=message):
     datasets.check_config(data)
-  create = (input_pipeline.create_train_dataset if key == 'train_crop'
-            else input_pipeline.create_eval_dataset)
+  create = (
+      input_pipeline.create_train_dataset
+      if key == 'train_crop'
+      else input_pipeline.create_eval_dataset
+  )
   with pytest.raises(ValueError, match=message):
     create(data, process_index=0, process_count=1)

@@ -24,8 +24,15 @@ def _run(cmd, cwd, timeout=600):
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONHOME')}
   env['JAX_PLATFORMS'] = 'cpu'
   env['XLA_FLAGS'] = ''
-  proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  proc = subprocess.run(
+      [str(c) for c in cmd],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
   assert proc.returncode == 0, f'{cmd}\n{proc.stdout}\n{proc.stderr}'
   return proc.stdout
 
@@ -45,10 +52,25 @@ def installed(tmp_path_factory):
   venv = root / 'venv'
   _run([sys.executable, '-m', 'venv', '--without-pip', venv], root)
   python = venv / 'bin' / 'python'
-  purelib = _run([python, '-c', "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                 root).strip()
-  _run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
-        '--no-index', '--target', purelib, src], root)
+  purelib = _run(
+      [python, '-c', "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root
+  ).strip()
+  _run(
+      [
+          sys.executable,
+          '-m',
+          'pip',
+          'install',
+          '-q',
+          '--no-deps',
+          '--no-build-isolation',
+          '--no-index',
+          '--target',
+          purelib,
+          src,
+      ],
+      root,
+  )
   # Dependencies from this environment, after the venv's own site-packages
   # (paths listed in a .pth file are appended; their own .pth files, such as
   # an editable install's finder, are not run).
@@ -62,10 +84,17 @@ def installed(tmp_path_factory):
 @pytest.mark.slow
 def test_installed_package_is_imported_from_site_packages(installed):
   python, purelib, work = installed
-  where = _run([python, '-c', 'import coarsemetro_jax, data_pipelines; '
-                'print(coarsemetro_jax.__file__); print(data_pipelines.__file__)'], work)
+  where = _run(
+      [
+          python,
+          '-c',
+          'import coarsemetro_jax, data_pipelines; '
+          'print(coarsemetro_jax.__file__); print(data_pipelines.__file__)',
+      ],
+      work,
+  )
   assert all(line.startswith(purelib) for line in where.split()), where
-  assert not (pathlib.Path(purelib) / 'configs').exists()   # configs are not packaged
+  assert not (pathlib.Path(purelib) / 'configs').exists()  # configs are not packaged
 
 
 @pytest.mark.slow
@@ -75,8 +104,10 @@ def test_profile_with_a_relative_config_path(installed):
   config = os.path.relpath(REPO / 'configs' / 'tiny.py', work)
   assert not os.path.isabs(config)
   got = _run([python, '-m', 'coarsemetro_jax.profile', f'--config={config}'], work)
-  want = _run([sys.executable, '-m', 'coarsemetro_jax.profile',
-               f'--config={REPO / "configs" / "tiny.py"}'], REPO)
+  want = _run(
+      [sys.executable, '-m', 'coarsemetro_jax.profile', f'--config={REPO / "configs" / "tiny.py"}'],
+      REPO,
+  )
   assert 'params' in got.lower() and got == want
 
 
@@ -86,7 +117,11 @@ def test_infer_with_an_absolute_config_path(installed):
   python, _, work = installed
   config = REPO / 'configs' / 'tiny.py'
   checkpoint = work / 'ckpt'
-  _run([python, '-c', f"""
+  _run(
+      [
+          python,
+          '-c',
+          f"""
 import jax, jax.numpy as jnp
 from coarsemetro_jax import build, config_files
 from coarsemetro_jax.convert import orbax_variables
@@ -96,11 +131,24 @@ size = config.data.image_size
 variables = model.init({{'params': jax.random.key(0)}}, jnp.zeros((1, size, size, 3)), train=False)
 orbax_variables.save_converted({str(checkpoint)!r}, variables,
                                {{'kind': 'test', 'scope': 'model', 'model': config.model.to_dict()}})
-"""], work)
+""",
+      ],
+      work,
+  )
   out = work / 'out'
-  printed = _run([python, '-m', 'coarsemetro_jax.infer', f'--config={config}',
-                  f'--checkpoint={checkpoint}', f'--output_dir={out}',
-                  '--images', REPO / 'docs' / 'example.jpg'], work)
+  printed = _run(
+      [
+          python,
+          '-m',
+          'coarsemetro_jax.infer',
+          f'--config={config}',
+          f'--checkpoint={checkpoint}',
+          f'--output_dir={out}',
+          '--images',
+          REPO / 'docs' / 'example.jpg',
+      ],
+      work,
+  )
   assert '1 images' in printed, printed
   meshes = sorted(out.glob('*.obj'))
   assert len(meshes) == 1

@@ -15,12 +15,33 @@ B = 6
 
 def tiny_topology():
   """Icosahedron (12) -> octahedron-like level (6) -> triangle (3)."""
-  faces0 = np.array([[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11],
-                     [1, 5, 9], [5, 11, 4], [11, 10, 2], [10, 7, 6], [7, 1, 8],
-                     [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9],
-                     [4, 9, 5], [2, 4, 11], [6, 2, 10], [8, 6, 7], [9, 8, 1]])
-  faces1 = np.array([[0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 1],
-                     [5, 2, 1], [5, 3, 2], [5, 4, 3], [5, 1, 4]])
+  faces0 = np.array(
+      [
+          [0, 11, 5],
+          [0, 5, 1],
+          [0, 1, 7],
+          [0, 7, 10],
+          [0, 10, 11],
+          [1, 5, 9],
+          [5, 11, 4],
+          [11, 10, 2],
+          [10, 7, 6],
+          [7, 1, 8],
+          [3, 9, 4],
+          [3, 4, 2],
+          [3, 2, 6],
+          [3, 6, 8],
+          [3, 8, 9],
+          [4, 9, 5],
+          [2, 4, 11],
+          [6, 2, 10],
+          [8, 6, 7],
+          [9, 8, 1],
+      ]
+  )
+  faces1 = np.array(
+      [[0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 1], [5, 2, 1], [5, 3, 2], [5, 4, 3], [5, 1, 4]]
+  )
   faces2 = np.array([[0, 1, 2]])
 
   def edges(f):
@@ -35,7 +56,8 @@ def tiny_topology():
       down_indices=(np.int32([0, 2, 4, 6, 8, 10]), np.int32([1, 3, 5])),
       up_indices=(np.zeros((12, 3), np.int32), np.zeros((6, 3), np.int32)),
       up_weights=(np.zeros((12, 3), np.float32), np.zeros((6, 3), np.float32)),
-      coarse_adjacency=np.ones((3, 3), bool))
+      coarse_adjacency=np.ones((3, 3), bool),
+  )
 
 
 def make_case(rng, has_3d=None, has_smpl=None):
@@ -54,7 +76,8 @@ def make_case(rng, has_3d=None, has_smpl=None):
   joints_3d = rng.normal(size=(B, 24, 4)).astype(np.float32)
   joints_3d[..., 3] = rng.uniform(0, 1, (B, 24))
   batch = {
-      'joints_2d': joints_2d, 'joints_3d': joints_3d,
+      'joints_2d': joints_2d,
+      'joints_3d': joints_3d,
       'has_2d_joints': np.float32(rng.integers(0, 2, B)),
       'has_3d_joints': np.float32([1, 0, 1, 1, 0, 1] if has_3d is None else has_3d),
       'has_smpl': np.float32([0, 1, 1, 0, 1, 1] if has_smpl is None else has_smpl),
@@ -107,8 +130,7 @@ def np_edge_self(pred, edges, has):
   pred = pred[has == 1]
   if not len(pred):
     return 0.0
-  return float(np.sqrt(((pred[:, edges[:, 0]] - pred[:, edges[:, 1]]) ** 2).sum(2)
-                       + 1e-8).mean())
+  return float(np.sqrt(((pred[:, edges[:, 0]] - pred[:, edges[:, 1]]) ** 2).sum(2) + 1e-8).mean())
 
 
 def np_normal(pred, gt, faces, has):
@@ -129,8 +151,7 @@ def np_total(outputs, batch, gt_fine, regressor, topology, c):
   mesh_j = j17[:, list(joint_tables.H36M_J17_TO_J14)] - pelvis
   tok = outputs['pred_3d_joints']
   tok = tok - (tok[:, 2] + tok[:, 3])[:, None] / 2
-  pv = {k: outputs[f'pred_3d_vertices_{k}'] - pelvis
-        for k in ('coarse', 'intermediate', 'fine')}
+  pv = {k: outputs[f'pred_3d_vertices_{k}'] - pelvis for k in ('coarse', 'intermediate', 'fine')}
   gt_pelvis = np.einsum('jv,bvc->bjc', regressor, gt_fine)[:, 0][:, None]
   gv = {'fine': gt_fine - gt_pelvis}
   gv['intermediate'] = gv['fine'][:, topology.down_indices[0]]
@@ -141,18 +162,22 @@ def np_total(outputs, batch, gt_fine, regressor, topology, c):
   gt2 = batch['joints_2d'][:, list(joint_tables.J24_TO_J14)]
   h3, hs = batch['has_3d_joints'], batch['has_smpl']
   l3 = np_kp3d(tok, gt3, h3) + np_kp3d(mesh_j, gt3, h3)
-  lv = (c.vertices_coarse * np_vert(pv['coarse'], gv['coarse'], hs) +
-        c.vertices_intermediate * np_vert(pv['intermediate'], gv['intermediate'], hs) +
-        c.vertices_fine * np_vert(pv['fine'], gv['fine'], hs))
+  lv = (
+      c.vertices_coarse * np_vert(pv['coarse'], gv['coarse'], hs)
+      + c.vertices_intermediate * np_vert(pv['intermediate'], gv['intermediate'], hs)
+      + c.vertices_fine * np_vert(pv['fine'], gv['fine'], hs)
+  )
   cam = outputs['pred_cam']
   l2 = np_kp2d(np_proj(tok, cam), gt2) + np_kp2d(np_proj(mesh_j, cam), gt2)
   total = c.joints_3d * l3 + c.vertices * lv + c.joints_2d * l2
   if c.use_edge_normal:
     p, g = pv['intermediate'], gv['intermediate']
     e, f = topology.edges[1], losses.edge_triangles(topology.edges[1], 6)
-    total += c.edge_normal * (c.edge_gt * np_edge_gt(p, g, e, hs) +
-                              c.edge_self * np_edge_self(p, e, hs) +
-                              c.normal * np_normal(p, g, f, hs))
+    total += c.edge_normal * (
+        c.edge_gt * np_edge_gt(p, g, e, hs)
+        + c.edge_self * np_edge_self(p, e, hs)
+        + c.normal * np_normal(p, g, f, hs)
+    )
   return total, {'joints_3d': l3, 'vertices': lv, 'joints_2d': l2}
 
 
@@ -162,8 +187,7 @@ def np_total(outputs, batch, gt_fine, regressor, topology, c):
 def test_orthographic_projection_hand_case():
   x = jnp.array([[[1.0, -2.0, 5.0]]])
   cam = jnp.array([[2.0, 0.5, 0.25]])
-  np.testing.assert_allclose(losses.orthographic_projection(x, cam),
-                             [[[3.0, -3.5]]])
+  np.testing.assert_allclose(losses.orthographic_projection(x, cam), [[[3.0, -3.5]]])
 
 
 def test_terms_match_numpy():
@@ -172,26 +196,30 @@ def test_terms_match_numpy():
   pred, gt = rng.normal(size=(2, B, 14, 4)).astype(np.float32)
   has = np.float32([1, 0, 1, 1, 0, 0])
   np.testing.assert_allclose(
-      losses.keypoint_3d_loss(pred[..., :3], gt, has), np_kp3d(pred[..., :3], gt, has),
-      rtol=1e-5)
+      losses.keypoint_3d_loss(pred[..., :3], gt, has), np_kp3d(pred[..., :3], gt, has), rtol=1e-5
+  )
   gt2 = gt[..., :3].copy()
   gt2[..., 2] = rng.integers(0, 2, gt2.shape[:2])
   np.testing.assert_allclose(
-      losses.keypoint_2d_loss(pred[..., :2], gt2, np.ones(B)), np_kp2d(pred[..., :2], gt2),
-      rtol=1e-5)
+      losses.keypoint_2d_loss(pred[..., :2], gt2, np.ones(B)),
+      np_kp2d(pred[..., :2], gt2),
+      rtol=1e-5,
+  )
   pv, gv = rng.normal(size=(2, B, 6, 3)).astype(np.float32)
-  np.testing.assert_allclose(losses.vertices_loss(pv, gv, has), np_vert(pv, gv, has),
-                             rtol=1e-5)
+  np.testing.assert_allclose(losses.vertices_loss(pv, gv, has), np_vert(pv, gv, has), rtol=1e-5)
   e, f = topology.edges[1], topology.faces[1]
-  np.testing.assert_allclose(losses.edge_length_gt_loss(pv, gv, e, has),
-                             np_edge_gt(pv, gv, e, has), rtol=1e-5)
-  np.testing.assert_allclose(losses.edge_length_self_loss(pv, e, has),
-                             np_edge_self(pv, e, has), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.edge_length_gt_loss(pv, gv, e, has), np_edge_gt(pv, gv, e, has), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      losses.edge_length_self_loss(pv, e, has), np_edge_self(pv, e, has), rtol=1e-5
+  )
   # The octahedron's edge graph has exactly its 8 faces as triangles.
   as_set = lambda x: {tuple(sorted(t)) for t in np.asarray(x).tolist()}
   assert as_set(losses.edge_triangles(e, 6)) == as_set(f)
-  np.testing.assert_allclose(losses.normal_vector_loss(pv, gv, f, has),
-                             np_normal(pv, gv, f, has), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.normal_vector_loss(pv, gv, f, has), np_normal(pv, gv, f, has), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize('use_edge_normal', [False, True])
@@ -201,8 +229,9 @@ def test_total_loss_matches_numpy(use_edge_normal):
   outputs, batch, gt_fine, regressor = make_case(rng)
   config = r50.get_config().loss
   config.use_edge_normal = use_edge_normal
-  fn = jax.jit(lambda o, b, g: losses.compute_loss(
-      o, b, g, regress_fn(regressor), topology, config))
+  fn = jax.jit(
+      lambda o, b, g: losses.compute_loss(o, b, g, regress_fn(regressor), topology, config)
+  )
   total, terms = fn(outputs, batch, gt_fine)
   ref_total, ref_terms = np_total(outputs, batch, gt_fine, regressor, topology, config)
   np.testing.assert_allclose(total, ref_total, rtol=1e-5)
@@ -224,8 +253,7 @@ def test_empty_subsets_give_zero_and_finite_gradients():
   config.use_edge_normal = True
 
   def loss_fn(o):
-    return losses.compute_loss(o, batch, gt_fine, regress_fn(regressor), topology,
-                               config)
+    return losses.compute_loss(o, batch, gt_fine, regress_fn(regressor), topology, config)
 
   (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(outputs)
   assert float(total) == 0.0
@@ -247,8 +275,13 @@ def test_padding_and_has_2d_flag():
   real = slice(0, 4)
   _, t_pad = losses.compute_loss(outputs, padded, gt_fine, regress, topology, config)
   _, t_real = losses.compute_loss(
-      {k: v[real] for k, v in outputs.items()}, {k: v[real] for k, v in batch.items()},
-      gt_fine[real], regress, topology, config)
+      {k: v[real] for k, v in outputs.items()},
+      {k: v[real] for k, v in batch.items()},
+      gt_fine[real],
+      regress,
+      topology,
+      config,
+  )
   for k in t_real:
     np.testing.assert_allclose(t_pad[k], t_real[k], rtol=1e-5, err_msg=k)
   # use_has_2d_joints: has_2d_joints multiplies visibility.
@@ -284,14 +317,21 @@ def test_bfloat16_outputs_are_scored_in_float32():
   low = {k: jnp.asarray(v, jnp.bfloat16) for k, v in outputs.items()}
   total, terms = losses.compute_loss(low, batch, gt_fine, regress, topology, config)
   ref, _ = losses.compute_loss(
-      {k: np.asarray(v, np.float32) for k, v in low.items()}, batch, gt_fine, regress,
-      topology, config)
+      {k: np.asarray(v, np.float32) for k, v in low.items()},
+      batch,
+      gt_fine,
+      regress,
+      topology,
+      config,
+  )
   assert total.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in terms.values())
   np.testing.assert_allclose(total, ref, rtol=1e-6)
 
 
 def test_procrustes_joint_loss_matches_numpy_and_ignores_similarity():
-  from test_metrics import np_similarity_transform, random_rotation
+  from test_metrics import np_similarity_transform
+  from test_metrics import random_rotation
+
   rng = np.random.default_rng(5)
   gt = rng.normal(size=(B, 14, 4)).astype(np.float32) * 0.3
   gt[..., 3] = rng.uniform(0.2, 1.0, (B, 14))
@@ -299,13 +339,18 @@ def test_procrustes_joint_loss_matches_numpy_and_ignores_similarity():
   has = np.float32([1, 0, 1, 1, 0, 1])
   loss = jax.jit(losses.procrustes_keypoint_3d_loss)
   got = loss(pred, gt, has)
-  aligned = np.stack([np_similarity_transform(p.astype(np.float64), g[:, :3])
-                      for p, g in zip(pred, gt)])
+  aligned = np.stack(
+      [np_similarity_transform(p.astype(np.float64), g[:, :3]) for p, g in zip(pred, gt)]
+  )
   err = gt[..., 3:] * np.abs(aligned - gt[..., :3])
   np.testing.assert_allclose(got, err[has > 0].sum() / (has.sum() * 14 * 3), rtol=1e-5)
   # A similarity transform of the prediction changes nothing...
-  moved = np.stack([s * p @ random_rotation(rng).T + rng.normal(size=3)
-                    for s, p in zip([0.5, 1, 2, 3, 1.5, 0.7], pred)]).astype(np.float32)
+  moved = np.stack(
+      [
+          s * p @ random_rotation(rng).T + rng.normal(size=3)
+          for s, p in zip([0.5, 1, 2, 3, 1.5, 0.7], pred)
+      ]
+  ).astype(np.float32)
   np.testing.assert_allclose(loss(moved, gt, has), got, rtol=1e-4)
   # ... so its gradient has no component along a shift of the prediction,
   # and examples without 3D joints get none.
@@ -319,12 +364,14 @@ def test_procrustes_joint_loss_enters_the_total_with_its_weight():
   topology = tiny_topology()
   outputs, batch, gt_fine, regressor = make_case(rng)
   config = r50.get_config().loss
-  total0, terms0 = losses.compute_loss(outputs, batch, gt_fine, regress_fn(regressor),
-                                       topology, config)
+  total0, terms0 = losses.compute_loss(
+      outputs, batch, gt_fine, regress_fn(regressor), topology, config
+  )
   assert 'joints_3d_pa' not in terms0
   config.joints_3d_pa = 250.0
-  total, terms = losses.compute_loss(outputs, batch, gt_fine, regress_fn(regressor),
-                                     topology, config)
+  total, terms = losses.compute_loss(
+      outputs, batch, gt_fine, regress_fn(regressor), topology, config
+  )
   pred = losses.centre_predictions(outputs, regress_fn(regressor))
   gt = losses.ground_truth(batch, gt_fine, regress_fn(regressor), topology)
   has_3d = batch['has_3d_joints'] * batch['mask']

@@ -16,12 +16,13 @@ def _poses(num, seed, base_seed=0):
 
 def test_mean_of_rotated_copies_is_the_pose():
   base, _ = _poses(1, 1)
-  rots = Rotation.random(50, random_state=1).as_matrix()                 # [N, 3, 3]
-  seen = np.einsum('ja,nba->njb', base, rots)                             # R @ base per copy
+  rots = Rotation.random(50, random_state=1).as_matrix()  # [N, 3, 3]
+  seen = np.einsum('ja,nba->njb', base, rots)  # R @ base per copy
   mean = metrics.procrustes_mean(seen)
   # Same shape as the pose (a plain average would shrink towards a point) ...
-  aligned = np.asarray(metrics.pa_mpjpe(mean[None].astype(np.float32),
-                                        base[None].astype(np.float32)))
+  aligned = np.asarray(
+      metrics.pa_mpjpe(mean[None].astype(np.float32), base[None].astype(np.float32))
+  )
   assert float(aligned[0]) < 1e-5
   assert abs(np.linalg.norm(mean - mean.mean(0)) - np.linalg.norm(base - base.mean(0))) < 1e-6
   # ... centred at the hip midpoint.
@@ -34,9 +35,16 @@ def test_baseline_does_not_depend_on_the_training_poses_orientation():
   test = _poses(10, 3)[1].astype(np.float32)
   rots = Rotation.random(len(poses), random_state=4).as_matrix()
   rotated = np.einsum('nja,nba->njb', poses, rots)
-  pa = [float(np.mean(metrics.pa_mpjpe(
-      np.broadcast_to(metrics.procrustes_mean(p), test.shape).astype(np.float32), test)))
-        for p in (poses, rotated)]
+  pa = [
+      float(
+          np.mean(
+              metrics.pa_mpjpe(
+                  np.broadcast_to(metrics.procrustes_mean(p), test.shape).astype(np.float32), test
+              )
+          )
+      )
+      for p in (poses, rotated)
+  ]
   np.testing.assert_allclose(pa[0], pa[1], rtol=1e-4)
   # The plain average of the rotated poses is a much worse predictor.
   plain = np.broadcast_to(rotated.mean(0), test.shape).astype(np.float32)
@@ -50,7 +58,7 @@ def test_baseline_of_a_hand_made_test_set():
   rots = Rotation.random(20, random_state=5).as_matrix()
   train = np.einsum('ja,nba->njb', base, rots)
   moved = base.copy()
-  moved[0] += [0.0, 0.07, 0.0]          # joint 0 (a foot): the hips do not move
+  moved[0] += [0.0, 0.07, 0.0]  # joint 0 (a foot): the hips do not move
   # The mean pose is the pose itself, turned: after Procrustes it scores 0.
   exact = metrics.mean_pose_baseline(train, base[None])
   assert exact['count'] == 1 and exact['pa_mpjpe'] < 1e-3
@@ -58,7 +66,7 @@ def test_baseline_of_a_hand_made_test_set():
   assert result['count'] == 2
   one = metrics.mean_pose_baseline(train, moved[None])
   assert result['pa_mpjpe'] == pytest.approx((exact['pa_mpjpe'] + one['pa_mpjpe']) / 2, rel=1e-5)
-  assert one['pa_mpjpe'] > 1.0           # the moved foot is an error
+  assert one['pa_mpjpe'] > 1.0  # the moved foot is an error
   # Without alignment: hip-centred joint distances to the mean pose, in mm.
   mean = metrics.procrustes_mean(train)
   hip = lambda x: x - 0.5 * (x[..., 2:3, :] + x[..., 3:4, :])

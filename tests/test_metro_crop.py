@@ -21,15 +21,18 @@ R, S = 128, 1.28
 # Hand-computed cases.
 
 
-@pytest.mark.parametrize('center, ul, br, pad', [
-    # Integer centre: ul = cx - 128, br = cx + 128; the box sticks out above and left.
-    ((100, 80), (-28, -48), (228, 208), 53),
-    # Half-integer centre, box partly outside: int() truncates -27.5 to -27
-    # (towards zero), 228.5 to 228, so the box is 255 px wide, not 256.
-    ((100.5, 80.5), (-27, -47), (228, 208), 52),
-    # Half-integer centre inside: 72.5 -> 72, 328.5 -> 328 (256 px).
-    ((200.5, 140.5), (72, 12), (328, 268), 53),
-])
+@pytest.mark.parametrize(
+    'center, ul, br, pad',
+    [
+        # Integer centre: ul = cx - 128, br = cx + 128; the box sticks out above and left.
+        ((100, 80), (-28, -48), (228, 208), 53),
+        # Half-integer centre, box partly outside: int() truncates -27.5 to -27
+        # (towards zero), 228.5 to 228, so the box is 255 px wide, not 256.
+        ((100.5, 80.5), (-27, -47), (228, 208), 52),
+        # Half-integer centre inside: 72.5 -> 72, 328.5 -> 328 (256 px).
+        ((200.5, 140.5), (72, 12), (328, 268), 53),
+    ],
+)
 def test_crop_box_hand_cases(center, ul, br, pad):
   got_ul, got_br, got_pad = metro_crop.crop_box(center, S, R)
   assert tuple(got_ul) == ul and tuple(got_br) == br
@@ -42,7 +45,7 @@ def test_crop_places_the_box_and_zero_fills_outside():
   height, width = 150, 260
   y, x = np.mgrid[:height, :width].astype(np.float64)
   img = np.stack([x + 3 * y, x, y], -1)
-  out = metro_crop.crop(img, (100, 80), S, R)         # box x -28..227, y -48..207
+  out = metro_crop.crop(img, (100, 80), S, R)  # box x -28..227, y -48..207
   assert out.shape == (R, R, 3) and out.dtype == np.float64
   # A 2:1 INTER_LINEAR shrink averages 2x2 blocks: output (i, j) reads the
   # canvas at (2 i + 0.5, 2 j + 0.5) = image (2 i + 0.5 - 48, 2 j + 0.5 - 28).
@@ -65,9 +68,9 @@ def test_rotated_crop_of_a_flat_image_is_flat_inside():
 
 def test_keypoints_hand_cases():
   kp = np.zeros((24, 3))
-  kp[0] = [10.6, 20.2, 1]     # T: (5.3 + 14, 10.1 + 24) = (19.3, 34.1) -> (19, 34) + 1
-  kp[1] = [-40.4, 30, 1]      # (-20.2 + 14, 15 + 24) = (-6.2, 39) -> (-6, 39) + 1
-  kp[2] = [120, 120, 0]       # (74, 84): 10, 20 px right of / below the crop centre
+  kp[0] = [10.6, 20.2, 1]  # T: (5.3 + 14, 10.1 + 24) = (19.3, 34.1) -> (19, 34) + 1
+  kp[1] = [-40.4, 30, 1]  # (-20.2 + 14, 15 + 24) = (-6.2, 39) -> (-6, 39) + 1
+  kp[2] = [120, 120, 0]  # (74, 84): 10, 20 px right of / below the crop centre
   out = metro_crop.joints_2d_processing(kp, (100, 80), S, R)
   assert out.dtype == np.float32
   np.testing.assert_array_equal(out[0], [2 * 20 / R - 1, 2 * 35 / R - 1, 1])
@@ -99,7 +102,7 @@ def test_inverse_rounds_as_lapack_getri():
 
 def test_decode_image_is_rgb_and_rejects_garbage():
   rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-  ok, png = cv2.imencode('.png', rgb[..., ::-1])        # OpenCV writes BGR
+  ok, png = cv2.imencode('.png', rgb[..., ::-1])  # OpenCV writes BGR
   assert ok
   np.testing.assert_array_equal(metro_crop.decode_image(png.tobytes()), rgb)
   with pytest.raises(ValueError, match='cannot decode image'):
@@ -116,8 +119,8 @@ def _ref_get_transform(center, scale, res, rot=0):
   t = np.zeros((3, 3))
   t[0, 0] = float(res[1]) / h
   t[1, 1] = float(res[0]) / h
-  t[0, 2] = res[1] * (-float(center[0]) / h + .5)
-  t[1, 2] = res[0] * (-float(center[1]) / h + .5)
+  t[0, 2] = res[1] * (-float(center[0]) / h + 0.5)
+  t[1, 2] = res[0] * (-float(center[1]) / h + 0.5)
   t[2, 2] = 1
   if rot != 0:
     rot = -rot
@@ -141,7 +144,7 @@ def _ref_transform(pt, center, scale, res, invert=0, rot=0):
   if invert:
     lu, piv, _ = scipy.linalg.lapack.dgetrf(t)
     t, _ = scipy.linalg.lapack.dgetri(lu, piv)
-  new_pt = np.array([pt[0] - 1, pt[1] - 1, 1.]).T
+  new_pt = np.array([pt[0] - 1, pt[1] - 1, 1.0]).T
   new_pt = np.dot(t, new_pt)
   return new_pt[:2].astype(int) + 1
 
@@ -161,7 +164,7 @@ def _ref_crop(img, center, scale, res, rot=0):
   new_y = max(0, -ul[1]), min(br[1], len(img)) - ul[1]
   old_x = max(0, ul[0]), min(len(img[0]), br[0])
   old_y = max(0, ul[1]), min(len(img), br[1])
-  new_img[new_y[0]:new_y[1], new_x[0]:new_x[1]] = img[old_y[0]:old_y[1], old_x[0]:old_x[1]]
+  new_img[new_y[0] : new_y[1], new_x[0] : new_x[1]] = img[old_y[0] : old_y[1], old_x[0] : old_x[1]]
   if rot != 0:
     h, w = new_img.shape[:2]
     matrix = cv2.getRotationMatrix2D(((w - 1) * 0.5, (h - 1) * 0.5), rot, 1.0)
@@ -183,22 +186,21 @@ def _ref_example(img, center, scale, kp, res, rot, flip, pn):
   kp = kp.copy()
   for i in range(kp.shape[0]):
     kp[i, 0:2] = _ref_transform(kp[i, 0:2] + 1, center, scale, [res, res], rot=rot)
-  kp[:, :-1] = 2. * kp[:, :-1] / res - 1.
+  kp[:, :-1] = 2.0 * kp[:, :-1] / res - 1.0
   if flip:
-    kp = kp[[5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6, 12, 13, 14, 15, 16, 17, 18, 19, 21, 20,
-             23, 22]]
+    kp = kp[[5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6, 12, 13, 14, 15, 16, 17, 18, 19, 21, 20, 23, 22]]
     kp[:, 0] = -kp[:, 0]
   return image, kp.astype('float32')
 
 
 CASES = [  # (centre, scale, rot, flip, pn)
-    ((64.0, 50.0), 0.6, 0, False, (1, 1, 1)),                   # integer centre
-    ((64.5, 49.5), 0.55, 0, False, (1, 1, 1)),                  # half-integer centre
-    ((10.25, 90.75), 0.8, 0, False, (1, 1, 1)),                 # partly outside
-    ((70.0, 48.0), 0.5, 30, False, (1, 1, 1)),                  # rotation +30
-    ((55.5, 60.5), 0.7, -30, True, (0.7, 1.2, 1.4)),            # -30, flip, noise
+    ((64.0, 50.0), 0.6, 0, False, (1, 1, 1)),  # integer centre
+    ((64.5, 49.5), 0.55, 0, False, (1, 1, 1)),  # half-integer centre
+    ((10.25, 90.75), 0.8, 0, False, (1, 1, 1)),  # partly outside
+    ((70.0, 48.0), 0.5, 30, False, (1, 1, 1)),  # rotation +30
+    ((55.5, 60.5), 0.7, -30, True, (0.7, 1.2, 1.4)),  # -30, flip, noise
     ((87.3121, 33.8907), 0.66137, 17.38, True, (1.31, 0.64, 1.0)),
-    ((112.3, 140.7), 1.0, 0, False, (1, 1, 1)),                 # box wider than the image
+    ((112.3, 140.7), 1.0, 0, False, (1, 1, 1)),  # box wider than the image
 ]
 
 

@@ -17,14 +17,17 @@ from data_pipelines import metro_tsv
 
 def _label(rng, i):
   return {
-      'center': [50.0 + i, 40.0], 'scale': 0.4 + 0.01 * i,
+      'center': [50.0 + i, 40.0],
+      'scale': 0.4 + 0.01 * i,
       # [1, 24, 3], as some METRO generators write it.
       '2d_joints': [np.c_[rng.uniform(0, 80, (24, 2)), np.ones(24)].tolist()],
       'has_2d_joints': 1,
-      '3d_joints': np.c_[rng.normal(0, .3, (24, 3)), np.ones(24)].tolist(),
+      '3d_joints': np.c_[rng.normal(0, 0.3, (24, 3)), np.ones(24)].tolist(),
       'has_3d_joints': 1,
-      'pose': rng.normal(0, .2, 72).tolist(), 'betas': [float(i)] * 10,
-      'has_smpl': 1, 'gender': 'm',
+      'pose': rng.normal(0, 0.2, 72).tolist(),
+      'betas': [float(i)] * 10,
+      'has_smpl': 1,
+      'gender': 'm',
   }
 
 
@@ -36,8 +39,13 @@ def _jpeg(rng, height=60, width=80):
 def _examples(n, seed=0, prefix='img'):
   rng = np.random.default_rng(seed)
   for i in range(n):
-    yield {'key': f'{prefix}_{i:03d}', 'jpeg': _jpeg(rng), 'height': 60,
-           'width': 80, 'label': _label(rng, i)}
+    yield {
+        'key': f'{prefix}_{i:03d}',
+        'jpeg': _jpeg(rng),
+        'height': 60,
+        'width': 80,
+        'label': _label(rng, i),
+    }
 
 
 def _metro_seek(tsv, row):
@@ -55,9 +63,12 @@ def test_write_split_is_read_by_metro_code(tmp_path):
   yaml_path = metro_tsv.write_split(str(tmp_path), 'train', iter(examples))
   with open(yaml_path) as f:
     cfg = yaml.safe_load(f)
-  assert cfg == {'img': 'train.img.tsv', 'hw': 'train.hw.tsv',
-                 'label': 'train.label.tsv',
-                 'linelist': 'train.linelist.tsv'}
+  assert cfg == {
+      'img': 'train.img.tsv',
+      'hw': 'train.hw.tsv',
+      'label': 'train.label.tsv',
+      'linelist': 'train.linelist.tsv',
+  }
   for name in ('img', 'hw', 'label', 'linelist'):
     assert (tmp_path / f'train.{name}.lineidx').exists()
   assert not list(tmp_path.glob('*.tmp'))
@@ -67,10 +78,8 @@ def test_write_split_is_read_by_metro_code(tmp_path):
     ex = examples[row]
     key, b64 = _metro_seek(str(tmp_path / 'train.img.tsv'), row)
     assert key == ex['key']
-    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8),
-                           cv2.IMREAD_COLOR)
-    expected = cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8),
-                            cv2.IMREAD_COLOR)
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(b64), np.uint8), cv2.IMREAD_COLOR)
+    expected = cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8), cv2.IMREAD_COLOR)
     np.testing.assert_array_equal(decoded, expected)
     key, hw = _metro_seek(str(tmp_path / 'train.hw.tsv'), row)
     assert json.loads(hw)[0] == {'height': 60, 'width': 80}
@@ -106,14 +115,16 @@ def test_write_tsv_is_atomic(tmp_path):
     metro_tsv.write_tsv(path, [('k', 'a\tb')])
 
 
-@pytest.mark.parametrize('change, match', [
-    (lambda ex: ex['label'].pop('betas'), 'missing'),
-    (lambda ex: ex['label'].update(scale=float('nan')), 'scale'),
-    (lambda ex: ex['label']['3d_joints'][3].__setitem__(0, float('nan')),
-     '3d_joints'),
-    (lambda ex: ex.update(jpeg=b'not a jpeg'), 'JPEG marker'),
-    (lambda ex: ex.update(key='a b\t'), 'key'),
-])
+@pytest.mark.parametrize(
+    'change, match',
+    [
+        (lambda ex: ex['label'].pop('betas'), 'missing'),
+        (lambda ex: ex['label'].update(scale=float('nan')), 'scale'),
+        (lambda ex: ex['label']['3d_joints'][3].__setitem__(0, float('nan')), '3d_joints'),
+        (lambda ex: ex.update(jpeg=b'not a jpeg'), 'JPEG marker'),
+        (lambda ex: ex.update(key='a b\t'), 'key'),
+    ],
+)
 def test_write_split_rejects_bad_examples(tmp_path, change, match):
   examples = list(_examples(3))
   change(examples[1])
@@ -127,8 +138,7 @@ def test_reader_single_dataset_with_linelist(tmp_path):
   examples = list(_examples(5))
   yaml_path = metro_tsv.write_split(str(tmp_path), 'val', examples)
   # Keep rows 4, 1, 3 only (METRO: the linelist picks and orders the rows).
-  metro_tsv.write_tsv(str(tmp_path / 'val.linelist.tsv'),
-                      [('4',), ('1',), ('3',)])
+  metro_tsv.write_tsv(str(tmp_path / 'val.linelist.tsv'), [('4',), ('1',), ('3',)])
   ds = metro_tsv.MetroDataset(yaml_path)
   assert len(ds) == 3
   for i, row in enumerate((4, 1, 3)):
@@ -136,13 +146,11 @@ def test_reader_single_dataset_with_linelist(tmp_path):
     assert ex['key'] == examples[row]['key']
     assert ex['jpeg'] == examples[row]['jpeg']
     lab = examples[row]['label']
-    np.testing.assert_allclose(ex['label']['joints_2d'], lab['2d_joints'][0],
-                               rtol=1e-6)
-    np.testing.assert_allclose(ex['label']['joints_3d'], lab['3d_joints'],
-                               rtol=1e-6)
+    np.testing.assert_allclose(ex['label']['joints_2d'], lab['2d_joints'][0], rtol=1e-6)
+    np.testing.assert_allclose(ex['label']['joints_3d'], lab['3d_joints'], rtol=1e-6)
     np.testing.assert_allclose(ex['label']['pose'], lab['pose'], rtol=1e-6)
     assert ex['label']['betas'][0] == row
-    assert ex['label']['scale'] == lab['scale']   # float64, as the JSON holds it
+    assert ex['label']['scale'] == lab['scale']  # float64, as the JSON holds it
     assert ds.location(i) == (str(tmp_path / 'val.img.tsv'), row)
 
 
@@ -152,15 +160,18 @@ def test_reader_composite_dataset(tmp_path):
   metro_tsv.write_split(str(tmp_path / 'A'), 'train', a)
   metro_tsv.write_split(str(tmp_path / 'B'), 'train', b)
   order = [(1, 3), (0, 0), (1, 0), (0, 2)]
-  metro_tsv.write_tsv(str(tmp_path / 'train.linelist.tsv'),
-                      [(str(s), str(r)) for s, r in order])
+  metro_tsv.write_tsv(str(tmp_path / 'train.linelist.tsv'), [(str(s), str(r)) for s, r in order])
   with open(tmp_path / 'train.yaml', 'w') as f:
-    yaml.safe_dump({
-        'composite': True,
-        'img': ['A/train.img.tsv', 'B/train.img.tsv'],
-        'hw': ['A/train.hw.tsv', 'B/train.hw.tsv'],
-        'label': ['A/train.label.tsv', 'B/train.label.tsv'],
-        'linelist': 'train.linelist.tsv'}, f)
+    yaml.safe_dump(
+        {
+            'composite': True,
+            'img': ['A/train.img.tsv', 'B/train.img.tsv'],
+            'hw': ['A/train.hw.tsv', 'B/train.hw.tsv'],
+            'label': ['A/train.label.tsv', 'B/train.label.tsv'],
+            'linelist': 'train.linelist.tsv',
+        },
+        f,
+    )
   ds = metro_tsv.MetroDataset(str(tmp_path / 'train.yaml'))
   assert len(ds) == 4
   for i, (s, r) in enumerate(order):
@@ -191,8 +202,12 @@ def test_parse_label_conventions():
   assert out['has_2d_joints'] == out['has_3d_joints'] == out['has_smpl'] == 1
   # Missing optional fields -> zeros and has_* = 0.
   minimal = metro_labels.parse_label({'center': [1, 2], 'scale': 1.0})
-  for name, shape in (('joints_2d', (24, 3)), ('joints_3d', (24, 4)),
-                      ('pose', (72,)), ('betas', (10,))):
+  for name, shape in (
+      ('joints_2d', (24, 3)),
+      ('joints_3d', (24, 4)),
+      ('pose', (72,)),
+      ('betas', (10,)),
+  ):
     np.testing.assert_array_equal(minimal[name], np.zeros(shape))
   assert minimal['has_2d_joints'] == minimal['has_smpl'] == 0
   # Betas without pose cannot be used: has_smpl drops to 0.
@@ -221,14 +236,16 @@ def _corrupt_row(tmp_path, kind, row, value):
   metro_tsv.write_tsv(str(path), [tuple(line.split('\t')) for line in lines])
 
 
-@pytest.mark.parametrize('kind, value, match', [
-    ('img', lambda l: l[:20] + '%%%' + l[23:], 'base64'),
-    ('label', lambda l: l[:-5], 'JSON'),
-    ('label', lambda l: l.replace('"scale": ', '"scale": NaN, "x": '),
-     'scale'),
-    ('label', lambda l: l.split('\t')[0] + '\t[]', 'non-empty'),
-    ('label', lambda l: 'other_key\t' + l.split('\t')[1], 'does not match'),
-])
+@pytest.mark.parametrize(
+    'kind, value, match',
+    [
+        ('img', lambda l: l[:20] + '%%%' + l[23:], 'base64'),
+        ('label', lambda l: l[:-5], 'JSON'),
+        ('label', lambda l: l.replace('"scale": ', '"scale": NaN, "x": '), 'scale'),
+        ('label', lambda l: l.split('\t')[0] + '\t[]', 'non-empty'),
+        ('label', lambda l: 'other_key\t' + l.split('\t')[1], 'does not match'),
+    ],
+)
 def test_bad_rows_raise_bad_row_error(tmp_path, kind, value, match):
   yaml_path = metro_tsv.write_split(str(tmp_path), 'train', _examples(3))
   _corrupt_row(tmp_path, kind, 1, value)
@@ -250,7 +267,7 @@ def test_truncated_tsv(tmp_path):
   with pytest.raises(metro_labels.BadRowError, match='train.img.tsv row 2'):
     ds.read(2)
   last_row = data.rfind(b'\n', 0, len(data) - 1) + 1
-  img.write_bytes(data[:last_row - 100])  # the .lineidx no longer fits
+  img.write_bytes(data[: last_row - 100])  # the .lineidx no longer fits
   with pytest.raises(ValueError, match='truncated or the .lineidx is stale'):
     metro_tsv.MetroDataset(yaml_path)
   # With a regenerated .lineidx, img and label files disagree on the rows.
@@ -275,8 +292,7 @@ def test_bad_files_fail_fast_with_the_path(tmp_path):
   cfg = yaml.safe_load(open(yaml_path))
   cfg['label'] = 'wrong/train.label.tsv'
   bad.write_text(yaml.safe_dump(cfg))
-  with pytest.raises(FileNotFoundError,
-                     match=str(tmp_path / 'wrong/train.label.tsv')):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / 'wrong/train.label.tsv')):
     metro_tsv.MetroDataset(str(bad))
   (tmp_path / 'train.linelist.tsv').write_text('0\nzero\n')
   with pytest.raises(ValueError, match='train.linelist.tsv line 2'):
@@ -287,9 +303,15 @@ def test_bad_files_fail_fast_with_the_path(tmp_path):
 
 
 def test_reader_and_augment_do_not_import_tensorflow():
-  code = ('import sys; from data_pipelines import metro_tsv, augment; '
-          'print("tensorflow" in sys.modules)')
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                       text=True, check=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  code = (
+      'import sys; from data_pipelines import metro_tsv, augment; '
+      'print("tensorflow" in sys.modules)'
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   assert out.stdout.strip() == 'False'

@@ -29,7 +29,7 @@ def test_j14_flip_perm_swaps_left_and_right():
 def test_mirror_permutation_pairs_mirrored_vertices():
   rng = np.random.default_rng(0)
   v = symmetric_mesh(rng)
-  order = rng.permutation(len(v))                 # partners at arbitrary indices
+  order = rng.permutation(len(v))  # partners at arbitrary indices
   v = v[order]
   perm = mirror.mirror_permutation(v)
   np.testing.assert_allclose(v[perm], v * [-1, 1, 1], atol=1e-6)
@@ -40,15 +40,14 @@ def test_mirror_permutation_pairs_mirrored_vertices():
 
 def test_mirror_permutation_rejects_an_asymmetric_template():
   v = symmetric_mesh(np.random.default_rng(1))
-  v[3, 0] += 0.05                                 # one vertex 5 cm off
+  v[3, 0] += 0.05  # one vertex 5 cm off
   with pytest.raises(ValueError, match='vertex 3 mirrored is 50.0 mm'):
     mirror.mirror_permutation(v)
 
 
 def test_embedded_template_is_symmetric():
   config = embedded.get_config()
-  body = body_model.load_body_model(config.body_model.path,
-                                    config.body_model.h36m_regressor)
+  body = body_model.load_body_model(config.body_model.path, config.body_model.h36m_regressor)
   v = np.asarray(body.v_template)
   perm = mirror.mirror_permutation(v)
   assert (perm[perm] == np.arange(len(v))).mean() > 0.99
@@ -72,14 +71,15 @@ def test_unflipped_prediction_projects_to_the_mirrored_image():
   back = mirror.unflip_outputs(out, perm)
   # The point that projects to u in the mirrored crop projects to -u here, and
   # vertex i of the mirrored body is vertex perm[i] of this one.
-  proj = np.asarray(losses.orthographic_projection(out['pred_3d_vertices_fine'],
-                                                   out['pred_cam']))
-  proj_back = np.asarray(losses.orthographic_projection(
-      back['pred_3d_vertices_fine'], back['pred_cam']))
+  proj = np.asarray(losses.orthographic_projection(out['pred_3d_vertices_fine'], out['pred_cam']))
+  proj_back = np.asarray(
+      losses.orthographic_projection(back['pred_3d_vertices_fine'], back['pred_cam'])
+  )
   np.testing.assert_allclose(proj_back, proj[:, perm] * [-1, 1], rtol=1e-5, atol=1e-6)
   j = np.asarray(out['pred_3d_joints'])
-  np.testing.assert_allclose(back['pred_3d_joints'],
-                             j[:, list(joint_tables.J14_FLIP_PERM)] * [-1, 1, 1])
+  np.testing.assert_allclose(
+      back['pred_3d_joints'], j[:, list(joint_tables.J14_FLIP_PERM)] * [-1, 1, 1]
+  )
   # Mapping back twice is the identity.
   twice = mirror.unflip_outputs(back, perm)
   for k in mirror.FLIPPED_KEYS:
@@ -92,23 +92,24 @@ def test_flip_average_of_an_equivariant_model_is_its_prediction():
   perm = mirror.mirror_permutation(v)
   images = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
   plain, other = _outputs(rng, v), _outputs(rng, v)
-  mirrored_plain = mirror.unflip_outputs(plain, perm)   # mirroring is an involution
+  mirrored_plain = mirror.unflip_outputs(plain, perm)  # mirroring is an involution
 
-  def model(x):   # plain on the images, its mirror image on the mirrored images
+  def model(x):  # plain on the images, its mirror image on the mirrored images
     is_mirror = jnp.all(x == images[:, :, ::-1])
-    return jax.tree.map(lambda a, b: jnp.where(is_mirror, a, b),
-                        {**other, **mirrored_plain}, plain)
+    return jax.tree.map(lambda a, b: jnp.where(is_mirror, a, b), {**other, **mirrored_plain}, plain)
 
   avg = jax.jit(lambda x: mirror.flip_averaged_outputs(model, x, perm))(images)
   for k, value in plain.items():
     np.testing.assert_allclose(avg[k], value, rtol=1e-6, atol=1e-7, err_msg=k)
+
   # A model that predicts something else on the mirrored image gets averaged.
   def biased(x):
     is_mirror = jnp.all(x == images[:, :, ::-1])
     return jax.tree.map(lambda a, b: jnp.where(is_mirror, a, b), other, plain)
+
   avg = mirror.flip_averaged_outputs(biased, images, perm)
   back = mirror.unflip_outputs(other, perm)
-  np.testing.assert_allclose(avg['pred_cam'], 0.5 * (plain['pred_cam'] + back['pred_cam']),
-                             rtol=1e-6)
-  np.testing.assert_allclose(avg['pred_3d_vertices_coarse'],
-                             plain['pred_3d_vertices_coarse'])
+  np.testing.assert_allclose(
+      avg['pred_cam'], 0.5 * (plain['pred_cam'] + back['pred_cam']), rtol=1e-6
+  )
+  np.testing.assert_allclose(avg['pred_3d_vertices_coarse'], plain['pred_3d_vertices_coarse'])

@@ -3,25 +3,26 @@
 import math
 import re
 
-import flax.linen as nn
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import fastmetro as fastmetro_config
-from configs import r50
-from configs import tiny
 from coarsemetro_jax import models
 from coarsemetro_jax.models import coarsemetro
 from coarsemetro_jax.models import fastmetro
 from coarsemetro_jax.models import resnet
 from coarsemetro_jax.models import transformer as tfm
+from configs import fastmetro as fastmetro_config
+from configs import r50
+from configs import tiny
 
 IMAGES_224 = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
 OUTPUT_SHAPES = {
-    'pred_cam': (2, 3), 'pred_3d_joints': (2, 14, 3),
+    'pred_cam': (2, 3),
+    'pred_3d_joints': (2, 14, 3),
     'pred_3d_vertices_coarse': (2, 431, 3),
     'pred_3d_vertices_intermediate': (2, 1723, 3),
     'pred_3d_vertices_fine': (2, 6890, 3),
@@ -30,8 +31,8 @@ OUTPUT_SHAPES = {
 
 def abstract_variables(model, images):
   return jax.eval_shape(
-      lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x),
-      images)
+      lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x), images
+  )
 
 
 def count(tree):
@@ -45,8 +46,9 @@ def count(tree):
 def torchvision_resnet50_keys():
   """torchvision resnet50 state-dict keys/shapes without avgpool/fc."""
   keys = {'conv1.weight': (64, 3, 7, 7)}
-  bn = lambda p, c: keys.update({f'{p}.{n}': (c,) for n in (
-      'weight', 'bias', 'running_mean', 'running_var')})
+  bn = lambda p, c: keys.update(
+      {f'{p}.{n}': (c,) for n in ('weight', 'bias', 'running_mean', 'running_var')}
+  )
   bn('bn1', 64)
   inplanes = 64
   for i, (depth, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
@@ -67,31 +69,53 @@ def torchvision_resnet50_keys():
 def fastmetro_keys(num_layers):
   """FastMETRO_Body_Network non-backbone keys (reference §1.9)."""
   keys = {
-      'dim_reduce_enc_cam.weight': (128, 512), 'dim_reduce_enc_cam.bias': (128,),
-      'dim_reduce_enc_img.weight': (128, 512), 'dim_reduce_enc_img.bias': (128,),
-      'dim_reduce_dec.weight': (128, 512), 'dim_reduce_dec.bias': (128,),
-      'cam_token_embed.weight': (1, 512), 'joint_token_embed.weight': (14, 512),
+      'dim_reduce_enc_cam.weight': (128, 512),
+      'dim_reduce_enc_cam.bias': (128,),
+      'dim_reduce_enc_img.weight': (128, 512),
+      'dim_reduce_enc_img.bias': (128,),
+      'dim_reduce_dec.weight': (128, 512),
+      'dim_reduce_dec.bias': (128,),
+      'cam_token_embed.weight': (1, 512),
+      'joint_token_embed.weight': (14, 512),
       'vertex_token_embed.weight': (431, 512),
-      'xyz_regressor.weight': (3, 128), 'xyz_regressor.bias': (3,),
-      'cam_predictor.weight': (3, 128), 'cam_predictor.bias': (3,),
-      'conv_1x1.weight': (512, 2048, 1, 1), 'conv_1x1.bias': (512,),
+      'xyz_regressor.weight': (3, 128),
+      'xyz_regressor.bias': (3,),
+      'cam_predictor.weight': (3, 128),
+      'cam_predictor.bias': (3,),
+      'conv_1x1.weight': (512, 2048, 1, 1),
+      'conv_1x1.bias': (512,),
       'coarse2intermediate_upsample.weight': (1723, 431),
       'coarse2intermediate_upsample.bias': (1723,),
   }
   for t, (d, f) in ((1, (512, 2048)), (2, (128, 512))):
-    for part, attns, norms in (('encoder', ('self_attn',), 2),
-                               ('decoder', ('self_attn', 'multihead_attn'), 3)):
+    for part, attns, norms in (
+        ('encoder', ('self_attn',), 2),
+        ('decoder', ('self_attn', 'multihead_attn'), 3),
+    ):
       for i in range(num_layers):
         p = f'transformer_{t}.{part}.layers.{i}'
         for a in attns:
-          keys.update({f'{p}.{a}.in_proj_weight': (3 * d, d), f'{p}.{a}.in_proj_bias': (3 * d,),
-                       f'{p}.{a}.out_proj.weight': (d, d), f'{p}.{a}.out_proj.bias': (d,)})
-        keys.update({f'{p}.linear1.weight': (f, d), f'{p}.linear1.bias': (f,),
-                     f'{p}.linear2.weight': (d, f), f'{p}.linear2.bias': (d,)})
+          keys.update(
+              {
+                  f'{p}.{a}.in_proj_weight': (3 * d, d),
+                  f'{p}.{a}.in_proj_bias': (3 * d,),
+                  f'{p}.{a}.out_proj.weight': (d, d),
+                  f'{p}.{a}.out_proj.bias': (d,),
+              }
+          )
+        keys.update(
+            {
+                f'{p}.linear1.weight': (f, d),
+                f'{p}.linear1.bias': (f,),
+                f'{p}.linear2.weight': (d, f),
+                f'{p}.linear2.bias': (d,),
+            }
+        )
         for n in range(1, norms + 1):
           keys.update({f'{p}.norm{n}.weight': (d,), f'{p}.norm{n}.bias': (d,)})
-      keys.update({f'transformer_{t}.{part}.norm.weight': (d,),
-                   f'transformer_{t}.{part}.norm.bias': (d,)})
+      keys.update(
+          {f'transformer_{t}.{part}.norm.weight': (d,), f'transformer_{t}.{part}.norm.bias': (d,)}
+      )
   return keys
 
 
@@ -109,9 +133,9 @@ def torch_to_flax(key, shape):
     return 'params', f'{module}/bias', shape
   if module.endswith('_embed'):
     return 'params', f'{module}/embedding', shape
-  if len(shape) == 1:   # LayerNorm / BatchNorm weight
+  if len(shape) == 1:  # LayerNorm / BatchNorm weight
     return 'params', f'{module}/scale', shape
-  if len(shape) == 4:   # OIHW -> HWIO
+  if len(shape) == 4:  # OIHW -> HWIO
     return 'params', f'{module}/kernel', (shape[2], shape[3], shape[1], shape[0])
   return 'params', f'{module}/kernel', shape[::-1]
 
@@ -125,9 +149,13 @@ def expected_flax_tree(torch_keys, prefix=''):
 
 
 def actual_flax_tree(variables):
-  return {c: {k: tuple(v.shape) for k, v in
-              traverse_util.flatten_dict(variables.get(c, {}), sep='/').items()}
-          for c in ('params', 'batch_stats')}
+  return {
+      c: {
+          k: tuple(v.shape)
+          for k, v in traverse_util.flatten_dict(variables.get(c, {}), sep='/').items()
+      }
+      for c in ('params', 'batch_stats')
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -142,8 +170,9 @@ def test_resnet50_matches_torchvision_layout():
   assert out.shape == (2, 7, 7, 2048)
 
 
-@pytest.mark.parametrize('size,layers,total', [('S', 1, 33_549_398), ('M', 2, 41_368_662),
-                                               ('L', 3, 49_187_926)])
+@pytest.mark.parametrize(
+    'size,layers,total', [('S', 1, 33_549_398), ('M', 2, 41_368_662), ('L', 3, 49_187_926)]
+)
 def test_fastmetro_param_tree_equals_pytorch_key_table(topology, size, layers, total):
   config = fastmetro_config.get_config(f'{size}-r50')
   model = models.build_model(config.model, topology)
@@ -181,19 +210,19 @@ def test_coarsemetro_r50_structure(topology):
   assert shapes['dim_reduce_dec_0/kernel'] == (512, 128)
   assert shapes['dim_reduce_enc_img_1/kernel'] == (128, 64)
   assert shapes['cam_predictor/kernel'] == (64, 3)
-  assert 'vertex_token_embed/embedding' not in shapes   # vertex tokens come from joints
+  assert 'vertex_token_embed/embedding' not in shapes  # vertex tokens come from joints
   non_backbone = sum(np.prod(v) for k, v in shapes.items() if not k.startswith('backbone/'))
   attn = lambda d: 4 * d * d + 4 * d
   ffn = lambda d, f: 2 * d * f + f + d
-  expected = 2048 * 512 + 512 + 15 * 512 + 14 * 48 + 48          # conv_1x1, tokens, init
+  expected = 2048 * 512 + 512 + 15 * 512 + 14 * 48 + 48  # conv_1x1, tokens, init
   for d, f in zip((512, 128, 64), (2048, 512, 256)):
-    expected += attn(d) + ffn(d, f) + 3 * 2 * d                   # encoder + its norms
-    expected += 3 * attn(d) + ffn(d, f) + 6 * 2 * d               # decoder + its norms
-  expected += 3 * (512 * 128 + 128) + 3 * (128 * 64 + 64)         # width reductions
+    expected += attn(d) + ffn(d, f) + 3 * 2 * d  # encoder + its norms
+    expected += 3 * attn(d) + ffn(d, f) + 6 * 2 * d  # decoder + its norms
+  expected += 3 * (512 * 128 + 128) + 3 * (128 * 64 + 64)  # width reductions
   expected += 48 * 192 + 192 + 192 * 384 + 384 + 384 * 431 + 431  # token up-sampling
-  expected += 2 * (64 * 3 + 3) + 431 * 1723 + 1723                # heads, learned up-sampling
+  expected += 2 * (64 * 3 + 3) + 431 * 1723 + 1723  # heads, learned up-sampling
   assert non_backbone == expected
-  assert abs(non_backbone / 11.6e6 - 1) < 0.03   # paper Table 1: 11.6M
+  assert abs(non_backbone / 11.6e6 - 1) < 0.03  # paper Table 1: 11.6M
   out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, IMAGES_224)
   assert {k: v.shape for k, v in out.items()} == OUTPUT_SHAPES
 
@@ -211,7 +240,9 @@ def test_vertex_attention_placement(topology, placement):
     # Keys/values of the vertex attention are the previous-resolution tokens.
     _, state = jax.eval_shape(
         lambda v, x: model.apply(v, x, mutable=['intermediates']),
-        abstract_variables(model, images), images)
+        abstract_variables(model, images),
+        images,
+    )
     inter = traverse_util.flatten_dict(state['intermediates'], sep='/')
     lq_lk = {k: v[0].shape[-2:] for k, v in inter.items() if '/vertex_attn/' in k}
     assert lq_lk == {
@@ -240,27 +271,37 @@ def test_unknown_model_options_raise(topology):
 
 class _MeshHead(nn.Module):
   """The shared mesh head alone: coarse [B, 431, 3] -> mesh outputs."""
+
   topology: object
   upsample_init: str
 
   @nn.compact
   def __call__(self, coarse):
     b = coarse.shape[0]
-    return fastmetro.mesh_outputs(self.topology, jnp.zeros((b, 3)), jnp.zeros((b, 14, 3)),
-                                  coarse, jnp.float32, self.upsample_init)
+    return fastmetro.mesh_outputs(
+        self.topology,
+        jnp.zeros((b, 3)),
+        jnp.zeros((b, 14, 3)),
+        coarse,
+        jnp.float32,
+        self.upsample_init,
+    )
 
 
 def test_hierarchy_upsample_init_starts_at_the_mesh_hierarchy(topology):
   coarse = jax.random.normal(jax.random.key(0), (2, topology.num_vertices[2], 3))
-  dense = topology.upsample_matrix(1)                                   # [1723, 431]
+  dense = topology.upsample_matrix(1)  # [1723, 431]
   head = _MeshHead(topology, 'hierarchy')
   variables = head.init(jax.random.key(1), coarse)
   layer = variables['params']['coarse2intermediate_upsample']
   np.testing.assert_array_equal(layer['kernel'], dense.T.astype(np.float32))
   np.testing.assert_array_equal(layer['bias'], 0)
   out = head.apply(variables, coarse)
-  np.testing.assert_allclose(out['pred_3d_vertices_intermediate'],
-                             np.einsum('uc,bcd->bud', dense, np.asarray(coarse)), atol=1e-5)
+  np.testing.assert_allclose(
+      out['pred_3d_vertices_intermediate'],
+      np.einsum('uc,bcd->bud', dense, np.asarray(coarse)),
+      atol=1e-5,
+  )
   # The paper's init is PyTorch's nn.Linear: U(+-1/sqrt(431)), not the hierarchy.
   random = _MeshHead(topology, 'random').init(jax.random.key(1), coarse)
   kernel = np.asarray(random['params']['coarse2intermediate_upsample']['kernel'])
@@ -301,8 +342,10 @@ def test_multihead_attention_matches_numpy():
   out, state = mha.apply(variables, q_in, k_in, v_in, mask, mutable=['intermediates'])
   p = variables['params']
   w_in, b_in = np.asarray(p['in_proj']['kernel']), np.asarray(p['in_proj']['bias'])
-  q, k, v = (x @ w_in[:, i * e:(i + 1) * e] + b_in[i * e:(i + 1) * e]
-             for i, x in enumerate((q_in, k_in, v_in)))
+  q, k, v = (
+      x @ w_in[:, i * e : (i + 1) * e] + b_in[i * e : (i + 1) * e]
+      for i, x in enumerate((q_in, k_in, v_in))
+  )
   hd = e // heads
   split = lambda x: x.reshape(b, -1, heads, hd).transpose(0, 2, 1, 3)
   logits = split(q) @ split(k).transpose(0, 1, 3, 2) / math.sqrt(hd)
@@ -319,7 +362,7 @@ def test_token_linear_equals_torch_layout_product():
   x = np.random.default_rng(1).normal(size=(2, 6, 3)).astype(np.float32)
   layer = tfm.TokenLinear(4)
   variables = layer.init(jax.random.key(0), x)
-  w = np.asarray(variables['params']['kernel']).T       # torch weight [out, in]
+  w = np.asarray(variables['params']['kernel']).T  # torch weight [out, in]
   bias = np.asarray(variables['params']['bias'])
   ref = np.einsum('oi,bic->boc', w, x) + bias[None, :, None]
   np.testing.assert_allclose(layer.apply(variables, x), ref, atol=1e-5)
@@ -327,7 +370,7 @@ def test_token_linear_equals_torch_layout_product():
 
 @pytest.mark.parametrize('height,width', [(8, 8), (7, 9)])
 def test_sliced_max_pool_equals_flax_max_pool(height, width):
-  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))   # no ties
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))  # no ties
   reference = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
   np.testing.assert_array_equal(resnet.max_pool_3x3_s2(x), reference(x))
   weights = jax.random.normal(jax.random.key(1), reference(x).shape)
@@ -338,7 +381,7 @@ def test_sliced_max_pool_equals_flax_max_pool(height, width):
 def test_zero_init_residual_blocks_start_as_identity():
   # torchvision's zero_init_residual: bn3's scale starts at 0, so a block
   # without projection maps its (post-ReLU, non-negative) input to itself.
-  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 5, 5, 8)))   # [B, H, W, 4 * planes]
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 5, 5, 8)))  # [B, H, W, 4 * planes]
   for zero_init in (True, False):
     block = resnet.Bottleneck(planes=2, zero_init_residual=zero_init)
     variables = block.init(jax.random.key(1), x, train=False)
@@ -347,19 +390,21 @@ def test_zero_init_residual_blocks_start_as_identity():
     out = block.apply(variables, x, train=False)
     assert np.array_equal(out, x) == zero_init
   net = models.build_backbone(tiny.get_config().model.copy_and_resolve_references())
-  assert not net.zero_init_residual   # the default, as torchvision and FastMETRO
+  assert not net.zero_init_residual  # the default, as torchvision and FastMETRO
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum():
   # 3 x 3 input, 2 x 2 output. Window (0, 0) covers rows/cols 0-1: the ties at
   # (0, 1) and (1, 0) give it to (0, 1), first in row-major order (PyTorch).
-  x = jnp.array([[0., 5., 1.], [5., 2., 7.], [3., 7., 7.]])[None, :, :, None]
+  x = jnp.array([[0.0, 5.0, 1.0], [5.0, 2.0, 7.0], [3.0, 7.0, 7.0]])[None, :, :, None]
   out, vjp = jax.vjp(resnet.max_pool_3x3_s2, x)
-  np.testing.assert_array_equal(out[0, :, :, 0], [[5., 7.], [7., 7.]])
-  (grad,) = vjp(jnp.array([[1., 10.], [100., 1000.]])[None, :, :, None])
+  np.testing.assert_array_equal(out[0, :, :, 0], [[5.0, 7.0], [7.0, 7.0]])
+  (grad,) = vjp(jnp.array([[1.0, 10.0], [100.0, 1000.0]])[None, :, :, None])
   # Window (0, 1) and window (1, 1) (7s at (1, 2), (2, 1), (2, 2)) both choose
   # (1, 2); window (1, 0) chooses (2, 1).
-  np.testing.assert_array_equal(grad[0, :, :, 0], [[0., 1., 0.], [0., 0., 1010.], [0., 100., 0.]])
+  np.testing.assert_array_equal(
+      grad[0, :, :, 0], [[0.0, 1.0, 0.0], [0.0, 0.0, 1010.0], [0.0, 100.0, 0.0]]
+  )
 
 
 def test_joint_masking_bounds():
@@ -367,7 +412,7 @@ def test_joint_masking_bounds():
   out = coarsemetro.mask_joint_tokens(jax.random.key(3), joints, 0.2, 0.01)
   masked = np.asarray((out == 0.01).all(-1))
   per_sample = masked.sum(1)
-  assert set(np.unique(per_sample)) == {0, 1, 2}   # floor(u * 0.2 * 14) in {0, 1, 2}
+  assert set(np.unique(per_sample)) == {0, 1, 2}  # floor(u * 0.2 * 14) in {0, 1, 2}
   np.testing.assert_allclose(np.bincount(per_sample) / 4000, [5 / 14, 5 / 14, 4 / 14], atol=0.03)
   assert np.all((np.asarray(out) == 1) | (np.asarray(out) == 0.01))
   # Every joint is masked equally often.
@@ -383,8 +428,9 @@ def tiny_model(topology):
   config = tiny.get_config()
   model = models.build_model(config.model, topology)
   images = jax.random.normal(jax.random.key(0), (8, 64, 64, 3))
-  variables = jax.jit(lambda x: model.init(
-      {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x))(images)
+  variables = jax.jit(
+      lambda x: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x)
+  )(images)
   # One compilation of each forward, shared by the tests below.
   forward = {train: jax.jit(_forward(model, train)) for train in (False, True)}
   return model, variables, images, forward
@@ -392,12 +438,14 @@ def tiny_model(topology):
 
 def _forward(model, train):
   """Un-jitted forward with rngs derived from one key."""
+
   def fn(variables, images, key):
     rngs = {'dropout': jax.random.fold_in(key, 0), 'joint_mask': jax.random.fold_in(key, 1)}
     if train:
       out, _ = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
       return out
     return model.apply(variables, images, train=False, rngs=rngs)
+
   return fn
 
 
@@ -424,7 +472,8 @@ def test_fine_mesh_is_fixed_upsampling_of_intermediate(tiny_model, topology):
   np.testing.assert_allclose(
       out['pred_3d_vertices_fine'],
       np.einsum('vu,buc->bvc', dense, np.asarray(out['pred_3d_vertices_intermediate'])),
-      atol=1e-5)
+      atol=1e-5,
+  )
 
 
 def test_sharded_over_8_devices_equals_single_device(tiny_model):
@@ -436,8 +485,9 @@ def test_sharded_over_8_devices_equals_single_device(tiny_model):
   batch = jax.sharding.NamedSharding(device_mesh, jax.P('data'))
   replicated = jax.sharding.NamedSharding(device_mesh, jax.P())
   sharded_fn = jax.jit(fn, in_shardings=(replicated, batch, replicated), out_shardings=batch)
-  sharded = sharded_fn(jax.device_put(variables, replicated), jax.device_put(images, batch),
-                       jax.random.key(0))
+  sharded = sharded_fn(
+      jax.device_put(variables, replicated), jax.device_put(images, batch), jax.random.key(0)
+  )
   assert sharded['pred_3d_vertices_fine'].sharding.spec == jax.P('data')
   for k in single:
     np.testing.assert_allclose(sharded[k], single[k], atol=1e-5)
@@ -449,28 +499,35 @@ def test_sharded_over_8_devices_equals_single_device(tiny_model):
 
 def test_real_decoder_mask_has_3005_allowed_vertex_pairs(smpl_topology_dir):
   from coarsemetro_jax import mesh_topology
+
   derived = mesh_topology.load_topology(str(smpl_topology_dir / 'mesh_downsampling.npz'))
   mask = derived.decoder_attention_mask(14)
   assert mask.shape == (445, 445)
   assert mask[14:, 14:].sum() == 3005
   assert mask[:14].all() and mask[:, :14].all()
   from coarsemetro_jax.convert import adjacency
+
   from_files = mesh_topology.load_topology(
       str(smpl_topology_dir / 'mesh_downsampling.npz'),
-      adjacency.read_adjmat(str(smpl_topology_dir / 'smpl_431_adjmat')))
+      adjacency.read_adjmat(str(smpl_topology_dir / 'smpl_431_adjmat')),
+  )
   np.testing.assert_array_equal(from_files.coarse_adjacency, derived.coarse_adjacency)
 
 
 def test_real_hierarchy_gather_equals_dense_upsampling(smpl_topology_dir):
   from coarsemetro_jax import mesh_topology
+
   topo = mesh_topology.load_topology(str(smpl_topology_dir / 'mesh_downsampling.npz'))
   assert topo.num_vertices == (6890, 1723, 431)
   assert (topo.up_indices[0].shape, topo.up_indices[1].shape) == ((6890, 3), (1723, 3))
   x = np.random.default_rng(0).normal(size=(2, 431, 3))
   dense = topo.upsample_matrix(0) @ topo.upsample_matrix(1)
-  np.testing.assert_allclose(topo.upsample(x, from_level=2), np.einsum('vu,buc->bvc', dense, x),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      topo.upsample(x, from_level=2), np.einsum('vu,buc->bvc', dense, x), atol=1e-5
+  )
   # GraphCMR's first kept vertices (reference §3) and D as selections.
   np.testing.assert_array_equal(topo.down_indices[0][topo.down_indices[1]][:4], [5, 24, 83, 110])
   fine = np.random.default_rng(1).normal(size=(6890, 3))
-  np.testing.assert_array_equal(topo.downsample(fine), fine[topo.down_indices[0][topo.down_indices[1]]])
+  np.testing.assert_array_equal(
+      topo.downsample(fine), fine[topo.down_indices[0][topo.down_indices[1]]]
+  )

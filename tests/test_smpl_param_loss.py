@@ -18,9 +18,14 @@ def _body(rng):
   weights /= weights.sum(1, keepdims=True)
   j_reg = rng.uniform(size=(24, V))
   j_reg /= j_reg.sum(1, keepdims=True)
-  arrays = {'v_template': rng.normal(size=(V, 3)), 'shapedirs': rng.normal(0, 0.1, (V, 3, 10)),
-            'weights': weights, 'j_regressor': j_reg, 'faces': rng.integers(0, V, (4, 3)),
-            'posedirs': rng.normal(0, 0.1, (V, 3, 207))}
+  arrays = {
+      'v_template': rng.normal(size=(V, 3)),
+      'shapedirs': rng.normal(0, 0.1, (V, 3, 10)),
+      'weights': weights,
+      'j_regressor': j_reg,
+      'faces': rng.integers(0, V, (4, 3)),
+      'posedirs': rng.normal(0, 0.1, (V, 3, 207)),
+  }
   return arrays, bm._assemble(arrays, 'tiny', jnp.float32)
 
 
@@ -33,13 +38,16 @@ def _topology():
       down_indices=(np.int32([0, 2, 4, 6, 8, 10]), np.int32([1, 3, 5])),
       up_indices=(np.zeros((V, 3), np.int32), np.zeros((6, 3), np.int32)),
       up_weights=(np.zeros((V, 3), np.float32), np.zeros((6, 3), np.float32)),
-      coarse_adjacency=np.ones((3, 3), bool))
+      coarse_adjacency=np.ones((3, 3), bool),
+  )
 
 
 def _case(rng):
   outputs = {
-      'pred_rotmat': Rotation.random(B * 24, random_state=1).as_matrix()
-                     .reshape(B, 24, 3, 3).astype(np.float32),
+      'pred_rotmat': Rotation.random(B * 24, random_state=1)
+      .as_matrix()
+      .reshape(B, 24, 3, 3)
+      .astype(np.float32),
       'pred_betas': rng.normal(size=(B, 10)).astype(np.float32),
       'pred_cam': rng.normal(size=(B, 3)).astype(np.float32),
   }
@@ -49,13 +57,18 @@ def _case(rng):
   joints_3d[..., 3] = rng.uniform(0, 1, (B, 24))
   pose = rng.normal(0, 0.5, (B, 72))
   betas = rng.normal(size=(B, 10))
-  pose[1], betas[1] = np.nan, np.nan        # has_smpl 0: never read
-  joints_3d[2] = np.nan                     # has_3d_joints 0: never read
-  batch = {'joints_2d': joints_2d, 'joints_3d': joints_3d, 'pose': pose, 'betas': betas,
-           'has_2d_joints': np.float32([1, 1, 0, 1, 1]),
-           'has_3d_joints': np.float32([1, 1, 0, 1, 1]),
-           'has_smpl': np.float32([1, 0, 1, 1, 1]),
-           'mask': np.float32([1, 1, 1, 1, 0])}       # example 4 is padding
+  pose[1], betas[1] = np.nan, np.nan  # has_smpl 0: never read
+  joints_3d[2] = np.nan  # has_3d_joints 0: never read
+  batch = {
+      'joints_2d': joints_2d,
+      'joints_3d': joints_3d,
+      'pose': pose,
+      'betas': betas,
+      'has_2d_joints': np.float32([1, 1, 0, 1, 1]),
+      'has_3d_joints': np.float32([1, 1, 0, 1, 1]),
+      'has_smpl': np.float32([1, 0, 1, 1, 1]),
+      'mask': np.float32([1, 1, 1, 1, 0]),
+  }  # example 4 is padding
   batch = {k: np.asarray(v, np.float32) for k, v in batch.items()}
   gt_fine = rng.normal(size=(B, V, 3)).astype(np.float32)
   h36m = rng.uniform(size=(17, V))
@@ -85,8 +98,9 @@ def _np_smpl_loss(arrays, outputs, batch, gt_fine, h36m):
   smpl = (batch['has_smpl'] == 1) & real
   has3d = (batch['has_3d_joints'] == 1) & real
   gt_rot = Rotation.from_rotvec(batch['pose'][smpl].reshape(-1, 3)).as_matrix()
-  param = (np.mean((o['pred_rotmat'][smpl].reshape(-1, 3, 3) - gt_rot) ** 2) +
-           0.1 * np.mean((o['pred_betas'][smpl] - batch['betas'][smpl]) ** 2))
+  param = np.mean((o['pred_rotmat'][smpl].reshape(-1, 3, 3) - gt_rot) ** 2) + 0.1 * np.mean(
+      (o['pred_betas'][smpl] - batch['betas'][smpl]) ** 2
+  )
   verts = np.stack([_np_lbs(arrays, o['pred_rotmat'][i], o['pred_betas'][i]) for i in range(B)])
   j17 = np.einsum('jv,bvc->bjc', h36m, verts)
   verts = verts - j17[:, :1]
@@ -99,20 +113,24 @@ def _np_smpl_loss(arrays, outputs, batch, gt_fine, h36m):
 
   def hip(x):
     return x - 0.5 * (x[:, 2:3] + x[:, 3:4])
+
   kp3d = np.mean(gt3d[has3d, :, 3:] * np.abs(hip(mesh_joints[has3d]) - hip(gt3d[has3d, :, :3])))
   cam = o['pred_cam']
   proj = cam[:, None, :1] * (mesh_joints[..., :2] + cam[:, None, 1:])
   gt2d = np.float64(batch['joints_2d'])[:, joint_tables.J24_TO_J14]
   kp2d = np.mean(gt2d[real, :, 2:] * np.abs(proj[real] - gt2d[real, :, :2]))
   vert = np.mean(np.abs(verts[smpl] - gt_verts[smpl]))
-  return param + kp3d + kp2d + vert, {'smpl_params': param, 'smpl_joints_3d': kp3d,
-                                      'smpl_joints_2d': kp2d, 'smpl_vertices': vert}
+  return param + kp3d + kp2d + vert, {
+      'smpl_params': param,
+      'smpl_joints_3d': kp3d,
+      'smpl_joints_2d': kp2d,
+      'smpl_vertices': vert,
+  }
 
 
 def _loss_fn(body, topology, batch, gt_fine, h36m):
   regress = lambda v: jnp.einsum('jv,bvc->bjc', h36m, v)
-  return lambda outputs: smpl_param_loss.smpl_loss(outputs, batch, gt_fine, regress, topology,
-                                                   body)
+  return lambda outputs: smpl_param_loss.smpl_loss(outputs, batch, gt_fine, regress, topology, body)
 
 
 def test_smpl_loss_matches_numpy():
@@ -131,16 +149,21 @@ def test_param_loss_hand_case():
   # Identity prediction vs a 90-degree turn about z: the rotmats differ in 4
   # of 9 entries by 1 (cos) / 1 (sin) -> per matrix (1 + 1 + 1 + 1) / 9.
   pose = np.zeros((2, 72), np.float32)
-  pose[:, 5] = np.pi / 2                     # joint 1 about z
+  pose[:, 5] = np.pi / 2  # joint 1 about z
   rotmat = np.broadcast_to(np.eye(3, dtype=np.float32), (2, 24, 3, 3))
   betas = np.zeros((2, 10), np.float32)
   pred_betas = np.full((2, 10), 2.0, np.float32)
-  loss = smpl_param_loss.param_loss(jnp.asarray(rotmat), jnp.asarray(pred_betas), pose, betas,
-                                    np.float32([1, 1]))
+  loss = smpl_param_loss.param_loss(
+      jnp.asarray(rotmat), jnp.asarray(pred_betas), pose, betas, np.float32([1, 1])
+  )
   expected = (4.0 / 9) / 24 + 0.1 * 4.0
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
-  assert smpl_param_loss.param_loss(jnp.asarray(rotmat), jnp.asarray(pred_betas), pose, betas,
-                                    np.float32([0, 0])) == 0.0
+  assert (
+      smpl_param_loss.param_loss(
+          jnp.asarray(rotmat), jnp.asarray(pred_betas), pose, betas, np.float32([0, 0])
+      )
+      == 0.0
+  )
 
 
 def test_gradients_skip_the_camera_and_unlabelled_nans():
@@ -149,7 +172,7 @@ def test_gradients_skip_the_camera_and_unlabelled_nans():
   outputs, batch, gt_fine, h36m = _case(rng)
   loss_fn = _loss_fn(body, _topology(), batch, gt_fine, h36m)
   grads = jax.grad(lambda o: loss_fn(o)[0])({k: jnp.asarray(v) for k, v in outputs.items()})
-  assert not np.any(grads['pred_cam'])                  # the camera is detached
+  assert not np.any(grads['pred_cam'])  # the camera is detached
   for name in ('pred_rotmat', 'pred_betas'):
     assert np.all(np.isfinite(grads[name])) and np.any(grads[name]), name
 

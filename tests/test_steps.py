@@ -22,8 +22,9 @@ B, S = 8, 32
 def tiny_topology():
   """12 -> 6 -> 3 vertices with valid up-sampling gathers."""
   rng = np.random.default_rng(0)
-  faces1 = np.int32([[0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 1],
-                     [5, 2, 1], [5, 3, 2], [5, 4, 3], [5, 1, 4]])
+  faces1 = np.int32(
+      [[0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 1], [5, 2, 1], [5, 3, 2], [5, 4, 3], [5, 1, 4]]
+  )
 
   def edges(f):
     e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
@@ -36,23 +37,31 @@ def tiny_topology():
   (i0, w0), (i1, w1) = up(12, 6), up(6, 3)
   faces = (np.int32([[0, 1, 2]]), faces1, np.int32([[0, 1, 2]]))
   return mesh_topology.MeshTopology(
-      num_vertices=(12, 6, 3), faces=faces, edges=tuple(edges(f) for f in faces),
+      num_vertices=(12, 6, 3),
+      faces=faces,
+      edges=tuple(edges(f) for f in faces),
       down_indices=(np.int32([0, 2, 4, 6, 8, 10]), np.int32([1, 3, 5])),
-      up_indices=(i0, i1), up_weights=(w0, w1), coarse_adjacency=np.ones((3, 3), bool))
+      up_indices=(i0, i1),
+      up_weights=(w0, w1),
+      coarse_adjacency=np.ones((3, 3), bool),
+  )
 
 
 # A 12-vertex stand-in for body_model (same functions and signatures).
 @flax.struct.dataclass
 class FakeBody:
-  v_template: jax.Array   # [12, 3]
-  shapedirs: jax.Array    # [12, 3, 10]
-  posedirs: jax.Array     # [12, 3, 72]
-  h36m: jax.Array         # [17, 12]
+  v_template: jax.Array  # [12, 3]
+  shapedirs: jax.Array  # [12, 3, 10]
+  posedirs: jax.Array  # [12, 3, 72]
+  h36m: jax.Array  # [17, 12]
 
 
 def _fake_forward(body, pose, betas):
-  v = (body.v_template + jnp.einsum('vck,bk->bvc', body.shapedirs, betas)
-       + 0.01 * jnp.einsum('vcp,bp->bvc', body.posedirs, pose))
+  v = (
+      body.v_template
+      + jnp.einsum('vck,bk->bvc', body.shapedirs, betas)
+      + 0.01 * jnp.einsum('vcp,bp->bvc', body.posedirs, pose)
+  )
   return v, v[:, :1]
 
 
@@ -60,8 +69,7 @@ def _fake_h36m_joints(body, vertices):
   return jnp.einsum('jv,bvc->bjc', body.h36m, vertices)
 
 
-FAKE_BODY_MODEL = types.SimpleNamespace(forward=_fake_forward,
-                                        h36m_joints=_fake_h36m_joints)
+FAKE_BODY_MODEL = types.SimpleNamespace(forward=_fake_forward, h36m_joints=_fake_h36m_joints)
 
 
 def fake_body(symmetric=False):
@@ -72,10 +80,12 @@ def fake_body(symmetric=False):
   if symmetric:
     template[:6, 0] = np.abs(template[:6, 0]) + 0.1
     template[6:] = template[:6] * np.float32([-1, 1, 1])
-  return FakeBody(v_template=template,
-                  shapedirs=rng.normal(size=(12, 3, 10)).astype(np.float32) * 0.02,
-                  posedirs=rng.normal(size=(12, 3, 72)).astype(np.float32),
-                  h36m=h36m / h36m.sum(1, keepdims=True))
+  return FakeBody(
+      v_template=template,
+      shapedirs=rng.normal(size=(12, 3, 10)).astype(np.float32) * 0.02,
+      posedirs=rng.normal(size=(12, 3, 72)).astype(np.float32),
+      h36m=h36m / h36m.sum(1, keepdims=True),
+  )
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +104,7 @@ def tiny_config():
   config.model.stage_dims = (16, 8)
   config.model.stage_ffn_dims = (16, 16)
   config.model.vertex_tokens = (4, 8)
-  config.bn_group_size = 4     # two BatchNorm groups (vmap path) per batch of 8
+  config.bn_group_size = 4  # two BatchNorm groups (vmap path) per batch of 8
   config.fsdp_min_size = 64
   config.optim.backbone_lr_mult = 0.5
   # AdamW's first step is lr * g / (|g| + eps): with eps 1e-8, gradients near
@@ -113,7 +123,8 @@ def make_batch(seed=0):
   joints_3d[..., 3] = 1.0
   return {
       'image': rng.normal(size=(B, S, S, 3)).astype(np.float32),
-      'joints_2d': joints_2d, 'joints_3d': joints_3d,
+      'joints_2d': joints_2d,
+      'joints_3d': joints_3d,
       'pose': rng.normal(size=(B, 72)).astype(np.float32) * 0.2,
       'betas': rng.normal(size=(B, 10)).astype(np.float32),
       'has_2d_joints': np.ones(B, np.float32),
@@ -128,10 +139,12 @@ def setup(config, devices):
   model = models.build_model(config.model, topology)
   device_mesh = steps.make_device_mesh(devices)
   state, state_sharding = steps.create_train_state(
-      config, model, jax.random.key(0), device_mesh, (S, S, 3))
+      config, model, jax.random.key(0), device_mesh, (S, S, 3)
+  )
   batch_sharding = steps.batch_sharding(device_mesh)
-  train_step = steps.make_train_step(config, model, fake_body(), topology,
-                                     state_sharding, batch_sharding)
+  train_step = steps.make_train_step(
+      config, model, fake_body(), topology, state_sharding, batch_sharding
+  )
   return state, train_step, batch_sharding, (model, topology, state_sharding)
 
 
@@ -200,8 +213,11 @@ def test_train_step_same_on_8_devices_as_on_1(one_device_reference, eight_device
   for k in out_1:
     np.testing.assert_allclose(out[k], out_1[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # The step moved the params (AdamW's first step is ~lr per coordinate).
-  delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
-                       jax.device_get(new_state.params), jax.device_get(state0.params))
+  delta = jax.tree.map(
+      lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
+      jax.device_get(new_state.params),
+      jax.device_get(state0.params),
+  )
   assert max(jax.tree.leaves(delta)) > 1e-5
   assert_trees_close(jax.device_get(new_state.params), params_1, rtol=1e-5, atol=2e-7)
 
@@ -209,12 +225,17 @@ def test_train_step_same_on_8_devices_as_on_1(one_device_reference, eight_device
 def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
   config = r50.get_config().optim
   up = steps.UPSAMPLE_MODULE
-  params = {'backbone': {'w': jnp.float32([1, 2])}, 'head': {'w': jnp.float32([3])},
-            up: {'kernel': jnp.float32([4, 5])}}
+  params = {
+      'backbone': {'w': jnp.float32([1, 2])},
+      'head': {'w': jnp.float32([3])},
+      up: {'kernel': jnp.float32([4, 5])},
+  }
+
   def loss(p, c):
     p = steps.stop_frozen_gradients(p, c)
-    return sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))
-  expected = jax.tree.map(lambda x: 2 * x, params)       # d/dx sum(x^2)
+    return sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+
+  expected = jax.tree.map(lambda x: 2 * x, params)  # d/dx sum(x^2)
   assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
   config.upsample_lr_mult = 0.0
   expected[up]['kernel'] = jnp.zeros(2)
@@ -226,7 +247,7 @@ def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
 
 def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
   """lr multiplier 0: same loss, params unchanged, norm without their gradient."""
-  _, out_ref, opt_state_ref = one_device_reference   # backbone x 0.5, upsample x 1
+  _, out_ref, opt_state_ref = one_device_reference  # backbone x 0.5, upsample x 1
   config = tiny_config()
   config.optim.backbone_lr_mult = 0.0
   config.optim.upsample_lr_mult = 0.0
@@ -234,26 +255,29 @@ def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
     mp.setattr(steps, 'body_model', FAKE_BODY_MODEL)
     state, train_step, batch_sharding, _ = setup(config, jax.devices()[:1])
     before = jax.device_get(state.params)
-    state, out = train_step(state, jax.device_put(make_batch(), batch_sharding),
-                            jax.random.key(7))
+    state, out = train_step(state, jax.device_put(make_batch(), batch_sharding), jax.random.key(7))
   after = jax.device_get(state.params)
   np.testing.assert_allclose(out['loss'], out_ref['loss'], rtol=1e-6)
   for name in ('backbone', steps.UPSAMPLE_MODULE):
     assert_trees_close(after[name], before[name], 0, 0)
   # The reference's first AdamW moments are (1 - b1) * the clipped gradient:
   # the frozen step's norm is the reference's without these groups'.
-  frozen_mu = [x for path, x in jax.tree_util.tree_leaves_with_path(opt_state_ref)
-               if '.mu' in jax.tree_util.keystr(path)
-               and any(f"['{name}']" in jax.tree_util.keystr(path)
-                       for name in ('backbone', steps.UPSAMPLE_MODULE))]
-  num_frozen = len(jax.tree.leaves(before['backbone'])) + 2   # + kernel, bias
+  frozen_mu = [
+      x
+      for path, x in jax.tree_util.tree_leaves_with_path(opt_state_ref)
+      if '.mu' in jax.tree_util.keystr(path)
+      and any(
+          f"['{name}']" in jax.tree_util.keystr(path)
+          for name in ('backbone', steps.UPSAMPLE_MODULE)
+      )
+  ]
+  num_frozen = len(jax.tree.leaves(before['backbone'])) + 2  # + kernel, bias
   assert len(frozen_mu) == num_frozen
   clip = min(1.0, 0.3 / float(out_ref['grad_norm']))
   frozen_sq = sum(float(np.sum(np.square(m))) for m in frozen_mu) / (0.1 * clip) ** 2
   ref_sq = float(out_ref['grad_norm']) ** 2
-  assert 0.01 * ref_sq < frozen_sq < ref_sq     # a share the check can see
-  np.testing.assert_allclose(float(out['grad_norm']) ** 2, ref_sq - frozen_sq,
-                             rtol=1e-4)
+  assert 0.01 * ref_sq < frozen_sq < ref_sq  # a share the check can see
+  np.testing.assert_allclose(float(out['grad_norm']) ** 2, ref_sq - frozen_sq, rtol=1e-4)
 
 
 def test_per_step_rng_is_deterministic(eight_devices):
@@ -269,7 +293,8 @@ def test_per_step_rng_is_deterministic(eight_devices):
   assert steps.step_rngs(rng, 3)['dropout'] is not None
   np.testing.assert_array_equal(
       jax.random.key_data(steps.step_rngs(rng, 3)['dropout']),
-      jax.random.key_data(jax.random.split(jax.random.fold_in(rng, 3))[0]))
+      jax.random.key_data(jax.random.split(jax.random.fold_in(rng, 3))[0]),
+  )
 
 
 def test_fsdp_matches_replicated(one_device_reference, eight_devices):
@@ -279,19 +304,16 @@ def test_fsdp_matches_replicated(one_device_reference, eight_devices):
   config.param_sharding = 'fsdp'
   # create_train_state differs only in these shardings (jit out_shardings);
   # re-placing the replicated state saves compiling the init again.
-  sharding = steps.state_sharding(state0, batch_sharding.mesh, 'fsdp',
-                                  config.fsdp_min_size)
+  sharding = steps.state_sharding(state0, batch_sharding.mesh, 'fsdp', config.fsdp_min_size)
   state = jax.device_put(copy_state(state0), sharding)
-  sharded = [x for x in jax.tree.leaves(state.params)
-             if not x.sharding.is_fully_replicated]
+  sharded = [x for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated]
   assert sharded, 'fsdp_min_size=64 should shard some params'
-  moments = [x for x in jax.tree.leaves(state.opt_state)
-             if not x.sharding.is_fully_replicated]
+  moments = [x for x in jax.tree.leaves(state.opt_state) if not x.sharding.is_fully_replicated]
   assert len(moments) == 2 * len(sharded), 'AdamW mu and nu are sharded like params'
-  train_step = steps.make_train_step(config, model, fake_body(), topology, sharding,
-                                     batch_sharding)
-  new_state, out = train_step(state, jax.device_put(make_batch(), batch_sharding),
-                              jax.random.key(7))
+  train_step = steps.make_train_step(config, model, fake_body(), topology, sharding, batch_sharding)
+  new_state, out = train_step(
+      state, jax.device_put(make_batch(), batch_sharding), jax.random.key(7)
+  )
   for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(state0)):
     assert x.sharding.spec == y.sharding.spec or not x.sharding.is_fully_replicated
   for k in out_1:
@@ -301,17 +323,20 @@ def test_fsdp_matches_replicated(one_device_reference, eight_devices):
 
 def test_eval_step_counts_each_real_example_once(eight_devices):
   state, _, batch_sharding, (model, topology, state_sharding) = eight_devices
-  eval_step = steps.make_eval_step(tiny_config(), model, fake_body(), topology,
-                                   state_sharding, batch_sharding)
+  eval_step = steps.make_eval_step(
+      tiny_config(), model, fake_body(), topology, state_sharding, batch_sharding
+  )
   batch = make_batch(1)
-  batch['mask'] = np.float32([1, 1, 1, 1, 1, 1, 0, 0])    # 6 real + 2 padding
+  batch['mask'] = np.float32([1, 1, 1, 1, 1, 1, 0, 0])  # 6 real + 2 padding
   collection, pred = eval_step(state, jax.device_put(batch, batch_sharding))
   pred = jax.device_get(pred)
   assert pred['pred_vertices'].shape == (B, 12, 3)
   np.testing.assert_allclose(
       pred['pred_2d_joints'],
-      pred['pred_cam'][:, None, :1] * (pred['pred_3d_joints'][..., :2]
-                                       + pred['pred_cam'][:, None, 1:]), rtol=1e-5)
+      pred['pred_cam'][:, None, :1]
+      * (pred['pred_3d_joints'][..., :2] + pred['pred_cam'][:, None, 1:]),
+      rtol=1e-5,
+  )
   real = batch['mask'] > 0
   sel_3d, sel_smpl = real & (batch['has_3d_joints'] > 0), real & (batch['has_smpl'] > 0)
   assert int(collection.mpjpe.count) == sel_3d.sum()
@@ -336,8 +361,7 @@ def test_eval_flip_averages_with_the_mirrored_prediction(eight_devices):
   config = tiny_config()
   config.eval_flip = True
   body = fake_body(symmetric=True)
-  eval_step = steps.make_eval_step(config, model, body, topology, state_sharding,
-                                   batch_sharding)
+  eval_step = steps.make_eval_step(config, model, body, topology, state_sharding, batch_sharding)
   batch = make_batch(2)
   _, pred = eval_step(state, jax.device_put(batch, batch_sharding))
   pred = jax.device_get(pred)
@@ -350,8 +374,9 @@ def test_eval_flip_averages_with_the_mirrored_prediction(eight_devices):
   mirror_v = mirrored['pred_3d_vertices_fine'][:, perm] * np.float32([-1, 1, 1])
   vertices = 0.5 * (plain['pred_3d_vertices_fine'] + mirror_v)
   pelvis = np.einsum('jv,bvc->bjc', body.h36m, vertices)[:, joint_tables.H36M_PELVIS]
-  np.testing.assert_allclose(pred['pred_vertices'], vertices - pelvis[:, None],
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      pred['pred_vertices'], vertices - pelvis[:, None], rtol=1e-4, atol=1e-6
+  )
   cam = 0.5 * (plain['pred_cam'] + mirrored['pred_cam'] * np.float32([1, -1, 1]))
   np.testing.assert_allclose(pred['pred_cam'], cam, rtol=1e-4, atol=1e-6)
   # The mirrored image's prediction really differs (the average is not a no-op).
@@ -375,21 +400,22 @@ def test_predictions_centre_at_the_regressed_pelvis_or_pass_through():
   pelvis = j17[:, :1]
   joints = j17[:, list(joint_tables.H36M_J17_TO_J14)] - pelvis
   cam = outputs['pred_cam']
-  np.testing.assert_allclose(got['pred_vertices'],
-                             outputs['pred_3d_vertices_fine'] - pelvis, atol=1e-6)
+  np.testing.assert_allclose(
+      got['pred_vertices'], outputs['pred_3d_vertices_fine'] - pelvis, atol=1e-6
+  )
   np.testing.assert_allclose(got['pred_3d_joints'], joints, atol=1e-6)
   np.testing.assert_array_equal(got['pred_cam'], cam)
-  np.testing.assert_allclose(got['pred_2d_joints'],
-                             cam[:, None, :1] * (joints[..., :2] + cam[:, None, 1:]),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      got['pred_2d_joints'], cam[:, None, :1] * (joints[..., :2] + cam[:, None, 1:]), atol=1e-6
+  )
   # Without a regressor: the raw mesh and the joint tokens, projected.
   raw = steps.predictions(outputs)
   np.testing.assert_array_equal(raw['pred_vertices'], outputs['pred_3d_vertices_fine'])
   np.testing.assert_array_equal(raw['pred_3d_joints'], outputs['pred_3d_joints'])
   tokens = outputs['pred_3d_joints']
-  np.testing.assert_allclose(raw['pred_2d_joints'],
-                             cam[:, None, :1] * (tokens[..., :2] + cam[:, None, 1:]),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      raw['pred_2d_joints'], cam[:, None, :1] * (tokens[..., :2] + cam[:, None, 1:]), atol=1e-6
+  )
   assert all(v.dtype == jnp.float32 for v in (*got.values(), *raw.values()))
 
 
@@ -415,14 +441,19 @@ def test_grouped_batchnorm_equals_separate_groups():
   group_rngs = {k: jax.random.split(v, 2) for k, v in rngs.items()}
   ref_out, ref_stats = [], []
   for g in range(2):
-    o, s = model.apply(variables, x[4 * g:4 * g + 4], train=True,
-                       rngs={k: v[g] for k, v in group_rngs.items()},
-                       mutable=['batch_stats'])
+    o, s = model.apply(
+        variables,
+        x[4 * g : 4 * g + 4],
+        train=True,
+        rngs={k: v[g] for k, v in group_rngs.items()},
+        mutable=['batch_stats'],
+    )
     ref_out.append(o['y'])
     ref_stats.append(s['batch_stats'])
   np.testing.assert_allclose(out['y'], np.concatenate(ref_out), rtol=1e-5, atol=1e-6)
-  assert_trees_close(stats, jax.tree.map(lambda a, b: (a + b) / 2, *ref_stats),
-                     rtol=1e-5, atol=1e-6)
+  assert_trees_close(
+      stats, jax.tree.map(lambda a, b: (a + b) / 2, *ref_stats), rtol=1e-5, atol=1e-6
+  )
   # Group size 0 (or >= batch) is the whole batch = SyncBN under jit.
   out_all, stats_all = steps.apply_train(model, variables, x, rngs, bn_group_size=0)
   o, s = model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])
@@ -438,8 +469,11 @@ def test_optimizer_clipping_group_multipliers_and_step_decay():
   config.upsample_lr_mult = 0.5
   up = steps.UPSAMPLE_MODULE
   params = {'backbone': {'w': jnp.ones(3)}, 'head': {'w': jnp.ones(2)}, up: {'kernel': jnp.ones(1)}}
-  grads = {'backbone': {'w': jnp.float32([3, 0, 4])}, 'head': {'w': jnp.float32([0, 0])},
-           up: {'kernel': jnp.float32([0])}}
+  grads = {
+      'backbone': {'w': jnp.float32([3, 0, 4])},
+      'head': {'w': jnp.float32([0, 0])},
+      up: {'kernel': jnp.float32([0])},
+  }
   tx, lr_fn = steps.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   # Reference: clip to norm 0.3, then plain AdamW with the group's lr (the
@@ -448,22 +482,24 @@ def test_optimizer_clipping_group_multipliers_and_step_decay():
   for name, lr in (('backbone', 1e-5), ('head', 1e-4), (up, 5e-5)):
     ref = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
     ref_updates, _ = ref.update(clipped[name], ref.init(params[name]), params[name])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
-                 updates[name], ref_updates)
-  assert float(lr_fn(10**6)) == pytest.approx(1e-4)      # constant by default
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), updates[name], ref_updates
+    )
+  assert float(lr_fn(10**6)) == pytest.approx(1e-4)  # constant by default
   config.lr_drop_epochs = 2
   with pytest.raises(ValueError, match='steps_per_epoch'):
     steps.make_optimizer(config)
   _, lr_fn = steps.make_optimizer(config, steps_per_epoch=10)
-  np.testing.assert_allclose([lr_fn(s) for s in (0, 19, 20, 39, 40)],
-                             [1e-4, 1e-4, 1e-5, 1e-5, 1e-6], rtol=1e-5)
+  np.testing.assert_allclose(
+      [lr_fn(s) for s in (0, 19, 20, 39, 40)], [1e-4, 1e-4, 1e-5, 1e-5, 1e-6], rtol=1e-5
+  )
 
 
 def test_grad_clip_norm_zero_turns_clipping_off():
   config = r50.get_config().optim
   config.grad_clip_norm = 0.0
   params = {'w': jnp.ones(2)}
-  grads = {'w': jnp.float32([30.0, -40.0])}   # norm 50, far above 0.3
+  grads = {'w': jnp.float32([30.0, -40.0])}  # norm 50, far above 0.3
   tx, _ = steps.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   ref = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
@@ -489,7 +525,9 @@ def test_cosine_schedule_with_warmup():
   _, lr_fn = steps.make_optimizer(config.optim, total_steps=steps.total_train_steps(config))
   np.testing.assert_allclose(
       [float(lr_fn(s)) for s in (0, 5, 10, 35, 60, 110)],
-      [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 5e-4, 0.0], atol=1e-9)
+      [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 5e-4, 0.0],
+      atol=1e-9,
+  )
   # Over num_epochs when num_train_steps is unset.
   config.num_train_steps = -1
   config.num_epochs = 2
@@ -510,7 +548,9 @@ def test_linear_schedule_with_warmup():
   _, lr_fn = steps.make_optimizer(config.optim, total_steps=110)
   np.testing.assert_allclose(
       [float(lr_fn(s)) for s in (0, 5, 10, 35, 60, 109, 110, 200)],
-      [0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 1e-5, 0.0, 0.0], atol=1e-9)
+      [0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 1e-5, 0.0, 0.0],
+      atol=1e-9,
+  )
   with pytest.raises(ValueError, match="'linear' needs the run's total steps"):
     steps.make_optimizer(config.optim)
 
@@ -518,8 +558,8 @@ def test_linear_schedule_with_warmup():
 def test_fsdp_spec_rule():
   assert steps.fsdp_spec((256, 512), 8, 1000) == jax.P(None, 'data')
   assert steps.fsdp_spec((7, 7, 64, 3), 8, 1000) == jax.P(None, None, 'data', None)
-  assert steps.fsdp_spec((10, 3), 8, 1) == jax.P()         # nothing divisible
-  assert steps.fsdp_spec((64,), 8, 1000) == jax.P()        # too small
+  assert steps.fsdp_spec((10, 3), 8, 1) == jax.P()  # nothing divisible
+  assert steps.fsdp_spec((64,), 8, 1000) == jax.P()  # too small
   assert steps.fsdp_spec((), 8, 0) == jax.P()
   with pytest.raises(ValueError, match='param_sharding'):
     steps.state_sharding({}, steps.make_device_mesh(), 'zero3')

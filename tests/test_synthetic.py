@@ -1,4 +1,5 @@
 """Tests of the synthetic dataset: rasterizer, pose sampler, renderer, labels, files."""
+
 import base64
 import json
 import sys
@@ -22,6 +23,7 @@ BACKENDS = ['numpy'] + (['numba'] if rasterizer.HAVE_NUMBA else [])
 @pytest.fixture(scope='module')
 def body():
   from coarsemetro_jax import body_model
+
   return body_model.load_body_model('')
 
 
@@ -74,8 +76,14 @@ def test_rasterize_depth_test_and_ties(backend):
 def _sphere_mesh(n_lat=24, n_lon=48):
   lat = np.linspace(0, np.pi, n_lat + 1)
   lon = np.linspace(0, 2 * np.pi, n_lon, endpoint=False)
-  v = np.stack([np.sin(lat)[:, None] * np.cos(lon), np.cos(lat)[:, None] * np.ones_like(lon),
-                np.sin(lat)[:, None] * np.sin(lon)], -1).reshape(-1, 3)
+  v = np.stack(
+      [
+          np.sin(lat)[:, None] * np.cos(lon),
+          np.cos(lat)[:, None] * np.ones_like(lon),
+          np.sin(lat)[:, None] * np.sin(lon),
+      ],
+      -1,
+  ).reshape(-1, 3)
   f = []
   for i in range(n_lat):
     for j in range(n_lon):
@@ -206,6 +214,7 @@ def _fit_weak_perspective(points, target):
 
 def test_numpy_lbs_matches_body_model(body, arrays):
   from coarsemetro_jax import body_model
+
   rng = np.random.default_rng(0)
   rest = arrays.rest_joints(np.zeros(10))
   poses = np.stack([render.to_camera_pose(ps.sample_pose(rng, rest)) for _ in range(2)])
@@ -247,12 +256,14 @@ def test_camera_axes_of_a_frontal_body(arrays):
 
 @pytest.fixture(scope='module')
 def rendered(assets):
-  return [render.render_example(assets, generate.example_rng(7, 'train', i), 224, 256)
-          for i in range(6)]
+  return [
+      render.render_example(assets, generate.example_rng(7, 'train', i), 224, 256) for i in range(6)
+  ]
 
 
 def test_render_label_matches_body_model_and_image(body, assets, rendered):
   from coarsemetro_jax import body_model
+
   on_body = total = checked = 0
   for out in rendered:
     label, face_id = out['label'], out['face_id']
@@ -298,19 +309,20 @@ def test_render_is_backend_independent(assets, rendered):
 
 
 def test_write_split_round_trip(assets, tmp_path):
-  yaml_path, kept = generate.generate_split(assets, tmp_path, 'test', 3, seed=5, image_size=96,
-                                            progress=False, keep_first=3)
+  yaml_path, kept = generate.generate_split(
+      assets, tmp_path, 'test', 3, seed=5, image_size=96, progress=False, keep_first=3
+  )
   ds = metro_tsv.MetroDataset(yaml_path)
   assert len(ds) == 3
   with open(tmp_path / 'test.img.tsv', 'rb') as f:
     data = f.read()
   offsets = [int(x) for x in (tmp_path / 'test.img.lineidx').read_text().split()]
-  assert offsets[0] == 0 and all(data[o - 1:o] == b'\n' for o in offsets[1:])
+  assert offsets[0] == 0 and all(data[o - 1 : o] == b'\n' for o in offsets[1:])
   for i, ex in enumerate(kept):
     row = ds.read(i)
     assert row['key'] == ex['key'] == f'synthetic_test_{i:08d}'
     assert row['jpeg'] == ex['jpeg']
-    assert data[offsets[i]:].split(b'\t', 1)[1].split(b'\n', 1)[0] == base64.b64encode(ex['jpeg'])
+    assert data[offsets[i] :].split(b'\t', 1)[1].split(b'\n', 1)[0] == base64.b64encode(ex['jpeg'])
     img = cv2.imdecode(np.frombuffer(row['jpeg'], np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (96, 96, 3)
     label = row['label']
@@ -324,12 +336,14 @@ def test_write_split_round_trip(assets, tmp_path):
 def test_input_pipeline_reads_generated_split(assets, tmp_path):
   from configs import r50
   from data_pipelines import input_pipeline
-  yaml_path, kept = generate.generate_split(assets, tmp_path, 'test', 3, seed=2, image_size=128,
-                                            progress=False, keep_first=3)
+
+  yaml_path, kept = generate.generate_split(
+      assets, tmp_path, 'test', 3, seed=2, image_size=128, progress=False, keep_first=3
+  )
   data = r50.get_config().data
   data.train_yaml = data.eval_yaml = yaml_path
   data.image_size, data.eval_batch_size, data.num_parallel_calls = 64, 4, 1
-  data.crop = 'continuous'   # the synthetic data's convention (configs/embedded.py)
+  data.crop = 'continuous'  # the synthetic data's convention (configs/embedded.py)
   batches = list(input_pipeline.create_eval_dataset(data).as_numpy_iterator())
   assert len(batches) == 1
   b = batches[0]
@@ -356,14 +370,16 @@ def test_input_pipeline_reads_generated_split(assets, tmp_path):
 
 def test_generation_is_deterministic_across_workers(assets, tmp_path):
   generate.generate_split(assets, tmp_path / 'a', 'train', 5, 11, 64, workers=1, progress=False)
-  generate.generate_split(assets, tmp_path / 'b', 'train', 5, 11, 64, workers=2, progress=False,
-                          chunk=2)  # 3 chunks over 2 spawned processes
+  generate.generate_split(
+      assets, tmp_path / 'b', 'train', 5, 11, 64, workers=2, progress=False, chunk=2
+  )  # 3 chunks over 2 spawned processes
   generate.generate_split(assets, tmp_path / 'c', 'test', 5, 11, 64, progress=False)
   for name in ('train.img.tsv', 'train.label.tsv', 'train.img.lineidx', 'train.yaml'):
     assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
   # train and test draw from different streams.
-  assert (tmp_path / 'a' / 'train.label.tsv').read_text().split('\t')[1] != \
-         (tmp_path / 'c' / 'test.label.tsv').read_text().split('\t')[1]
+  assert (tmp_path / 'a' / 'train.label.tsv').read_text().split('\t')[1] != (
+      tmp_path / 'c' / 'test.label.tsv'
+  ).read_text().split('\t')[1]
 
 
 def test_spawned_workers_do_not_rerun_the_parents_main_script(assets, tmp_path, monkeypatch):
@@ -375,29 +391,50 @@ def test_spawned_workers_do_not_rerun_the_parents_main_script(assets, tmp_path, 
   parent_main = types.ModuleType('__main__')
   parent_main.__file__ = str(script)
   monkeypatch.setitem(sys.modules, '__main__', parent_main)
-  generate.generate_split(assets, tmp_path / 'w', 'train', 4, 11, 64, workers=2,
-                          progress=False, chunk=2)
+  generate.generate_split(
+      assets, tmp_path / 'w', 'train', 4, 11, 64, workers=2, progress=False, chunk=2
+  )
   assert len(metro_tsv.MetroDataset(tmp_path / 'w' / 'train.yaml')) == 4
   assert not mark.exists()
-  assert sys.modules['__main__'] is parent_main   # restored after the pool started
+  assert sys.modules['__main__'] is parent_main  # restored after the pool started
 
 
 def test_cli_writes_splits_and_contact_sheet(tmp_path):
   from data_pipelines.synthetic import __main__ as cli
+
   sheet = tmp_path / 'sheet.png'
-  cli.main(['--out', str(tmp_path / 'd'), '--num_train', '2', '--num_test', '1', '--workers',
-            '1', '--image_size', '64', '--contact_sheet', str(sheet), '--quiet'])
+  cli.main(
+      [
+          '--out',
+          str(tmp_path / 'd'),
+          '--num_train',
+          '2',
+          '--num_test',
+          '1',
+          '--workers',
+          '1',
+          '--image_size',
+          '64',
+          '--contact_sheet',
+          str(sheet),
+          '--quiet',
+      ]
+  )
   assert len(metro_tsv.MetroDataset(tmp_path / 'd' / 'train.yaml')) == 2
   assert len(metro_tsv.MetroDataset(tmp_path / 'd' / 'test.yaml')) == 1
   assert cv2.imread(str(sheet)).shape == (64, 4 * 64, 3)
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--num_train', '0', '--num_test', '0'], 'nothing to generate'),
-    (['--num_train', '-1'], 'need num_train, num_test >= 0'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--num_train', '0', '--num_test', '0'], 'nothing to generate'),
+        (['--num_train', '-1'], 'need num_train, num_test >= 0'),
+    ],
+)
 def test_cli_refuses_arguments_that_write_nothing(tmp_path, capsys, args, message):
   from data_pipelines.synthetic import __main__ as cli
+
   with pytest.raises(SystemExit) as e:
     cli.main(['--out', str(tmp_path / 'd'), *args])
   assert e.value.code == 2

@@ -13,7 +13,6 @@ import pytest
 from coarsemetro_jax.convert import torch_file
 from coarsemetro_jax.convert import torch_writer
 
-
 # ---------------------------------------------------------------- real files
 
 
@@ -53,8 +52,18 @@ def test_real_files_match_torch_load(smpl_topology_dir):
 
 
 def _torch_dtypes(torch):
-  return [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-          torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+  return [
+      torch.float32,
+      torch.float64,
+      torch.float16,
+      torch.bfloat16,
+      torch.int64,
+      torch.int32,
+      torch.int16,
+      torch.int8,
+      torch.uint8,
+      torch.bool,
+  ]
 
 
 def _sample_state(torch):
@@ -66,9 +75,9 @@ def _sample_state(torch):
     out[f'plain.{dtype}'] = x
   base = torch.randn(4, 6, generator=gen)
   out['base'] = base
-  out['transposed'] = base.t()                 # non-contiguous, shares storage
-  out['strided'] = base[:, 1::2]               # strides (6, 2), offset 1
-  out['row'] = base[2]                         # offset 12
+  out['transposed'] = base.t()  # non-contiguous, shares storage
+  out['strided'] = base[:, 1::2]  # strides (6, 2), offset 1
+  out['row'] = base[2]  # offset 12
   out['scalar'] = torch.tensor(3.5)
   out['empty'] = torch.zeros(0, 3)
   out['conv.weight'] = torch.randn(8, 3, 3, 3, generator=gen).permute(0, 2, 3, 1)
@@ -99,10 +108,11 @@ def test_matches_torch_load(tmp_path, zipfile_serialization):
     got = ours[key]
     assert got.dtype == expected.dtype, key
     assert got.shape == tuple(t.shape), key
-    np.testing.assert_array_equal(got.view(np.uint8) if got.dtype == ml_dtypes.bfloat16
-                                  else got,
-                                  expected.view(np.uint8) if got.dtype == ml_dtypes.bfloat16
-                                  else expected, err_msg=key)
+    np.testing.assert_array_equal(
+        got.view(np.uint8) if got.dtype == ml_dtypes.bfloat16 else got,
+        expected.view(np.uint8) if got.dtype == ml_dtypes.bfloat16 else expected,
+        err_msg=key,
+    )
     if got.size > 1:
       assert got.strides == tuple(s * got.itemsize for s in t.stride()), key
   # Views share memory exactly where torch's tensors share a storage.
@@ -116,9 +126,14 @@ def test_matches_torch_load(tmp_path, zipfile_serialization):
 
 def test_nested_checkpoint_with_numpy_values(tmp_path):
   torch = pytest.importorskip('torch')
-  obj = {'state_dict': {'w': torch.arange(6.0).reshape(2, 3)}, 'epoch': 7,
-         'best': np.float64(0.25), 'arr': np.arange(4, dtype=np.int16),
-         'name': 'run', 'flags': (True, None)}
+  obj = {
+      'state_dict': {'w': torch.arange(6.0).reshape(2, 3)},
+      'epoch': 7,
+      'best': np.float64(0.25),
+      'arr': np.arange(4, dtype=np.int16),
+      'name': 'run',
+      'flags': (True, None),
+  }
   path = tmp_path / 'ckpt.pth'
   torch.save(obj, path)
   ours = torch_file.load(path)
@@ -131,15 +146,16 @@ def test_nested_checkpoint_with_numpy_values(tmp_path):
 def test_new_dtypes_rebuild_v3(tmp_path):
   # uint16 and float8 are saved as untyped storages + _rebuild_tensor_v3.
   torch = pytest.importorskip('torch')
-  state = {'u16': torch.arange(10, dtype=torch.int32).to(torch.uint16)[2:8],
-           'f8': torch.linspace(-2, 2, 9).to(torch.float8_e4m3fn)}
+  state = {
+      'u16': torch.arange(10, dtype=torch.int32).to(torch.uint16)[2:8],
+      'f8': torch.linspace(-2, 2, 9).to(torch.float8_e4m3fn),
+  }
   path = tmp_path / 'v3.pth'
   torch.save(state, path)
   ours = torch_file.load(path)
   np.testing.assert_array_equal(ours['u16'], np.arange(2, 8, dtype=np.uint16))
   assert ours['f8'].dtype == ml_dtypes.float8_e4m3fn
-  np.testing.assert_array_equal(ours['f8'].astype(np.float32),
-                                state['f8'].float().numpy())
+  np.testing.assert_array_equal(ours['f8'].astype(np.float32), state['f8'].float().numpy())
 
 
 # ------------------------------------------------------------------- writing
@@ -147,16 +163,18 @@ def test_new_dtypes_rebuild_v3(tmp_path):
 
 def _random_state():
   rng = np.random.default_rng(0)
-  return collections.OrderedDict([
-      ('a.weight', rng.standard_normal((4, 3)).astype(np.float32)),
-      ('a.bias', rng.standard_normal(4).astype(np.float32)),
-      ('conv', rng.standard_normal((2, 3, 3, 3)).astype(np.float32).transpose(0, 2, 3, 1)),
-      ('half', rng.standard_normal(5).astype(np.float16)),
-      ('bf16', rng.standard_normal(5).astype(ml_dtypes.bfloat16)),
-      ('steps', np.full((), 12, np.int64)),
-      ('flags', np.array([True, False])),
-      ('empty', np.zeros((0, 2), np.float32)),
-  ])
+  return collections.OrderedDict(
+      [
+          ('a.weight', rng.standard_normal((4, 3)).astype(np.float32)),
+          ('a.bias', rng.standard_normal(4).astype(np.float32)),
+          ('conv', rng.standard_normal((2, 3, 3, 3)).astype(np.float32).transpose(0, 2, 3, 1)),
+          ('half', rng.standard_normal(5).astype(np.float16)),
+          ('bf16', rng.standard_normal(5).astype(ml_dtypes.bfloat16)),
+          ('steps', np.full((), 12, np.int64)),
+          ('flags', np.array([True, False])),
+          ('empty', np.zeros((0, 2), np.float32)),
+      ]
+  )
 
 
 def test_save_round_trip_without_torch(tmp_path):
@@ -199,7 +217,7 @@ def test_truncated_zip_names_file(tmp_path):
   torch_writer.save(_random_state(), path)
   data = path.read_bytes()
   bad = tmp_path / 'cut.pth'
-  bad.write_bytes(data[:len(data) // 2])
+  bad.write_bytes(data[: len(data) // 2])
   with pytest.raises(torch_file.TorchFileError, match='cut.pth'):
     torch_file.load(bad)
 
@@ -211,7 +229,7 @@ def test_corrupt_zip_storage(tmp_path):
   with zipfile.ZipFile(path) as zf:
     info = zf.getinfo('archive/data/0')
     start = info.header_offset + 30 + len(info.filename) + len(info.extra)
-  data[start + 3] ^= 0xFF   # flips bits inside a storage: CRC mismatch
+  data[start + 3] ^= 0xFF  # flips bits inside a storage: CRC mismatch
   bad = tmp_path / 'flipped.pth'
   bad.write_bytes(bytes(data))
   with pytest.raises(torch_file.TorchFileError, match=r'flipped.pth.*corrupt'):
@@ -220,8 +238,11 @@ def test_corrupt_zip_storage(tmp_path):
 
 def test_truncated_legacy(smpl_topology_dir, tmp_path):
   data = (smpl_topology_dir / 'smpl_431_adjmat_indices.pt').read_bytes()
-  for cut, pattern in ((len(data) - 100, 'truncated in storage'),
-                       (340, 'truncated'), (200, 'corrupt or truncated pickle')):
+  for cut, pattern in (
+      (len(data) - 100, 'truncated in storage'),
+      (340, 'truncated'),
+      (200, 'corrupt or truncated pickle'),
+  ):
     bad = tmp_path / f'cut{cut}.pt'
     bad.write_bytes(data[:cut])
     with pytest.raises(torch_file.TorchFileError, match=f'cut{cut}.pt.*{pattern}'):
@@ -235,8 +256,8 @@ def test_truncated_legacy(smpl_topology_dir, tmp_path):
 def test_legacy_count_header_must_match(smpl_topology_dir, tmp_path):
   data = bytearray((smpl_topology_dir / 'smpl_431_adjmat_values.pt').read_bytes())
   header = len(data) - 8 - 3005 * 4
-  assert struct.unpack('<q', data[header:header + 8]) == (3005,)
-  data[header:header + 8] = struct.pack('<q', 3004)
+  assert struct.unpack('<q', data[header : header + 8]) == (3005,)
+  data[header : header + 8] = struct.pack('<q', 3004)
   bad = tmp_path / 'count.pt'
   bad.write_bytes(bytes(data))
   with pytest.raises(torch_file.TorchFileError, match='3004 elements'):
@@ -244,6 +265,7 @@ def test_legacy_count_header_must_match(smpl_topology_dir, tmp_path):
 
 
 class _Evil:
+
   def __reduce__(self):
     return (print, ('executed',))
 
@@ -251,9 +273,15 @@ class _Evil:
 def test_refuses_arbitrary_globals(tmp_path, capsys):
   # A legacy-format file whose main pickle calls builtins.print.
   buf = io.BytesIO()
-  for header in (torch_file.LEGACY_MAGIC, torch_file.LEGACY_PROTOCOL,
-                 {'protocol_version': 1001, 'little_endian': True,
-                  'type_sizes': {'short': 2, 'int': 4, 'long': 8}}):
+  for header in (
+      torch_file.LEGACY_MAGIC,
+      torch_file.LEGACY_PROTOCOL,
+      {
+          'protocol_version': 1001,
+          'little_endian': True,
+          'type_sizes': {'short': 2, 'int': 4, 'long': 8},
+      },
+  ):
     pickle.dump(header, buf, protocol=2)
   pickle.dump({'w': _Evil()}, buf, protocol=2)
   path = tmp_path / 'evil.pt'
@@ -284,6 +312,7 @@ def test_fastmetro_mask_equals_topology_mask(smpl_topology_dir):
   # FastMETRO builds its decoder mask from these files (True = blocked); the
   # Flax models build it from the mesh hierarchy (True = attend). Same mask.
   from coarsemetro_jax import mesh_topology
+
   indices = torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_indices.pt')
   values = torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_values.pt')
   adjacency = np.zeros(torch_file.load(smpl_topology_dir / 'smpl_431_adjmat_size.pt'), np.float32)
@@ -298,6 +327,7 @@ def test_read_adjmat_returns_the_three_files(tmp_path):
   # FastMETRO's layout: COO indices [2, N], values [N] and the size, one file each.
   from coarsemetro_jax import mesh_topology
   from coarsemetro_jax.convert import adjacency
+
   indices = np.array([[0, 0, 1, 2], [0, 1, 1, 2]], np.int64)
   values = np.array([0.5, 0.5, 1.0, 1.0], np.float32)
   torch_writer.save(indices, tmp_path / 'adj_indices.pt')

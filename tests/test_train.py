@@ -17,6 +17,7 @@ import sys
 import cv2
 import jax
 from jax.experimental.compilation_cache import compilation_cache
+import multihost_main  # tests/: main.py that saves the global batches
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -31,11 +32,10 @@ from configs import tiny
 from data_pipelines import datasets
 from data_pipelines import metro_tsv
 from data_pipelines import ordering
-import multihost_main  # tests/: main.py that saves the global batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_TRAIN = 24      # 3 steps per epoch at batch 8: resume crosses an epoch boundary
-NUM_TEST = 11       # eval batches of 8: one full batch and one with 5 padding rows
+NUM_TRAIN = 24  # 3 steps per epoch at batch 8: resume crosses an epoch boundary
+NUM_TEST = 11  # eval batches of 8: one full batch and one with 5 padding rows
 NUM_STEPS = 4
 
 
@@ -46,23 +46,33 @@ def _examples(n, seed):
     h, w = rng.integers(60, 90, 2)
     img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), np.uint8), (0, 0), 2)
     label = {
-        'center': [w / 2, h / 2], 'scale': float(rng.uniform(0.25, 0.35)),
+        'center': [w / 2, h / 2],
+        'scale': float(rng.uniform(0.25, 0.35)),
         '2d_joints': np.c_[rng.uniform(10, 50, (24, 2)), rng.integers(0, 2, 24)],
         'has_2d_joints': 1,
-        '3d_joints': np.c_[rng.normal(0, .3, (24, 3)), np.ones(24)],
+        '3d_joints': np.c_[rng.normal(0, 0.3, (24, 3)), np.ones(24)],
         'has_3d_joints': int(i % 3 != 1),
-        'pose': rng.normal(0, .2, 72), 'betas': rng.normal(0, .5, 10),
+        'pose': rng.normal(0, 0.2, 72),
+        'betas': rng.normal(0, 0.5, 10),
         'has_smpl': int(i % 4 != 2),
     }
-    yield {'key': f'ex{i:02d}', 'jpeg': cv2.imencode('.jpg', img)[1].tobytes(),
-           'height': int(h), 'width': int(w), 'label': label}
+    yield {
+        'key': f'ex{i:02d}',
+        'jpeg': cv2.imencode('.jpg', img)[1].tobytes(),
+        'height': int(h),
+        'width': int(w),
+        'label': label,
+    }
 
 
 @pytest.fixture(scope='module', autouse=True)
 def _compilation_cache(tmp_path_factory):
   """Every run compiles the same programs: compile once, load afterwards."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
+  names = (
+      'jax_compilation_cache_dir',
+      'jax_persistent_cache_min_compile_time_secs',
+      'jax_persistent_cache_min_entry_size_bytes',
+  )
   previous = {n: getattr(jax.config, n) for n in names}
   jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
@@ -100,9 +110,13 @@ RUN_SETTINGS = {
 def make_config(data_dir, **overrides):
   """configs/tiny.py on the test data with RUN_SETTINGS and `overrides` ('a.b' keys)."""
   config = tiny.get_config()
-  settings = {'data.source': 'tsv', 'data.train_yaml': os.path.join(data_dir, 'train.yaml'),
-              'data.eval_yaml': os.path.join(data_dir, 'test.yaml'),
-              **RUN_SETTINGS, **overrides}
+  settings = {
+      'data.source': 'tsv',
+      'data.train_yaml': os.path.join(data_dir, 'train.yaml'),
+      'data.eval_yaml': os.path.join(data_dir, 'test.yaml'),
+      **RUN_SETTINGS,
+      **overrides,
+  }
   for key, value in settings.items():
     node = config
     *parents, leaf = key.split('.')
@@ -113,8 +127,7 @@ def make_config(data_dir, **overrides):
 
 
 def saved_steps(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
-                if d.isdigit())
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
 
 
 def saved_variables(workdir, step):
@@ -123,8 +136,12 @@ def saved_variables(workdir, step):
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
     # fallback_sharding: the 2-process test's checkpoints name devices this
     # process does not have.
-    tree = ckptr.restore(path, args=ocp.args.StandardRestore(
-        fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+    tree = ckptr.restore(
+        path,
+        args=ocp.args.StandardRestore(
+            fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        ),
+    )
   return jax.tree.map(np.asarray, {c: tree[c] for c in ('params', 'batch_stats')})
 
 
@@ -132,8 +149,7 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
   paths_a = [p for p, _ in jax.tree_util.tree_leaves_with_path(a)]
   assert paths_a == [p for p, _ in jax.tree_util.tree_leaves_with_path(b)]
   for path, x, y in zip(paths_a, jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 def labels(yaml_path):
@@ -152,8 +168,7 @@ def straight_run(data_dir, tmp_path_factory):
 def test_train_and_evaluate_writes_checkpoints_results_and_picture(straight_run):
   workdir, summary = straight_run
   assert saved_steps(workdir) == [2, 4]
-  with open(os.path.join(workdir, 'checkpoints', '4', checkpoints.META_ITEM,
-                         'metadata')) as f:
+  with open(os.path.join(workdir, 'checkpoints', '4', checkpoints.META_ITEM, 'metadata')) as f:
     meta = json.load(f)
   assert meta['step'] == 4 and meta['epoch'] == pytest.approx(4 / 3)
   assert meta['model']['name'] == 'coarsemetro'
@@ -173,13 +188,15 @@ def test_train_and_evaluate_writes_checkpoints_results_and_picture(straight_run)
   assert table[0] == '| model | MPJPE (mm) | PA-MPJPE (mm) | MPVE (mm) | examples |'
   row = [c.strip() for c in table[2].strip('|').split('|')]
   assert row[0] == f'coarsemetro step {NUM_STEPS}'
-  np.testing.assert_allclose([float(c) for c in row[1:4]],
-                             [summary['eval'][k] for k in ('mpjpe', 'pa_mpjpe', 'mpve')],
-                             atol=0.051)
+  np.testing.assert_allclose(
+      [float(c) for c in row[1:4]],
+      [summary['eval'][k] for k in ('mpjpe', 'pa_mpjpe', 'mpve')],
+      atol=0.051,
+  )
   with open(summary['picture'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
-  assert gc.get_freeze_count() == 0   # the loop's gc.freeze() is undone
+  assert gc.get_freeze_count() == 0  # the loop's gc.freeze() is undone
 
 
 def test_odd_sized_eval_counts_each_example_once(straight_run, data_dir):
@@ -191,8 +208,9 @@ def test_odd_sized_eval_counts_each_example_once(straight_run, data_dir):
   assert summary['eval']['mpve_count'] == sum(l['has_smpl'] for l in test_labels) == 8
 
 
-def test_resume_after_preemption_matches_uninterrupted_run(straight_run, data_dir,
-                                                            tmp_path, monkeypatch):
+def test_resume_after_preemption_matches_uninterrupted_run(
+    straight_run, data_dir, tmp_path, monkeypatch
+):
   workdir = str(tmp_path)
   config = make_config(data_dir)
   original = datasets.Datasets.train_batches
@@ -201,7 +219,7 @@ def test_resume_after_preemption_matches_uninterrupted_run(straight_run, data_di
   def sigterm_after_two(self, sharding, start_step=0):
     starts.append(start_step)
     for i, batch in enumerate(original(self, sharding, start_step), start_step + 1):
-      if i == 2:   # as a cluster does: SIGTERM while step 2 runs
+      if i == 2:  # as a cluster does: SIGTERM while step 2 runs
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
@@ -210,22 +228,25 @@ def test_resume_after_preemption_matches_uninterrupted_run(straight_run, data_di
   assert saved_steps(workdir) == [2]
   assert not os.path.exists(os.path.join(workdir, 'eval_results.json'))
 
-  monkeypatch.setattr(datasets.Datasets, 'train_batches',
-                      lambda self, sharding, start_step=0: (
-                          starts.append(start_step) or original(self, sharding, start_step)))
+  monkeypatch.setattr(
+      datasets.Datasets,
+      'train_batches',
+      lambda self, sharding, start_step=0: (
+          starts.append(start_step) or original(self, sharding, start_step)
+      ),
+  )
   summary = train.train_and_evaluate(config, workdir)
-  assert starts == [0, 2]     # the restart continued after step 2
+  assert starts == [0, 2]  # the restart continued after step 2
   assert summary['step'] == NUM_STEPS and saved_steps(workdir) == [2, 4]
   straight_dir, straight_summary = straight_run
   # Same batches, rng keys and optimiser state: the same numbers.
-  assert_trees_equal(saved_variables(workdir, 4), saved_variables(straight_dir, 4),
-                     atol=1e-6)
-  assert summary['train']['loss'] == pytest.approx(straight_summary['train']['loss'],
-                                                   rel=1e-6)
+  assert_trees_equal(saved_variables(workdir, 4), saved_variables(straight_dir, 4), atol=1e-6)
+  assert summary['train']['loss'] == pytest.approx(straight_summary['train']['loss'], rel=1e-6)
 
 
 def test_nan_batch_trips_the_guard_and_keeps_the_last_good_checkpoint(
-    data_dir, tmp_path, monkeypatch):
+    data_dir, tmp_path, monkeypatch
+):
   workdir = str(tmp_path)
   original = datasets.Datasets.train_batches
 
@@ -256,28 +277,29 @@ def test_run_ends_with_the_rows_it_skipped_in_each_file(tmp_path, capsys):
   metro_tsv.write_split(data, 'train', _examples(NUM_TRAIN, 0))
   metro_tsv.write_split(data, 'test', _examples(NUM_TEST, 1))
   train_img, test_img = (os.path.join(data, f'{s}.img.tsv') for s in ('train', 'test'))
-  _corrupt_images(train_img, [0, 1])       # in the first batch (file order)
+  _corrupt_images(train_img, [0, 1])  # in the first batch (file order)
   _corrupt_images(test_img, [3])
-  config = make_config(data, **{'num_train_steps': 1, 'num_eval_images': 0,
-                                'data.shuffle': False})
+  config = make_config(data, **{'num_train_steps': 1, 'num_eval_images': 0, 'data.shuffle': False})
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['skipped_rows'] == {'train': {train_img: 2}, 'eval': {test_img: 1}}
   with open(tmp_path / 'run' / 'eval_results.json') as f:
     assert json.load(f)['skipped_rows'] == summary['skipped_rows']
-  assert (f'Skipped rows: 2 in {train_img} (train), 1 in {test_img} (eval)'
-          in capsys.readouterr().out.splitlines())
+  assert (
+      f'Skipped rows: 2 in {train_img} (train), 1 in {test_img} (eval)'
+      in capsys.readouterr().out.splitlines()
+  )
 
 
 def test_init_from_loads_converted_weights(straight_run, data_dir, tmp_path):
   straight_dir, straight_summary = straight_run
   variables = saved_variables(straight_dir, 4)
   converted = str(tmp_path / 'converted')
-  orbax_variables.save_converted(converted, variables,
-                                    {'kind': 'test', 'scope': 'model'})
+  orbax_variables.save_converted(converted, variables, {'kind': 'test', 'scope': 'model'})
   # Eval only, one batch of 16 (5 padding rows) instead of two of 8: the same
   # weights give the same metrics, counted over the same examples.
-  config = make_config(data_dir, **{'init_from': converted, 'data.eval_batch_size': 16,
-                                     'num_eval_images': 0})
+  config = make_config(
+      data_dir, **{'init_from': converted, 'data.eval_batch_size': 16, 'num_eval_images': 0}
+  )
   summary = train.train_and_evaluate(config, str(tmp_path / 'eval'), mode='eval')
   assert summary['step'] == 0
   # num_eval_images 0: no picture, and the results are still written.
@@ -290,19 +312,22 @@ def test_init_from_loads_converted_weights(straight_run, data_dir, tmp_path):
   other = jax.tree.map(lambda x: x, variables)
   del other['params']['backbone']['conv1']
   other['params']['extra'] = {'kernel': np.zeros((2, 2), np.float32)}
-  orbax_variables.save_converted(str(tmp_path / 'other'), other,
-                                    {'kind': 'test', 'scope': 'model'})
-  with pytest.raises(checkpoints.CheckpointError, match=(r'(?s)missing in the checkpoint \(1\): '
-                                 r'params/backbone/conv1/kernel.*'
-                                 r'not in the model \(1\): params/extra/kernel')):
+  orbax_variables.save_converted(str(tmp_path / 'other'), other, {'kind': 'test', 'scope': 'model'})
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match=(
+          r'(?s)missing in the checkpoint \(1\): '
+          r'params/backbone/conv1/kernel.*'
+          r'not in the model \(1\): params/extra/kernel'
+      ),
+  ):
     checkpoints.load_variables(str(tmp_path / 'other'), variables)
 
 
 def test_eval_flip_reports_both_protocols(straight_run, data_dir, tmp_path):
   straight_dir, straight_summary = straight_run
   workdir = str(tmp_path / 'flip')
-  shutil.copytree(os.path.join(straight_dir, 'checkpoints'),
-                  os.path.join(workdir, 'checkpoints'))
+  shutil.copytree(os.path.join(straight_dir, 'checkpoints'), os.path.join(workdir, 'checkpoints'))
   config = make_config(data_dir, eval_flip=True, num_eval_images=0)
   summary = train.train_and_evaluate(config, workdir, mode='eval')
   # The single-view row is the plain evaluation of the same step ...
@@ -321,11 +346,11 @@ def test_eval_mode_without_a_checkpoint_fails(data_dir, tmp_path):
     train.train_and_evaluate(make_config(data_dir), str(tmp_path), mode='eval')
 
 
-def test_resuming_another_models_checkpoint_fails_clearly(straight_run, data_dir,
-                                                          tmp_path):
+def test_resuming_another_models_checkpoint_fails_clearly(straight_run, data_dir, tmp_path):
   straight_dir, _ = straight_run
-  shutil.copytree(os.path.join(straight_dir, 'checkpoints', '2'),
-                  os.path.join(tmp_path, 'checkpoints', '2'))
+  shutil.copytree(
+      os.path.join(straight_dir, 'checkpoints', '2'), os.path.join(tmp_path, 'checkpoints', '2')
+  )
   config = make_config(data_dir, **{'model.stage_dims': (32, 16, 8)})
   with pytest.raises(checkpoints.CheckpointError, match=r'step 2 does not fit this config'):
     train.train_and_evaluate(config, str(tmp_path))
@@ -334,9 +359,19 @@ def test_resuming_another_models_checkpoint_fails_clearly(straight_run, data_dir
 def test_misspelled_config_override_fails(tmp_path):
   """main.py's config is locked: a typo'd override stops before any work."""
   run = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={tmp_path}',
-       '--config.data.batchsize=4'],
-      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+      [
+          sys.executable,
+          'main.py',
+          '--config=configs/tiny.py',
+          f'--workdir={tmp_path}',
+          '--config.data.batchsize=4',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert run.returncode == 2
   assert 'Did you mean "batch_size" instead of "batchsize"?' in run.stderr
   assert 'Traceback' not in run.stderr
@@ -374,29 +409,55 @@ def test_two_processes_match_one_process(straight_run, data_dir, tmp_path, monke
   noise of a different reduction order across processes.
   """
   straight_dir, _ = straight_run
-  settings = {'data.source': 'tsv', 'data.train_yaml': os.path.join(data_dir, 'train.yaml'),
-              'data.eval_yaml': os.path.join(data_dir, 'test.yaml'),
-              'data.shuffle': True, 'bn_group_size': 4}
+  settings = {
+      'data.source': 'tsv',
+      'data.train_yaml': os.path.join(data_dir, 'train.yaml'),
+      'data.eval_yaml': os.path.join(data_dir, 'test.yaml'),
+      'data.shuffle': True,
+      'bn_group_size': 4,
+  }
   one_dir, two_dir = str(tmp_path / 'one'), str(tmp_path / 'two')
   for workdir in (one_dir, two_dir):
-    shutil.copytree(os.path.join(straight_dir, 'checkpoints', '2'),
-                    os.path.join(workdir, 'checkpoints', '2'))
-  monkeypatch.setattr(datasets.Datasets, 'train_batches', multihost_main.recording(
-      datasets.Datasets.train_batches, str(tmp_path / 'one_batches')))
+    shutil.copytree(
+        os.path.join(straight_dir, 'checkpoints', '2'), os.path.join(workdir, 'checkpoints', '2')
+    )
+  monkeypatch.setattr(
+      datasets.Datasets,
+      'train_batches',
+      multihost_main.recording(datasets.Datasets.train_batches, str(tmp_path / 'one_batches')),
+  )
   config = make_config(data_dir, **settings)
   one = train.train_and_evaluate(config, one_dir)
 
   overrides = [f'--config.{k}={v}' for k, v in {**RUN_SETTINGS, **settings}.items()]
   port = _free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-         'JAX_DISABLE_MOST_OPTIMIZATIONS': '1', 'JAX_PLATFORMS': 'cpu'}
-  procs = [subprocess.Popen(
-      [sys.executable, 'tests/multihost_main.py', str(tmp_path / 'two_batches'),
-       '--config=configs/tiny.py', f'--workdir={two_dir}',
-       f'--coordinator_address=localhost:{port}', '--num_processes=2',
-       f'--process_id={i}', *overrides],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  env = {
+      **os.environ,
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+      'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
+      'JAX_PLATFORMS': 'cpu',
+  }
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              'tests/multihost_main.py',
+              str(tmp_path / 'two_batches'),
+              '--config=configs/tiny.py',
+              f'--workdir={two_dir}',
+              f'--coordinator_address=localhost:{port}',
+              '--num_processes=2',
+              f'--process_id={i}',
+              *overrides,
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   try:
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
   finally:
@@ -423,15 +484,14 @@ def test_two_processes_match_one_process(straight_run, data_dir, tmp_path, monke
     two = json.load(f)
   assert two['step'] == one['step'] == NUM_STEPS
   assert saved_steps(two_dir) == [2, 4]
-  assert os.path.exists(two['picture'])    # process 0's rows of the first eval batch
+  assert os.path.exists(two['picture'])  # process 0's rows of the first eval batch
   for k in ('mpjpe_count', 'mpve_count'):
     assert two['eval'][k] == one['eval'][k]
   for k in ('mpjpe', 'pa_mpjpe', 'mpve'):
     assert two['eval'][k] == pytest.approx(one['eval'][k], rel=1e-5), k
   for k, v in one['train'].items():
     assert two['train'][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
-  assert_trees_equal(saved_variables(two_dir, 4), saved_variables(one_dir, 4),
-                     rtol=1e-5, atol=2e-7)
+  assert_trees_equal(saved_variables(two_dir, 4), saved_variables(one_dir, 4), rtol=1e-5, atol=2e-7)
 
 
 def _write_marker(directory, params):
@@ -442,20 +502,28 @@ def _write_marker(directory, params):
     f.write('user data')
 
 
-def test_synthetic_run_keeps_other_datasets_and_scores_the_mean_pose(
-    data_dir, tmp_path, capsys):
+def test_synthetic_run_keeps_other_datasets_and_scores_the_mean_pose(data_dir, tmp_path, capsys):
   """A tiny run on synthetic data renders its own directory and deletes nothing."""
   root = tmp_path / 'synthetic'
-  config = make_config(data_dir, **{
-      'data.source': 'synthetic', 'data.train_yaml': '', 'data.eval_yaml': '',
-      'data.synthetic.dir': str(root), 'data.synthetic.num_train': 8,
-      'data.synthetic.num_test': 3, 'data.synthetic.image_size': 64,
-      'data.synthetic.workers': 1, 'num_train_steps': 1, 'num_eval_images': 0})
+  config = make_config(
+      data_dir,
+      **{
+          'data.source': 'synthetic',
+          'data.train_yaml': '',
+          'data.eval_yaml': '',
+          'data.synthetic.dir': str(root),
+          'data.synthetic.num_train': 8,
+          'data.synthetic.num_test': 3,
+          'data.synthetic.image_size': 64,
+          'data.synthetic.workers': 1,
+          'num_train_steps': 1,
+          'num_eval_images': 0,
+      },
+  )
   # The dataset of another config (r50's defaults, as a README run leaves it)
   # and an interrupted render of this one.
   other = str(root / os.path.basename(datasets.synthetic_dir(tiny.get_config().data.synthetic)))
-  _write_marker(other, {k: tiny.get_config().data.synthetic[k]
-                        for k in datasets.SYNTHETIC_PARAMS})
+  _write_marker(other, {k: tiny.get_config().data.synthetic[k] for k in datasets.SYNTHETIC_PARAMS})
   own = datasets.synthetic_dir(config.data.synthetic)
   assert os.path.dirname(own) == str(root) and own != other
   os.makedirs(own + '.partial')
@@ -465,6 +533,7 @@ def test_synthetic_run_keeps_other_datasets_and_scores_the_mean_pose(
   assert not os.path.exists(own + '.partial')
   assert len(metro_tsv.MetroDataset(os.path.join(own, 'test.yaml'))) == 3
   assert summary['step'] == 1
+
   # The mean-pose baseline: always predicting the training set's mean J14 pose,
   # scored on the test examples with 3D joints (NumPy reference below).
   def j14(yaml_path):
@@ -494,9 +563,9 @@ def test_synthetic_dataset_is_cached_by_parameters_and_never_replaced(tmp_path):
   first = datasets.prepare_synthetic(config.data)
   tsv = os.path.join(first, 'train.img.tsv')
   stamp = os.stat(tsv).st_mtime_ns
-  assert datasets.prepare_synthetic(config.data) == first   # cached: not rendered again
+  assert datasets.prepare_synthetic(config.data) == first  # cached: not rendered again
   assert os.stat(tsv).st_mtime_ns == stamp
-  synthetic.seed = 1                      # other parameters: another directory
+  synthetic.seed = 1  # other parameters: another directory
   second = datasets.prepare_synthetic(config.data)
   assert second != first and os.stat(tsv).st_mtime_ns == stamp
   assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(d) for d in (first, second))

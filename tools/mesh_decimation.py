@@ -12,10 +12,10 @@ Decimation is Garland-Heckbert quadric error with half-edge collapse onto an
 existing vertex (as COMA / qslim), so kept vertices keep their positions and
 the coarse level is a subset of the fine one.
 """
+
 import heapq
 
 import numpy as np
-
 
 # ----------------------------------------------------------------------------
 # Connectivity.
@@ -25,9 +25,9 @@ def largest_component(tris, num_vertices):
   """Vertex ids (sorted) of the largest edge-connected component."""
   from scipy.sparse import coo_matrix
   from scipy.sparse.csgraph import connected_components
+
   e = np.concatenate([tris[:, [0, 1]], tris[:, [1, 2]], tris[:, [2, 0]]])
-  graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])),
-                     shape=(num_vertices, num_vertices))
+  graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(num_vertices, num_vertices))
   _, labels = connected_components(graph, directed=False)
   used = np.unique(tris)
   best = np.bincount(labels[used]).argmax()
@@ -71,8 +71,8 @@ def decimate(verts, faces, target):
   heap = []
 
   def push(a, b):  # cheaper direction: remove u, keep v
-    ca = float(homog[b] @ (quad[a] + quad[b]) @ homog[b])   # a -> b
-    cb = float(homog[a] @ (quad[a] + quad[b]) @ homog[a])   # b -> a
+    ca = float(homog[b] @ (quad[a] + quad[b]) @ homog[b])  # a -> b
+    cb = float(homog[a] @ (quad[a] + quad[b]) @ homog[a])  # b -> a
     u, v, c = (a, b, ca) if ca <= cb else (b, a, cb)
     heapq.heappush(heap, (c, u, v, stamp[u], stamp[v]))
 
@@ -87,8 +87,7 @@ def decimate(verts, faces, target):
     _, u, v, su, sv = heapq.heappop(heap)
     if not (alive_v[u] and alive_v[v]) or su != stamp[u] or sv != stamp[v]:
       continue
-    if (v not in nbrs[u] or len(nbrs[u] & nbrs[v]) != 2 or len(nbrs[u]) <= 3
-        or len(nbrs[v]) <= 3):
+    if v not in nbrs[u] or len(nbrs[u] & nbrs[v]) != 2 or len(nbrs[u]) <= 3 or len(nbrs[v]) <= 3:
       continue
     if _flips(verts, faces, vfaces[u], u, v):
       continue
@@ -157,12 +156,13 @@ def closest_points(points, verts, faces, k=16):
   distance (Ericson, Real-Time Collision Detection 5.1.5), vectorised.
   """
   from scipy.spatial import cKDTree
-  tri = verts[faces]                                   # [F, 3, 3]
+
+  tri = verts[faces]  # [F, 3, 3]
   _, cand = cKDTree(tri.mean(1)).query(points, k=min(k, len(faces)))
-  a, b, c = (tri[cand, i] for i in range(3))           # [N, k, 3]
+  a, b, c = (tri[cand, i] for i in range(3))  # [N, k, 3]
   p = points[:, None]
-  bary = _closest_barycentric(p, a, b, c)              # [N, k, 3]
-  closest = (bary[..., :1] * a + bary[..., 1:2] * b + bary[..., 2:] * c)
+  bary = _closest_barycentric(p, a, b, c)  # [N, k, 3]
+  closest = bary[..., :1] * a + bary[..., 1:2] * b + bary[..., 2:] * c
   best = np.argmin(((closest - p) ** 2).sum(-1), 1)
   rows = np.arange(len(points))
   return cand[rows, best], bary[rows, best]
@@ -186,11 +186,11 @@ def _closest_barycentric(p, a, b, c):
   # early-outs applied in reverse priority order).
   v, w = vb / denom, vc / denom
   out = np.stack([1 - v - w, v, w], -1)
-  t_bc = (d4 - d3) / safe((d4 - d3) + (d5 - d6))      # edge bc
+  t_bc = (d4 - d3) / safe((d4 - d3) + (d5 - d6))  # edge bc
   bc_ = np.stack([np.zeros_like(t_bc), 1 - t_bc, t_bc], -1)
-  t_ac = d2 / safe(d2 - d6)                            # edge ac
+  t_ac = d2 / safe(d2 - d6)  # edge ac
   ac_ = np.stack([1 - t_ac, np.zeros_like(t_ac), t_ac], -1)
-  t_ab = d1 / safe(d1 - d3)                            # edge ab
+  t_ab = d1 / safe(d1 - d3)  # edge ab
   ab_ = np.stack([1 - t_ab, t_ab, np.zeros_like(t_ab)], -1)
   one = lambda i: np.broadcast_to(np.eye(3)[i], out.shape)
   cases = [  # lowest priority first; later ones win

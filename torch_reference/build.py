@@ -12,6 +12,7 @@ def backbone(model_config):
   if model_config.backbone == 'hrnet':
     # The whole HighResolutionNet; its forward returns the 2048-channel map.
     from torch_reference import hrnet
+
     net = hrnet.HRNet(model_config.hrnet_width)
     return net, net.out_channels
   if model_config.backbone == 'resnet50':
@@ -33,8 +34,10 @@ def topology_tensors(topology, num_joints):
 def placeholder_tensors(num_vertices, num_joints):
   """Right-sized stand-ins when the forward pass is not run (key checks)."""
   size = num_joints + num_vertices[-1]
-  return (torch.zeros(1, 1, dtype=torch.bool).expand(size, size),
-          torch.zeros(1, 1).expand(num_vertices[0], num_vertices[1]))
+  return (
+      torch.zeros(1, 1, dtype=torch.bool).expand(size, size),
+      torch.zeros(1, 1).expand(num_vertices[0], num_vertices[1]),
+  )
 
 
 def reference_model(model_config, mask, upsample):
@@ -43,14 +46,30 @@ def reference_model(model_config, mask, upsample):
   m = model_config
   if m.name == 'fastmetro':
     return fastmetro.FastMETRO(
-        net, channels, mask, upsample, num_layers=m.fastmetro_layers,
-        dims=tuple(m.fastmetro_dims), ffn_dims=tuple(m.fastmetro_ffn_dims),
-        heads=m.num_heads, num_joints=m.num_joints, dropout=m.dropout)
+        net,
+        channels,
+        mask,
+        upsample,
+        num_layers=m.fastmetro_layers,
+        dims=tuple(m.fastmetro_dims),
+        ffn_dims=tuple(m.fastmetro_ffn_dims),
+        heads=m.num_heads,
+        num_joints=m.num_joints,
+        dropout=m.dropout,
+    )
   if m.name == 'coarsemetro':
     return coarsemetro.CoarseMETRO(
-        net, channels, mask.shape[0] - m.num_joints, upsample,
-        stage_dims=tuple(m.stage_dims), stage_ffn_dims=tuple(m.stage_ffn_dims),
-        vertex_tokens=tuple(m.vertex_tokens), heads=m.num_heads,
-        vertex_attention=m.vertex_attention, memory_includes_cam=m.memory_includes_cam,
-        num_joints=m.num_joints, dropout=m.dropout)
+        net,
+        channels,
+        mask.shape[0] - m.num_joints,
+        upsample,
+        stage_dims=tuple(m.stage_dims),
+        stage_ffn_dims=tuple(m.stage_ffn_dims),
+        vertex_tokens=tuple(m.vertex_tokens),
+        heads=m.num_heads,
+        vertex_attention=m.vertex_attention,
+        memory_includes_cam=m.memory_includes_cam,
+        num_joints=m.num_joints,
+        dropout=m.dropout,
+    )
   raise ValueError(m.name)

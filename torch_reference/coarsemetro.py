@@ -24,10 +24,21 @@ class TokenLinear(nn.Linear):
 class CoarseMETRO(nn.Module):
   """CoarseMETRO-S body network."""
 
-  def __init__(self, backbone, backbone_channels, num_vertices, fine_upsample,
-               stage_dims=(512, 128, 64), stage_ffn_dims=(2048, 512, 256),
-               vertex_tokens=(48, 192, 384), heads=8, vertex_attention='end',
-               memory_includes_cam=True, num_joints=14, dropout=0.1):
+  def __init__(
+      self,
+      backbone,
+      backbone_channels,
+      num_vertices,
+      fine_upsample,
+      stage_dims=(512, 128, 64),
+      stage_ffn_dims=(2048, 512, 256),
+      vertex_tokens=(48, 192, 384),
+      heads=8,
+      vertex_attention='end',
+      memory_includes_cam=True,
+      num_joints=14,
+      dropout=0.1,
+  ):
     super().__init__()
     self.num_joints = num_joints
     self.stage_dims = stage_dims
@@ -39,16 +50,23 @@ class CoarseMETRO(nn.Module):
     self.joint_token_embed = nn.Embedding(num_joints, d)
     self.vertex_token_init = nn.Linear(num_joints, vertex_tokens[0])
     for s, (dim, ffn) in enumerate(zip(stage_dims, stage_ffn_dims)):
-      setattr(self, f'transformer_{s + 1}', fastmetro.Transformer(
-          dim, heads, ffn, 1, dropout, vertex_attention, memory_includes_cam))
+      setattr(
+          self,
+          f'transformer_{s + 1}',
+          fastmetro.Transformer(dim, heads, ffn, 1, dropout, vertex_attention, memory_includes_cam),
+      )
     # ModuleDicts keyed by the stage transition k: keys `dim_reduce_*.k.*`.
     changes = [k for k in range(len(stage_dims) - 1) if stage_dims[k + 1] != stage_dims[k]]
     for name in ('dim_reduce_enc_cam', 'dim_reduce_enc_img', 'dim_reduce_dec'):
-      setattr(self, name, nn.ModuleDict(
-          {str(k): nn.Linear(stage_dims[k], stage_dims[k + 1]) for k in changes}))
+      setattr(
+          self,
+          name,
+          nn.ModuleDict({str(k): nn.Linear(stage_dims[k], stage_dims[k + 1]) for k in changes}),
+      )
     sizes = tuple(vertex_tokens) + (num_vertices,)
     self.vertex_upsample = nn.ModuleList(
-        [TokenLinear(sizes[k], sizes[k + 1]) for k in range(len(stage_dims))])
+        [TokenLinear(sizes[k], sizes[k + 1]) for k in range(len(stage_dims))]
+    )
     self.cam_predictor = nn.Linear(stage_dims[-1], 3)
     self.xyz_regressor = nn.Linear(stage_dims[-1], 3)
     self.coarse2intermediate_upsample = nn.Linear(num_vertices, fine_upsample.shape[1])
@@ -58,8 +76,8 @@ class CoarseMETRO(nn.Module):
     b, j = images.shape[0], self.num_joints
     features = self.backbone(images)
     _, _, h, w = features.shape
-    img = self.conv_1x1(features).flatten(2).permute(2, 0, 1)      # [hw, B, D]
-    cam = self.cam_token_embed.weight[:, None].repeat(1, b, 1)      # [1, B, D]
+    img = self.conv_1x1(features).flatten(2).permute(2, 0, 1)  # [hw, B, D]
+    cam = self.cam_token_embed.weight[:, None].repeat(1, b, 1)  # [1, B, D]
     joints = self.joint_token_embed.weight[:, None].repeat(1, b, 1)  # [J, B, D]
     vertices = self.vertex_token_init(joints.permute(1, 2, 0)).permute(2, 0, 1)  # [V0, B, D]
     previous = vertices
@@ -75,10 +93,15 @@ class CoarseMETRO(nn.Module):
         vertices = self.vertex_upsample[s - 1](previous.transpose(0, 1)).transpose(0, 1)
       pos = fastmetro.sine_position_encoding(h, w, dim)[:, None]
       cam, img, tokens = getattr(self, f'transformer_{s + 1}')(
-          img, cam, torch.cat([joints, vertices], 0), pos, None,
-          previous if self.vertex_attention != 'none' else None)
+          img,
+          cam,
+          torch.cat([joints, vertices], 0),
+          pos,
+          None,
+          previous if self.vertex_attention != 'none' else None,
+      )
       joints, vertices = tokens[:j], tokens[j:]
     pred_cam = self.cam_predictor(cam).view(b, 3)
-    pred_joints = self.xyz_regressor(joints.transpose(0, 1))           # [B, J, 3]
+    pred_joints = self.xyz_regressor(joints.transpose(0, 1))  # [B, J, 3]
     coarse = self.vertex_upsample[-1](self.xyz_regressor(vertices.transpose(0, 1)))
     return fastmetro.mesh_outputs(self, pred_cam, pred_joints, coarse)

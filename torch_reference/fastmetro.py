@@ -24,7 +24,7 @@ def sine_position_encoding(height, width, dim):
   dim_t = 10000.0 ** (2 * torch.div(torch.arange(feats), 2, rounding_mode='floor') / feats)
 
   def encode(p):
-    p = p[..., None] / dim_t                                    # [H, W, F]
+    p = p[..., None] / dim_t  # [H, W, F]
     return torch.stack([p[..., 0::2].sin(), p[..., 1::2].cos()], -1).flatten(2)
 
   return torch.cat([encode(y), encode(x)], -1).reshape(height * width, dim)
@@ -89,11 +89,12 @@ class DecoderLayer(nn.Module):
   def forward(self, t, memory, memory_pos, mask=None, vertex_memory=None):
     if self.vertex_attention == 'beginning':
       t = self._vertex_block(t, vertex_memory)
-    s = self.norm1(t)   # query_pos is zero in FastMETRO
+    s = self.norm1(t)  # query_pos is zero in FastMETRO
     t = t + self.dropout1(self.self_attn(s, s, s, attn_mask=mask, need_weights=False)[0])
     s = self.norm2(t)
-    t = t + self.dropout2(self.multihead_attn(s, memory + memory_pos, memory,
-                                              need_weights=False)[0])
+    t = t + self.dropout2(
+        self.multihead_attn(s, memory + memory_pos, memory, need_weights=False)[0]
+    )
     if self.vertex_attention == 'end':
       t = self._vertex_block(t, vertex_memory)
     s = self.norm3(t)
@@ -117,8 +118,9 @@ class Decoder(nn.Module):
 
   def __init__(self, num_layers, dim, heads, ffn_dim, dropout, vertex_attention):
     super().__init__()
-    self.layers = nn.ModuleList([DecoderLayer(dim, heads, ffn_dim, dropout, vertex_attention)
-                                 for _ in range(num_layers)])
+    self.layers = nn.ModuleList(
+        [DecoderLayer(dim, heads, ffn_dim, dropout, vertex_attention) for _ in range(num_layers)]
+    )
     self.norm = nn.LayerNorm(dim)
 
   def forward(self, t, memory, memory_pos, mask=None, vertex_memory=None):
@@ -134,8 +136,16 @@ class Transformer(nn.Module):
   or, with memory_includes_cam, the whole output (camera at position zero).
   """
 
-  def __init__(self, dim, heads, ffn_dim, num_layers, dropout=0.1,
-               vertex_attention='none', memory_includes_cam=False):
+  def __init__(
+      self,
+      dim,
+      heads,
+      ffn_dim,
+      num_layers,
+      dropout=0.1,
+      vertex_attention='none',
+      memory_includes_cam=False,
+  ):
     super().__init__()
     self.memory_includes_cam = memory_includes_cam
     self.encoder = Encoder(num_layers, dim, heads, ffn_dim, dropout)
@@ -154,9 +164,19 @@ class Transformer(nn.Module):
 class FastMETRO(nn.Module):
   """FastMETRO_Body_Network (released layout); `num_layers` 1/2/3 = S/M/L."""
 
-  def __init__(self, backbone, backbone_channels, attention_mask, fine_upsample,
-               num_layers=1, dims=(512, 128), ffn_dims=(2048, 512), heads=8,
-               num_joints=14, dropout=0.1):
+  def __init__(
+      self,
+      backbone,
+      backbone_channels,
+      attention_mask,
+      fine_upsample,
+      num_layers=1,
+      dims=(512, 128),
+      ffn_dims=(2048, 512),
+      heads=8,
+      num_joints=14,
+      dropout=0.1,
+  ):
     super().__init__()
     num_vertices = attention_mask.shape[0] - num_joints
     num_intermediate = fine_upsample.shape[1]
@@ -175,32 +195,40 @@ class FastMETRO(nn.Module):
     self.conv_1x1 = nn.Conv2d(backbone_channels, dims[0], 1)
     self.coarse2intermediate_upsample = nn.Linear(num_vertices, num_intermediate)
     # Not parameters (FastMETRO keeps the mask as a plain attribute).
-    self.attention_mask = attention_mask                        # [J+V, J+V], True = blocked
-    self.fine_upsample = fine_upsample                          # [V_fine, V_int]
+    self.attention_mask = attention_mask  # [J+V, J+V], True = blocked
+    self.fine_upsample = fine_upsample  # [V_fine, V_int]
 
   def forward(self, images):
     b = images.shape[0]
-    features = self.backbone(images)                            # [B, C, h, w]
+    features = self.backbone(images)  # [B, C, h, w]
     _, _, h, w = features.shape
-    img = self.conv_1x1(features).flatten(2).permute(2, 0, 1)   # [hw, B, D1]
+    img = self.conv_1x1(features).flatten(2).permute(2, 0, 1)  # [hw, B, D1]
     cam = self.cam_token_embed.weight[:, None].repeat(1, b, 1)
     jv = torch.cat([self.joint_token_embed.weight, self.vertex_token_embed.weight], 0)
-    jv = jv[:, None].repeat(1, b, 1)                            # [J+V, B, D1]
+    jv = jv[:, None].repeat(1, b, 1)  # [J+V, B, D1]
     pos_1 = sine_position_encoding(h, w, img.shape[-1])[:, None]
     pos_2 = sine_position_encoding(h, w, self.dim_reduce_dec.out_features)[:, None]
     cam, img, jv = self.transformer_1(img, cam, jv, pos_1, self.attention_mask)
-    cam, _, jv = self.transformer_2(self.dim_reduce_enc_img(img), self.dim_reduce_enc_cam(cam),
-                                    self.dim_reduce_dec(jv), pos_2, self.attention_mask)
+    cam, _, jv = self.transformer_2(
+        self.dim_reduce_enc_img(img),
+        self.dim_reduce_enc_cam(cam),
+        self.dim_reduce_dec(jv),
+        pos_2,
+        self.attention_mask,
+    )
     pred_cam = self.cam_predictor(cam).view(b, 3)
-    xyz = self.xyz_regressor(jv.transpose(0, 1))                # [B, J+V, 3]
-    coarse = xyz[:, self.num_joints:]
-    return mesh_outputs(self, pred_cam, xyz[:, :self.num_joints], coarse)
+    xyz = self.xyz_regressor(jv.transpose(0, 1))  # [B, J+V, 3]
+    coarse = xyz[:, self.num_joints :]
+    return mesh_outputs(self, pred_cam, xyz[:, : self.num_joints], coarse)
 
 
 def mesh_outputs(model, pred_cam, joints, coarse):
   intermediate = model.coarse2intermediate_upsample(coarse.transpose(1, 2)).transpose(1, 2)
   fine = torch.einsum('uv,bvc->buc', model.fine_upsample, intermediate)
-  return {'pred_cam': pred_cam, 'pred_3d_joints': joints,
-          'pred_3d_vertices_coarse': coarse,
-          'pred_3d_vertices_intermediate': intermediate,
-          'pred_3d_vertices_fine': fine}
+  return {
+      'pred_cam': pred_cam,
+      'pred_3d_joints': joints,
+      'pred_3d_vertices_coarse': coarse,
+      'pred_3d_vertices_intermediate': intermediate,
+      'pred_3d_vertices_fine': fine,
+  }

@@ -42,21 +42,37 @@ class HighResolutionModule(nn.Module):
     super().__init__()
     n = len(channels)
     self.branches = nn.ModuleList(
-        nn.Sequential(*[BasicBlock(c) for _ in range(num_blocks)]) for c in channels)
+        nn.Sequential(*[BasicBlock(c) for _ in range(num_blocks)]) for c in channels
+    )
     fuse_layers = []
     for i in range(n):
       row = []
       for j in range(n):
         if j > i:
-          row.append(nn.Sequential(nn.Conv2d(channels[j], channels[i], 1, 1, 0, bias=False),
-                                   nn.BatchNorm2d(channels[i]),
-                                   nn.Upsample(scale_factor=2 ** (j - i), mode='nearest')))
+          row.append(
+              nn.Sequential(
+                  nn.Conv2d(channels[j], channels[i], 1, 1, 0, bias=False),
+                  nn.BatchNorm2d(channels[i]),
+                  nn.Upsample(scale_factor=2 ** (j - i), mode='nearest'),
+              )
+          )
         elif j == i:
           row.append(None)
         else:
-          row.append(nn.Sequential(*[
-              conv_bn(channels[j], channels[i] if k == i - j - 1 else channels[j], 3, 2,
-                      relu=k < i - j - 1) for k in range(i - j)]))
+          row.append(
+              nn.Sequential(
+                  *[
+                      conv_bn(
+                          channels[j],
+                          channels[i] if k == i - j - 1 else channels[j],
+                          3,
+                          2,
+                          relu=k < i - j - 1,
+                      )
+                      for k in range(i - j)
+                  ]
+              )
+          )
       fuse_layers.append(nn.ModuleList(row))
     self.fuse_layers = nn.ModuleList(fuse_layers)
 
@@ -85,31 +101,59 @@ def _transition(in_channels, out_channels):
 class HRNet(nn.Module):
   """width 64 = HRNet-W64 (1956 state-dict keys, 128,059,944 parameters)."""
 
-  def __init__(self, width=64, stem_width=64, stage_modules=(1, 4, 3), num_blocks=4,
-               head_channels=(32, 64, 128, 256), final_channels=2048, num_classes=1000):
+  def __init__(
+      self,
+      width=64,
+      stem_width=64,
+      stage_modules=(1, 4, 3),
+      num_blocks=4,
+      head_channels=(32, 64, 128, 256),
+      final_channels=2048,
+      num_classes=1000,
+  ):
     super().__init__()
     self.conv1 = nn.Conv2d(3, stem_width, 3, 2, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(stem_width)
     self.conv2 = nn.Conv2d(stem_width, stem_width, 3, 2, 1, bias=False)
     self.bn2 = nn.BatchNorm2d(stem_width)
-    self.layer1 = nn.Sequential(*[
-        resnet.Bottleneck(stem_width if j == 0 else stem_width * EXPANSION, stem_width,
-                          downsample=j == 0) for j in range(num_blocks)])
+    self.layer1 = nn.Sequential(
+        *[
+            resnet.Bottleneck(
+                stem_width if j == 0 else stem_width * EXPANSION, stem_width, downsample=j == 0
+            )
+            for j in range(num_blocks)
+        ]
+    )
     channels = [stem_width * EXPANSION]
     for s, num_modules in enumerate(stage_modules):
-      new = [width * 2 ** b for b in range(len(channels) + 1)]
+      new = [width * 2**b for b in range(len(channels) + 1)]
       setattr(self, f'transition{s + 1}', _transition(channels, new))
       channels = new
-      setattr(self, f'stage{s + 2}', nn.Sequential(  # lists in, lists out
-          *[HighResolutionModule(channels, num_blocks) for _ in range(num_modules)]))
+      setattr(
+          self,
+          f'stage{s + 2}',
+          nn.Sequential(  # lists in, lists out
+              *[HighResolutionModule(channels, num_blocks) for _ in range(num_modules)]
+          ),
+      )
     self.incre_modules = nn.ModuleList(
         nn.Sequential(resnet.Bottleneck(c, h, downsample=c != h * EXPANSION))
-        for c, h in zip(channels, head_channels))
+        for c, h in zip(channels, head_channels)
+    )
     self.downsamp_modules = nn.ModuleList(
-        conv_bn(head_channels[i] * EXPANSION, head_channels[i + 1] * EXPANSION, 3, 2,
-                relu=True, bias=True) for i in range(len(channels) - 1))
-    self.final_layer = conv_bn(head_channels[-1] * EXPANSION, final_channels, 1, 1,
-                               relu=True, bias=True)
+        conv_bn(
+            head_channels[i] * EXPANSION,
+            head_channels[i + 1] * EXPANSION,
+            3,
+            2,
+            relu=True,
+            bias=True,
+        )
+        for i in range(len(channels) - 1)
+    )
+    self.final_layer = conv_bn(
+        head_channels[-1] * EXPANSION, final_channels, 1, 1, relu=True, bias=True
+    )
     self.classifier = nn.Linear(final_channels, num_classes)
     self.num_stages = len(stage_modules)
     self.out_channels = final_channels
@@ -120,10 +164,12 @@ class HRNet(nn.Module):
     xs = [self.layer1(x)]
     for s in range(self.num_stages):
       transition = getattr(self, f'transition{s + 1}')
-      xs = [xs[i] if t is None else t(xs[i] if i < len(xs) else xs[-1])
-            for i, t in enumerate(transition)]
+      xs = [
+          xs[i] if t is None else t(xs[i] if i < len(xs) else xs[-1])
+          for i, t in enumerate(transition)
+      ]
       xs = getattr(self, f'stage{s + 2}')(xs)
     y = self.incre_modules[0](xs[0])
     for i, down in enumerate(self.downsamp_modules):
       y = self.incre_modules[i + 1](xs[i + 1]) + down(y)
-    return self.final_layer(y)                                   # [B, 2048, H/32, W/32]
+    return self.final_layer(y)  # [B, 2048, H/32, W/32]

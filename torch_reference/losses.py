@@ -38,24 +38,28 @@ def compute_loss(out, batch, regressor, topology, loss_config):
   gt_fine = batch['gt_vertices'] - regress(batch['gt_vertices'])[:, jt.H36M_PELVIS][:, None]
   gt_vertices = {'fine': gt_fine}
   gt_vertices['intermediate'] = gt_fine[:, torch.from_numpy(topology.down_indices[0])]
-  gt_vertices['coarse'] = gt_vertices['intermediate'][:, torch.from_numpy(
-      topology.down_indices[1])]
+  gt_vertices['coarse'] = gt_vertices['intermediate'][:, torch.from_numpy(topology.down_indices[1])]
   j24 = batch['joints_3d']
   gt_3d = j24[:, list(jt.J24_TO_J14), :3] - j24[:, jt.J24_PELVIS, :3][:, None]
   conf_3d = j24[:, list(jt.J24_TO_J14), 3:]
   gt_2d = batch['joints_2d'][:, list(jt.J24_TO_J14)]
 
-  def joints_3d(pred):   # FastMETRO keypoint_3d_loss
+  def joints_3d(pred):  # FastMETRO keypoint_3d_loss
     return (conf_3d * (pred - hip(pred) - (gt_3d - hip(gt_3d))).abs()).mean()
 
-  def joints_2d(pred):   # FastMETRO keypoint_2d_loss
+  def joints_2d(pred):  # FastMETRO keypoint_2d_loss
     return (gt_2d[..., 2:] * (project(pred, out['pred_cam']) - gt_2d[..., :2]).abs()).mean()
 
   vertices = sum(
       weight * (out[f'pred_3d_vertices_{level}'] - pelvis - gt_vertices[level]).abs().mean()
-      for level, weight in (('coarse', c.vertices_coarse),
-                            ('intermediate', c.vertices_intermediate),
-                            ('fine', c.vertices_fine)))
-  return (c.joints_3d * (joints_3d(token_joints) + joints_3d(mesh_joints)) +
-          c.vertices * vertices +
-          c.joints_2d * (joints_2d(token_joints) + joints_2d(mesh_joints)))
+      for level, weight in (
+          ('coarse', c.vertices_coarse),
+          ('intermediate', c.vertices_intermediate),
+          ('fine', c.vertices_fine),
+      )
+  )
+  return (
+      c.joints_3d * (joints_3d(token_joints) + joints_3d(mesh_joints))
+      + c.vertices * vertices
+      + c.joints_2d * (joints_2d(token_joints) + joints_2d(mesh_joints))
+  )

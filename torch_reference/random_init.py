@@ -18,12 +18,15 @@ def randomize_(model, seed=0):
       elif isinstance(module, nn.LayerNorm):
         module.weight.normal_(1.0, 0.1, generator=g)
         module.bias.normal_(0.0, 0.1, generator=g)
-    done = {id(p) for m in model.modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
-            for p in m.parameters(recurse=False)}
+    done = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+        for p in m.parameters(recurse=False)
+    }
     for param in model.parameters():
       if id(param) in done:
         continue
       fan_in = param[0].numel() if param.ndim > 1 else 10
-      param.normal_(0.0, fan_in ** -0.5, generator=g)
+      param.normal_(0.0, fan_in**-0.5, generator=g)
   return model

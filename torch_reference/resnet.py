@@ -27,7 +27,8 @@ class Bottleneck(nn.Module):
     if downsample:
       self.downsample = nn.Sequential(
           nn.Conv2d(in_channels, planes * EXPANSION, 1, stride, bias=False),
-          nn.BatchNorm2d(planes * EXPANSION))
+          nn.BatchNorm2d(planes * EXPANSION),
+      )
 
   def forward(self, x):
     out = self.relu(self.bn1(self.conv1(x)))
@@ -48,7 +49,7 @@ class ResNet(nn.Module):
     self.maxpool = nn.MaxPool2d(3, 2, padding=1)
     in_channels = width
     for i, depth in enumerate(depths):
-      planes = width * 2 ** i
+      planes = width * 2**i
       blocks = []
       for j in range(depth):
         stride = 2 if (j == 0 and i > 0) else 1

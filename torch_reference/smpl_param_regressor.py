@@ -24,8 +24,7 @@ class FCBlock(nn.Module):
 
   def __init__(self, in_size, out_size):
     super().__init__()
-    self.fc_block = nn.Sequential(nn.Linear(in_size, out_size), nn.BatchNorm1d(out_size),
-                                  nn.ReLU())
+    self.fc_block = nn.Sequential(nn.Linear(in_size, out_size), nn.BatchNorm1d(out_size), nn.ReLU())
 
   def forward(self, x):
     return self.fc_block(x)
@@ -36,8 +35,13 @@ class FCResBlock(nn.Module):
 
   def __init__(self, size):
     super().__init__()
-    self.fc_block = nn.Sequential(nn.Linear(size, size), nn.BatchNorm1d(size), nn.ReLU(),
-                                  nn.Linear(size, size), nn.BatchNorm1d(size))
+    self.fc_block = nn.Sequential(
+        nn.Linear(size, size),
+        nn.BatchNorm1d(size),
+        nn.ReLU(),
+        nn.Linear(size, size),
+        nn.BatchNorm1d(size),
+    )
 
   def forward(self, x):
     return F.relu(x + self.fc_block(x))
@@ -57,11 +61,15 @@ class SMPLParameterRegressor(nn.Module):
 
   def __init__(self, num_vertices=1723, hidden=1024):
     super().__init__()
-    self.regressor = nn.Sequential(FCBlock(num_vertices * 3, hidden), FCResBlock(hidden),
-                                   FCResBlock(hidden), nn.Linear(hidden, 24 * 9 + 10))
+    self.regressor = nn.Sequential(
+        FCBlock(num_vertices * 3, hidden),
+        FCResBlock(hidden),
+        FCResBlock(hidden),
+        nn.Linear(hidden, 24 * 9 + 10),
+    )
 
   def forward(self, vertices):
     b = vertices.shape[0]
     x = self.regressor(vertices.detach().reshape(b, -1))
-    rotmat = svd_rotation(x[:, :24 * 9].reshape(-1, 3, 3)).reshape(b, 24, 3, 3)
-    return rotmat, x[:, 24 * 9:]
+    rotmat = svd_rotation(x[:, : 24 * 9].reshape(-1, 3, 3)).reshape(b, 24, 3, 3)
+    return rotmat, x[:, 24 * 9 :]

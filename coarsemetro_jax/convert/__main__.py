@@ -32,7 +32,7 @@ from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 from coarsemetro_jax.convert import torch_writer
 
-PROGRESS_MIN_BYTES = 32 << 20   # show a progress line for files above 32 MiB
+PROGRESS_MIN_BYTES = 32 << 20  # show a progress line for files above 32 MiB
 
 
 def _progress_printer(path):
@@ -47,16 +47,22 @@ def _progress_printer(path):
     if done < total and now - last < 0.5:
       return
     last = now
-    print(f'\rreading {os.path.basename(path)}: {done / 2**20:7.1f} / {total / 2**20:.1f} MiB '
-          f'({now - start:4.1f} s)', end='\n' if done >= total else '', file=sys.stderr,
-          flush=True)
+    print(
+        f'\rreading {os.path.basename(path)}: {done / 2**20:7.1f} / {total / 2**20:.1f} MiB '
+        f'({now - start:4.1f} s)',
+        end='\n' if done >= total else '',
+        file=sys.stderr,
+        flush=True,
+    )
+
   return show
 
 
 def _model_differences(a, b):
   a, b = a.to_dict(), b.to_dict()
-  return [f'{k}: {a.get(k)!r} vs {b.get(k)!r}' for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k)]
+  return [
+      f'{k}: {a.get(k)!r} vs {b.get(k)!r}' for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+  ]
 
 
 def _check_paths(src, out, kind):
@@ -79,20 +85,32 @@ def to_jax(src, out, kind='', config_spec=''):
   if config_spec:
     diff = _model_differences(kind_config.model, config.model)
     if diff:
-      raise ValueError(f'{src} is a {kind} checkpoint but --config {config_spec} builds '
-                       f'{kinds.kind_of(config.model)} (differing model fields: '
-                       f'{"; ".join(diff)}); use a config of that model')
-  print(f'{src}: {kind} ({"backbone only" if scope == "backbone" else "whole model"}, '
-        f'{len(state)} tensors)')
+      raise ValueError(
+          f'{src} is a {kind} checkpoint but --config {config_spec} builds '
+          f'{kinds.kind_of(config.model)} (differing model fields: '
+          f'{"; ".join(diff)}); use a config of that model'
+      )
+  print(
+      f'{src}: {kind} ({"backbone only" if scope == "backbone" else "whole model"}, '
+      f'{len(state)} tensors)'
+  )
   table = tables.model_table(kind_config.model, scope)
   target = kinds.abstract_variables(kind_config, scope)
   variables, report = state_dict_lib.to_flax(state, table, target, source=src)
   print(report.summary())
-  orbax_variables.save_converted(out, variables, {
-      'kind': kind, 'scope': scope, 'source': os.path.abspath(src),
-      'model': kind_config.model.to_dict(),
-      'converted_tensors': len(report.converted), 'ignored_keys': report.ignored},
-                            carried=report.carried)
+  orbax_variables.save_converted(
+      out,
+      variables,
+      {
+          'kind': kind,
+          'scope': scope,
+          'source': os.path.abspath(src),
+          'model': kind_config.model.to_dict(),
+          'converted_tensors': len(report.converted),
+          'ignored_keys': report.ignored,
+      },
+      carried=report.carried,
+  )
   print(f'wrote {out}')
   return report
 
@@ -112,18 +130,27 @@ def to_torch(src, out, kind='', config_spec=''):
     model_config = ml_collections.ConfigDict(metadata['model'])
     scope = metadata.get('scope', 'model')
   else:
-    raise ValueError(f'{src} was not written by this converter: pass --config '
-                     '(and --kind for a backbone-only checkpoint)')
+    raise ValueError(
+        f'{src} was not written by this converter: pass --config '
+        '(and --kind for a backbone-only checkpoint)'
+    )
   table = tables.model_table(model_config, scope)
   state = state_dict_lib.to_torch(variables, table, carried=carried)
   for module in state_dict_lib.missing_carried(table, carried):
-    print(f'note: {src} holds no {module}.* (a source module with no Flax counterpart, '
-          'kept only by a conversion); the file lacks it: load it with strict=False')
+    print(
+        f'note: {src} holds no {module}.* (a source module with no Flax counterpart, '
+        'kept only by a conversion); the file lacks it: load it with strict=False'
+    )
   torch_writer.save(state, out)
-  n = sum(tables.num_params(v.shape) for k, v in state.items()
-          if not k.endswith(('num_batches_tracked', 'running_mean', 'running_var')))
-  print(f'wrote {out}: {len(state)} tensors, {n:,} parameters '
-        f'({kinds.kind_of(model_config, scope)})')
+  n = sum(
+      tables.num_params(v.shape)
+      for k, v in state.items()
+      if not k.endswith(('num_batches_tracked', 'running_mean', 'running_var'))
+  )
+  print(
+      f'wrote {out}: {len(state)} tensors, {n:,} parameters '
+      f'({kinds.kind_of(model_config, scope)})'
+  )
   return state
 
 
@@ -133,17 +160,26 @@ def main(argv=None):
       description=__doc__.split('\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog='Kinds: resnet50-imagenet, fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}, '
-             'each with -smplparam for the SMPL-parameter head (detected from the keys '
-             'unless --kind is given).')
-  parser.add_argument('--src', required=True,
-                      help='PyTorch .pth/.bin/.pt file (or, with --to-torch, a JAX checkpoint dir)')
-  parser.add_argument('--out', required=True,
-                      help='new orbax checkpoint directory (or, with --to-torch, a .pth file)')
+      'each with -smplparam for the SMPL-parameter head (detected from the keys '
+      'unless --kind is given).',
+  )
+  parser.add_argument(
+      '--src',
+      required=True,
+      help='PyTorch .pth/.bin/.pt file (or, with --to-torch, a JAX checkpoint dir)',
+  )
+  parser.add_argument(
+      '--out',
+      required=True,
+      help='new orbax checkpoint directory (or, with --to-torch, a .pth file)',
+  )
   parser.add_argument('--kind', default='', help='checkpoint kind; overrides detection')
-  parser.add_argument('--config', default='',
-                      help='config file[:arg] of the model (default configs/r50.py)')
-  parser.add_argument('--to-torch', action='store_true',
-                      help='convert a JAX checkpoint into a PyTorch state dict')
+  parser.add_argument(
+      '--config', default='', help='config file[:arg] of the model (default configs/r50.py)'
+  )
+  parser.add_argument(
+      '--to-torch', action='store_true', help='convert a JAX checkpoint into a PyTorch state dict'
+  )
   args = parser.parse_args(argv)
   try:
     if args.to_torch:

@@ -14,6 +14,7 @@ import numpy as np
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax.convert import torch_file
 
+
 def read_adjmat(prefix):
   """(indices int [2, N], values [N], size (V, V)) from `<prefix>_{indices,values,size}.pt`.
 

@@ -35,8 +35,12 @@ def _hr_module(rows, module, num_branches, num_blocks):
   for b in range(num_branches):
     for k in range(num_blocks):
       p = f'{module}.branches.{b}.{k}'
-      rows += [(f'{p}.conv1', 'conv'), (f'{p}.bn1', 'batch_norm'),
-               (f'{p}.conv2', 'conv'), (f'{p}.bn2', 'batch_norm')]
+      rows += [
+          (f'{p}.conv1', 'conv'),
+          (f'{p}.bn1', 'batch_norm'),
+          (f'{p}.conv2', 'conv'),
+          (f'{p}.bn2', 'batch_norm'),
+      ]
   for i in range(num_branches):
     for j in range(num_branches):
       p = f'{module}.fuse_layers.{i}.{j}'
@@ -46,17 +50,22 @@ def _hr_module(rows, module, num_branches, num_blocks):
         _conv_bn(rows, f'{p}.{k}')
 
 
-def module_rows(width, stem_width=64, stage_modules=hrnet.STAGE_MODULES,
-                num_blocks=hrnet.NUM_BLOCKS, head_channels=hrnet.HEAD_CHANNELS,
-                final_channels=hrnet.FINAL_CHANNELS):
+def module_rows(
+    width,
+    stem_width=64,
+    stage_modules=hrnet.STAGE_MODULES,
+    num_blocks=hrnet.NUM_BLOCKS,
+    head_channels=hrnet.HEAD_CHANNELS,
+    final_channels=hrnet.FINAL_CHANNELS,
+):
   """(torch module path, row kind) in state-dict order, for models/hrnet.HRNet's fields."""
-  del final_channels   # a shape only; the rows are the same
+  del final_channels  # a shape only; the rows are the same
   rows = [('conv1', 'conv'), ('bn1', 'batch_norm'), ('conv2', 'conv'), ('bn2', 'batch_norm')]
   for j in range(num_blocks):
     _bottleneck(rows, f'layer1.{j}', j == 0)
   channels = (stem_width * EXPANSION,)
   for s, num_modules in enumerate(stage_modules):
-    new = tuple(width * 2 ** b for b in range(len(channels) + 1))
+    new = tuple(width * 2**b for b in range(len(channels) + 1))
     for i, c in enumerate(new):
       if i >= len(channels):
         _conv_bn(rows, f'transition{s + 1}.{i}.0')

@@ -33,13 +33,19 @@ from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import tables
 
 FASTMETRO_SIZES = {'S': 1, 'M': 2, 'L': 3}
-BACKBONE_TAGS = {'r50': ('resnet50', 64), 'h64': ('hrnet', 64), 'h48': ('hrnet', 48),
-                 'h32': ('hrnet', 32), 'resnet': ('resnet', 64)}
+BACKBONE_TAGS = {
+    'r50': ('resnet50', 64),
+    'h64': ('hrnet', 64),
+    'h48': ('hrnet', 48),
+    'h32': ('hrnet', 32),
+    'resnet': ('resnet', 64),
+}
 # A source checkout's configs/ (not installed with the package): the default
 # model config of the command line when --config is not given.
-SMPL_PARAM_SUFFIX = 'smplparam'   # kind suffix of a model with the SMPL-parameter head
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'configs')
+SMPL_PARAM_SUFFIX = 'smplparam'  # kind suffix of a model with the SMPL-parameter head
+REPO_CONFIGS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs'
+)
 
 
 # ----------------------------------------------------------------------------
@@ -53,7 +59,8 @@ def load_config(spec=''):
     if not os.path.isfile(spec):
       raise config_files.ConfigError(
           f'no --config given and there is no {spec} (configs/ is not installed with the '
-          'package); pass --config path/to/configs/r50.py or the model\'s config')
+          "package); pass --config path/to/configs/r50.py or the model's config"
+      )
   return config_files.load(spec)
 
 
@@ -70,12 +77,20 @@ def kind_of(model_config, scope='model'):
   """Kind name of a model config (scope 'backbone': its ImageNet file)."""
   if scope == 'backbone':
     name = model_config.backbone
-    return ('resnet50-imagenet' if name == 'resnet50' else
-            f'hrnet-w{model_config.hrnet_width}-imagenet' if name == 'hrnet' else
-            f'{name}-imagenet')
-  size = ({v: k for k, v in FASTMETRO_SIZES.items()}.get(model_config.fastmetro_layers,
-                                                         str(model_config.fastmetro_layers))
-          if model_config.name == 'fastmetro' else 'S')
+    return (
+        'resnet50-imagenet'
+        if name == 'resnet50'
+        else f'hrnet-w{model_config.hrnet_width}-imagenet'
+        if name == 'hrnet'
+        else f'{name}-imagenet'
+    )
+  size = (
+      {v: k for k, v in FASTMETRO_SIZES.items()}.get(
+          model_config.fastmetro_layers, str(model_config.fastmetro_layers)
+      )
+      if model_config.name == 'fastmetro'
+      else 'S'
+  )
   head = f'-{SMPL_PARAM_SUFFIX}' if model_config.get('smpl_param_regressor', False) else ''
   return f'{model_config.name}-{size}-{_backbone_tag(model_config)}{head}'
 
@@ -121,9 +136,11 @@ def parse_kind(kind):
       return 'model', dict(overrides, fastmetro_layers=FASTMETRO_SIZES[size])
     if name == 'coarsemetro' and size == 'S':
       return 'model', overrides
-  raise ValueError(f'unknown checkpoint kind {kind!r}; kinds look like resnet50-imagenet, '
-                   'fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}, '
-                   f'fastmetro-L-h64-{SMPL_PARAM_SUFFIX}')
+  raise ValueError(
+      f'unknown checkpoint kind {kind!r}; kinds look like resnet50-imagenet, '
+      'fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}, '
+      f'fastmetro-L-h64-{SMPL_PARAM_SUFFIX}'
+  )
 
 
 def apply_kind(kind, config):
@@ -184,7 +201,7 @@ def detect_kind(keys, config):
   for kind in candidate_kinds(config):
     missing, unexpected, carried = _mismatch(keys, kind_table(kind, config))
     if not missing and not unexpected:
-      exact.append((len(carried), len(exact), kind))   # ties: candidate order
+      exact.append((len(carried), len(exact), kind))  # ties: candidate order
     scores.append((len(missing) + len(unexpected), kind, missing, unexpected))
   if exact:
     return min(exact)[2]
@@ -193,10 +210,12 @@ def detect_kind(keys, config):
   raise ValueError(
       f'the checkpoint matches no known kind; closest is {kind} with '
       f'{len(missing)} missing and {len(unexpected)} unexpected keys\n'
-      + state_dict_lib.listing('missing', missing) + '\n'
+      + state_dict_lib.listing('missing', missing)
+      + '\n'
       + state_dict_lib.listing('unexpected', unexpected)
       + '\n  pass --kind to force one, or --config for a model with other '
-      'widths/stages')
+      'widths/stages'
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -219,7 +238,9 @@ def shape_topology(num_vertices=mesh_topology.SMPL_LEVELS):
       down_indices=tuple(np.zeros(nv[l + 1], np.int32) for l in range(up)),
       up_indices=tuple(np.zeros((nv[l], k), np.int32) for l in range(up)),
       up_weights=tuple(np.zeros((nv[l], k), np.float32) for l in range(up)),
-      coarse_adjacency=np.eye(nv[-1], dtype=bool), source='shapes only')
+      coarse_adjacency=np.eye(nv[-1], dtype=bool),
+      source='shapes only',
+  )
 
 
 def config_topology(config):
@@ -241,8 +262,7 @@ def abstract_variables(config, scope='model', topology=None):
     module = models.build_backbone(config.model)
   else:
     module = models.build_model(config.model, topology or config_topology(config))
-  variables = jax.eval_shape(
-      lambda x: module.init(jax.random.key(0), x, train=False), images)
+  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), images)
   variables = {c: dict(v) for c, v in variables.items() if c in ('params', 'batch_stats')}
   if scope == 'backbone':
     variables = {c: {'backbone': v} for c, v in variables.items()}

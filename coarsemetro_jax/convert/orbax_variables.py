@@ -37,13 +37,13 @@ from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import torch_file
 
 METADATA_KEY = 'coarsemetro_convert'
-CARRIED = 'carried'   # tree entry of the carried source tensors, nested at the key's dots
+CARRIED = 'carried'  # tree entry of the carried source tensors, nested at the key's dots
 _HEAD = smpl_param_table.FLAX_PREFIX.rstrip('/')
 # Containers other training scripts wrap a state dict in.
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
-STEP_METADATA_FILE = '_CHECKPOINT_METADATA'   # orbax's per-checkpoint metadata
+STEP_METADATA_FILE = '_CHECKPOINT_METADATA'  # orbax's per-checkpoint metadata
 MAX_REASON_CHARS = 300
-ORBAX_CODE = f'{os.sep}orbax{os.sep}checkpoint{os.sep}'   # in paths of orbax's source files
+ORBAX_CODE = f'{os.sep}orbax{os.sep}checkpoint{os.sep}'  # in paths of orbax's source files
 
 
 class UnreadableCheckpointError(ValueError):
@@ -61,28 +61,39 @@ def read_state_dict(path, progress=None):
   if isinstance(obj, dict) and not _is_state_dict(obj):
     inner = [k for k in WRAPPER_KEYS if k in obj and _is_state_dict(obj[k])]
     if len(inner) == 1:
-      notes.append(f'using the {inner[0]!r} entry of the file '
-                   f'(other entries: {sorted(k for k in obj if k != inner[0])})')
+      notes.append(
+          f'using the {inner[0]!r} entry of the file '
+          f'(other entries: {sorted(k for k in obj if k != inner[0])})'
+      )
       obj = obj[inner[0]]
   if not isinstance(obj, dict) or not _is_state_dict(obj):
-    kinds = (sorted({type(v).__name__ for v in obj.values()}) if isinstance(obj, dict)
-             else type(obj).__name__)
+    kinds = (
+        sorted({type(v).__name__ for v in obj.values()})
+        if isinstance(obj, dict)
+        else type(obj).__name__
+    )
     raise torch_file.TorchFileError(
-        f'{path}: expected a state dict (name -> tensor), found {kinds}')
+        f'{path}: expected a state dict (name -> tensor), found {kinds}'
+    )
   if obj and all(k.startswith('module.') for k in obj):
     notes.append("stripped the DistributedDataParallel 'module.' prefix")
-    obj = collections.OrderedDict((k[len('module.'):], v) for k, v in obj.items())
+    obj = collections.OrderedDict((k[len('module.') :], v) for k, v in obj.items())
   return collections.OrderedDict(obj), notes
 
 
 def _is_state_dict(obj):
-  return (isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj)
-          and all(isinstance(v, np.ndarray) for v in obj.values()))
+  return (
+      isinstance(obj, dict)
+      and bool(obj)
+      and all(isinstance(k, str) for k in obj)
+      and all(isinstance(v, np.ndarray) for v in obj.values())
+  )
 
 
 def save_converted(directory, variables, metadata, carried=None):
   """Writes variables (numpy), carried source tensors, `metadata` and checksums to a new directory."""
   import orbax.checkpoint as ocp
+
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f'{directory} already exists; choose a new --out directory')
@@ -102,11 +113,14 @@ def item_directory(directory):
     raise FileNotFoundError(f'{directory}: no such checkpoint directory')
   if os.path.exists(os.path.join(directory, '_METADATA')):
     return directory
-  items = [d for d in ('default', 'state')
-           if os.path.exists(os.path.join(directory, d, '_METADATA'))]
+  items = [
+      d for d in ('default', 'state') if os.path.exists(os.path.join(directory, d, '_METADATA'))
+  ]
   if len(items) != 1:
-    raise FileNotFoundError(f'{directory}: not an orbax checkpoint (no _METADATA here or '
-                            'in a default/ or state/ item folder)')
+    raise FileNotFoundError(
+        f'{directory}: not an orbax checkpoint (no _METADATA here or '
+        'in a default/ or state/ item folder)'
+    )
   return os.path.join(directory, items[0])
 
 
@@ -140,14 +154,18 @@ def read_converted(directory, expected_checksums=None):
       raise
     raise UnreadableCheckpointError(f'{directory} cannot be read: {reason(e)}') from e
   if not isinstance(tree, dict) or 'params' not in tree:
-    raise ValueError(f'{directory}: checkpoint has no top-level "params" entry '
-                     f'(found {sorted(tree) if isinstance(tree, dict) else type(tree)})')
+    raise ValueError(
+        f'{directory}: checkpoint has no top-level "params" entry '
+        f'(found {sorted(tree) if isinstance(tree, dict) else type(tree)})'
+    )
   variables = {c: tree[c] for c in ('params', 'batch_stats', CARRIED) if tree.get(c)}
   if expected_checksums is None:
     expected_checksums = metadata.get('checksums')
   if expected_checksums is None:
-    logging.warning('%s has no checksums (written before they were added): its arrays '
-                    'cannot be verified', directory)
+    logging.warning(
+        '%s has no checksums (written before they were added): its arrays ' 'cannot be verified',
+        directory,
+    )
   else:
     try:
       checksums_lib.verify(variables, expected_checksums, directory)
@@ -157,14 +175,16 @@ def read_converted(directory, expected_checksums=None):
   if CARRIED in variables:
     flat = state_dict_lib.flatten(variables[CARRIED], sep='.')
     variables[CARRIED] = collections.OrderedDict(
-        (k, flat[k]) for k in metadata.get('carried_keys', sorted(flat)))
+        (k, flat[k]) for k in metadata.get('carried_keys', sorted(flat))
+    )
   return variables, metadata
 
 
 def _restore_on_one_device(directory):
   """(restored tree, conversion metadata or {}) of an item directory."""
-  import orbax.checkpoint as ocp
   from etils import epath
+  import orbax.checkpoint as ocp
+
   quiet_abandoned_reads()
   with ocp.StandardCheckpointer() as ckptr:
     # Only a checkpoint written by a Checkpointer (a converted one) has its own
@@ -180,11 +200,11 @@ def _restore_on_one_device(directory):
     # Restore onto this process's first device whatever layout wrote it (a
     # pod's or another host count's shardings would not exist here).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          tree_metadata)
-    if isinstance(target, dict) and CARRIED in target:   # as numpy: int64 stays int64
-      target[CARRIED] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
-                                     tree_metadata[CARRIED])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree_metadata
+    )
+    if isinstance(target, dict) and CARRIED in target:  # as numpy: int64 stays int64
+      target[CARRIED] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree_metadata[CARRIED])
     return ckptr.restore(directory, target), metadata
 
 
@@ -242,16 +262,19 @@ def quiet_abandoned_reads():
 def _is_abandoned_read(unraisable):
   error, code = unraisable.exc_value, getattr(unraisable.object, 'cr_code', None)
   if code is not None and ORBAX_CODE in code.co_filename:
-    return True        # an orbax read coroutine closed while still waiting
-  return (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
-          and 'call_soon_threadsafe' in _frames(unraisable.exc_traceback, 'co_name'))
+    return True  # an orbax read coroutine closed while still waiting
+  return (
+      isinstance(error, RuntimeError)
+      and str(error) == 'Event loop is closed'
+      and 'call_soon_threadsafe' in _frames(unraisable.exc_traceback, 'co_name')
+  )
 
 
 def _keep_asyncio_record(record):
   """False for asyncio's reports of orbax's abandoned read tasks."""
   message = record.getMessage()
   if 'Task was destroyed but it is pending' in message:
-    return ORBAX_CODE not in message       # the message shows the task's coroutine
+    return ORBAX_CODE not in message  # the message shows the task's coroutine
   if 'exception was never retrieved' not in message or not record.exc_info:
     return True
   error = record.exc_info[1]
@@ -287,12 +310,12 @@ def fit_variables(loaded, metadata, variables, name):
   Raises:
     ValueError: listing missing, unexpected and mis-shaped leaves.
   """
-  loaded = {c: v for c, v in loaded.items() if c != CARRIED}   # for --to-torch only
+  loaded = {c: v for c, v in loaded.items() if c != CARRIED}  # for --to-torch only
   scope = metadata.get('scope', 'model')
-  flat_want = {f'{c}/{p}': v for c in variables
-               for p, v in state_dict_lib.flatten(variables[c]).items()}
-  flat_got = {f'{c}/{p}': v for c in loaded
-              for p, v in state_dict_lib.flatten(loaded[c]).items()}
+  flat_want = {
+      f'{c}/{p}': v for c in variables for p, v in state_dict_lib.flatten(variables[c]).items()
+  }
+  flat_got = {f'{c}/{p}': v for c in loaded for p, v in state_dict_lib.flatten(loaded[c]).items()}
   if scope == 'backbone':
     want = {p: v for p, v in flat_want.items() if p.split('/')[1] == 'backbone'}
   elif scope == 'model':
@@ -305,18 +328,27 @@ def fit_variables(loaded, metadata, variables, name):
   # strict=False): a checkpoint with none of the head's leaves fills the rest,
   # and the head keeps the (concrete) values in `variables`.
   head = [p for p in missing if _HEAD in p.split('/')]
-  if (head and not any(_HEAD in p.split('/') for p in flat_got)
-      and not any(isinstance(want[p], jax.ShapeDtypeStruct) for p in head)):
-    logging.warning('%s has no SMPL-parameter head: its %d leaves keep their initial values',
-                    name, len(head))
+  if (
+      head
+      and not any(_HEAD in p.split('/') for p in flat_got)
+      and not any(isinstance(want[p], jax.ShapeDtypeStruct) for p in head)
+  ):
+    logging.warning(
+        '%s has no SMPL-parameter head: its %d leaves keep their initial values', name, len(head)
+    )
     want = {p: v for p, v in want.items() if p not in head}
     missing = [p for p in missing if p not in head]
   unexpected = [p for p in flat_got if p not in want]
-  bad = [f'{p}: checkpoint {list(np.shape(flat_got[p]))} {np.asarray(flat_got[p]).dtype}, '
-         f'model {list(want[p].shape)} {np.dtype(want[p].dtype)}'
-         for p in want if p in flat_got and (
-             tuple(np.shape(flat_got[p])) != tuple(want[p].shape)
-             or np.asarray(flat_got[p]).dtype != np.dtype(want[p].dtype))]
+  bad = [
+      f'{p}: checkpoint {list(np.shape(flat_got[p]))} {np.asarray(flat_got[p]).dtype}, '
+      f'model {list(want[p].shape)} {np.dtype(want[p].dtype)}'
+      for p in want
+      if p in flat_got
+      and (
+          tuple(np.shape(flat_got[p])) != tuple(want[p].shape)
+          or np.asarray(flat_got[p]).dtype != np.dtype(want[p].dtype)
+      )
+  ]
   if missing:
     problems.append(state_dict_lib.listing('missing in the checkpoint', missing))
   if unexpected:
@@ -325,14 +357,19 @@ def fit_variables(loaded, metadata, variables, name):
     problems.append(state_dict_lib.listing('mis-shaped or mis-typed', bad))
   if problems:
     kind = metadata.get('kind', 'unknown kind')
-    raise ValueError(f'{name} ({kind}, scope {scope}) does not fit the model:\n'
-                     + '\n'.join(problems))
+    raise ValueError(
+        f'{name} ({kind}, scope {scope}) does not fit the model:\n' + '\n'.join(problems)
+    )
 
   def place(path, old):
     if path not in want:
       return old
     sharding = getattr(old, 'sharding', None)
-    return jax.device_put(flat_got[path], sharding) if sharding is not None else jax.numpy.asarray(flat_got[path])
+    return (
+        jax.device_put(flat_got[path], sharding)
+        if sharding is not None
+        else jax.numpy.asarray(flat_got[path])
+    )
 
   out = {}
   for c in variables:

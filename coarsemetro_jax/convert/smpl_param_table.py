@@ -25,9 +25,11 @@ def module_rows():
   """(torch module path under the regressor, row kind) in PyTorch registration order."""
   rows = [('regressor.0.fc_block.0', 'linear'), ('regressor.0.fc_block.1', 'batch_norm')]
   for k in (1, 2):
-    rows += [(f'regressor.{k}.fc_block.0', 'linear'),
-             (f'regressor.{k}.fc_block.1', 'batch_norm'),
-             (f'regressor.{k}.fc_block.3', 'linear'),
-             (f'regressor.{k}.fc_block.4', 'batch_norm')]
+    rows += [
+        (f'regressor.{k}.fc_block.0', 'linear'),
+        (f'regressor.{k}.fc_block.1', 'batch_norm'),
+        (f'regressor.{k}.fc_block.3', 'linear'),
+        (f'regressor.{k}.fc_block.4', 'batch_norm'),
+    ]
   rows.append(('regressor.3', 'linear'))
   return rows

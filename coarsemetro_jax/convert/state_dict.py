@@ -26,11 +26,13 @@ import numpy as np
 
 from coarsemetro_jax.convert import tables
 
-MAX_LISTED = 12   # keys listed per category in an error message
+MAX_LISTED = 12  # keys listed per category in an error message
 
 # Float widenings that lose nothing (a half checkpoint loaded into float32).
-_LOSSLESS = {(np.dtype(np.float16), np.dtype(np.float32)),
-             (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32))}
+_LOSSLESS = {
+    (np.dtype(np.float16), np.dtype(np.float32)),
+    (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)),
+}
 
 
 class ConversionError(ValueError):
@@ -40,8 +42,9 @@ class ConversionError(ValueError):
 @dataclasses.dataclass
 class Report:
   """What a conversion did, for the summary table."""
-  converted: list[tuple[str, str, tuple[int, ...], str]]   # torch key, flax path, shape, dtype
-  ignored: list[str]          # dropped: keys of `Table.ignored`
+
+  converted: list[tuple[str, str, tuple[int, ...], str]]  # torch key, flax path, shape, dtype
+  ignored: list[str]  # dropped: keys of `Table.ignored`
   widened: list[str]
   # torch key -> np.ndarray, in source order: tensors with no Flax counterpart
   # that travel with the converted checkpoint (`to_torch(..., carried=)`).
@@ -67,9 +70,11 @@ class Report:
     if others:
       shown = ', '.join(others[:8]) + (' ...' if len(others) > 8 else '')
       n = sum(tables.num_params(self.carried[k].shape) for k in others)
-      lines.append(f'carried {len(others)} source tensors with no Flax counterpart '
-                   f'({n:,} values; kept with the checkpoint, written back by --to-torch): '
-                   f'{shown}')
+      lines.append(
+          f'carried {len(others)} source tensors with no Flax counterpart '
+          f'({n:,} values; kept with the checkpoint, written back by --to-torch): '
+          f'{shown}'
+      )
     if self.ignored:
       shown = ', '.join(self.ignored[:8]) + (' ...' if len(self.ignored) > 8 else '')
       lines.append(f'dropped {len(self.ignored)} source keys (deliberately): {shown}')
@@ -130,14 +135,24 @@ def to_flax(state_dict, table, target, source='checkpoint'):
   ignorable = set(ignorable)
 
   missing = [k for k in by_torch if k not in state_dict]
-  carried = [k for k in state_dict
-             if k not in by_torch and (k in ignorable or tables.carrying_module(k, table))]
-  unexpected = [k for k in state_dict if k not in by_torch and k not in carried
-                and not tables.is_ignored(k, table)]
-  unfilled = [p for p in flat_target
-              if p not in {f'{leaf.collection}/{leaf.flax}' for leaf in leaves}]
-  unknown = [f'{leaf.torch} -> {leaf.collection}/{leaf.flax}' for leaf in leaves
-             if f'{leaf.collection}/{leaf.flax}' not in flat_target]
+  carried = [
+      k
+      for k in state_dict
+      if k not in by_torch and (k in ignorable or tables.carrying_module(k, table))
+  ]
+  unexpected = [
+      k
+      for k in state_dict
+      if k not in by_torch and k not in carried and not tables.is_ignored(k, table)
+  ]
+  unfilled = [
+      p for p in flat_target if p not in {f'{leaf.collection}/{leaf.flax}' for leaf in leaves}
+  ]
+  unknown = [
+      f'{leaf.torch} -> {leaf.collection}/{leaf.flax}'
+      for leaf in leaves
+      if f'{leaf.collection}/{leaf.flax}' not in flat_target
+  ]
   problems = []
   if missing:
     problems.append(listing('missing keys (in the model, not in the file)', missing))
@@ -162,23 +177,28 @@ def to_flax(state_dict, table, target, source='checkpoint'):
       continue
     if value.dtype != np.dtype(want.dtype):
       if (value.dtype, np.dtype(want.dtype)) not in _LOSSLESS:
-        bad.append(f'{leaf.torch}: file dtype {value.dtype}, model expects '
-                   f'{np.dtype(want.dtype)}')
+        bad.append(
+            f'{leaf.torch}: file dtype {value.dtype}, model expects ' f'{np.dtype(want.dtype)}'
+        )
         continue
       widened.append(leaf.torch)
-    flat_out[path] = np.array(value, dtype=want.dtype, order='C')   # own copy
+    flat_out[path] = np.array(value, dtype=want.dtype, order='C')  # own copy
     converted.append((leaf.torch, path, tuple(value.shape), str(value.dtype)))
   if bad:
     problems.append(listing('mis-shaped or mis-typed keys', bad))
   _raise(problems, f'{source} does not match the model')
 
   carried = set(carried)
-  ignored = sorted((k for k in state_dict if k not in by_torch and k not in carried),
-                   key=tables.natural_key)
-  out = {c: unflatten({p[len(c) + 1:]: v for p, v in flat_out.items()
-                       if p.startswith(c + '/')}) for c in target}
-  kept = collections.OrderedDict((k, np.array(v)) for k, v in state_dict.items()
-                                 if k in carried)   # own copies, source order
+  ignored = sorted(
+      (k for k in state_dict if k not in by_torch and k not in carried), key=tables.natural_key
+  )
+  out = {
+      c: unflatten({p[len(c) + 1 :]: v for p, v in flat_out.items() if p.startswith(c + '/')})
+      for c in target
+  }
+  kept = collections.OrderedDict(
+      (k, np.array(v)) for k, v in state_dict.items() if k in carried
+  )  # own copies, source order
   return out, Report(converted, ignored, widened, kept)
 
 
@@ -216,16 +236,18 @@ def to_torch(variables, table, num_batches_tracked=0, carried=None):
   flat = {f'{c}/{p}': v for c in variables for p, v in flatten(variables[c]).items()}
   used = {f'{leaf.collection}/{leaf.flax}' for leaf in leaves}
   problems = []
-  missing = [f'{leaf.collection}/{leaf.flax}' for leaf in leaves
-             if f'{leaf.collection}/{leaf.flax}' not in flat]
+  missing = [
+      f'{leaf.collection}/{leaf.flax}'
+      for leaf in leaves
+      if f'{leaf.collection}/{leaf.flax}' not in flat
+  ]
   extra = [p for p in flat if p not in used]
   if missing:
     problems.append(listing('Flax leaves the table needs but the variables lack', missing))
   if extra:
     problems.append(listing('Flax leaves not covered by the table', extra))
   carried = carried or {}
-  homeless = [k for k in carried
-              if k not in ignorable and not tables.carrying_module(k, table)]
+  homeless = [k for k in carried if k not in ignorable and not tables.carrying_module(k, table)]
   if homeless:
     problems.append(listing('carried tensors the table has no place for', homeless))
   _raise(problems, 'variables do not match the conversion table')
@@ -233,16 +255,20 @@ def to_torch(variables, table, num_batches_tracked=0, carried=None):
   out = collections.OrderedDict()
   for r in table.rows:
     if r.kind in tables.CARRIED_KINDS:
-      out.update((k, np.asarray(v)) for k, v in carried.items()
-                 if tables.carrying_module(k, table) == r.torch)
+      out.update(
+          (k, np.asarray(v))
+          for k, v in carried.items()
+          if tables.carrying_module(k, table) == r.torch
+      )
     for leaf in tables.expand_row(r)[0]:
       value = np.asarray(flat[f'{leaf.collection}/{leaf.flax}'])
       out[leaf.torch] = np.array(tables.TO_TORCH[leaf.layout](value), order='C')
       module = leaf.torch.rsplit('.', 1)[0]
       if leaf.torch.endswith('running_var') and module in nbt:
         key = nbt[module]
-        out[key] = np.asarray(carried[key] if key in carried
-                              else np.array(num_batches_tracked, np.int64))
+        out[key] = np.asarray(
+            carried[key] if key in carried else np.array(num_batches_tracked, np.int64)
+        )
   return out
 
 

@@ -75,29 +75,39 @@ import numpy as np
 from coarsemetro_jax.convert import hrnet_table
 from coarsemetro_jax.convert import smpl_param_table as smpl_param_listing
 
-ROW_KINDS = ('conv', 'conv_bias', 'linear', 'embedding', 'layer_norm', 'batch_norm', 'mha',
-             'carried', 'optional')
-CARRIED_KINDS = ('carried', 'optional')   # rows with no Flax counterpart
+ROW_KINDS = (
+    'conv',
+    'conv_bias',
+    'linear',
+    'embedding',
+    'layer_norm',
+    'batch_norm',
+    'mha',
+    'carried',
+    'optional',
+)
+CARRIED_KINDS = ('carried', 'optional')  # rows with no Flax counterpart
 
 # Layouts: torch array -> Flax array, and back.
 TO_FLAX = {
     'copy': lambda w: w,
-    'linear': lambda w: w.T,                        # [out, in] -> [in, out]
-    'conv': lambda w: w.transpose(2, 3, 1, 0),      # OIHW -> HWIO
+    'linear': lambda w: w.T,  # [out, in] -> [in, out]
+    'conv': lambda w: w.transpose(2, 3, 1, 0),  # OIHW -> HWIO
 }
 TO_TORCH = {
     'copy': lambda w: w,
     'linear': lambda w: w.T,
-    'conv': lambda w: w.transpose(3, 2, 0, 1),      # HWIO -> OIHW
+    'conv': lambda w: w.transpose(3, 2, 0, 1),  # HWIO -> OIHW
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One PyTorch module and the Flax module it becomes."""
+
   kind: str
-  torch: str     # dotted module path, e.g. 'transformer_1.encoder.norm'
-  flax: str      # '/'-joined Flax module path ('' for a carried row)
+  torch: str  # dotted module path, e.g. 'transformer_1.encoder.norm'
+  flax: str  # '/'-joined Flax module path ('' for a carried row)
 
   def __post_init__(self):
     if self.kind not in ROW_KINDS:
@@ -107,10 +117,11 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class Leaf:
   """One tensor: torch key <-> (collection, Flax path) with a layout."""
+
   torch: str
-  collection: str   # 'params' | 'batch_stats'
+  collection: str  # 'params' | 'batch_stats'
   flax: str
-  layout: str       # key of TO_FLAX / TO_TORCH
+  layout: str  # key of TO_FLAX / TO_TORCH
 
 
 @dataclasses.dataclass
@@ -122,6 +133,7 @@ class Table:
   counterpart are carried rows). `num_batches_tracked` buffers are always
   optional; when present they are carried.
   """
+
   rows: list[Row]
   ignored: list[str] = dataclasses.field(default_factory=list)
 
@@ -170,24 +182,32 @@ def expand_row(r):
     if r.kind == 'conv_bias':
       leaves.append(Leaf(t('bias'), 'params', f('bias'), 'copy'))
   elif r.kind == 'linear':
-    leaves += [Leaf(t('weight'), 'params', f('kernel'), 'linear'),
-               Leaf(t('bias'), 'params', f('bias'), 'copy')]
+    leaves += [
+        Leaf(t('weight'), 'params', f('kernel'), 'linear'),
+        Leaf(t('bias'), 'params', f('bias'), 'copy'),
+    ]
   elif r.kind == 'embedding':
     leaves.append(Leaf(t('weight'), 'params', f('embedding'), 'copy'))
   elif r.kind == 'layer_norm':
-    leaves += [Leaf(t('weight'), 'params', f('scale'), 'copy'),
-               Leaf(t('bias'), 'params', f('bias'), 'copy')]
+    leaves += [
+        Leaf(t('weight'), 'params', f('scale'), 'copy'),
+        Leaf(t('bias'), 'params', f('bias'), 'copy'),
+    ]
   elif r.kind == 'batch_norm':
-    leaves += [Leaf(t('weight'), 'params', f('scale'), 'copy'),
-               Leaf(t('bias'), 'params', f('bias'), 'copy'),
-               Leaf(t('running_mean'), 'batch_stats', f('mean'), 'copy'),
-               Leaf(t('running_var'), 'batch_stats', f('var'), 'copy')]
+    leaves += [
+        Leaf(t('weight'), 'params', f('scale'), 'copy'),
+        Leaf(t('bias'), 'params', f('bias'), 'copy'),
+        Leaf(t('running_mean'), 'batch_stats', f('mean'), 'copy'),
+        Leaf(t('running_var'), 'batch_stats', f('var'), 'copy'),
+    ]
     ignorable.append(t('num_batches_tracked'))
   elif r.kind == 'mha':
-    leaves += [Leaf(t('in_proj_weight'), 'params', f('in_proj/kernel'), 'linear'),
-               Leaf(t('in_proj_bias'), 'params', f('in_proj/bias'), 'copy'),
-               Leaf(t('out_proj.weight'), 'params', f('out_proj/kernel'), 'linear'),
-               Leaf(t('out_proj.bias'), 'params', f('out_proj/bias'), 'copy')]
+    leaves += [
+        Leaf(t('in_proj_weight'), 'params', f('in_proj/kernel'), 'linear'),
+        Leaf(t('in_proj_bias'), 'params', f('in_proj/bias'), 'copy'),
+        Leaf(t('out_proj.weight'), 'params', f('out_proj/kernel'), 'linear'),
+        Leaf(t('out_proj.bias'), 'params', f('out_proj/bias'), 'copy'),
+    ]
   return leaves, ignorable
 
 
@@ -208,29 +228,34 @@ def resnet_table(depths, width, torch_prefix='', flax_prefix='', sequential=Fals
   names = {'conv1': '0', 'bn1': '1'} if sequential else {'conv1': 'conv1', 'bn1': 'bn1'}
   t = lambda name: _join(torch_prefix, name)
   f = lambda name: _join(flax_prefix, name)
-  rows = [row('conv', t(names['conv1']), f('conv1')),
-          row('batch_norm', t(names['bn1']), f('bn1'))]
+  rows = [row('conv', t(names['conv1']), f('conv1')), row('batch_norm', t(names['bn1']), f('bn1'))]
   in_channels = width
   for i, depth in enumerate(depths):
-    planes = width * 2 ** i
+    planes = width * 2**i
     layer = str(4 + i) if sequential else f'layer{i + 1}'
     for j in range(depth):
       tb, fb = t(f'{layer}.{j}'), f(f'layer{i + 1}_{j}')
       for k in (1, 2, 3):
-        rows += [row('conv', f'{tb}.conv{k}', f'{fb}/conv{k}'),
-                 row('batch_norm', f'{tb}.bn{k}', f'{fb}/bn{k}')]
+        rows += [
+            row('conv', f'{tb}.conv{k}', f'{fb}/conv{k}'),
+            row('batch_norm', f'{tb}.bn{k}', f'{fb}/bn{k}'),
+        ]
       stride = 2 if (j == 0 and i > 0) else 1
       if j == 0 and (stride != 1 or in_channels != planes * 4):
-        rows += [row('conv', f'{tb}.downsample.0', f'{fb}/downsample_0'),
-                 row('batch_norm', f'{tb}.downsample.1', f'{fb}/downsample_1')]
+        rows += [
+            row('conv', f'{tb}.downsample.0', f'{fb}/downsample_0'),
+            row('batch_norm', f'{tb}.downsample.1', f'{fb}/downsample_1'),
+        ]
       in_channels = planes * 4
   return Table(rows)
 
 
 def hrnet_backbone_table(width, torch_prefix='', flax_prefix='', **structure):
   """HRNet-W{width} (`models/hrnet.HRNet` fields width, **structure); classifier carried."""
-  rows = [row(kind, _join(torch_prefix, m), _join(flax_prefix, flax_name(m)))
-          for m, kind in hrnet_table.module_rows(width, **structure)]
+  rows = [
+      row(kind, _join(torch_prefix, m), _join(flax_prefix, flax_name(m)))
+      for m, kind in hrnet_table.module_rows(width, **structure)
+  ]
   return Table(rows + [row('carried', _join(torch_prefix, 'classifier'))])
 
 
@@ -266,27 +291,35 @@ def transformer_table(name, num_layers, vertex_attention='none'):
   rows = []
   for i in range(num_layers):
     p = f'{name}.encoder.layers.{i}'
-    rows += [row('mha', f'{p}.self_attn'), row('linear', f'{p}.linear1'),
-             row('linear', f'{p}.linear2'), row('layer_norm', f'{p}.norm1'),
-             row('layer_norm', f'{p}.norm2')]
+    rows += [
+        row('mha', f'{p}.self_attn'),
+        row('linear', f'{p}.linear1'),
+        row('linear', f'{p}.linear2'),
+        row('layer_norm', f'{p}.norm1'),
+        row('layer_norm', f'{p}.norm2'),
+    ]
   rows.append(row('layer_norm', f'{name}.encoder.norm'))
   for i in range(num_layers):
     p = f'{name}.decoder.layers.{i}'
     rows += [row('mha', f'{p}.self_attn'), row('mha', f'{p}.multihead_attn')]
     if vertex_attention != 'none':
       rows.append(row('mha', f'{p}.vertex_attn'))
-    rows += [row('linear', f'{p}.linear1'), row('linear', f'{p}.linear2'),
-             row('layer_norm', f'{p}.norm1'), row('layer_norm', f'{p}.norm2'),
-             row('layer_norm', f'{p}.norm3')]
+    rows += [
+        row('linear', f'{p}.linear1'),
+        row('linear', f'{p}.linear2'),
+        row('layer_norm', f'{p}.norm1'),
+        row('layer_norm', f'{p}.norm2'),
+        row('layer_norm', f'{p}.norm3'),
+    ]
     if vertex_attention != 'none':
-      rows += [row('layer_norm', f'{p}.norm_vertex'),
-               row('layer_norm', f'{p}.norm_vertex_memory')]
+      rows += [row('layer_norm', f'{p}.norm_vertex'), row('layer_norm', f'{p}.norm_vertex_memory')]
   rows.append(row('layer_norm', f'{name}.decoder.norm'))
   return Table(rows)
 
 
-def smpl_param_table(torch_prefix=smpl_param_listing.TORCH_PREFIX,
-                     flax_prefix=smpl_param_listing.FLAX_PREFIX):
+def smpl_param_table(
+    torch_prefix=smpl_param_listing.TORCH_PREFIX, flax_prefix=smpl_param_listing.FLAX_PREFIX
+):
   """FastMETRO's SMPL-parameter regressor (convert/smpl_param_table.py).
 
   Args:
@@ -294,8 +327,12 @@ def smpl_param_table(torch_prefix=smpl_param_listing.TORCH_PREFIX,
     flax_prefix: Flax path of the `SMPLParamRegressor` module ('' when it is
       the top-level module).
   """
-  return Table([row(kind, _join(torch_prefix, m), _join(flax_prefix, flax_name(m)))
-                for m, kind in smpl_param_listing.module_rows()])
+  return Table(
+      [
+          row(kind, _join(torch_prefix, m), _join(flax_prefix, flax_name(m)))
+          for m, kind in smpl_param_listing.module_rows()
+      ]
+  )
 
 
 def smpl_param_head(model_config):
@@ -320,10 +357,17 @@ def fastmetro_table(model_config):
     table += transformer_table(f'transformer_{t}', model_config.fastmetro_layers)
   table += Table(
       [row('linear', n) for n in ('dim_reduce_enc_cam', 'dim_reduce_enc_img', 'dim_reduce_dec')]
-      + [row('embedding', n) for n in ('cam_token_embed', 'joint_token_embed',
-                                       'vertex_token_embed')]
-      + [row('linear', 'xyz_regressor'), row('linear', 'cam_predictor'),
-         row('conv_bias', 'conv_1x1'), row('linear', 'coarse2intermediate_upsample')])
+      + [
+          row('embedding', n)
+          for n in ('cam_token_embed', 'joint_token_embed', 'vertex_token_embed')
+      ]
+      + [
+          row('linear', 'xyz_regressor'),
+          row('linear', 'cam_predictor'),
+          row('conv_bias', 'conv_1x1'),
+          row('linear', 'coarse2intermediate_upsample'),
+      ]
+  )
   return table + smpl_param_head(model_config)
 
 
@@ -331,19 +375,33 @@ def coarsemetro_table(model_config):
   """CoarseMETRO's PyTorch layout (module docstring), in forward order."""
   dims = tuple(model_config.stage_dims)
   table = backbone_table(model_config, 'backbone.', 'backbone/')
-  table += Table([row('conv_bias', 'conv_1x1'), row('embedding', 'cam_token_embed'),
-                  row('embedding', 'joint_token_embed'),
-                  row('linear', 'vertex_token_init')])
+  table += Table(
+      [
+          row('conv_bias', 'conv_1x1'),
+          row('embedding', 'cam_token_embed'),
+          row('embedding', 'joint_token_embed'),
+          row('linear', 'vertex_token_init'),
+      ]
+  )
   for s in range(len(dims)):
     if s > 0:
       if dims[s] != dims[s - 1]:
-        table += Table([row('linear', f'{n}.{s - 1}') for n in
-                        ('dim_reduce_enc_cam', 'dim_reduce_enc_img', 'dim_reduce_dec')])
+        table += Table(
+            [
+                row('linear', f'{n}.{s - 1}')
+                for n in ('dim_reduce_enc_cam', 'dim_reduce_enc_img', 'dim_reduce_dec')
+            ]
+        )
       table += Table([row('linear', f'vertex_upsample.{s - 1}')])
     table += transformer_table(f'transformer_{s + 1}', 1, model_config.vertex_attention)
-  table += Table([row('linear', 'cam_predictor'), row('linear', 'xyz_regressor'),
-                  row('linear', f'vertex_upsample.{len(dims) - 1}'),
-                  row('linear', 'coarse2intermediate_upsample')])
+  table += Table(
+      [
+          row('linear', 'cam_predictor'),
+          row('linear', 'xyz_regressor'),
+          row('linear', f'vertex_upsample.{len(dims) - 1}'),
+          row('linear', 'coarse2intermediate_upsample'),
+      ]
+  )
   return table + smpl_param_head(model_config)
 
 
@@ -381,8 +439,9 @@ def check_table(table):
   holds a converted key (a table-writing guard)."""
   leaves, _ = expand(table)
   for attr in ('torch', 'flax'):
-    names = [getattr(leaf, attr) if attr == 'torch' else (leaf.collection, leaf.flax)
-             for leaf in leaves]
+    names = [
+        getattr(leaf, attr) if attr == 'torch' else (leaf.collection, leaf.flax) for leaf in leaves
+    ]
     dup = sorted({str(n) for n in names if names.count(n) > 1})
     if dup:
       raise ValueError(f'conversion table maps {attr} names more than once: {dup[:5]}')

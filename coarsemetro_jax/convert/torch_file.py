@@ -47,7 +47,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
 
@@ -71,20 +71,33 @@ STORAGE_DTYPES = {
     'ComplexDoubleStorage': np.dtype(np.complex128),
     'UntypedStorage': np.dtype(np.uint8),
 }
-STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()
-                 if name != 'UntypedStorage'}
+STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items() if name != 'UntypedStorage'}
 
 # torch dtype name (as pickled: `torch.float32` -> global 'torch float32').
 TORCH_DTYPES = {
-    'float64': np.float64, 'double': np.float64,
-    'float32': np.float32, 'float': np.float32,
-    'float16': np.float16, 'half': np.float16,
+    'float64': np.float64,
+    'double': np.float64,
+    'float32': np.float32,
+    'float': np.float32,
+    'float16': np.float16,
+    'half': np.float16,
     'bfloat16': ml_dtypes.bfloat16,
-    'int64': np.int64, 'long': np.int64, 'int32': np.int32, 'int': np.int32,
-    'int16': np.int16, 'short': np.int16, 'int8': np.int8, 'uint8': np.uint8,
-    'uint16': np.uint16, 'uint32': np.uint32, 'uint64': np.uint64,
-    'bool': np.bool_, 'complex64': np.complex64, 'complex128': np.complex128,
-    'float8_e4m3fn': ml_dtypes.float8_e4m3fn, 'float8_e5m2': ml_dtypes.float8_e5m2,
+    'int64': np.int64,
+    'long': np.int64,
+    'int32': np.int32,
+    'int': np.int32,
+    'int16': np.int16,
+    'short': np.int16,
+    'int8': np.int8,
+    'uint8': np.uint8,
+    'uint16': np.uint16,
+    'uint32': np.uint32,
+    'uint64': np.uint64,
+    'bool': np.bool_,
+    'complex64': np.complex64,
+    'complex128': np.complex128,
+    'float8_e4m3fn': ml_dtypes.float8_e4m3fn,
+    'float8_e5m2': ml_dtypes.float8_e5m2,
     'float8_e4m3fnuz': ml_dtypes.float8_e4m3fnuz,
     'float8_e5m2fnuz': ml_dtypes.float8_e5m2fnuz,
 }
@@ -122,38 +135,42 @@ def _as_tensor(storage, offset, size, stride, dtype=None):
   if not isinstance(storage, _Storage):
     raise TorchFileError(f'tensor rebuilt from a {type(storage).__name__}, not a storage')
   base = storage.array
-  if dtype is not None and np.dtype(dtype) != base.dtype:   # _rebuild_tensor_v3
+  if dtype is not None and np.dtype(dtype) != base.dtype:  # _rebuild_tensor_v3
     if base.dtype != np.uint8 or base.size % np.dtype(dtype).itemsize:
       raise TorchFileError(f'cannot view a {base.dtype} storage as {np.dtype(dtype)}')
     base = base.view(dtype)
   size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
   if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
-    raise TorchFileError(f'invalid tensor geometry: size {size}, stride {stride}, '
-                         f'offset {offset}')
+    raise TorchFileError(
+        f'invalid tensor geometry: size {size}, stride {stride}, ' f'offset {offset}'
+    )
   if 0 in size:
     return np.zeros(size, base.dtype)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= base.size:
-    raise TorchFileError(f'tensor of size {size}, stride {stride}, offset {offset} '
-                         f'reads element {last} of a storage with {base.size}')
+    raise TorchFileError(
+        f'tensor of size {size}, stride {stride}, offset {offset} '
+        f'reads element {last} of a storage with {base.size}'
+    )
   return np.lib.stride_tricks.as_strided(
-      base[offset:], size, tuple(s * base.itemsize for s in stride))
+      base[offset:], size, tuple(s * base.itemsize for s in stride)
+  )
 
 
 def _rebuild_tensor(storage, offset, size, stride):
   return _as_tensor(storage, offset, size, stride)
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
   del requires_grad, backward_hooks
-  if metadata and any(metadata.values()):   # conj/neg bits: not plain data
+  if metadata and any(metadata.values()):  # conj/neg bits: not plain data
     raise TorchFileError(f'tensor metadata {dict(metadata)} is not supported')
   return _as_tensor(storage, offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks,
-                       dtype, metadata=None):
+def _rebuild_tensor_v3(
+    storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+):
   del requires_grad, backward_hooks
   if metadata and any(metadata.values()):
     raise TorchFileError(f'tensor metadata {dict(metadata)} is not supported')
@@ -238,17 +255,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
       if module == 'torch' and name.startswith('Q') and name.endswith('Storage'):
         what = 'quantized storages are not supported'
       else:
-        what = ('only tensors, storages, dtypes, torch.Size, OrderedDict and numpy '
-                'arrays may appear in a checkpoint (is this a whole pickled model '
-                'rather than a state dict?)')
+        what = (
+            'only tensors, storages, dtypes, torch.Size, OrderedDict and numpy '
+            'arrays may appear in a checkpoint (is this a whole pickled model '
+            'rather than a state dict?)'
+        )
       raise TorchFileError(
-          f'{self._path}: refusing to unpickle global {module}.{name}: {what}') from None
+          f'{self._path}: refusing to unpickle global {module}.{name}: {what}'
+      ) from None
 
   def persistent_load(self, pid):
     if not isinstance(pid, tuple) or not pid or pid[0] not in ('storage', b'storage'):
       kind = pid[0] if isinstance(pid, tuple) and pid else pid
-      raise TorchFileError(f'{self._path}: unsupported persistent id {kind!r} '
-                           '(only storages can be loaded)')
+      raise TorchFileError(
+          f'{self._path}: unsupported persistent id {kind!r} ' '(only storages can be loaded)'
+      )
     return self._load_storage(pid[1:])
 
 
@@ -260,10 +281,20 @@ def _unpickle(file, path, load_storage=None):
     return _RestrictedUnpickler(file, path, load_storage or no_storage).load()
   except TorchFileError:
     raise
-  except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError,
-          IndexError, KeyError, AttributeError, UnicodeDecodeError) as e:
-    raise TorchFileError(f'{path}: corrupt or truncated pickle data '
-                         f'({type(e).__name__}: {e})') from e
+  except (
+      EOFError,
+      pickle.UnpicklingError,
+      struct.error,
+      ValueError,
+      TypeError,
+      IndexError,
+      KeyError,
+      AttributeError,
+      UnicodeDecodeError,
+  ) as e:
+    raise TorchFileError(
+        f'{path}: corrupt or truncated pickle data ' f'({type(e).__name__}: {e})'
+    ) from e
 
 
 def _storage_args(pid, path):
@@ -286,14 +317,17 @@ def _load_zip(path, progress):
   try:
     zf = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError) as e:
-    raise TorchFileError(f'{path}: not a readable zip archive ({e}); the file may '
-                         'be truncated') from e
+    raise TorchFileError(
+        f'{path}: not a readable zip archive ({e}); the file may ' 'be truncated'
+    ) from e
   with zf:
     pkls = [n for n in zf.namelist() if n.endswith('data.pkl') and n.count('/') == 1]
     if len(pkls) != 1:
-      raise TorchFileError(f'{path}: zip archive without a single <root>/data.pkl '
-                           f'(found {pkls or "none"}); not a PyTorch checkpoint')
-    root = pkls[0][:-len('data.pkl')]
+      raise TorchFileError(
+          f'{path}: zip archive without a single <root>/data.pkl '
+          f'(found {pkls or "none"}); not a PyTorch checkpoint'
+      )
+    root = pkls[0][: -len('data.pkl')]
     names = set(zf.namelist())
     byteorder = 'little'
     if root + 'byteorder' in names:
@@ -316,7 +350,8 @@ def _load_zip(path, progress):
       if info.file_size != nbytes:
         raise TorchFileError(
             f'{path}: storage {key!r} holds {info.file_size} bytes, expected '
-            f'{nbytes} ({numel} x {storage_type.dtype})')
+            f'{nbytes} ({numel} x {storage_type.dtype})'
+        )
       buf = np.empty(nbytes, np.uint8)
       try:
         with zf.open(name) as f:
@@ -324,8 +359,7 @@ def _load_zip(path, progress):
       except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise TorchFileError(f'{path}: storage {key!r} is corrupt ({e})') from e
       if got != nbytes:
-        raise TorchFileError(f'{path}: storage {key!r} is truncated '
-                             f'({got} of {nbytes} bytes)')
+        raise TorchFileError(f'{path}: storage {key!r} is truncated ' f'({got} of {nbytes} bytes)')
       array = buf.view(storage_type.dtype)
       if byteorder != sys.byteorder:
         array = _byteswapped(array)
@@ -355,16 +389,16 @@ def _load_legacy(path, progress):
     if not isinstance(sys_info, dict):
       raise TorchFileError(f'{path}: malformed sys_info {sys_info!r}')
     sizes = sys_info.get('type_sizes', {})
-    if ((sizes.get('short', 2), sizes.get('int', 4)) != (2, 4)
-        or sizes.get('long', 8) not in (4, 8)):
-      raise TorchFileError(f'{path}: unsupported C type sizes {sizes} (short=2, int=4, '
-                           'long=4 or 8 expected)')
+    if (sizes.get('short', 2), sizes.get('int', 4)) != (2, 4) or sizes.get('long', 8) not in (4, 8):
+      raise TorchFileError(
+          f'{path}: unsupported C type sizes {sizes} (short=2, int=4, ' 'long=4 or 8 expected)'
+      )
     order = '<' if sys_info.get('little_endian', True) else '>'
 
     # As torch does: storages are allocated when the pickle names them (so
     # tensors can be built as views right away) and filled once the storage
     # bytes, which follow the pickle, are read.
-    storages = {}    # key -> (_Storage, numel)
+    storages = {}  # key -> (_Storage, numel)
 
     def load_storage(pid):
       storage_type, key, numel, view = _storage_args(pid, path)
@@ -374,13 +408,15 @@ def _load_legacy(path, progress):
       if view is None:
         return root
       _, offset, view_numel = view
-      return _Storage(root.array[int(offset):int(offset) + int(view_numel)])
+      return _Storage(root.array[int(offset) : int(offset) + int(view_numel)])
 
     result = _unpickle(f, path, load_storage)
     keys = _unpickle(f, path)
     if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
-      raise TorchFileError(f'{path}: storage key list {keys!r} does not match the '
-                           f'storages referenced by the pickle ({sorted(storages)})')
+      raise TorchFileError(
+          f'{path}: storage key list {keys!r} does not match the '
+          f'storages referenced by the pickle ({sorted(storages)})'
+      )
     total = sum(s.array.nbytes for s, _ in storages.values())
     done = 0
     for key in map(str, keys):
@@ -390,12 +426,15 @@ def _load_legacy(path, progress):
         raise TorchFileError(f'{path}: truncated before storage {key!r}')
       (count,) = struct.unpack(order + 'q', header)
       if count != numel:
-        raise TorchFileError(f'{path}: storage {key!r} has {count} elements, the '
-                             f'pickle declares {numel}; corrupt file')
+        raise TorchFileError(
+            f'{path}: storage {key!r} has {count} elements, the '
+            f'pickle declares {numel}; corrupt file'
+        )
       got = f.readinto(memoryview(storage.array.view(np.uint8)))
       if got != storage.array.nbytes:
-        raise TorchFileError(f'{path}: truncated in storage {key!r} ({got} of '
-                             f'{storage.array.nbytes} bytes)')
+        raise TorchFileError(
+            f'{path}: truncated in storage {key!r} ({got} of ' f'{storage.array.nbytes} bytes)'
+        )
       if (order == '<') != (sys.byteorder == 'little') and storage.array.itemsize > 1:
         storage.array.byteswap(inplace=True)
       done += storage.array.nbytes
@@ -429,5 +468,7 @@ def load(path, progress=None):
     return _load_zip(path, progress)
   if head[:1] == b'\x80':
     return _load_legacy(path, progress)
-  raise TorchFileError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor '
-                       f'a legacy pickle; starts with {head!r})')
+  raise TorchFileError(
+      f'{path}: not a PyTorch checkpoint (neither a zip archive nor '
+      f'a legacy pickle; starts with {head!r})'
+  )

@@ -11,8 +11,10 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def compute_dtype(model_config):
   if model_config.compute_dtype not in DTYPES:
-    raise ValueError(f'config.model.compute_dtype must be one of {sorted(DTYPES)}, '
-                     f'got {model_config.compute_dtype!r}')
+    raise ValueError(
+        f'config.model.compute_dtype must be one of {sorted(DTYPES)}, '
+        f'got {model_config.compute_dtype!r}'
+    )
   return DTYPES[model_config.compute_dtype]
 
 
@@ -21,21 +23,28 @@ def build_backbone(model_config):
   dtype = compute_dtype(model_config)
   name = model_config.backbone
   if name == 'resnet50':
-    return resnet.ResNet50(remat=model_config.backbone_remat,
-                           zero_init_residual=model_config.resnet_zero_init_residual,
-                           dtype=dtype)
+    return resnet.ResNet50(
+        remat=model_config.backbone_remat,
+        zero_init_residual=model_config.resnet_zero_init_residual,
+        dtype=dtype,
+    )
   if name == 'resnet':
-    return resnet.ResNet(depths=tuple(model_config.resnet_depths),
-                         width=model_config.resnet_width,
-                         remat=model_config.backbone_remat,
-                         zero_init_residual=model_config.resnet_zero_init_residual,
-                         dtype=dtype)
+    return resnet.ResNet(
+        depths=tuple(model_config.resnet_depths),
+        width=model_config.resnet_width,
+        remat=model_config.backbone_remat,
+        zero_init_residual=model_config.resnet_zero_init_residual,
+        dtype=dtype,
+    )
   if name == 'hrnet':
     from coarsemetro_jax.models import hrnet
-    return hrnet.HRNet(width=model_config.hrnet_width,
-                       remat=model_config.backbone_remat, dtype=dtype)
-  raise ValueError(f"config.model.backbone must be 'resnet50', 'resnet' or 'hrnet', "
-                   f'got {name!r}')
+
+    return hrnet.HRNet(
+        width=model_config.hrnet_width, remat=model_config.backbone_remat, dtype=dtype
+    )
+  raise ValueError(
+      f"config.model.backbone must be 'resnet50', 'resnet' or 'hrnet', " f'got {name!r}'
+  )
 
 
 def build_model(model_config, topology):
@@ -44,27 +53,36 @@ def build_model(model_config, topology):
   backbone = build_backbone(model_config)
   if model_config.name == 'coarsemetro':
     return coarsemetro.CoarseMETRO(
-        backbone=backbone, topology=topology,
+        backbone=backbone,
+        topology=topology,
         stage_dims=tuple(model_config.stage_dims),
         stage_ffn_dims=tuple(model_config.stage_ffn_dims),
         vertex_tokens=tuple(model_config.vertex_tokens),
-        num_heads=model_config.num_heads, dropout=model_config.dropout,
+        num_heads=model_config.num_heads,
+        dropout=model_config.dropout,
         vertex_attention=model_config.vertex_attention,
         memory_includes_cam=model_config.memory_includes_cam,
         joint_mask_ratio=model_config.joint_mask_ratio,
         joint_mask_value=model_config.joint_mask_value,
         num_joints=model_config.num_joints,
         upsample_init=model_config.upsample_init,
-        smpl_param_regressor=model_config.smpl_param_regressor, dtype=dtype)
+        smpl_param_regressor=model_config.smpl_param_regressor,
+        dtype=dtype,
+    )
   if model_config.name == 'fastmetro':
     return fastmetro.FastMETRO(
-        backbone=backbone, topology=topology,
+        backbone=backbone,
+        topology=topology,
         num_layers=model_config.fastmetro_layers,
         dims=tuple(model_config.fastmetro_dims),
         ffn_dims=tuple(model_config.fastmetro_ffn_dims),
-        num_heads=model_config.num_heads, dropout=model_config.dropout,
+        num_heads=model_config.num_heads,
+        dropout=model_config.dropout,
         num_joints=model_config.num_joints,
         upsample_init=model_config.upsample_init,
-        smpl_param_regressor=model_config.smpl_param_regressor, dtype=dtype)
-  raise ValueError(f"config.model.name must be 'coarsemetro' or 'fastmetro', "
-                   f'got {model_config.name!r}')
+        smpl_param_regressor=model_config.smpl_param_regressor,
+        dtype=dtype,
+    )
+  raise ValueError(
+      f"config.model.name must be 'coarsemetro' or 'fastmetro', " f'got {model_config.name!r}'
+  )

@@ -48,14 +48,15 @@ def mask_joint_tokens(rng, joints, max_ratio, value):
   """
   b, j, _ = joints.shape
   u_key, perm_key = jax.random.split(rng)
-  num_masked = jnp.floor(jax.random.uniform(u_key, (b, 1)) * max_ratio * j)   # [B, 1]
+  num_masked = jnp.floor(jax.random.uniform(u_key, (b, 1)) * max_ratio * j)  # [B, 1]
   ranks = jnp.argsort(jnp.argsort(jax.random.uniform(perm_key, (b, j)), -1), -1)
-  masked = ranks < num_masked                                             # [B, J]
+  masked = ranks < num_masked  # [B, J]
   return jnp.where(masked[..., None], jnp.asarray(value, joints.dtype), joints)
 
 
 class CoarseMETRO(nn.Module):
   """CoarseMETRO body network (paper's "-S": one encoder+decoder block per stage)."""
+
   backbone: nn.Module
   topology: mesh_topology.MeshTopology
   stage_dims: tuple[int, ...] = (512, 512, 512)
@@ -68,8 +69,8 @@ class CoarseMETRO(nn.Module):
   joint_mask_ratio: float = 0.2
   joint_mask_value: float = 0.01
   num_joints: int = 14
-  upsample_init: str = 'random'   # 'random' | 'hierarchy' (mesh_outputs)
-  smpl_param_regressor: bool = False   # FastMETRO's SMPL-parameter head
+  upsample_init: str = 'random'  # 'random' | 'hierarchy' (mesh_outputs)
+  smpl_param_regressor: bool = False  # FastMETRO's SMPL-parameter head
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -78,54 +79,73 @@ class CoarseMETRO(nn.Module):
     if not (len(self.stage_dims) == len(self.stage_ffn_dims) == len(self.vertex_tokens)):
       raise ValueError(
           f'stage_dims {self.stage_dims}, stage_ffn_dims {self.stage_ffn_dims} and '
-          f'vertex_tokens {self.vertex_tokens} must have one entry per stage')
+          f'vertex_tokens {self.vertex_tokens} must have one entry per stage'
+      )
     deterministic = not train
     dense = lambda features, name: tfm.TorchDense(features, dtype=self.dtype, name=name)
     d = self.stage_dims[0]
-    features = self.backbone(images, train)                              # [B, h, w, C]
+    features = self.backbone(images, train)  # [B, h, w, C]
     b = features.shape[0]
-    img, (h, w) = fastmetro.image_tokens(features, d, self.dtype)        # [B, N, D]
+    img, (h, w) = fastmetro.image_tokens(features, d, self.dtype)  # [B, N, D]
     cam = jnp.broadcast_to(fastmetro.token_embedding(1, d, 'cam_token_embed'), (b, 1, d))
     joints = jnp.broadcast_to(
-        fastmetro.token_embedding(self.num_joints, d, 'joint_token_embed'),
-        (b, self.num_joints, d))                                         # [B, J, D]
+        fastmetro.token_embedding(self.num_joints, d, 'joint_token_embed'), (b, self.num_joints, d)
+    )  # [B, J, D]
     if train and self.joint_mask_ratio > 0:
-      joints = mask_joint_tokens(self.make_rng('joint_mask'), joints,
-                                 self.joint_mask_ratio, self.joint_mask_value)
-    vertices = tfm.TokenLinear(self.vertex_tokens[0], dtype=self.dtype,
-                               name='vertex_token_init')(joints)         # [B, V0, D]
+      joints = mask_joint_tokens(
+          self.make_rng('joint_mask'), joints, self.joint_mask_ratio, self.joint_mask_value
+      )
+    vertices = tfm.TokenLinear(self.vertex_tokens[0], dtype=self.dtype, name='vertex_token_init')(
+        joints
+    )  # [B, V0, D]
     previous = vertices
     for s, (dim, ffn_dim) in enumerate(zip(self.stage_dims, self.stage_ffn_dims)):
       if s > 0:
         if dim != self.stage_dims[s - 1]:
           cam = dense(dim, f'dim_reduce_enc_cam_{s - 1}')(cam)
           img = dense(dim, f'dim_reduce_enc_img_{s - 1}')(img)
-          tokens = dense(dim, f'dim_reduce_dec_{s - 1}')(
-              jnp.concatenate([joints, vertices], 1))
-          joints, vertices = tokens[:, :self.num_joints], tokens[:, self.num_joints:]
-        previous = vertices                                              # [B, V_{s-1}, D_s]
-        vertices = tfm.TokenLinear(self.vertex_tokens[s], dtype=self.dtype,
-                                   name=f'vertex_upsample_{s - 1}')(previous)  # [B, V_s, D_s]
+          tokens = dense(dim, f'dim_reduce_dec_{s - 1}')(jnp.concatenate([joints, vertices], 1))
+          joints, vertices = tokens[:, : self.num_joints], tokens[:, self.num_joints :]
+        previous = vertices  # [B, V_{s-1}, D_s]
+        vertices = tfm.TokenLinear(
+            self.vertex_tokens[s], dtype=self.dtype, name=f'vertex_upsample_{s - 1}'
+        )(
+            previous
+        )  # [B, V_s, D_s]
       stage = tfm.Transformer(
-          num_layers=1, num_heads=self.num_heads, ffn_dim=ffn_dim, dropout=self.dropout,
+          num_layers=1,
+          num_heads=self.num_heads,
+          ffn_dim=ffn_dim,
+          dropout=self.dropout,
           vertex_attention=self.vertex_attention,
-          memory_includes_cam=self.memory_includes_cam, dtype=self.dtype,
-          name=f'transformer_{s + 1}')
+          memory_includes_cam=self.memory_includes_cam,
+          dtype=self.dtype,
+          name=f'transformer_{s + 1}',
+      )
       cam, img, tokens = stage(
-          img, cam, jnp.concatenate([joints, vertices], 1),
-          pos=tfm.sine_position_encoding(h, w, dim), self_mask=None,
+          img,
+          cam,
+          jnp.concatenate([joints, vertices], 1),
+          pos=tfm.sine_position_encoding(h, w, dim),
+          self_mask=None,
           vertex_memory=previous if self.vertex_attention != 'none' else None,
-          deterministic=deterministic)
-      joints, vertices = tokens[:, :self.num_joints], tokens[:, self.num_joints:]
+          deterministic=deterministic,
+      )
+      joints, vertices = tokens[:, : self.num_joints], tokens[:, self.num_joints :]
 
-    pred_cam = dense(3, 'cam_predictor')(cam)[:, 0]                      # [B, 3]
+    pred_cam = dense(3, 'cam_predictor')(cam)[:, 0]  # [B, 3]
     xyz_regressor = dense(3, 'xyz_regressor')
-    pred_joints = xyz_regressor(joints)                                  # [B, J, 3]
-    coarse = tfm.TokenLinear(self.topology.num_vertices[-1], dtype=self.dtype,
-                             name=f'vertex_upsample_{len(self.stage_dims) - 1}')(
-                                 xyz_regressor(vertices))                # [B, 431, 3]
-    outputs = fastmetro.mesh_outputs(self.topology, pred_cam, pred_joints, coarse,
-                                     self.dtype, self.upsample_init)
+    pred_joints = xyz_regressor(joints)  # [B, J, 3]
+    coarse = tfm.TokenLinear(
+        self.topology.num_vertices[-1],
+        dtype=self.dtype,
+        name=f'vertex_upsample_{len(self.stage_dims) - 1}',
+    )(
+        xyz_regressor(vertices)
+    )  # [B, 431, 3]
+    outputs = fastmetro.mesh_outputs(
+        self.topology, pred_cam, pred_joints, coarse, self.dtype, self.upsample_init
+    )
     if self.smpl_param_regressor:
       outputs = fastmetro.smpl_param_outputs(outputs, train)
     return outputs

@@ -18,7 +18,7 @@ from coarsemetro_jax import mesh_topology
 from coarsemetro_jax.models import smpl_param_regressor as spr
 from coarsemetro_jax.models import transformer as tfm
 
-EMBED_INIT = nn.initializers.normal(1.0)   # torch nn.Embedding: N(0, 1)
+EMBED_INIT = nn.initializers.normal(1.0)  # torch nn.Embedding: N(0, 1)
 
 
 def conv_1x1(features, fan_in, dtype, name='conv_1x1'):
@@ -40,6 +40,7 @@ def image_tokens(features, dim, dtype):
 
 class FastMETRO(nn.Module):
   """FastMETRO body network. `num_layers` = 1/2/3 for S/M/L."""
+
   backbone: nn.Module
   topology: mesh_topology.MeshTopology
   num_layers: int = 1
@@ -48,8 +49,8 @@ class FastMETRO(nn.Module):
   num_heads: int = 8
   dropout: float = 0.1
   num_joints: int = 14
-  upsample_init: str = 'random'   # 'random' | 'hierarchy' (mesh_outputs)
-  smpl_param_regressor: bool = False   # the SMPL-parameter head (smpl_param_outputs)
+  upsample_init: str = 'random'  # 'random' | 'hierarchy' (mesh_outputs)
+  smpl_param_regressor: bool = False  # the SMPL-parameter head (smpl_param_outputs)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -57,34 +58,60 @@ class FastMETRO(nn.Module):
     # images [B, H, W, 3] ImageNet-normalised.
     deterministic = not train
     d1, d2 = self.dims
-    features = self.backbone(images, train)                      # [B, h, w, C]
+    features = self.backbone(images, train)  # [B, h, w, C]
     b = features.shape[0]
-    img, (h, w) = image_tokens(features, d1, self.dtype)   # [B, N, D1]
+    img, (h, w) = image_tokens(features, d1, self.dtype)  # [B, N, D1]
     num_coarse = self.topology.num_vertices[-1]
     cam = jnp.broadcast_to(token_embedding(1, d1, 'cam_token_embed'), (b, 1, d1))
-    jv = jnp.concatenate([token_embedding(self.num_joints, d1, 'joint_token_embed'),
-                          token_embedding(num_coarse, d1, 'vertex_token_embed')], 0)
-    jv = jnp.broadcast_to(jv, (b,) + jv.shape)                   # [B, J+V, D1]
+    jv = jnp.concatenate(
+        [
+            token_embedding(self.num_joints, d1, 'joint_token_embed'),
+            token_embedding(num_coarse, d1, 'vertex_token_embed'),
+        ],
+        0,
+    )
+    jv = jnp.broadcast_to(jv, (b,) + jv.shape)  # [B, J+V, D1]
     mask = self.topology.decoder_attention_mask(self.num_joints)  # [J+V, J+V]
 
     def transformer(name, ffn_dim):
-      return tfm.Transformer(num_layers=self.num_layers, num_heads=self.num_heads,
-                             ffn_dim=ffn_dim, dropout=self.dropout, dtype=self.dtype,
-                             name=name)
+      return tfm.Transformer(
+          num_layers=self.num_layers,
+          num_heads=self.num_heads,
+          ffn_dim=ffn_dim,
+          dropout=self.dropout,
+          dtype=self.dtype,
+          name=name,
+      )
 
     cam, img, jv = transformer('transformer_1', self.ffn_dims[0])(
-        img, cam, jv, pos=tfm.sine_position_encoding(h, w, d1), self_mask=mask,
-        deterministic=deterministic)
+        img,
+        cam,
+        jv,
+        pos=tfm.sine_position_encoding(h, w, d1),
+        self_mask=mask,
+        deterministic=deterministic,
+    )
     cam = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_enc_cam')(cam)
     img = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_enc_img')(img)
     jv = tfm.TorchDense(d2, dtype=self.dtype, name='dim_reduce_dec')(jv)
     cam, _, jv = transformer('transformer_2', self.ffn_dims[1])(
-        img, cam, jv, pos=tfm.sine_position_encoding(h, w, d2), self_mask=mask,
-        deterministic=deterministic)
-    pred_cam = tfm.TorchDense(3, dtype=self.dtype, name='cam_predictor')(cam)[:, 0]   # [B, 3]
-    xyz = tfm.TorchDense(3, dtype=self.dtype, name='xyz_regressor')(jv)                # [B, J+V, 3]
-    outputs = mesh_outputs(self.topology, pred_cam, xyz[:, :self.num_joints],
-                           xyz[:, self.num_joints:], self.dtype, self.upsample_init)
+        img,
+        cam,
+        jv,
+        pos=tfm.sine_position_encoding(h, w, d2),
+        self_mask=mask,
+        deterministic=deterministic,
+    )
+    pred_cam = tfm.TorchDense(3, dtype=self.dtype, name='cam_predictor')(cam)[:, 0]  # [B, 3]
+    xyz = tfm.TorchDense(3, dtype=self.dtype, name='xyz_regressor')(jv)  # [B, J+V, 3]
+    outputs = mesh_outputs(
+        self.topology,
+        pred_cam,
+        xyz[:, : self.num_joints],
+        xyz[:, self.num_joints :],
+        self.dtype,
+        self.upsample_init,
+    )
     return smpl_param_outputs(outputs, train) if self.smpl_param_regressor else outputs
 
 
@@ -104,13 +131,17 @@ def mesh_outputs(topology, pred_cam, joints, coarse, dtype, upsample_init='rando
     raise ValueError(f'upsample_init must be one of {UPSAMPLE_INITS}, got {upsample_init!r}')
   init = {}
   if upsample_init == 'hierarchy':
-    u_t = topology.upsample_matrix(1).T                                  # [431, 1723]
-    init = {'kernel_init': lambda key, shape, dtype=jnp.float32: jnp.asarray(u_t, dtype),
-            'bias_init': nn.initializers.zeros}
-  intermediate = tfm.TokenLinear(topology.num_vertices[1], dtype=dtype,
-                                 name='coarse2intermediate_upsample',
-                                 **init)(coarse)                         # [B, 1723, 3]
-  fine = topology.upsample(intermediate.astype(jnp.float32), from_level=1)    # [B, 6890, 3]
+    u_t = topology.upsample_matrix(1).T  # [431, 1723]
+    init = {
+        'kernel_init': lambda key, shape, dtype=jnp.float32: jnp.asarray(u_t, dtype),
+        'bias_init': nn.initializers.zeros,
+    }
+  intermediate = tfm.TokenLinear(
+      topology.num_vertices[1], dtype=dtype, name='coarse2intermediate_upsample', **init
+  )(
+      coarse
+  )  # [B, 1723, 3]
+  fine = topology.upsample(intermediate.astype(jnp.float32), from_level=1)  # [B, 6890, 3]
   f32 = lambda x: x.astype(jnp.float32)
   return {
       'pred_cam': f32(pred_cam),

@@ -42,9 +42,9 @@ import jax.numpy as jnp
 
 from coarsemetro_jax.models import resnet
 
-STAGE_MODULES = (1, 4, 3)              # HighResolutionModules in stages 2, 3, 4
-NUM_BLOCKS = 4                         # layer1 Bottlenecks and BasicBlocks per branch
-HEAD_CHANNELS = (32, 64, 128, 256)     # incre_modules Bottleneck planes (x4 out)
+STAGE_MODULES = (1, 4, 3)  # HighResolutionModules in stages 2, 3, 4
+NUM_BLOCKS = 4  # layer1 Bottlenecks and BasicBlocks per branch
+HEAD_CHANNELS = (32, 64, 128, 256)  # incre_modules Bottleneck planes (x4 out)
 FINAL_CHANNELS = 2048
 
 conv = resnet.conv
@@ -53,15 +53,16 @@ batch_norm = resnet.batch_norm
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs with an identity shortcut (in == out channels in HRNet)."""
+
   channels: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train):
-    out = nn.relu(batch_norm(train, 'bn1', self.dtype)(
-        conv(self.channels, 3, 1, 'conv1', self.dtype)(x)))
-    out = batch_norm(train, 'bn2', self.dtype)(
-        conv(self.channels, 3, 1, 'conv2', self.dtype)(out))
+    out = nn.relu(
+        batch_norm(train, 'bn1', self.dtype)(conv(self.channels, 3, 1, 'conv1', self.dtype)(x))
+    )
+    out = batch_norm(train, 'bn2', self.dtype)(conv(self.channels, 3, 1, 'conv2', self.dtype)(out))
     return nn.relu(out + x)
 
 
@@ -74,21 +75,22 @@ def upsample_nearest(x, factor):
 
 class HighResolutionModule(nn.Module):
   """Parallel branches of BasicBlocks, then the SUM fuse at every resolution."""
-  channels: tuple[int, ...]            # per branch, fine to coarse
+
+  channels: tuple[int, ...]  # per branch, fine to coarse
   num_blocks: int = NUM_BLOCKS
   dtype: jnp.dtype = jnp.float32
 
   def fuse(self, x, i, j, train):
     """Branch j's output [B, h_j, w_j, C_j] brought to branch i's resolution/width."""
     name = f'fuse_layers_{i}_{j}'
-    if j > i:    # coarser: 1x1 conv + BN + nearest up-sampling
+    if j > i:  # coarser: 1x1 conv + BN + nearest up-sampling
       x = batch_norm(train, f'{name}_1', self.dtype)(
-          conv(self.channels[i], 1, 1, f'{name}_0', self.dtype)(x))
+          conv(self.channels[i], 1, 1, f'{name}_0', self.dtype)(x)
+      )
       return upsample_nearest(x, 2 ** (j - i))
-    for k in range(i - j):    # finer: (i - j) 3x3/s2 convs, ReLU between them
+    for k in range(i - j):  # finer: (i - j) 3x3/s2 convs, ReLU between them
       last = k == i - j - 1
-      x = conv(self.channels[i] if last else self.channels[j], 3, 2,
-               f'{name}_{k}_0', self.dtype)(x)
+      x = conv(self.channels[i] if last else self.channels[j], 3, 2, f'{name}_{k}_0', self.dtype)(x)
       x = batch_norm(train, f'{name}_{k}_1', self.dtype)(x)
       if not last:
         x = nn.relu(x)
@@ -118,6 +120,7 @@ class HRNet(nn.Module):
   `remat` rematerialises every HighResolutionModule and Bottleneck (their
   inputs are kept, everything inside is recomputed in the backward pass).
   """
+
   width: int = 64
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
@@ -132,7 +135,7 @@ class HRNet(nn.Module):
     return self.final_channels
 
   def branch_channels(self, num_branches):
-    return tuple(self.width * 2 ** b for b in range(num_branches))
+    return tuple(self.width * 2**b for b in range(num_branches))
 
   def transition(self, xs, in_channels, out_channels, stage, train):
     """transition{stage}: adapt widths, add one coarser branch from the last output."""
@@ -142,29 +145,37 @@ class HRNet(nn.Module):
       if i < len(in_channels):
         x = xs[i]
         if c != in_channels[i]:
-          x = nn.relu(batch_norm(train, f'{name}_1', self.dtype)(
-              conv(c, 3, 1, f'{name}_0', self.dtype)(x)))
+          x = nn.relu(
+              batch_norm(train, f'{name}_1', self.dtype)(conv(c, 3, 1, f'{name}_0', self.dtype)(x))
+          )
       else:
-        x = nn.relu(batch_norm(train, f'{name}_0_1', self.dtype)(
-            conv(c, 3, 2, f'{name}_0_0', self.dtype)(xs[-1])))
+        x = nn.relu(
+            batch_norm(train, f'{name}_0_1', self.dtype)(
+                conv(c, 3, 2, f'{name}_0_0', self.dtype)(xs[-1])
+            )
+        )
       new.append(x)
     return tuple(new)
 
   @nn.compact
   def __call__(self, x, train=False):
     # x [B, H, W, 3] -> [B, H/32, W/32, final_channels]
-    bottleneck = nn.remat(resnet.Bottleneck, static_argnums=(2,)) if self.remat \
-        else resnet.Bottleneck
-    hr_module = nn.remat(HighResolutionModule, static_argnums=(2,)) if self.remat \
-        else HighResolutionModule
+    bottleneck = (
+        nn.remat(resnet.Bottleneck, static_argnums=(2,)) if self.remat else resnet.Bottleneck
+    )
+    hr_module = (
+        nn.remat(HighResolutionModule, static_argnums=(2,)) if self.remat else HighResolutionModule
+    )
     x = x.astype(self.dtype)
-    x = nn.relu(batch_norm(train, 'bn1', self.dtype)(
-        conv(self.stem_width, 3, 2, 'conv1', self.dtype)(x)))          # [B, H/2, W/2, 64]
-    x = nn.relu(batch_norm(train, 'bn2', self.dtype)(
-        conv(self.stem_width, 3, 2, 'conv2', self.dtype)(x)))          # [B, H/4, W/4, 64]
+    x = nn.relu(
+        batch_norm(train, 'bn1', self.dtype)(conv(self.stem_width, 3, 2, 'conv1', self.dtype)(x))
+    )  # [B, H/2, W/2, 64]
+    x = nn.relu(
+        batch_norm(train, 'bn2', self.dtype)(conv(self.stem_width, 3, 2, 'conv2', self.dtype)(x))
+    )  # [B, H/4, W/4, 64]
     for j in range(self.num_blocks):
       x = bottleneck(self.stem_width, 1, j == 0, self.dtype, name=f'layer1_{j}')(x, train)
-    xs, channels = (x,), (self.stem_width * resnet.EXPANSION,)          # [B, H/4, W/4, 256]
+    xs, channels = (x,), (self.stem_width * resnet.EXPANSION,)  # [B, H/4, W/4, 256]
 
     for s, num_modules in enumerate(self.stage_modules):
       new_channels = self.branch_channels(len(channels) + 1)
@@ -172,19 +183,27 @@ class HRNet(nn.Module):
       channels = new_channels
       for m in range(num_modules):
         xs = hr_module(channels, self.num_blocks, self.dtype, name=f'stage{s + 2}_{m}')(
-            xs, train)                                          # [B, H/2^(b+2), ., C_b]
+            xs, train
+        )  # [B, H/2^(b+2), ., C_b]
 
     # Classification head up to the 7x7x2048 map (no pooling, no classifier).
     head = self.head_channels
     y = None
     for i, x in enumerate(xs):
       planes = head[i]
-      x = bottleneck(planes, 1, channels[i] != planes * resnet.EXPANSION, self.dtype,
-                     name=f'incre_modules_{i}_0')(x, train)     # [B, ., ., 4 head_i]
+      x = bottleneck(
+          planes,
+          1,
+          channels[i] != planes * resnet.EXPANSION,
+          self.dtype,
+          name=f'incre_modules_{i}_0',
+      )(
+          x, train
+      )  # [B, ., ., 4 head_i]
       if y is not None:
         name = f'downsamp_modules_{i - 1}'
         y = conv(planes * resnet.EXPANSION, 3, 2, f'{name}_0', self.dtype, use_bias=True)(y)
         x = x + nn.relu(batch_norm(train, f'{name}_1', self.dtype)(y))
       y = x
     y = conv(self.final_channels, 1, 1, 'final_layer_0', self.dtype, use_bias=True)(y)
-    return nn.relu(batch_norm(train, 'final_layer_1', self.dtype)(y))   # [B, H/32, W/32, 2048]
+    return nn.relu(batch_norm(train, 'final_layer_1', self.dtype)(y))  # [B, H/32, W/32, 2048]

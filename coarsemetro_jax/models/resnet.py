@@ -25,15 +25,28 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def batch_norm(train, name, dtype=jnp.float32, scale_init=nn.initializers.ones):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, scale_init=scale_init, name=name)
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      scale_init=scale_init,
+      name=name,
+  )
 
 
 def conv(features, kernel, stride, name, dtype=jnp.float32, use_bias=False):
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=use_bias,
-                 kernel_init=conv_init, dtype=dtype, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      (stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=use_bias,
+      kernel_init=conv_init,
+      dtype=dtype,
+      name=name,
+  )
 
 
 def _pool_windows(x):
@@ -41,16 +54,20 @@ def _pool_windows(x):
   b, h, w, c = x.shape
   out_h, out_w = (h + 1) // 2, (w + 1) // 2
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return [jax.lax.slice(padded, (0, i, j, 0),
-                        (b, i + 2 * out_h - 1, j + 2 * out_w - 1, c), (1, 2, 2, 1))
-          for i in range(3) for j in range(3)]
+  return [
+      jax.lax.slice(
+          padded, (0, i, j, 0), (b, i + 2 * out_h - 1, j + 2 * out_w - 1, c), (1, 2, 2, 1)
+      )
+      for i in range(3)
+      for j in range(3)
+  ]
 
 
 def _max_pool_fwd(x):
   windows = _pool_windows(x)
   out, index = windows[0], jnp.zeros(windows[0].shape, jnp.int8)
   for k, window in enumerate(windows[1:], 1):
-    index = jnp.where(window > out, jnp.int8(k), index)   # first maximum wins
+    index = jnp.where(window > out, jnp.int8(k), index)  # first maximum wins
     out = jnp.maximum(out, window)
   return out, (index, x.shape)
 
@@ -58,15 +75,23 @@ def _max_pool_fwd(x):
 def _max_pool_bwd(residuals, g):
   index, (b, h, w, c) = residuals
   out_h, out_w = g.shape[1:3]
-  grad = jnp.zeros((b, h + 2, w + 2, c), g.dtype)          # w.r.t. the padded input
+  grad = jnp.zeros((b, h + 2, w + 2, c), g.dtype)  # w.r.t. the padded input
   zero = jnp.zeros((), g.dtype)
   for k in range(9):
     i, j = divmod(k, 3)
     # Output (y, x) read padded (i + 2y, j + 2x): interior padding puts it there.
-    part = jnp.where(index == k, g, zero)                   # [B, out_h, out_w, C]
-    grad = grad + jax.lax.pad(part, zero, ((0, 0, 0), (i, h + 2 - i - 2 * out_h + 1, 1),
-                                           (j, w + 2 - j - 2 * out_w + 1, 1), (0, 0, 0)))
-  return (grad[:, 1:h + 1, 1:w + 1],)
+    part = jnp.where(index == k, g, zero)  # [B, out_h, out_w, C]
+    grad = grad + jax.lax.pad(
+        part,
+        zero,
+        (
+            (0, 0, 0),
+            (i, h + 2 - i - 2 * out_h + 1, 1),
+            (j, w + 2 - j - 2 * out_w + 1, 1),
+            (0, 0, 0),
+        ),
+    )
+  return (grad[:, 1 : h + 1, 1 : w + 1],)
 
 
 @jax.custom_vjp
@@ -97,6 +122,7 @@ class PointwiseConv(nn.Module):
   plain matmuls: about 2x faster forward + backward on CPU
   (benchmarks/train_step.py).
   """
+
   features: int
   stride: int = 1
   dtype: jnp.dtype = jnp.float32
@@ -106,31 +132,39 @@ class PointwiseConv(nn.Module):
     # x [B, H, W, C_in] -> [B, ceil(H/stride), ceil(W/stride), features]
     kernel = self.param('kernel', conv_init, (1, 1, x.shape[-1], self.features))
     if self.stride > 1:
-      x = x[:, ::self.stride, ::self.stride]
+      x = x[:, :: self.stride, :: self.stride]
     return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
 
 
 class Bottleneck(nn.Module):
   """torchvision Bottleneck (v1.5: stride on conv2)."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
-  zero_init_residual: bool = False   # bn3 scale starts at 0 (torchvision)
+  zero_init_residual: bool = False  # bn3 scale starts at 0 (torchvision)
 
   @nn.compact
   def __call__(self, x, train):
-    out = nn.relu(batch_norm(train, 'bn1', self.dtype)(
-        PointwiseConv(self.planes, dtype=self.dtype, name='conv1')(x)))
-    out = nn.relu(batch_norm(train, 'bn2', self.dtype)(
-        conv(self.planes, 3, self.stride, 'conv2', self.dtype)(out)))
+    out = nn.relu(
+        batch_norm(train, 'bn1', self.dtype)(
+            PointwiseConv(self.planes, dtype=self.dtype, name='conv1')(x)
+        )
+    )
+    out = nn.relu(
+        batch_norm(train, 'bn2', self.dtype)(
+            conv(self.planes, 3, self.stride, 'conv2', self.dtype)(out)
+        )
+    )
     bn3_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     out = batch_norm(train, 'bn3', self.dtype, bn3_init)(
-        PointwiseConv(self.planes * EXPANSION, dtype=self.dtype, name='conv3')(out))
+        PointwiseConv(self.planes * EXPANSION, dtype=self.dtype, name='conv3')(out)
+    )
     if self.downsample:
       x = batch_norm(train, 'downsample_1', self.dtype)(
-          PointwiseConv(self.planes * EXPANSION, self.stride, self.dtype,
-                        name='downsample_0')(x))
+          PointwiseConv(self.planes * EXPANSION, self.stride, self.dtype, name='downsample_0')(x)
+      )
     return nn.relu(out + x)
 
 
@@ -141,6 +175,7 @@ class ResNet(nn.Module):
   [B, 7, 7, 2048] map for a 224 input. Smaller depths/width give the CPU-sized
   backbones of configs/tiny.py and the embedded default.
   """
+
   depths: tuple[int, ...] = RESNET50_DEPTHS
   width: int = 64
   remat: bool = False
@@ -162,12 +197,18 @@ class ResNet(nn.Module):
     x = max_pool_3x3_s2(x)
     in_channels = self.width
     for i, depth in enumerate(self.depths):
-      planes = self.width * 2 ** i
+      planes = self.width * 2**i
       for j in range(depth):
         stride = 2 if (j == 0 and i > 0) else 1
         downsample = j == 0 and (stride != 1 or in_channels != planes * EXPANSION)
-        x = block_cls(planes, stride, downsample, self.dtype, self.zero_init_residual,
-                      name=f'layer{i + 1}_{j}')(x, train)
+        x = block_cls(
+            planes,
+            stride,
+            downsample,
+            self.dtype,
+            self.zero_init_residual,
+            name=f'layer{i + 1}_{j}',
+        )(x, train)
         in_channels = planes * EXPANSION
     return x
 

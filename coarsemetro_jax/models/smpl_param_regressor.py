@@ -28,8 +28,8 @@ from coarsemetro_jax.models import transformer as tfm
 
 NUM_INPUT_VERTICES = 1723
 HIDDEN = 1024
-NUM_ROTATIONS = joints.NUM_SMPL_JOINTS       # 24
-NUM_BETAS = joints.NUM_BETAS                 # 10
+NUM_ROTATIONS = joints.NUM_SMPL_JOINTS  # 24
+NUM_BETAS = joints.NUM_BETAS  # 10
 NUM_OUTPUTS = NUM_ROTATIONS * 9 + NUM_BETAS  # 226
 
 
@@ -42,7 +42,8 @@ class BatchNorm1d(nn.Module):
   with a batch sharded over devices the batch is the global one (synchronised
   BatchNorm); FastMETRO's DDP used per-GPU statistics.
   """
-  momentum: float = 0.9    # Flax convention: weight of the old value (PyTorch's 0.1)
+
+  momentum: float = 0.9  # Flax convention: weight of the old value (PyTorch's 0.1)
   epsilon: float = 1e-5
 
   @nn.compact
@@ -70,6 +71,7 @@ class BatchNorm1d(nn.Module):
 
 class FCBlock(nn.Module):
   """Linear, BatchNorm1d, ReLU (PyTorch `fc_block.0/.1/.2`)."""
+
   features: int
 
   @nn.compact
@@ -112,6 +114,7 @@ class SMPLParamRegressor(nn.Module):
   Use as `SMPLParamRegressor(name='smpl_parameter_regressor')` inside the
   network so that the Flax paths follow the PyTorch keys.
   """
+
   hidden: int = HIDDEN
 
   @nn.compact
@@ -126,6 +129,6 @@ class SMPLParamRegressor(nn.Module):
     x = FCBlock(self.hidden, name='regressor_0')(x, train)
     x = FCResBlock(name='regressor_1')(x, train)
     x = FCResBlock(name='regressor_2')(x, train)
-    x = tfm.TorchDense(NUM_OUTPUTS, name='regressor_3')(x)                  # [B, 226]
-    raw = x[:, :NUM_ROTATIONS * 9].reshape(b, NUM_ROTATIONS, 3, 3)
-    return {'pred_rotmat': svd_rotation(raw), 'pred_betas': x[:, NUM_ROTATIONS * 9:]}
+    x = tfm.TorchDense(NUM_OUTPUTS, name='regressor_3')(x)  # [B, 226]
+    raw = x[:, : NUM_ROTATIONS * 9].reshape(b, NUM_ROTATIONS, 3, 3)
+    return {'pred_rotmat': svd_rotation(raw), 'pred_betas': x[:, NUM_ROTATIONS * 9 :]}

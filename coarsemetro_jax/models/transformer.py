@@ -9,8 +9,8 @@ a fixed rule: `transformer_1.encoder.layers.0.self_attn.in_proj_weight` <->
 Layout is batch-first ([B, L, E]); PyTorch's is sequence-first.
 """
 
+from collections.abc import Callable
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -26,15 +26,15 @@ zeros = nn.initializers.zeros
 def torch_linear_init(fan_in):
   """PyTorch nn.Linear default init: U(+-1/sqrt(fan_in)) for weight and bias."""
   bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class TorchDense(nn.Module):
   """Linear layer with PyTorch's parameter init and a Flax `kernel`/`bias`."""
+
   features: int
-  xavier: bool = False      # FastMETRO re-inits transformer weights with xavier
-  zero_bias: bool = False   # MultiheadAttention biases start at zero
+  xavier: bool = False  # FastMETRO re-inits transformer weights with xavier
+  zero_bias: bool = False  # MultiheadAttention biases start at zero
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -42,8 +42,9 @@ class TorchDense(nn.Module):
     fan_in = x.shape[-1]
     kernel_init = xavier_uniform if self.xavier else torch_linear_init(fan_in)
     kernel = self.param('kernel', kernel_init, (fan_in, self.features))
-    bias = self.param('bias', zeros if self.zero_bias else torch_linear_init(fan_in),
-                      (self.features,))
+    bias = self.param(
+        'bias', zeros if self.zero_bias else torch_linear_init(fan_in), (self.features,)
+    )
     x = x.astype(self.dtype)
     return jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
@@ -55,16 +56,18 @@ class TokenLinear(nn.Module):
   bias is per output token and shared by all channels (FastMETRO's
   `coarse2intermediate_upsample`).
   """
+
   features: int
   dtype: jnp.dtype = jnp.float32
-  kernel_init: Callable | None = None   # None: PyTorch's nn.Linear init
+  kernel_init: Callable | None = None  # None: PyTorch's nn.Linear init
   bias_init: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-2]
-    kernel = self.param('kernel', self.kernel_init or torch_linear_init(fan_in),
-                        (fan_in, self.features))
+    kernel = self.param(
+        'kernel', self.kernel_init or torch_linear_init(fan_in), (fan_in, self.features)
+    )
     bias = self.param('bias', self.bias_init or torch_linear_init(fan_in), (self.features,))
     x = x.astype(self.dtype)
     out = jnp.einsum('bnc,nm->bmc', x, kernel.astype(self.dtype))
@@ -77,6 +80,7 @@ class PackedInProjection(nn.Module):
   Stored as Flax `kernel` [E, 3E] (= in_proj_weight.T) and `bias` [3E]; the
   column blocks are q, k, v.
   """
+
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -86,7 +90,9 @@ class PackedInProjection(nn.Module):
     bias = self.param('bias', zeros, (3 * e,)).astype(self.dtype)
 
     def proj(x, i):
-      return jnp.dot(x.astype(self.dtype), kernel[:, i * e:(i + 1) * e]) + bias[i * e:(i + 1) * e]
+      return (
+          jnp.dot(x.astype(self.dtype), kernel[:, i * e : (i + 1) * e]) + bias[i * e : (i + 1) * e]
+      )
 
     return proj(query, 0), proj(key, 1), proj(value, 2)
 
@@ -98,6 +104,7 @@ class MultiHeadAttention(nn.Module):
   collection as `attention_weights` when the caller makes that collection
   mutable (the paper's attention-map figures); otherwise nothing is kept.
   """
+
   num_heads: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
@@ -109,7 +116,7 @@ class MultiHeadAttention(nn.Module):
     head_dim = e // self.num_heads
     q, k, v = PackedInProjection(dtype=self.dtype, name='in_proj')(query, key, value)
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-    q = q.reshape(b, lq, self.num_heads, head_dim) * (head_dim ** -0.5)
+    q = q.reshape(b, lq, self.num_heads, head_dim) * (head_dim**-0.5)
     k = k.reshape(b, lk, self.num_heads, head_dim)
     v = v.reshape(b, lk, self.num_heads, head_dim)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)  # [B, H, Lq, Lk]
@@ -121,12 +128,11 @@ class MultiHeadAttention(nn.Module):
     # dropout(e) / sum(e) = dropout(e / sum(e))): the exponentials feed the
     # matmul directly and the division runs on [B, Lq, H, d], not [B, H, Lq, Lk].
     unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    denominator = unnormalized.sum(-1).transpose(0, 2, 1)[..., None]   # [B, Lq, H, 1]
+    denominator = unnormalized.sum(-1).transpose(0, 2, 1)[..., None]  # [B, Lq, H, 1]
     unnormalized = nn.Dropout(self.dropout)(unnormalized, deterministic=deterministic)
     out = jnp.einsum('bhqk,bkhd->bqhd', unnormalized.astype(self.dtype), v)
     out = (out / denominator.astype(self.dtype)).reshape(b, lq, e)
-    return TorchDense(e, xavier=True, zero_bias=True, dtype=self.dtype,
-                      name='out_proj')(out)
+    return TorchDense(e, xavier=True, zero_bias=True, dtype=self.dtype, name='out_proj')(out)
 
 
 def layer_norm(name):
@@ -147,6 +153,7 @@ def _ffn(x, hidden_dim, dropout, deterministic, dtype):
 
 class EncoderLayer(nn.Module):
   """Pre-norm encoder layer; `pos` is added to queries and keys only."""
+
   num_heads: int
   ffn_dim: int
   dropout: float = 0.1
@@ -158,8 +165,9 @@ class EncoderLayer(nn.Module):
     drop = lambda y, name: nn.Dropout(self.dropout, name=name)(y, deterministic=deterministic)
     s = layer_norm('norm1')(x)
     qk = s + pos.astype(s.dtype)
-    attn = MultiHeadAttention(num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype,
-                              name='self_attn')
+    attn = MultiHeadAttention(
+        num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype, name='self_attn'
+    )
     x = x + drop(attn(qk, qk, s, deterministic=deterministic), 'dropout1')
     s = layer_norm('norm2')(x)
     x = x + drop(_ffn(s, self.ffn_dim, self.dropout, deterministic, self.dtype), 'dropout2')
@@ -174,39 +182,42 @@ class DecoderLayer(nn.Module):
   tokens), placed before the self-attention ('beginning') or after the image
   cross-attention ('end'); 'none' leaves FastMETRO's layer unchanged.
   """
+
   num_heads: int
   ffn_dim: int
   dropout: float = 0.1
-  vertex_attention: str = 'none'   # 'none' | 'beginning' | 'end'
+  vertex_attention: str = 'none'  # 'none' | 'beginning' | 'end'
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, t, memory, memory_pos, self_mask=None, vertex_memory=None, *,
-               deterministic):
+  def __call__(self, t, memory, memory_pos, self_mask=None, vertex_memory=None, *, deterministic):
     # t [B, Lt, E]; memory [B, Lm, E]; memory_pos [Lm, E]; self_mask [Lt, Lt];
     # vertex_memory [B, Lv, E] (previous-resolution vertex tokens).
     drop = lambda y, name: nn.Dropout(self.dropout, name=name)(y, deterministic=deterministic)
-    mha = lambda name: MultiHeadAttention(num_heads=self.num_heads, dropout=self.dropout,
-                                          dtype=self.dtype, name=name)
+    mha = lambda name: MultiHeadAttention(
+        num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype, name=name
+    )
 
     def vertex_block(t):
       s = layer_norm('norm_vertex')(t)
       kv = layer_norm('norm_vertex_memory')(vertex_memory)
-      return t + drop(mha('vertex_attn')(s, kv, kv, deterministic=deterministic),
-                      'dropout_vertex')
+      return t + drop(mha('vertex_attn')(s, kv, kv, deterministic=deterministic), 'dropout_vertex')
 
     if self.vertex_attention not in ('none', 'beginning', 'end'):
-      raise ValueError(f'vertex_attention must be none|beginning|end, got '
-                       f'{self.vertex_attention!r}')
+      raise ValueError(
+          f'vertex_attention must be none|beginning|end, got ' f'{self.vertex_attention!r}'
+      )
     if self.vertex_attention == 'beginning':
       t = vertex_block(t)
-    s = layer_norm('norm1')(t)   # FastMETRO's query_pos is zero: no query pos.
-    t = t + drop(mha('self_attn')(s, s, s, mask=self_mask, deterministic=deterministic),
-                 'dropout1')
+    s = layer_norm('norm1')(t)  # FastMETRO's query_pos is zero: no query pos.
+    t = t + drop(mha('self_attn')(s, s, s, mask=self_mask, deterministic=deterministic), 'dropout1')
     s = layer_norm('norm2')(t)
-    t = t + drop(mha('multihead_attn')(
-        s, memory + memory_pos.astype(memory.dtype), memory,
-        deterministic=deterministic), 'dropout2')
+    t = t + drop(
+        mha('multihead_attn')(
+            s, memory + memory_pos.astype(memory.dtype), memory, deterministic=deterministic
+        ),
+        'dropout2',
+    )
     if self.vertex_attention == 'end':
       t = vertex_block(t)
     s = layer_norm('norm3')(t)
@@ -216,6 +227,7 @@ class DecoderLayer(nn.Module):
 
 class Encoder(nn.Module):
   """`num_layers` encoder layers and a final LayerNorm (`encoder.norm`)."""
+
   num_layers: int
   num_heads: int
   ffn_dim: int
@@ -225,14 +237,19 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, pos, *, deterministic):
     for i in range(self.num_layers):
-      x = EncoderLayer(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
-                       dtype=self.dtype, name=f'layers_{i}')(
-                           x, pos, deterministic=deterministic)
+      x = EncoderLayer(
+          num_heads=self.num_heads,
+          ffn_dim=self.ffn_dim,
+          dropout=self.dropout,
+          dtype=self.dtype,
+          name=f'layers_{i}',
+      )(x, pos, deterministic=deterministic)
     return layer_norm('norm')(x)
 
 
 class Decoder(nn.Module):
   """`num_layers` decoder layers and a final LayerNorm (`decoder.norm`)."""
+
   num_layers: int
   num_heads: int
   ffn_dim: int
@@ -241,14 +258,23 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, t, memory, memory_pos, self_mask=None, vertex_memory=None, *,
-               deterministic):
+  def __call__(self, t, memory, memory_pos, self_mask=None, vertex_memory=None, *, deterministic):
     for i in range(self.num_layers):
-      t = DecoderLayer(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
-                       vertex_attention=self.vertex_attention, dtype=self.dtype,
-                       name=f'layers_{i}')(
-                           t, memory, memory_pos, self_mask=self_mask,
-                           vertex_memory=vertex_memory, deterministic=deterministic)
+      t = DecoderLayer(
+          num_heads=self.num_heads,
+          ffn_dim=self.ffn_dim,
+          dropout=self.dropout,
+          vertex_attention=self.vertex_attention,
+          dtype=self.dtype,
+          name=f'layers_{i}',
+      )(
+          t,
+          memory,
+          memory_pos,
+          self_mask=self_mask,
+          vertex_memory=vertex_memory,
+          deterministic=deterministic,
+      )
     return layer_norm('norm')(t)
 
 
@@ -258,31 +284,47 @@ class Transformer(nn.Module):
   Returns the normalised camera feature [B, 1, E], image features [B, N, E]
   and decoder tokens [B, Lt, E].
   """
+
   num_layers: int
   num_heads: int
   ffn_dim: int
   dropout: float = 0.1
   vertex_attention: str = 'none'
-  memory_includes_cam: bool = False   # FastMETRO: image tokens only
+  memory_includes_cam: bool = False  # FastMETRO: image tokens only
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, img, cam, tgt, pos, self_mask=None, vertex_memory=None, *,
-               deterministic):
+  def __call__(self, img, cam, tgt, pos, self_mask=None, vertex_memory=None, *, deterministic):
     # img [B, N, E]; cam [B, 1, E]; tgt [B, Lt, E]; pos [N, E].
     e = img.shape[-1]
-    enc_pos = jnp.concatenate([jnp.zeros((1, e), pos.dtype), pos], 0)   # [1+N, E]
-    x = jnp.concatenate([cam, img], 1)                                  # [B, 1+N, E]
-    x = Encoder(num_layers=self.num_layers, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
-                dropout=self.dropout, dtype=self.dtype, name='encoder')(
-                    x, enc_pos, deterministic=deterministic)
+    enc_pos = jnp.concatenate([jnp.zeros((1, e), pos.dtype), pos], 0)  # [1+N, E]
+    x = jnp.concatenate([cam, img], 1)  # [B, 1+N, E]
+    x = Encoder(
+        num_layers=self.num_layers,
+        num_heads=self.num_heads,
+        ffn_dim=self.ffn_dim,
+        dropout=self.dropout,
+        dtype=self.dtype,
+        name='encoder',
+    )(x, enc_pos, deterministic=deterministic)
     cam_f, img_f = x[:, :1], x[:, 1:]
     memory, memory_pos = (x, enc_pos) if self.memory_includes_cam else (img_f, pos)
-    t = Decoder(num_layers=self.num_layers, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
-                dropout=self.dropout, vertex_attention=self.vertex_attention,
-                dtype=self.dtype, name='decoder')(
-                    tgt, memory, memory_pos, self_mask=self_mask,
-                    vertex_memory=vertex_memory, deterministic=deterministic)
+    t = Decoder(
+        num_layers=self.num_layers,
+        num_heads=self.num_heads,
+        ffn_dim=self.ffn_dim,
+        dropout=self.dropout,
+        vertex_attention=self.vertex_attention,
+        dtype=self.dtype,
+        name='decoder',
+    )(
+        tgt,
+        memory,
+        memory_pos,
+        self_mask=self_mask,
+        vertex_memory=vertex_memory,
+        deterministic=deterministic,
+    )
     return cam_f, img_f, t
 
 
@@ -300,12 +342,11 @@ def sine_position_encoding(height, width, dim):
   y = y / (height + eps) * scale
   x = x / (width + eps) * scale
   dim_t = temperature ** (2 * (np.arange(feats) // 2) / feats)
-  pos_x = x[..., None] / dim_t                  # [H, W, F]
+  pos_x = x[..., None] / dim_t  # [H, W, F]
   pos_y = y[..., None] / dim_t
 
   def interleave(p):
-    return np.stack([np.sin(p[..., 0::2]), np.cos(p[..., 1::2])], -1).reshape(
-        height, width, feats)
+    return np.stack([np.sin(p[..., 0::2]), np.cos(p[..., 1::2])], -1).reshape(height, width, feats)
 
-  pe = np.concatenate([interleave(pos_y), interleave(pos_x)], -1)   # [H, W, dim]
+  pe = np.concatenate([interleave(pos_y), interleave(pos_x)], -1)  # [H, W, dim]
   return pe.reshape(height * width, dim).astype(np.float32)

@@ -9,6 +9,7 @@ writes DIR/train.{img,hw,label,linelist}.tsv (+ .lineidx) and DIR/train.yaml,
 and the same for test; use DIR/train.yaml and DIR/test.yaml as
 config.data.train_yaml / eval_yaml.
 """
+
 import argparse
 import os
 import sys
@@ -18,22 +19,37 @@ from data_pipelines.synthetic import generate
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m data_pipelines.synthetic', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      prog='python -m data_pipelines.synthetic',
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument('--out', required=True, help='output directory')
   p.add_argument('--num_train', type=int, default=10000)
   p.add_argument('--num_test', type=int, default=1000)
   p.add_argument('--seed', type=int, default=0, help='dataset seed (train and test streams differ)')
-  p.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                 help='render processes (the output does not depend on it)')
+  p.add_argument(
+      '--workers',
+      type=int,
+      default=os.cpu_count() or 1,
+      help='render processes (the output does not depend on it)',
+  )
   p.add_argument('--image_size', type=int, default=256, help='square image side in px')
-  p.add_argument('--backend', default='auto', choices=('auto', 'numba', 'numpy'),
-                 help='rasterizer (the output does not depend on it)')
+  p.add_argument(
+      '--backend',
+      default='auto',
+      choices=('auto', 'numba', 'numpy'),
+      help='rasterizer (the output does not depend on it)',
+  )
   p.add_argument('--body_model', default='', help="body model path ('' = embedded body)")
   p.add_argument('--contact_sheet', default='', help='optional PNG grid of train samples')
   p.add_argument('--contact_sheet_count', type=int, default=16, help='train samples on the sheet')
-  p.add_argument('--contact_sheet_tile', type=int, default=0,
-                 help='tile side in px on the sheet (0 = image_size)')
+  p.add_argument(
+      '--contact_sheet_tile',
+      type=int,
+      default=0,
+      help='tile side in px on the sheet (0 = image_size)',
+  )
   p.add_argument('--quiet', action='store_true', help='no progress bar')
   args = p.parse_args(argv)
   if args.num_train < 0 or args.num_test < 0 or args.image_size < 32 or args.workers < 1:
@@ -52,8 +68,17 @@ def main(argv=None):
     if num == 0:
       continue
     yaml_path, kept = generate.generate_split(
-        assets, args.out, split, num, args.seed, args.image_size, args.workers,
-        args.backend, progress=not args.quiet, keep_first=keep if split == 'train' else 0)
+        assets,
+        args.out,
+        split,
+        num,
+        args.seed,
+        args.image_size,
+        args.workers,
+        args.backend,
+        progress=not args.quiet,
+        keep_first=keep if split == 'train' else 0,
+    )
     print(f'wrote {num} examples: {yaml_path}')
     if kept:
       sheet = generate.contact_sheet(kept, args.contact_sheet, tile=args.contact_sheet_tile or None)

@@ -5,6 +5,7 @@ joint with the largest weight (its part), and limb vertices also get their
 position along the limb in the rest pose, so a sleeve or a trouser leg of any
 length is a threshold on that coordinate.
 """
+
 import dataclasses
 
 import cv2
@@ -17,19 +18,35 @@ _LEGS = (1, 2, 4, 5)
 _FEET = (7, 8, 10, 11)
 _HEAD = 15
 # Skin tones (sRGB in [0, 1]), pale to dark.
-SKIN_TONES = np.array([
-    [0.96, 0.80, 0.69], [0.92, 0.74, 0.60], [0.86, 0.65, 0.52],
-    [0.78, 0.57, 0.44], [0.66, 0.46, 0.33], [0.55, 0.37, 0.26],
-    [0.42, 0.28, 0.19], [0.31, 0.21, 0.15]])
-HAIR_COLOURS = np.array([
-    [0.05, 0.04, 0.04], [0.16, 0.10, 0.06], [0.32, 0.20, 0.11],
-    [0.60, 0.45, 0.25], [0.85, 0.72, 0.45], [0.55, 0.55, 0.55],
-    [0.50, 0.20, 0.08]])
+SKIN_TONES = np.array(
+    [
+        [0.96, 0.80, 0.69],
+        [0.92, 0.74, 0.60],
+        [0.86, 0.65, 0.52],
+        [0.78, 0.57, 0.44],
+        [0.66, 0.46, 0.33],
+        [0.55, 0.37, 0.26],
+        [0.42, 0.28, 0.19],
+        [0.31, 0.21, 0.15],
+    ]
+)
+HAIR_COLOURS = np.array(
+    [
+        [0.05, 0.04, 0.04],
+        [0.16, 0.10, 0.06],
+        [0.32, 0.20, 0.11],
+        [0.60, 0.45, 0.25],
+        [0.85, 0.72, 0.45],
+        [0.55, 0.55, 0.55],
+        [0.50, 0.20, 0.08],
+    ]
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class VertexParts:
   """Per-vertex dressing coordinates, computed once from the rest mesh."""
+
   part: np.ndarray  # [V] int: argmax skinning joint
   arm_t: np.ndarray  # [V] position along shoulder->wrist (0..1), arm vertices
   leg_t: np.ndarray  # [V] position along hip->ankle (0..1), leg vertices
@@ -52,9 +69,14 @@ def vertex_parts(rest_vertices, rest_joints, weights):
   arm_t = np.where(left, _along(v, j[16], j[20]), _along(v, j[17], j[21]))
   leg_t = np.where(left, _along(v, j[1], j[7]), _along(v, j[2], j[8]))
   return VertexParts(
-      part=part, arm_t=arm_t, leg_t=leg_t, height=v[:, 1] - j[3, 1],
-      head_up=v[:, 1] - j[15, 1], head_back=j[15, 2] - v[:, 2],
-      neck_dist=v[:, 1] - j[12, 1])
+      part=part,
+      arm_t=arm_t,
+      leg_t=leg_t,
+      height=v[:, 1] - j[3, 1],
+      head_up=v[:, 1] - j[15, 1],
+      head_back=j[15, 2] - v[:, 2],
+      neck_dist=v[:, 1] - j[12, 1],
+  )
 
 
 def _cloth_colour(rng):
@@ -74,10 +96,12 @@ def vertex_albedo(rng, parts):
   # arms up to a random sleeve length (none, short, three-quarter, long).
   waist = rng.uniform(-0.12, 0.02)
   neckline = rng.uniform(0.02, 0.1)
-  sleeve = (rng.uniform(-0.1, 0.05), rng.uniform(0.2, 0.45), rng.uniform(0.55, 0.8),
-            1.1)[rng.choice(4, p=(0.15, 0.4, 0.1, 0.35))]
-  in_shirt = ((is_torso & (parts.height >= waist) & (parts.neck_dist < -neckline))
-              | (is_arm & (parts.arm_t < sleeve)))
+  sleeve = (rng.uniform(-0.1, 0.05), rng.uniform(0.2, 0.45), rng.uniform(0.55, 0.8), 1.1)[
+      rng.choice(4, p=(0.15, 0.4, 0.1, 0.35))
+  ]
+  in_shirt = (is_torso & (parts.height >= waist) & (parts.neck_dist < -neckline)) | (
+      is_arm & (parts.arm_t < sleeve)
+  )
   # Trousers: torso below the waist and the legs to a random length.
   trouser = rng.uniform(0.3, 0.55) if rng.uniform() < 0.3 else 1.1
   in_pants = (is_torso & (parts.height < waist)) | (is_leg & (parts.leg_t < trouser))
@@ -109,8 +133,11 @@ def background(rng, height, width):
   if kind == 0:  # Linear gradient between two colours.
     a, b = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
     ang = rng.uniform(0, 2 * np.pi)
-    t = (np.arange(width, dtype=np.float32)[None] * np.float32(np.cos(ang))
-         + np.arange(height, dtype=np.float32)[:, None] * np.float32(np.sin(ang)))  # [H, W]
+    t = np.arange(width, dtype=np.float32)[None] * np.float32(np.cos(ang)) + np.arange(
+        height, dtype=np.float32
+    )[:, None] * np.float32(
+        np.sin(ang)
+    )  # [H, W]
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     img = a + t[..., None] * (b - a)
   else:  # Low-frequency colour noise over a base colour (kind 2: grey noise).

@@ -5,6 +5,7 @@ of `coarsemetro_jax.body_model.BodyModel` are copied once into a plain
 `BodyArrays` and the linear blend skinning is redone here in NumPy (the tests
 check it against `body_model.forward`).
 """
+
 import dataclasses
 
 import numpy as np
@@ -66,6 +67,7 @@ class BodyArrays:
   example's numbers do not depend on how many BLAS threads the process has
   (a multi-threaded dense matmul rounds differently), and they are faster.
   """
+
   v_template: np.ndarray  # [V, 3]
   shapedirs: np.ndarray  # [V, 3, K]
   j_regressor: np.ndarray  # [24, V] (dense)
@@ -79,8 +81,10 @@ class BodyArrays:
   posedirs: np.ndarray | None = None
 
   def __post_init__(self):
-    csr = {name: scipy.sparse.csr_matrix(getattr(self, name))
-           for name in ('j_regressor', 'weights', 'j24_regressor')}
+    csr = {
+        name: scipy.sparse.csr_matrix(getattr(self, name))
+        for name in ('j_regressor', 'weights', 'j24_regressor')
+    }
     object.__setattr__(self, '_csr', csr)
 
   def regress(self, name, points):
@@ -129,6 +133,7 @@ def from_body_model(body):
   """BodyArrays (float64 NumPy) from a `coarsemetro_jax.body_model.BodyModel`."""
   # Imported here: worker processes use BodyArrays and never import JAX.
   from coarsemetro_jax import body_model
+
   f64 = lambda x: np.array(x, np.float64)
   v_template = f64(body.v_template)
   num_v = len(v_template)
@@ -144,10 +149,16 @@ def from_body_model(body):
   else:
     j24, conf = j24_regressor(body, body_model.j24_joints, num_v)
   return BodyArrays(
-      v_template=v_template, shapedirs=f64(body.shapedirs),
-      j_regressor=_dense(body.j_regressor), weights=f64(body.weights),
-      faces=np.array(body.faces, np.int64), j24_regressor=j24, j24_conf=conf,
-      parents=np.array(body.parents, np.int64), posedirs=posedirs)
+      v_template=v_template,
+      shapedirs=f64(body.shapedirs),
+      j_regressor=_dense(body.j_regressor),
+      weights=f64(body.weights),
+      faces=np.array(body.faces, np.int64),
+      j24_regressor=j24,
+      j24_conf=conf,
+      parents=np.array(body.parents, np.int64),
+      posedirs=posedirs,
+  )
 
 
 def _dense(matrix):
@@ -162,6 +173,7 @@ def j24_regressor(body, j24_fn, num_vertices):
   in blocks (no assumption about how the body model combines its regressors).
   """
   import jax
+
   fn = jax.jit(lambda v: j24_fn(body, v)[0])
   rows = []
   block = 512

@@ -8,6 +8,7 @@ train and test never share a random stream. Workers are started with 'spawn'
 JAX-free `render.Assets` once; at most a few chunks are in flight, so memory
 stays bounded however large the split.
 """
+
 import collections
 import contextlib
 import multiprocessing
@@ -26,14 +27,31 @@ from data_pipelines.synthetic import render
 SPLIT_IDS = {'train': 0, 'test': 1}
 JPEG_QUALITY = (70, 96)
 # J24 skeleton drawn on the contact sheet (joint index pairs).
-J24_BONES = ((0, 1), (1, 2), (2, 14), (14, 3), (3, 4), (4, 5), (6, 7), (7, 8), (8, 12),
-             (12, 9), (9, 10), (10, 11), (12, 13), (14, 16), (16, 15), (15, 12))
+J24_BONES = (
+    (0, 1),
+    (1, 2),
+    (2, 14),
+    (14, 3),
+    (3, 4),
+    (4, 5),
+    (6, 7),
+    (7, 8),
+    (8, 12),
+    (12, 9),
+    (9, 10),
+    (10, 11),
+    (12, 13),
+    (14, 16),
+    (16, 15),
+    (15, 12),
+)
 
 
 def load_assets(body_model_path=''):
   """Render assets from the body model ('' = the embedded body)."""
   # Imported here: the body model is JAX code; workers only get NumPy copies.
   from coarsemetro_jax import body_model
+
   return render.make_assets(body_np.from_body_model(body_model.load_body_model(body_model_path)))
 
 
@@ -50,8 +68,13 @@ def make_example(assets, seed, split, index, image_size, backend='auto'):
   rng = example_rng(seed, split, index)
   out = render.render_example(assets, rng, image_size, image_size, backend)
   jpeg = render.encode_jpeg(out['image'], rng.integers(*JPEG_QUALITY))
-  return {'key': f'synthetic_{split}_{index:08d}', 'jpeg': jpeg, 'height': image_size,
-          'width': image_size, 'label': out['label']}
+  return {
+      'key': f'synthetic_{split}_{index:08d}',
+      'jpeg': jpeg,
+      'height': image_size,
+      'width': image_size,
+      'label': out['label'],
+  }
 
 
 _WORKER = {}
@@ -72,7 +95,7 @@ def _light_children():
   cores shared with another job), once for each split.
   """
   saved = {k: os.environ.get(k) for k in _THREAD_ENV}
-  os.environ.update({k: '1' for k in _THREAD_ENV})
+  os.environ.update(dict.fromkeys(_THREAD_ENV, '1'))
   parent_main = sys.modules['__main__']
   # multiprocessing.spawn reads __main__'s __spec__ / __file__ when a child starts.
   sys.modules['__main__'] = types.ModuleType('__main__')
@@ -93,8 +116,10 @@ def _init_worker(assets, seed, split, image_size, backend):
 
 def _render_chunk(bounds):
   w = _WORKER
-  return [make_example(w['assets'], w['seed'], w['split'], i, w['image_size'], w['backend'])
-          for i in range(*bounds)]
+  return [
+      make_example(w['assets'], w['seed'], w['split'], i, w['image_size'], w['backend'])
+      for i in range(*bounds)
+  ]
 
 
 def iter_examples(assets, split, num, seed, image_size, workers=1, backend='auto', chunk=16):
@@ -107,8 +132,9 @@ def iter_examples(assets, split, num, seed, image_size, workers=1, backend='auto
   bounds = [(s, min(s + chunk, num)) for s in range(0, num, chunk)]
   ctx = multiprocessing.get_context('spawn')
   with _light_children():  # The workers start here.
-    pool = ctx.Pool(workers, initializer=_init_worker,
-                    initargs=(assets, seed, split, image_size, backend))
+    pool = ctx.Pool(
+        workers, initializer=_init_worker, initargs=(assets, seed, split, image_size, backend)
+    )
   with pool:
     pending = collections.deque()
     todo = iter(bounds)
@@ -135,14 +161,33 @@ def _progress(iterable, total, desc, every_s=1.0):
       last = now
       rate = done / max(now - start, 1e-9)
       eta = (total - done) / rate if rate > 0 else 0.0
-      print(f'\r{desc}: {done}/{total} ({100 * done / max(total, 1):.0f}%), '
-            f'{rate:.1f} img/s, ETA {eta:.0f} s   ', end='', file=sys.stderr, flush=True)
-  print(f'\r{desc}: {done}/{total} in {time.monotonic() - start:.1f} s' + ' ' * 30,
-        file=sys.stderr, flush=True)
+      print(
+          f'\r{desc}: {done}/{total} ({100 * done / max(total, 1):.0f}%), '
+          f'{rate:.1f} img/s, ETA {eta:.0f} s   ',
+          end='',
+          file=sys.stderr,
+          flush=True,
+      )
+  print(
+      f'\r{desc}: {done}/{total} in {time.monotonic() - start:.1f} s' + ' ' * 30,
+      file=sys.stderr,
+      flush=True,
+  )
 
 
-def generate_split(assets, out_dir, split, num, seed, image_size=256, workers=1,
-                   backend='auto', progress=True, keep_first=0, chunk=16):
+def generate_split(
+    assets,
+    out_dir,
+    split,
+    num,
+    seed,
+    image_size=256,
+    workers=1,
+    backend='auto',
+    progress=True,
+    keep_first=0,
+    chunk=16,
+):
   """Writes DIR/{split}.* (METRO TSV) with `num` examples.
 
   Returns:
@@ -170,8 +215,14 @@ def draw_joints(image, joints_2d):
   j = np.asarray(joints_2d)
   for a, b in J24_BONES:
     if j[a, 2] > 0 and j[b, 2] > 0:
-      cv2.line(img, tuple(int(round(v)) for v in j[a, :2]), tuple(int(round(v)) for v in j[b, :2]),
-               (255, 255, 255), scale, cv2.LINE_AA)
+      cv2.line(
+          img,
+          tuple(int(round(v)) for v in j[a, :2]),
+          tuple(int(round(v)) for v in j[b, :2]),
+          (255, 255, 255),
+          scale,
+          cv2.LINE_AA,
+      )
   for i, (x, y, vis) in enumerate(j):
     if vis > 0:
       colour = (255, 40, 40) if i in (0, 1, 2, 6, 7, 8) else (40, 120, 255)  # right red, rest blue
@@ -196,7 +247,7 @@ def contact_sheet(examples, path, cols=4, tile=None):
   sheet = np.zeros((rows * h, cols * w, 3), np.uint8)
   for i, t in enumerate(tiles):
     r, c = divmod(i, cols)
-    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
+    sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = t
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if not cv2.imwrite(os.fspath(path), sheet[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9]):
     raise OSError(f'could not write the contact sheet {path}')

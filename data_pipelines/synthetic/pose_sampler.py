@@ -22,6 +22,7 @@ Poses come from a small mixture of activities (generic, standing, walking,
 crouching, bending, reaching) and can be rejected when a forearm or hand enters
 the torso or the legs cross (capsule tests on the posed skeleton).
 """
+
 import numpy as np
 from scipy.spatial.transform import Rotation
 
@@ -286,18 +287,25 @@ def penetrates(pose, rest_joints):
   lat /= np.linalg.norm(lat)
   fwd = _cross(lat, up)
   for sh, el, wr, hand in ((16, 18, 20, 22), (17, 19, 21, 23)):
-    pts = np.concatenate([_segment_points(pos[sh], pos[el], 4, 0.5),
-                          _segment_points(pos[el], pos[wr], 5),
-                          _segment_points(pos[wr], pos[hand], 3)])
+    pts = np.concatenate(
+        [
+            _segment_points(pos[sh], pos[el], 4, 0.5),
+            _segment_points(pos[el], pos[wr], 5),
+            _segment_points(pos[wr], pos[hand], 3),
+        ]
+    )
     rel = pts - pos[0]
     h = rel @ up
     in_ellipse = (rel @ lat / a_lat) ** 2 + (rel @ fwd / b_depth) ** 2 < 1.0
     inside = in_ellipse & (h > -0.05) & (h < length)
     if inside.any():
       return True
-  legs = [np.concatenate([_segment_points(pos[hip], pos[knee], 3, 0.6),
-                          _segment_points(pos[knee], pos[ankle], 5)])
-          for hip, knee, ankle in ((1, 4, 7), (2, 5, 8))]
+  legs = [
+      np.concatenate(
+          [_segment_points(pos[hip], pos[knee], 3, 0.6), _segment_points(pos[knee], pos[ankle], 5)]
+      )
+      for hip, knee, ankle in ((1, 4, 7), (2, 5, 8))
+  ]
   dist = np.linalg.norm(legs[0][:, None] - legs[1][None], axis=-1)
   return bool(dist.min() < 0.09)
 

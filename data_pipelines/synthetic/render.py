@@ -16,6 +16,7 @@ generators), 2D joints = projected J24 joints in pixels (pixel centres at
 integers), 3D joints = J24 joints in camera axes without translation (metres),
 pose with the camera-frame global orientation, betas.
 """
+
 import dataclasses
 
 import cv2
@@ -40,6 +41,7 @@ OFFSET_FRACTION = 1.1
 @dataclasses.dataclass(frozen=True)
 class Assets:
   """Everything a worker needs: JAX-free, picklable."""
+
   body: body_np.BodyArrays
   parts: appearance.VertexParts
   faces: np.ndarray  # [F, 3] faces wound so that face normals point outwards
@@ -55,9 +57,12 @@ def make_assets(body):
   volume = np.einsum('fi,fi->', v0, np.cross(v1, v2)) / 6.0
   if volume < 0:  # Inward-wound faces: flip so front faces are detected.
     faces = faces[:, ::-1]
-  return Assets(body=body, parts=appearance.vertex_parts(rest_v, rest_j, body.weights),
-                faces=np.ascontiguousarray(faces),
-                incidence=vertex_face_incidence(len(rest_v), faces))
+  return Assets(
+      body=body,
+      parts=appearance.vertex_parts(rest_v, rest_j, body.weights),
+      faces=np.ascontiguousarray(faces),
+      incidence=vertex_face_incidence(len(rest_v), faces),
+  )
 
 
 def to_camera_pose(pose):
@@ -109,8 +114,9 @@ def vertex_face_incidence(num_vertices, faces):
   """Sparse [V, F] 0/1 matrix: vertex normals are incidence @ face normals."""
   rows = faces.reshape(-1)
   cols = np.repeat(np.arange(len(faces)), 3)
-  return scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)),
-                                 shape=(num_vertices, len(faces)))
+  return scipy.sparse.csr_matrix(
+      (np.ones(len(rows)), (rows, cols)), shape=(num_vertices, len(faces))
+  )
 
 
 def face_normals(verts, faces):
@@ -227,8 +233,7 @@ def render_example(assets, rng, height, width, backend='auto'):
   image = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
   uv_j, _ = project(j24, cam)
   label = make_label(j24, body.j24_conf, uv_j, uv, pose, betas, height, width)
-  return {'image': image, 'label': label, 'face_id': face_id, 'vertices': verts_cam,
-          'camera': cam}
+  return {'image': image, 'label': label, 'face_id': face_id, 'vertices': verts_cam, 'camera': cam}
 
 
 def sensor_noise(rng, shape, std):
