@@ -8,6 +8,8 @@ usable without TensorFlow):
                   and the joint/pose transforms (NumPy + OpenCV).
   input_pipeline  tf.data per host: create_train_dataset, create_eval_dataset,
                   to_global_batch, global_batches.
+  examples        one row -> one prepared example (decode, crop, augment),
+                  run by input_pipeline through tf.numpy_function.
   ordering        the global order of training rows and each process's share
                   of every global batch (NumPy).
   prefetch        BackgroundIterator: the training batches, fetched ahead.

@@ -27,6 +27,7 @@ import numpy as np
 
 from coarsemetro_jax import joints as joint_tables
 from data_pipelines import bad_rows as bad_rows_lib
+from data_pipelines import examples
 from data_pipelines import input_pipeline
 from data_pipelines import metro_labels
 from data_pipelines import metro_tsv
@@ -54,9 +55,9 @@ def check_config(data_config):
   if source not in SOURCES:
     raise DataConfigError(f'config.data.source must be one of {list(SOURCES)}, ' f'got {source!r}')
   for key in ('crop', 'train_crop'):
-    if data_config.get(key) not in input_pipeline.CROPS:
+    if data_config.get(key) not in examples.CROPS:
       raise DataConfigError(
-          f'config.data.{key} must be one of {list(input_pipeline.CROPS)}, '
+          f'config.data.{key} must be one of {list(examples.CROPS)}, '
           f'got {data_config.get(key)!r}'
       )
   yamls = ('train_yaml', 'eval_yaml')

@@ -6,13 +6,12 @@
     ...
 
 Each host reads its own rows (below) and prepares examples in a parallel
-`map`, one
-`tf.numpy_function` per chunk of `ROWS_PER_CALL` rows; for each row: read it,
-cv2 JPEG decode, the crop of `config.data.crop` (evaluation) or `train_crop`
-(training): 'continuous' is one `cv2.warpAffine` for crop/scale/rotation/flip
-and the colour noise plus ImageNet normalisation as one `cv2.LUT`, 'metro' the
-released METRO/FastMETRO arithmetic (metro_crop.py); then the label transforms
-(OpenCV releases the
+`map`, one `tf.numpy_function` per chunk of `examples.ROWS_PER_CALL` rows
+(examples.py); for each row: read it, cv2 JPEG decode, the crop of
+`config.data.crop` (evaluation) or `train_crop` (training): 'continuous' is one
+`cv2.warpAffine` for crop/scale/rotation/flip and the colour noise plus
+ImageNet normalisation as one `cv2.LUT`, 'metro' the released METRO/FastMETRO
+arithmetic (metro_crop.py); then the label transforms (OpenCV releases the
 GIL). It batches `batch_size / process_count` examples per host, and
 `to_global_batch` turns a host batch into global arrays with
 `jax.make_array_from_process_local_data`.
@@ -53,7 +52,6 @@ in the caller's thread. Missing files and malformed yamls fail when the dataset
 is created.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -65,216 +63,16 @@ import tensorflow as tf
 
 from data_pipelines import augment
 from data_pipelines import bad_rows as bad_rows_lib
-from data_pipelines import metro_crop
-from data_pipelines import metro_labels
+from data_pipelines import examples
 from data_pipelines import metro_tsv
 from data_pipelines import ordering
 from data_pipelines import prefetch
-
-# Rows prepared per tf.numpy_function call. For small crops tf.data's
-# per-call and per-element overhead costs more CPU than decoding and warping a
-# row, so each call prepares several rows.
-ROWS_PER_CALL = 8
-
-
-def example_spec(size):
-  """Per-example fields before batching: name -> (shape, dtype)."""
-  return {
-      'image': ((size, size, 3), tf.float32),
-      'joints_2d': ((metro_labels.NUM_J24, 3), tf.float32),
-      'joints_3d': ((metro_labels.NUM_J24, 4), tf.float32),
-      'pose': ((metro_labels.NUM_POSE,), tf.float32),
-      'betas': ((metro_labels.NUM_BETAS,), tf.float32),
-      'has_2d_joints': ((), tf.float32),
-      'has_3d_joints': ((), tf.float32),
-      'has_smpl': ((), tf.float32),
-      'mask': ((), tf.float32),  # 0: bad row or eval padding
-  }
-
-
-def empty_example(size):
-  """All-zero example with mask 0 (bad rows and eval padding)."""
-  return {
-      name: np.zeros(shape, dtype.as_numpy_dtype)
-      for name, (shape, dtype) in example_spec(size).items()
-  }
-
 
 # The assertion that ends a stream past the limit; `BadRows.check` has the details.
 _STOP_MESSAGE = (
     'input pipeline: too many bad rows (config.data.max_bad_fraction); '
     'see the bad rows logged above'
 )
-
-
-# config.data.crop (evaluation) and train_crop (training): how the image and
-# its 2D joints are cropped. 'continuous': one exact affine for both
-# (augment.process_example); 'metro': the released METRO/FastMETRO arithmetic,
-# integer box and truncated keypoints (metro_crop).
-CROPS = ('continuous', 'metro')
-
-
-def _crop(data_config, train):
-  key = 'train_crop' if train else 'crop'
-  value = data_config.get(key)
-  if value not in CROPS:
-    raise ValueError(f'config.data.{key} must be one of {list(CROPS)}, got {value!r}')
-  return value
-
-
-def _process(jpeg, label, params, size, where):
-  """Decodes, crops and augments one example; raises BadRowError naming `where`."""
-  image = augment.decode_jpeg(jpeg)
-  if image is None:
-    raise metro_labels.BadRowError(f'{where}: JPEG does not decode')
-  if params.crop == 'metro':
-    # Already noised, clipped and ImageNet-normalised, as the released code.
-    out = augment.label_targets(label, params)
-    out['image'], out['joints_2d'] = metro_crop.image_and_joints_2d(
-        image,
-        label['center'],
-        params.sc * label['scale'],
-        label['joints_2d'],
-        size,
-        params.rot,
-        params.flip,
-        params.pn,
-    )
-  else:
-    out = augment.process_example(image, label, params, size)
-    out['image'] = augment.color_normalize(out['image'], out.pop('pn'))
-  out['mask'] = np.float32(1)
-  return out
-
-
-def _params_fn(data_config, seed, train):
-  """(epoch, row) -> AugParams: METRO sampling (train) or identity (eval)."""
-  crop = _crop(data_config, train)
-  if not train:
-    return lambda epoch, row: augment.AugParams(crop=crop)
-  return lambda epoch, row: dataclasses.replace(
-      augment.sample_params(
-          np.random.default_rng((seed, int(epoch), int(row))),
-          scale_factor=data_config.scale_factor,
-          rot_factor=data_config.rot_factor,
-          noise_factor=data_config.noise_factor,
-      ),
-      crop=crop,
-  )
-
-
-def _stacked(examples, spec):
-  """Per-example tuples -> one tuple of [rows, ...] arrays in `spec` order."""
-  return tuple(np.stack([ex[name] for ex in examples]) for name in spec)
-
-
-def _chunk_spec(spec):
-  return [dtype for _, dtype in spec.values()] + [tf.bool]
-
-
-def _guarded(load, bad_rows, spec, size):
-  """`load` whose outputs end with the `stop` flag; nothing is decoded past the limit."""
-
-  def fn(*args):
-    if bad_rows.exceeded:
-      return _stacked([empty_example(size)] * len(args[0]), spec) + (np.True_,)
-    return load(*args) + (np.bool_(bad_rows.exceeded),)
-
-  return fn
-
-
-def _as_chunk(values, size):
-  """numpy_function outputs -> dict of [rows, ...] tensors (static trailing shapes)."""
-  *values, stop = values
-  out = {}
-  for value, (name, (shape, _)) in zip(values, example_spec(size).items()):
-    value.set_shape((None,) + shape)  # the last eval chunk may be short
-    out[name] = value
-  stop.set_shape(())
-  out['stop'] = stop
-  return out
-
-
-def _tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
-  """[rows] (counter, row index) -> dict of [rows, ...] through one numpy_function."""
-  spec = example_spec(size)
-
-  def load_one(counter, index):
-    index = int(index)
-    path, row = dataset.location(index)
-    try:
-      ex = dataset.read(index)
-      return _process(
-          ex['jpeg'],
-          ex['label'],
-          params_fn(counter // epoch_length, index),
-          size,
-          f'{path} row {row}',
-      )
-    except Exception as e:
-      # One bad row must not end a long run; BadRows bounds systematic errors.
-      message = (
-          str(e)
-          if isinstance(e, metro_labels.BadRowError)
-          else (f'{path} row {row}: {type(e).__name__}: {e}')
-      )
-      bad_rows.record((path, row), message)
-      return empty_example(size)
-
-  def load(counters, indices):
-    return _stacked([load_one(c, i) for c, i in zip(counters, indices)], spec)
-
-  def fn(counters, indices):
-    values = tf.numpy_function(
-        _guarded(load, bad_rows, spec, size), [counters, indices], _chunk_spec(spec)
-    )
-    return _as_chunk(values, size)
-
-  return fn
-
-
-def _tfds_loader(bad_rows, params_fn, size, split, epoch_length):
-  """[rows] (counter, TFDS example) -> dict of [rows, ...] through one numpy_function."""
-  spec = example_spec(size)
-  label_names = (
-      'center',
-      'scale',
-      'joints_2d',
-      'joints_3d',
-      'pose',
-      'betas',
-      'has_2d_joints',
-      'has_3d_joints',
-      'has_smpl',
-  )
-
-  def load_one(counter, index, key, jpeg, label_values):
-    key = key.decode('utf-8', 'replace')
-    label = dict(zip(label_names, label_values))
-    try:
-      return _process(
-          jpeg, label, params_fn(counter // epoch_length, index), size, f'{split} key {key}'
-      )
-    except Exception as e:
-      bad_rows.record((split, key), f'{split} key {key}: {e}')
-      return empty_example(size)
-
-  def load(counters, indices, keys, jpegs, *labels):
-    return _stacked(
-        [
-            load_one(counters[k], indices[k], keys[k], jpegs[k], [values[k] for values in labels])
-            for k in range(len(counters))
-        ],
-        spec,
-    )
-
-  def fn(counters, ex):
-    inputs = [counters, ex['index'], ex['key'], ex['image']]
-    inputs += [ex[n] for n in label_names]
-    values = tf.numpy_function(_guarded(load, bad_rows, spec, size), inputs, _chunk_spec(spec))
-    return _as_chunk(values, size)
-
-  return fn
 
 
 def _cast_images(batch, dtype):
@@ -362,14 +160,14 @@ def _examples(
 ):
   """Host-local stream of chunks of processed rows (and the source size).
 
-  Each element is a dict of [<= ROWS_PER_CALL, ...] tensors in stream order,
-  bad rows as `empty_example`s, plus the bad-row `stop` flag; callers keep
+  Each element is a dict of [<= examples.ROWS_PER_CALL, ...] tensors in stream order,
+  bad rows as `examples.empty_example`s, plus the bad-row `stop` flag; callers keep
   (`_keep_slots`) or drop (`_drop_bad_rows`) the bad rows, then `rebatch`.
   Training on the TSV source reads the host's slots `local_rows` of the global
   order; otherwise the host reads its `host_range`.
   """
   size = data_config.image_size
-  params_fn = _params_fn(data_config, seed, train)
+  params_fn = examples.params_fn(data_config, seed, train)
   # The map already prepares chunks in parallel; OpenCV's own thread pool on
   # crops this small only adds CPU (its hand-offs cost more than the work).
   augment.single_threaded_opencv()
@@ -391,10 +189,10 @@ def _examples(
           shuffle=shuffle,
           start_step=start_step,
       )
-      loader = _tsv_loader(dataset, bad_rows, params_fn, size, num_rows)
+      loader = examples.tsv_loader(dataset, bad_rows, params_fn, size, num_rows)
     else:
       ds = tf.data.Dataset.range(start, end).enumerate()
-      loader = _tsv_loader(dataset, bad_rows, params_fn, size, end - start)
+      loader = examples.tsv_loader(dataset, bad_rows, params_fn, size, end - start)
   elif data_config.source == 'tfds':
     # Imported here: TFDS is needed only for this source.
     from data_pipelines import tfds_metro
@@ -418,10 +216,10 @@ def _examples(
     # here costs no decoding (the JPEGs are still undecoded bytes).
     local = len(local_rows) if train else 0
     ds = ds.enumerate().skip(start_step * local)
-    loader = _tfds_loader(bad_rows, params_fn, size, tfds_split, end - start)
+    loader = examples.tfds_loader(bad_rows, params_fn, size, tfds_split, end - start)
   else:
     raise ValueError(f"config.data.source must be 'tsv' or 'tfds', got " f'{data_config.source!r}')
-  return ds.batch(ROWS_PER_CALL).map(loader, num_parallel_calls=parallel), num_rows
+  return ds.batch(examples.ROWS_PER_CALL).map(loader, num_parallel_calls=parallel), num_rows
 
 
 def _host_bad_rows(bad_rows, num_rows, data_config):
@@ -575,7 +373,7 @@ def create_eval_dataset(
   # Endless mask-0 padding, cut at the same length on every host (bad rows
   # that were dropped are replaced by padding too).
   padding = tf.data.Dataset.from_tensors(
-      jax.tree.map(lambda x: np.stack([x] * local), empty_example(data_config.image_size))
+      jax.tree.map(lambda x: np.stack([x] * local), examples.empty_example(data_config.image_size))
   ).repeat()
   ds = ds.concatenate(padding).rebatch(local, drop_remainder=True)
   ds = ds.take(num_batches)
