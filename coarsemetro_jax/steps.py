@@ -142,18 +142,24 @@ def learning_rate_fn(optim_config, steps_per_epoch=None, total_steps=None):
 
 # The learned mesh up-sampling (431 -> 1723): `optim.upsample_lr_mult` scales its lr.
 UPSAMPLE_MODULE = 'coarse2intermediate_upsample'
+# The SMPL-parameter head: its own group, so that it can train on an otherwise
+# frozen network (`optim.rest_lr_mult` = backbone = upsample = 0).
+SMPL_HEAD_MODULE = 'smpl_parameter_regressor'
 
 
 def param_labels(params):
   """Optimizer group of every leaf.
 
   'backbone' under a module named 'backbone', 'upsample' under the learned
-  mesh up-sampling (`UPSAMPLE_MODULE`), else 'rest'.
+  mesh up-sampling (`UPSAMPLE_MODULE`), 'smpl_head' under the SMPL-parameter
+  head (`SMPL_HEAD_MODULE`), else 'rest'.
   """
 
   def label(path, _):
     if 'backbone' in path:
       return 'backbone'
+    if SMPL_HEAD_MODULE in path:
+      return 'smpl_head'
     return 'upsample' if UPSAMPLE_MODULE in path else 'rest'
 
   return flax.traverse_util.path_aware_map(label, params)
@@ -162,7 +168,12 @@ def param_labels(params):
 def group_lr_multipliers(optim_config):
   """lr multiplier of each `param_labels` group."""
   c = optim_config
-  return {'backbone': c.backbone_lr_mult, 'upsample': c.upsample_lr_mult, 'rest': 1.0}
+  return {
+      'backbone': c.backbone_lr_mult,
+      'upsample': c.upsample_lr_mult,
+      'smpl_head': 1.0,
+      'rest': c.rest_lr_mult,
+  }
 
 
 def stop_frozen_gradients(params, optim_config):
@@ -187,8 +198,9 @@ def make_optimizer(optim_config, steps_per_epoch=None, total_steps=None):
   """Global-norm clipping then AdamW (decoupled decay on every parameter).
 
   `grad_clip_norm` 0 turns clipping off (DETR's / FastMETRO's `clip_max_norm`).
-  The backbone's and the learned up-sampling's lr are the schedule times
-  `backbone_lr_mult` / `upsample_lr_mult`.
+  The backbone's, the learned up-sampling's and the other non-head parameters'
+  lr are the schedule times `backbone_lr_mult` / `upsample_lr_mult` /
+  `rest_lr_mult`; the SMPL-parameter head always gets the schedule itself.
   Returns (optax transform, lr schedule of the other parameters).
   """
   c = optim_config

@@ -15,6 +15,7 @@ The data order is a function of the step, so a resumed run sees the same
 batches as an uninterrupted one.
 """
 
+import dataclasses
 import gc
 import json
 import os
@@ -23,8 +24,11 @@ import signal
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from coarsemetro_jax import body_model as body_model_lib
 from coarsemetro_jax import build as build_lib
@@ -326,20 +330,11 @@ def train_and_evaluate(config, workdir, mode='train'):
   manager = checkpoints.make_manager(
       workdir, config.checkpoint_every_steps, config.keep_checkpoints
   )
+  run = _Run(
+      config, workdir, topology, body, model, data, device_mesh, batch_sharding, num_steps, manager
+  )
   try:
-    return _run(
-        config,
-        workdir,
-        mode,
-        topology,
-        body,
-        model,
-        data,
-        device_mesh,
-        batch_sharding,
-        num_steps,
-        manager,
-    )
+    return _train_or_eval(run, mode)
   finally:
     # Also on errors (NaN guard, crash): let a pending async save of the last
     # good step finish, so a restart finds it.
@@ -347,27 +342,34 @@ def train_and_evaluate(config, workdir, mode='train'):
     manager.close()
 
 
-def _run(
-    config,
-    workdir,
-    mode,
-    topology,
-    body,
-    model,
-    data,
-    device_mesh,
-    batch_sharding,
-    num_steps,
-    manager,
-):
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What `train_and_evaluate` sets up once for the loop and the evaluations."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  topology: mesh_topology.MeshTopology
+  body: body_model_lib.BodyModel
+  model: nn.Module
+  data: datasets.Datasets
+  device_mesh: jax.sharding.Mesh
+  batch_sharding: jax.sharding.NamedSharding
+  num_steps: int
+  manager: ocp.CheckpointManager
+
+
+def _train_or_eval(run, mode):
   """train_and_evaluate after the setup; see there."""
+  config, data, manager = run.config, run.data, run.manager
+  model, body, topology, batch_sharding = run.model, run.body, run.topology, run.batch_sharding
+  num_steps = run.num_steps
   steps_per_epoch = data.steps_per_epoch
   if mode == 'eval' and manager.latest_step() is None and not config.init_from:
     raise checkpoints.CheckpointError(
         f'--mode=eval needs a checkpoint in {manager.directory} or config.init_from'
     )
   state, state_sharding, origin = initial_state(
-      config, model, steps_per_epoch, device_mesh, manager, mode
+      config, model, steps_per_epoch, run.device_mesh, manager, mode
   )
   start_step = int(jax.device_get(state.step))
   eval_step = steps.make_eval_step(config, model, body, topology, state_sharding, batch_sharding)
@@ -379,20 +381,9 @@ def _run(
       if config.eval_flip
       else None
   )
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(run.workdir, just_logging=jax.process_index() > 0)
   if mode == 'eval':
-    return _final_eval(
-        config,
-        workdir,
-        writer,
-        eval_step,
-        state,
-        data,
-        batch_sharding,
-        topology,
-        start_step,
-        no_flip_step=no_flip_step,
-    )
+    return _final_eval(run, writer, state, start_step, eval_step, no_flip_step)
 
   logging.info(
       'Training %s from step %d (%s) to %d; %d steps per epoch',
@@ -459,19 +450,8 @@ def _run(
   if sigterm.raised:
     return None
   manager.wait_until_finished()
-  return _final_eval(
-      config,
-      workdir,
-      writer,
-      eval_step,
-      state,
-      data,
-      batch_sharding,
-      topology,
-      int(jax.device_get(state.step)),
-      last_train,
-      no_flip_step,
-  )
+  step = int(jax.device_get(state.step))
+  return _final_eval(run, writer, state, step, eval_step, no_flip_step, last_train)
 
 
 def _log_train(writer, step, metrics, config, force=False):
@@ -483,19 +463,7 @@ def _log_train(writer, step, metrics, config, force=False):
   return {k: float(v) for k, v in values.items()}
 
 
-def _final_eval(
-    config,
-    workdir,
-    writer,
-    eval_step,
-    state,
-    data,
-    batch_sharding,
-    topology,
-    step,
-    train_metrics=None,
-    no_flip_step=None,
-):
+def _final_eval(run, writer, state, step, eval_step, no_flip_step=None, train_metrics=None):
   """Full evaluation, metrics table (+ mean-pose baseline) and the picture.
 
   With `no_flip_step` (config.eval_flip on) the table has a row for each
@@ -504,6 +472,7 @@ def _final_eval(
   mean-pose baseline is scored on synthetic data only (it reads every label of
   the training set). The run ends with the rows it skipped in each file.
   """
+  config, data, batch_sharding = run.config, run.data, run.batch_sharding
   result, first = evaluate(eval_step, state, data, batch_sharding)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
   baseline = None
@@ -530,13 +499,13 @@ def _final_eval(
     try:
       if config.num_eval_images > 0:  # 0: no picture
         summary['picture'] = _write_pictures(
-            writer, step, first, topology, workdir, config.num_eval_images
+            writer, step, first, run.topology, run.workdir, config.num_eval_images
         )
     except ImportError as e:  # visualize needs the optional rasterizer deps
       logging.warning('No prediction picture: %s', e)
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+    with open(os.path.join(run.workdir, 'eval_results.json'), 'w') as f:
       json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, 'eval_results.md'), 'w') as f:
+    with open(os.path.join(run.workdir, 'eval_results.md'), 'w') as f:
       f.write(table + '\n')
     print(table, flush=True)
     print(skipped, flush=True)

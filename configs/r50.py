@@ -164,6 +164,9 @@ def get_config():
   config.optim.lr = 1e-4
   config.optim.backbone_lr_mult = 1.0  # FastMETRO: one group, same lr
   config.optim.upsample_lr_mult = 1.0  # lr multiplier of coarse2intermediate_upsample
+  # The other non-backbone parameters. With the SMPL-parameter head, all three
+  # at 0 train the head alone on a frozen network.
+  config.optim.rest_lr_mult = 1.0
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8

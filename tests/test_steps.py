@@ -243,6 +243,12 @@ def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
   config.backbone_lr_mult = 0.0
   expected['backbone']['w'] = jnp.zeros(2)
   assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
+  # Everything but the SMPL-parameter head frozen: only the head moves.
+  params[steps.SMPL_HEAD_MODULE] = {'w': jnp.float32([6])}
+  expected[steps.SMPL_HEAD_MODULE] = {'w': jnp.float32([12])}
+  config.rest_lr_mult = 0.0
+  expected['head']['w'] = jnp.zeros(1)
+  assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
 
 
 def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
