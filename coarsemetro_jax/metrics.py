@@ -59,6 +59,27 @@ def mpve(pred, gt):
   return _mean_distance(pred, gt)
 
 
+def pa_mpvpe(pred, gt):
+  """Per-example Procrustes-aligned mean vertex error in metres. [B,V,3] x2 -> [B]."""
+  return pa_mpjpe(pred, gt)
+
+
+def f_score(pred, gt, threshold):
+  """Per-example F-score of two point sets at `threshold` metres. [B,N,3], [B,M,3] -> [B].
+
+  FreiHAND's definition: precision is the fraction of GT points whose nearest
+  prediction is closer than the threshold (strictly), recall the fraction of
+  predicted points whose nearest GT point is; F = 2PR / (P + R), and 0 where
+  P + R = 0. FreiHAND scores Procrustes-aligned vertices (pass
+  `similarity_procrustes(pred, gt)`) at 5 mm and 15 mm.
+  """
+  d = jnp.sqrt(jnp.sum((gt[:, :, None] - pred[:, None]) ** 2, -1))  # [B, M, N]
+  precision = (d.min(2) < threshold).mean(1)  # GT -> nearest prediction
+  recall = (d.min(1) < threshold).mean(1)  # prediction -> nearest GT
+  total = precision + recall
+  return jnp.where(total > 0, 2 * precision * recall / jnp.where(total > 0, total, 1), 0.0)
+
+
 def errors_from_arrays(
     pred_joints, gt_joints, pred_vertices, gt_vertices, has_3d_joints, has_smpl, mask
 ):

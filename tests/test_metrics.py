@@ -123,3 +123,32 @@ def test_empty_subset_reports_zero_not_nan():
     assert float(value) == 0.0, k
   # The degenerate Procrustes case itself stays finite.
   assert np.all(np.isfinite(metrics.pa_mpjpe(z, jnp.ones((2, 14, 3)))))
+
+
+def test_f_score_hand_computed():
+  # GT: 4 points on a line 10 mm apart; predictions: 2 exact, 1 off by 4 mm,
+  # 1 far from everything.
+  gt = np.array([[[0.0, 0, 0], [0.01, 0, 0], [0.02, 0, 0], [0.03, 0, 0]]])
+  pred = np.array([[[0.0, 0, 0], [0.01, 0, 0], [0.02, 0.004, 0], [0.5, 0, 0]]])
+  # GT -> nearest prediction: 0, 0, 4 mm, 10 mm (0.03 -> 0.02,0.004: sqrt(100+16)=10.8 mm).
+  # Prediction -> nearest GT: 0, 0, 4 mm, 470 mm.
+  # At 5 mm: precision 3/4, recall 3/4 -> F = 0.75.
+  np.testing.assert_allclose(metrics.f_score(pred, gt, 0.005), [0.75], atol=1e-6)
+  # At 15 mm: precision 4/4, recall 3/4 -> F = 2 * 1 * 0.75 / 1.75 = 6/7.
+  np.testing.assert_allclose(metrics.f_score(pred, gt, 0.015), [6 / 7], atol=1e-6)
+  # Strictly closer than the threshold: a point exactly 4 mm away is not within 4 mm.
+  np.testing.assert_allclose(metrics.f_score(pred, gt, 0.004), [0.5], atol=1e-6)
+  # Nothing within the threshold: 0, not NaN.
+  np.testing.assert_allclose(metrics.f_score(pred + 1.0, gt, 0.005), [0.0])
+
+
+def test_f_score_of_unequal_sizes_and_batch():
+  rng = np.random.default_rng(0)
+  gt = rng.normal(size=(3, 50, 3)) * 0.05
+  pred = rng.normal(size=(3, 40, 3)) * 0.05
+  got = np.asarray(metrics.f_score(pred, gt, 0.01))
+  for b in range(3):
+    d = np.linalg.norm(gt[b][:, None] - pred[b][None], axis=-1)
+    p, r = (d.min(1) < 0.01).mean(), (d.min(0) < 0.01).mean()
+    np.testing.assert_allclose(got[b], 0 if p + r == 0 else 2 * p * r / (p + r), atol=1e-6)
+  np.testing.assert_allclose(metrics.f_score(gt, gt, 1e-6), np.ones(3))
