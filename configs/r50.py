@@ -104,7 +104,7 @@ def get_config():
   config.data.noise_factor = 0.4
   config.data.num_parallel_calls = -1  # decode/augment threads; -1 = auto
   config.data.shuffle = True  # False: rows in file order (tests)
-  config.data.shuffle_buffer = 10_000  # tfds only (tsv shuffles all rows)
+  config.data.shuffle_buffer = 10_000  # TFDS TFRecord builds only (tsv, ArrayRecord: all rows)
   config.data.prefetch = 2  # batches
   config.data.device_prefetch = 2  # train batches put on devices ahead by a thread
   config.data.max_bad_fraction = 0.01  # skipped rows before failing

@@ -16,7 +16,8 @@ usable without TensorFlow):
   bad_rows        counts, logs and limits the rows a pipeline skips.
   datasets        a run's data from config.data (tsv, tfds or synthetic).
   tfds_metro      TFDS builder (`Metro`) that stores a METRO dataset as
-                  TFRecord shards; config.data.source = 'tfds' reads it.
+                  ArrayRecord (default) or TFRecord shards; config.data.source
+                  = 'tfds' reads it.
   synthetic/      embedded-body synthetic dataset writer (same TSV format).
 
 Batch dict (every pipeline, every source; B = host-local batch until

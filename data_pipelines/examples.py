@@ -175,31 +175,41 @@ def tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
   return fn
 
 
+# The label fields of a TFDS example (data_pipelines/tfds_metro.LABEL_FEATURES).
+_TFDS_LABELS = (
+    'center',
+    'scale',
+    'joints_2d',
+    'joints_3d',
+    'pose',
+    'betas',
+    'has_2d_joints',
+    'has_3d_joints',
+    'has_smpl',
+)
+
+
+def _tfds_example(jpeg, label, params, size, split, key, bad_rows):
+  """One TFDS example, prepared; a failure is recorded and gives an `empty_example`."""
+  try:
+    return _process(jpeg, label, params, size, f'{split} key {key}')
+  except Exception as e:
+    bad_rows.record((split, key), f'{split} key {key}: {e}')
+    return empty_example(size)
+
+
 def tfds_loader(bad_rows, params_fn, size, split, epoch_length):
-  """[rows] (counter, TFDS example) -> dict of [rows, ...] through one numpy_function."""
+  """[rows] (counter, TFDS example) -> dict of [rows, ...] through one numpy_function.
+
+  For examples streamed from a TFRecord build (`tfds_metro.read_split`).
+  """
   spec = example_spec(size)
-  label_names = (
-      'center',
-      'scale',
-      'joints_2d',
-      'joints_3d',
-      'pose',
-      'betas',
-      'has_2d_joints',
-      'has_3d_joints',
-      'has_smpl',
-  )
 
   def load_one(counter, index, key, jpeg, label_values):
     key = key.decode('utf-8', 'replace')
-    label = dict(zip(label_names, label_values))
-    try:
-      return _process(
-          jpeg, label, params_fn(counter // epoch_length, index), size, f'{split} key {key}'
-      )
-    except Exception as e:
-      bad_rows.record((split, key), f'{split} key {key}: {e}')
-      return empty_example(size)
+    label = dict(zip(_TFDS_LABELS, label_values))
+    params = params_fn(counter // epoch_length, index)
+    return _tfds_example(jpeg, label, params, size, split, key, bad_rows)
 
   def load(counters, indices, keys, jpegs, *labels):
     return _stacked(
@@ -212,8 +222,61 @@ def tfds_loader(bad_rows, params_fn, size, split, epoch_length):
 
   def fn(counters, ex):
     inputs = [counters, ex['index'], ex['key'], ex['image']]
-    inputs += [ex[n] for n in label_names]
+    inputs += [ex[n] for n in _TFDS_LABELS]
     values = tf.numpy_function(_guarded(load, bad_rows, spec, size), inputs, _chunk_spec(spec))
+    return _as_chunk(values, size)
+
+  return fn
+
+
+def _tfds_records(source, split, records, bad_rows):
+  """source[records], one per record; an unreadable one is recorded and gives None."""
+  try:
+    # One call per chunk: the reader fetches a shard's records in parallel.
+    return source.__getitems__(records)
+  except Exception:
+    pass  # one of them fails: read each, to record that one and keep the others
+  out = []
+  for record in records:
+    try:
+      out.append(source[record])
+    except Exception as e:
+      bad_rows.record((split, f'record {record}'), f'{split} record {record}: {e}')
+      out.append(None)
+  return out
+
+
+def tfds_index_loader(source, bad_rows, params_fn, size, split, epoch_length):
+  """[rows] (counter, record) -> dict of [rows, ...] through one numpy_function.
+
+  For an ArrayRecord build read by index: `source` is `tfds_metro.data_source`
+  of the split, record i its example i. As for the TSVs, the augmentation is
+  keyed on (counter // epoch_length, the example's row in its yaml: 'index').
+  """
+  spec = example_spec(size)
+
+  def load(counters, records):
+    out = []
+    for counter, example in zip(counters, _tfds_records(source, split, records.tolist(), bad_rows)):
+      if example is None:
+        out.append(empty_example(size))
+        continue
+      # As the TFRecord stream gives them (the data source gives Python floats for scalars).
+      label = {
+          name: np.asarray(
+              example[name], np.float64 if name in metro_labels.FLOAT64_FIELDS else np.float32
+          )
+          for name in _TFDS_LABELS
+      }
+      key = example['key'].decode('utf-8', 'replace')
+      params = params_fn(counter // epoch_length, example['index'])
+      out.append(_tfds_example(example['image'], label, params, size, split, key, bad_rows))
+    return _stacked(out, spec)
+
+  def fn(counters, records):
+    values = tf.numpy_function(
+        _guarded(load, bad_rows, spec, size), [counters, records], _chunk_spec(spec)
+    )
     return _as_chunk(values, size)
 
   return fn

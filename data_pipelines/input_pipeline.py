@@ -16,22 +16,25 @@ GIL). It batches `batch_size / process_count` examples per host, and
 `to_global_batch` turns a host batch into global arrays with
 `jax.make_array_from_process_local_data`.
 
-Training (TSV source): the global batch at step t is the same whatever the
-number of hosts (`ordering`: one permutation of all rows per epoch from
-(seed, epoch), epochs concatenated, batch t = positions [tB, (t+1)B)); each
-host reads and decodes only its own slots of each global batch
-(`ordering.process_rows` of the batch sharding; by default the contiguous
-block of process p), and a resumed run (`start_step`) computes where to start
-instead of reading up to it. Examples are augmented with the §4.3 parameters
-drawn from `np.random.default_rng((seed, epoch, row))`, where row is the
-example's position in the dataset (linelist order). Keying the parameters on
-the row rather than the stream position keeps them independent of the host,
-read order, parallelism and the source.
-The TFDS source keeps a host-local order: its TFRecord shards are read in
-sequence, not by index, so each host reads a contiguous 1/process_count slice
-of the examples and shuffles it (files plus a `shuffle_buffer`); 1 and N hosts
-then train on different batches. (An ArrayRecord build would allow reading by
-index, `tfds.core.DatasetBuilder.as_data_source`, and so the global order.)
+Training (TSV source, or a TFDS ArrayRecord build): the global batch at step t
+is the same whatever the number of hosts (`ordering`: one permutation of all
+rows per epoch from (seed, epoch), epochs concatenated, batch t = positions
+[tB, (t+1)B)); each host reads and decodes only its own slots of each global
+batch (`ordering.process_rows` of the batch sharding; by default the
+contiguous block of process p), and a resumed run (`start_step`) computes where
+to start instead of reading up to it. Examples are augmented with the §4.3
+parameters drawn from `np.random.default_rng((seed, epoch, row))`, where row is
+the example's position in its yaml dataset (linelist order; a TFDS example
+stores it as 'index'). Keying the parameters on the row rather than the stream
+position keeps them independent of the host, read order, parallelism and the
+source: a TSV split and its TFDS build give the same batches (when no row was
+left out of the build; the TFDS order permutes the build's examples).
+An ArrayRecord build (the default of `tfds_metro.Metro`) is read by index
+(`tfds_metro.data_source`). A TFRecord build is read in sequence only, so it keeps a
+host-local order: each host reads a contiguous 1/process_count slice of the
+examples and shuffles it (files plus a `shuffle_buffer`); 1 and N hosts then
+train on different batches, and on several hosts the pipeline logs one warning
+saying how to copy the build to ArrayRecord (`tfds_metro.Metro(copy_from=...)`).
 Evaluation: no augmentation (sc=1, r=0, no flip: the crop box is 200 * scale
 around the centre, §6); every example is seen once across hosts (each reads a
 contiguous slice); each host pads its stream with `mask`=0 examples up to the
@@ -54,6 +57,7 @@ is created.
 
 import functools
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -163,8 +167,9 @@ def _examples(
   Each element is a dict of [<= examples.ROWS_PER_CALL, ...] tensors in stream order,
   bad rows as `examples.empty_example`s, plus the bad-row `stop` flag; callers keep
   (`_keep_slots`) or drop (`_drop_bad_rows`) the bad rows, then `rebatch`.
-  Training on the TSV source reads the host's slots `local_rows` of the global
-  order; otherwise the host reads its `host_range`.
+  Training on the TSV source (or a TFDS ArrayRecord build) reads the host's
+  slots `local_rows` of the global order; otherwise the host reads its
+  `host_range`.
   """
   size = data_config.image_size
   params_fn = examples.params_fn(data_config, seed, train)
@@ -194,32 +199,91 @@ def _examples(
       ds = tf.data.Dataset.range(start, end).enumerate()
       loader = examples.tsv_loader(dataset, bad_rows, params_fn, size, end - start)
   elif data_config.source == 'tfds':
-    # Imported here: TFDS is needed only for this source.
-    from data_pipelines import tfds_metro
-
-    num_rows = tfds_metro.num_examples(data_config.tfds_data_dir, tfds_split)
-    start, end = host_range(num_rows, process_index, process_count)
-    bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
-    ds = tfds_metro.read_split(
-        data_config.tfds_data_dir,
+    ds, loader, num_rows = _tfds_examples(
+        data_config,
         tfds_split,
-        start=start,
-        end=end,
-        shuffle_files=shuffle,
+        train=train,
+        params_fn=params_fn,
         seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        shuffle=shuffle,
+        bad_rows=bad_rows,
+        start_step=start_step,
+        local_rows=local_rows,
     )
-    if shuffle:
-      ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if train:
-      ds = ds.repeat()
-    # Element k of the host's stream is in epoch k // (end - start). Skipping
-    # here costs no decoding (the JPEGs are still undecoded bytes).
-    local = len(local_rows) if train else 0
-    ds = ds.enumerate().skip(start_step * local)
-    loader = examples.tfds_loader(bad_rows, params_fn, size, tfds_split, end - start)
   else:
     raise ValueError(f"config.data.source must be 'tsv' or 'tfds', got " f'{data_config.source!r}')
   return ds.batch(examples.ROWS_PER_CALL).map(loader, num_parallel_calls=parallel), num_rows
+
+
+def _tfds_examples(
+    data_config,
+    split,
+    *,
+    train,
+    params_fn,
+    seed,
+    process_index,
+    process_count,
+    shuffle,
+    bad_rows,
+    start_step,
+    local_rows,
+):
+  """The TFDS source's (counter, row) stream, its loader and the split size.
+
+  An ArrayRecord build is read by index like the TSVs (training: the global
+  order); a TFRecord build in sequence, each host its `host_range`.
+  """
+  # Imported here: TFDS is needed only for this source.
+  from data_pipelines import tfds_metro
+
+  data_dir = data_config.tfds_data_dir
+  size = data_config.image_size
+  num_rows = tfds_metro.num_examples(data_dir, split)
+  start, end = host_range(num_rows, process_index, process_count)
+  bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
+  if tfds_metro.file_format(data_dir) == tfds_metro.ARRAY_RECORD.value:
+    source = tfds_metro.data_source(data_dir, split)
+    if train:
+      ds = _global_order(
+          num_rows,
+          data_config.batch_size,
+          local_rows,
+          seed=seed,
+          shuffle=shuffle,
+          start_step=start_step,
+      )
+      epoch_length = num_rows
+    else:
+      ds, epoch_length = tf.data.Dataset.range(start, end).enumerate(), end - start
+    loader = examples.tfds_index_loader(source, bad_rows, params_fn, size, split, epoch_length)
+    return ds, loader, num_rows
+  if train and process_count > 1:
+    logging.warning(
+        'input pipeline: config.data.tfds_data_dir=%s is a TFRecord build, read in '
+        'sequence: each of the %d hosts shuffles its own slice, so the batches differ '
+        'from those of another host count; for host-independent batches copy it to an '
+        "ArrayRecord build: tfds_metro.Metro(data_dir=NEW_DIR, copy_from='%s')"
+        '.download_and_prepare()',
+        data_dir,
+        process_count,
+        data_dir,
+    )
+  ds = tfds_metro.read_split(
+      data_dir, split, start=start, end=end, shuffle_files=shuffle, seed=seed
+  )
+  if shuffle:
+    ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if train:
+    ds = ds.repeat()
+  # Element k of the host's stream is in epoch k // (end - start). Skipping
+  # here costs no decoding (the JPEGs are still undecoded bytes).
+  local = len(local_rows) if train else 0
+  ds = ds.enumerate().skip(start_step * local)
+  loader = examples.tfds_loader(bad_rows, params_fn, size, split, end - start)
+  return ds, loader, num_rows
 
 
 def _host_bad_rows(bad_rows, num_rows, data_config):
@@ -265,8 +329,9 @@ def create_train_dataset(
 ):
   """Endless host-local training batches (batch keys: data_pipelines).
 
-  With the TSV source, host p's batch t holds rows `local_rows` of global
-  batch t (module docstring, `ordering`), the same for any number of hosts.
+  With the TSV source or a TFDS ArrayRecord build, host p's batch t holds rows
+  `local_rows` of global batch t (module docstring, `ordering`), the same for
+  any number of hosts.
 
   Args:
     data_config: config.data (source, train_yaml or tfds fields, image_size,
@@ -281,7 +346,7 @@ def create_train_dataset(
       before it decoded; the batches equal the uninterrupted run's.
     local_rows: this host's slots of a global batch, sorted
       (`ordering.process_rows` of the batch sharding); default the contiguous
-      block of process_index. TSV source only.
+      block of process_index. Not for a TFDS TFRecord build (host-local order).
 
   Returns:
     tf.data.Dataset of dicts of [batch_size / process_count, ...] tensors.
