@@ -213,8 +213,11 @@ def _define_flags():
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  model = build.build(config, body=False).model
-  counts = profile_model(model, flags.FLAGS.image_size)
+  try:
+    model = build.build(config, body=False).model
+    counts = profile_model(model, flags.FLAGS.image_size)
+  except ValueError as e:  # a missing or mismatched mesh file, a config value out of its choices
+    raise SystemExit(f'profile: {e}') from None
   print(format_table([(model_label(config), counts)]))
   print(
       f"\nbackbone: {counts['backbone_params'] / 1e6:.2f}M params, "
