@@ -5,6 +5,10 @@
 `config.topology.hierarchy` names the mesh hierarchy ('' = the embedded body),
 `config.topology.adjmat_prefix` optionally FastMETRO's decoder adjacency files
 (`<prefix>_{indices,values,size}.pt`), and `config.body_model` the body model.
+
+With `config.model.hand` the network is the hand network and the hierarchy a
+hand one: MANO's `mano_downsampling.npz` ('' = the embedded hand), its levels
+778 and 195, with `mano_195_adjmat` as the optional adjacency files.
 """
 
 import typing
@@ -23,17 +27,30 @@ class Built(typing.NamedTuple):
   model: nn.Module
 
 
+def is_hand(config):
+  """Whether `config` builds the hand network (`config.model.hand`; absent = body)."""
+  return bool(config.model.get('hand', False))
+
+
 def load_topology(config):
   """The config's mesh hierarchy, with FastMETRO's adjacency files if it names them."""
+  load = mesh_topology.load_hand_topology if is_hand(config) else mesh_topology.load_topology
   prefix = config.topology.adjmat_prefix
   if not prefix:
-    return mesh_topology.load_topology(config.topology.hierarchy)
-  return mesh_topology.load_topology(
+    return load(config.topology.hierarchy)
+  return load(
       config.topology.hierarchy, adjacency.read_adjmat(prefix), adjmat_source=f'{prefix}_*.pt'
   )
 
 
 def load_body_model(config):
+  if is_hand(config):
+    # Hand losses and metrics need the MANO-format hand model, which this
+    # builder does not load yet.
+    raise ValueError(
+        'config.model.hand: training and evaluating the hand network need the hand model, '
+        'which build.build does not load yet; build(config, body=False) builds the network'
+    )
   return body_model_lib.load_body_model(config.body_model.path, config.body_model.h36m_regressor)
 
 

@@ -1,6 +1,7 @@
-"""Body-mesh hierarchy: levels (6890 / 1723 / 431), up/down-sampling, adjacency.
+"""Mesh hierarchies: body (6890 / 1723 / 431), hand (778 / 195), up/down-sampling, adjacency.
 
-The model never hard-codes SMPL: it receives a `MeshTopology`, loaded from
+The model never hard-codes SMPL or MANO: it receives a `MeshTopology`. A body
+hierarchy is loaded (`load_topology`) from
 
 * the project's embedded asset (`coarsemetro_jax/assets/mesh_downsampling.npz`,
   derived from CC0 MakeHuman data; plain arrays, no pickle), or
@@ -15,6 +16,13 @@ The decoder's adjacency on the coarsest level is derived from A[-1] plus
 self-loops. FastMETRO's own copy of it (`smpl_431_adjmat_*.pt`, read by
 `coarsemetro_jax/convert/adjacency.py`) holds the same graph and can be passed
 in as arrays instead.
+
+A hand hierarchy (`load_hand_topology`) keeps the first two levels, 778 and
+195 vertices, of MANO's `mano_downsampling.npz` (GraphCMR's layout with a
+vertex array V instead of M; levels 778 / 195 / 49 / 13 / 4) or of the
+embedded CC0 hand (`coarsemetro_jax/assets/hand_downsampling.npz`, plain
+layout). Its decoder adjacency is A[1] plus self-loops, the graph of
+FastMETRO's `mano_195_adjmat_*.pt`, which can be passed in instead.
 
 Plain-array layout written by `save_hierarchy` (level l = 0 is the finest):
   F{l}                       int32 [F_l, 3] faces of level l
@@ -33,8 +41,12 @@ import numpy as np
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 EMBEDDED_HIERARCHY = os.path.join(ASSETS_DIR, 'mesh_downsampling.npz')
+EMBEDDED_HAND_HIERARCHY = os.path.join(ASSETS_DIR, 'hand_downsampling.npz')
 # Vertex counts of SMPL's mesh hierarchy; the embedded body has the same.
 SMPL_LEVELS = (6890, 1723, 431)
+# The levels of MANO's hierarchy the hand network uses (full mesh, coarse
+# mesh of its 195 vertex tokens); the embedded hand has the same.
+HAND_LEVELS = (778, 195)
 # Every row of GraphCMR's U matrices has exactly this many non-zeros.
 UPSAMPLE_NNZ = 3
 
@@ -130,20 +142,56 @@ def load_topology(path='', adjmat=None, adjmat_source='adjmat'):
         f"mesh hierarchy file not found: {path!r} (expected GraphCMR's "
         'mesh_downsampling.npz or the embedded asset)'
     )
+  return _with_adjmat(_build(_read_matrices(path), source=path), adjmat, adjmat_source)
+
+
+def load_hand_topology(path='', adjmat=None, adjmat_source='adjmat'):
+  """Loads the hand hierarchy's levels 778 and 195: '' for the embedded hand, else an npz.
+
+  Args:
+    path: MANO's `mano_downsampling.npz` (GraphCMR's pickled layout) or a
+      plain-layout file (`save_hierarchy`); its first two levels must have
+      778 and 195 vertices, the coarser ones are not used.
+    adjmat: optional decoder adjacency of the 195-vertex level (FastMETRO's
+      `mano_195_adjmat_*.pt` arrays; see `load_topology`), replacing A[1]
+      plus self-loops.
+    adjmat_source: how error messages name `adjmat`.
+  """
+  path = path or EMBEDDED_HAND_HIERARCHY
+  if not os.path.exists(path):
+    raise TopologyError(
+        f"hand mesh hierarchy file not found: {path!r} (expected MANO's "
+        'mano_downsampling.npz or the embedded hand asset)'
+    )
+  mats = _read_matrices(path)
+  sizes = tuple(a.shape[0] for a in mats['A'])
+  if sizes[: len(HAND_LEVELS)] != HAND_LEVELS:
+    raise TopologyError(
+        f'{path!r} has mesh levels {sizes}; a hand hierarchy starts with '
+        f'{HAND_LEVELS} (MANO mano_downsampling.npz or the embedded hand)'
+    )
+  n = len(HAND_LEVELS)
+  mats = {'A': mats['A'][:n], 'F': mats['F'][:n], 'U': mats['U'][: n - 1], 'D': mats['D'][: n - 1]}
+  return _with_adjmat(_build(mats, source=path), adjmat, adjmat_source)
+
+
+def _read_matrices(path):
+  """{'A', 'U', 'D', 'F': per-level lists} of a GraphCMR-style or plain-layout npz."""
   try:
     with zipfile.ZipFile(path) as zf:
       names = {n[:-4] for n in zf.namelist() if n.endswith('.npy')}
       if {'A', 'U', 'D', 'F'} <= names:
-        mats = {k: _read_pickled_member(zf, k, path) for k in 'AUDF'}
-      else:
-        mats = _read_plain_members(zf, names, path)
+        return {k: _read_pickled_member(zf, k, path) for k in 'AUDF'}
+      return _read_plain_members(zf, names, path)
   except zipfile.BadZipFile as e:
     raise TopologyError(f'{path!r} is not an .npz (zip) file: {e}') from e
-  topology = _build(mats, source=path)
-  if adjmat is not None:
-    adjacency = _coarse_adjacency(adjmat, topology.num_vertices[-1], adjmat_source)
-    topology = dataclasses.replace(topology, coarse_adjacency=adjacency)
-  return topology
+
+
+def _with_adjmat(topology, adjmat, adjmat_source):
+  if adjmat is None:
+    return topology
+  adjacency = _coarse_adjacency(adjmat, topology.num_vertices[-1], adjmat_source)
+  return dataclasses.replace(topology, coarse_adjacency=adjacency)
 
 
 @dataclasses.dataclass

@@ -2,6 +2,8 @@
 
   python -m coarsemetro_jax.profile --config=configs/r50.py
   python -m coarsemetro_jax.profile --config=configs/fastmetro.py:S-r50
+  python -m coarsemetro_jax.profile --config=configs/hand_r50.py:fastmetro-S \
+      --config.topology.hierarchy=/data/mano/mano_downsampling.npz
 
 Counts come from the traced computation (the jaxpr of `model.apply` at batch 1,
 eval mode) with fvcore's conventions, which the paper used:
@@ -25,6 +27,9 @@ stack). Scopes, chosen because they reproduce the paper's FastMETRO rows:
 The FastMETRO paper predates the learned up-sampling layer, so its figures
 exclude it; the CoarseMETRO paper's 11.6M equals its overall count minus the
 backbone (35.1M - 23.5M), i.e. the non-backbone column, learned layer included.
+Hand networks (config.model.hand, labels '...-Hand') have no learned
+up-sampling layer, so their transformer and non-backbone params are equal;
+neither paper gives hand figures.
 """
 
 import collections
@@ -167,12 +172,16 @@ def profile_model(model, image_size=224):
 
 
 def model_label(config):
-  """'CoarseMETRO-S-R50'-style name of a config (matches PAPER_TABLE1 keys)."""
+  """'CoarseMETRO-S-R50'-style name of a config (matches PAPER_TABLE1 keys).
+
+  Hand networks end in '-Hand' ('FastMETRO-L-H64-Hand').
+  """
   m = config.model
   backbone = {'resnet50': 'R50', 'hrnet': f'H{m.hrnet_width}'}.get(m.backbone, m.backbone)
+  hand = '-Hand' if m.get('hand', False) else ''
   if m.name == 'fastmetro':
-    return f"FastMETRO-{'SML'[m.fastmetro_layers - 1]}-{backbone}"
-  return f'CoarseMETRO-S-{backbone}'
+    return f"FastMETRO-{'SML'[m.fastmetro_layers - 1]}-{backbone}{hand}"
+  return f'CoarseMETRO-S-{backbone}{hand}'
 
 
 def format_table(rows):
@@ -204,8 +213,11 @@ def _define_flags():
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  model = build.build(config, body=False).model
-  counts = profile_model(model, flags.FLAGS.image_size)
+  try:
+    model = build.build(config, body=False).model
+    counts = profile_model(model, flags.FLAGS.image_size)
+  except ValueError as e:  # a missing or mismatched mesh file, a config value out of its choices
+    raise SystemExit(f'profile: {e}') from None
   print(format_table([(model_label(config), counts)]))
   print(
       f"\nbackbone: {counts['backbone_params'] / 1e6:.2f}M params, "

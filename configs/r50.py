@@ -23,6 +23,9 @@ def get_config():
   # ---------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()
   config.model.name = 'coarsemetro'  # 'coarsemetro' | 'fastmetro'
+  # The hand network of either model (configs/hand_r50.py): 21 joints, the
+  # 778 / 195 hand hierarchy, fixed 195 -> 778 up-sampling.
+  config.model.hand = False
   config.model.backbone = 'resnet50'  # 'resnet50' | 'resnet' | 'hrnet'
   # Used when backbone == 'resnet' (a narrower/shallower ResNet for CPU runs).
   config.model.resnet_depths = (3, 4, 6, 3)

@@ -4,6 +4,7 @@ import torch
 
 from torch_reference import coarsemetro
 from torch_reference import fastmetro
+from torch_reference import fastmetro_hand
 from torch_reference import resnet
 
 
@@ -25,7 +26,7 @@ def backbone(model_config):
 
 
 def topology_tensors(topology, num_joints):
-  """(decoder mask, True = blocked; dense fine <- intermediate up-sampling)."""
+  """(decoder mask, True = blocked; dense U[0]: fine <- intermediate, or <- coarse for a hand)."""
   mask = torch.tensor(~topology.decoder_attention_mask(num_joints))
   upsample = torch.tensor(topology.upsample_matrix(0), dtype=torch.float32)
   return mask, upsample
@@ -41,9 +42,23 @@ def placeholder_tensors(num_vertices, num_joints):
 
 
 def reference_model(model_config, mask, upsample):
-  """FastMETRO or CoarseMETRO in PyTorch with the converter's key layout."""
+  """FastMETRO or CoarseMETRO (body or hand) in PyTorch with the converter's key layout."""
   net, channels = backbone(model_config)
   m = model_config
+  hand = bool(m.get('hand', False))
+  if m.name == 'fastmetro' and hand:
+    return fastmetro_hand.FastMETROHand(
+        net,
+        channels,
+        mask,
+        upsample,
+        num_layers=m.fastmetro_layers,
+        dims=tuple(m.fastmetro_dims),
+        ffn_dims=tuple(m.fastmetro_ffn_dims),
+        heads=m.num_heads,
+        num_joints=m.num_joints,
+        dropout=m.dropout,
+    )
   if m.name == 'fastmetro':
     return fastmetro.FastMETRO(
         net,
@@ -71,5 +86,6 @@ def reference_model(model_config, mask, upsample):
         memory_includes_cam=m.memory_includes_cam,
         num_joints=m.num_joints,
         dropout=m.dropout,
+        hand=hand,
     )
   raise ValueError(m.name)

@@ -6,12 +6,16 @@ joints, S one-layer stages with width reduction and token up-sampling between
 them, the vertex cross-attention to the previous-resolution tokens, shared
 xyz regressor, last up-sampling to the coarse mesh, then FastMETRO's mesh
 up-sampling. (Joint-token masking is a training-only augmentation.)
+With `hand`, CoarseMETRO-Hand: the coarse mesh is the hand's 195 vertices and
+goes to 778 through the fixed up-sampling alone, as FastMETRO_Hand_Network
+(no `coarse2intermediate_upsample`).
 """
 
 import torch
 from torch import nn
 
 from torch_reference import fastmetro
+from torch_reference import fastmetro_hand
 
 
 class TokenLinear(nn.Linear):
@@ -38,9 +42,11 @@ class CoarseMETRO(nn.Module):
       memory_includes_cam=True,
       num_joints=14,
       dropout=0.1,
+      hand=False,
   ):
     super().__init__()
     self.num_joints = num_joints
+    self.hand = hand
     self.stage_dims = stage_dims
     self.vertex_attention = vertex_attention
     d = stage_dims[0]
@@ -69,7 +75,8 @@ class CoarseMETRO(nn.Module):
     )
     self.cam_predictor = nn.Linear(stage_dims[-1], 3)
     self.xyz_regressor = nn.Linear(stage_dims[-1], 3)
-    self.coarse2intermediate_upsample = nn.Linear(num_vertices, fine_upsample.shape[1])
+    if not hand:
+      self.coarse2intermediate_upsample = nn.Linear(num_vertices, fine_upsample.shape[1])
     self.fine_upsample = fine_upsample
 
   def forward(self, images):
@@ -104,4 +111,6 @@ class CoarseMETRO(nn.Module):
     pred_cam = self.cam_predictor(cam).view(b, 3)
     pred_joints = self.xyz_regressor(joints.transpose(0, 1))  # [B, J, 3]
     coarse = self.vertex_upsample[-1](self.xyz_regressor(vertices.transpose(0, 1)))
+    if self.hand:
+      return fastmetro_hand.hand_mesh_outputs(self.fine_upsample, pred_cam, pred_joints, coarse)
     return fastmetro.mesh_outputs(self, pred_cam, pred_joints, coarse)

@@ -3,6 +3,9 @@
   # FastMETRO release -> JAX (kind detected from the keys)
   python -m coarsemetro_jax.convert --src FastMETRO-S-R50_h36m_state_dict.bin \
       --out runs/converted/FastMETRO-S-R50_h36m
+  # FastMETRO's FreiHAND hand network (kind fastmetro-L-h64-hand)
+  python -m coarsemetro_jax.convert --src FastMETRO-L-H64_freihand_state_dict.bin \
+      --out runs/converted/FastMETRO-L-H64_freihand --config configs/hand_h64.py:fastmetro-L
   # ImageNet ResNet-50 for training CoarseMETRO from scratch (backbone only)
   python -m coarsemetro_jax.convert --src resnet50-0676ba61.pth --out runs/resnet50_imagenet
   # A JAX checkpoint (converted or trained) -> PyTorch state dict
@@ -80,7 +83,7 @@ def to_jax(src, out, kind='', config_spec=''):
   state, notes = orbax_variables.read_state_dict(src, progress=_progress_printer(src))
   for note in notes:
     print(f'{src}: {note}')
-  kind = kinds.normalize_kind(kind) if kind else kinds.detect_kind(state.keys(), config)
+  kind = kinds.normalize_kind(kind) if kind else kinds.detect_kind(state, config)
   kind_config, scope = kinds.apply_kind(kind, config)
   if config_spec:
     diff = _model_differences(kind_config.model, config.model)
@@ -134,6 +137,13 @@ def to_torch(src, out, kind='', config_spec=''):
         f'{src} was not written by this converter: pass --config '
         '(and --kind for a backbone-only checkpoint)'
     )
+  if scope == 'model':
+    orbax_variables.check_same_network(
+        orbax_variables.mesh_network(state_dict_lib.flatten(variables)),
+        'hand' if tables.is_hand(model_config) else 'body',
+        src,
+        metadata.get('kind', 'checkpoint'),
+    )
   table = tables.model_table(model_config, scope)
   state = state_dict_lib.to_torch(variables, table, carried=carried)
   for module in state_dict_lib.missing_carried(table, carried):
@@ -160,8 +170,8 @@ def main(argv=None):
       description=__doc__.split('\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog='Kinds: resnet50-imagenet, fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}, '
-      'each with -smplparam for the SMPL-parameter head (detected from the keys '
-      'unless --kind is given).',
+      'each with -smplparam for the SMPL-parameter head or -hand for the hand network '
+      '(detected from the keys unless --kind is given).',
   )
   parser.add_argument(
       '--src',

@@ -10,13 +10,21 @@ Kind names:
   ...-resnet                       either model on config.model.resnet_* (tests)
   ...-smplparam                    either model with the SMPL-parameter head (FastMETRO's
                                    parametric checkpoints: fastmetro-L-h64-smplparam)
+  ...-hand                         either model's hand network (FastMETRO_Hand_Network:
+                                   fastmetro-L-h64-hand, the released FreiHAND file)
 
 A kind fixes config.model.{name, backbone, hrnet_width, fastmetro_layers,
-smpl_param_regressor}; every other model field (widths, CoarseMETRO stages)
-comes from the config the conversion runs with (configs/r50.py unless
---config is given).
+smpl_param_regressor, hand, num_joints}; every other model field (widths,
+CoarseMETRO stages) comes from the config the conversion runs with
+(configs/r50.py unless --config is given).
+
+A hand network's state dict has the body network's keys without
+`coarse2intermediate_upsample` (its up-sampling is a fixed matrix), which is
+how detection tells them apart; its token embeddings (21 joint rows, and 195
+vertex rows for FastMETRO) then confirm it.
 """
 
+import collections.abc
 import contextlib
 import copy
 import os
@@ -43,6 +51,9 @@ BACKBONE_TAGS = {
 # A source checkout's configs/ (not installed with the package): the default
 # model config of the command line when --config is not given.
 SMPL_PARAM_SUFFIX = 'smplparam'  # kind suffix of a model with the SMPL-parameter head
+HAND_SUFFIX = 'hand'  # kind suffix of a hand network
+BODY_JOINTS = 14  # joint tokens of the body networks (J14)
+HAND_JOINTS = 21  # of the hand networks (MANO's 16 joints and 5 fingertips)
 REPO_CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs'
 )
@@ -92,11 +103,13 @@ def kind_of(model_config, scope='model'):
       else 'S'
   )
   head = f'-{SMPL_PARAM_SUFFIX}' if model_config.get('smpl_param_regressor', False) else ''
+  if tables.is_hand(model_config):
+    head = f'-{HAND_SUFFIX}'
   return f'{model_config.name}-{size}-{_backbone_tag(model_config)}{head}'
 
 
 def normalize_kind(kind):
-  """Accepts the release spelling: 'FastMETRO-S-R50' -> 'fastmetro-S-r50'."""
+  """Accepts the release spelling: 'FastMETRO-S-R50' -> 'fastmetro-S-r50' (-Hand -> -hand)."""
   parts = kind.strip().split('-')
   if len(parts) in (3, 4) and parts[0].lower() in ('fastmetro', 'coarsemetro'):
     return '-'.join([parts[0].lower(), parts[1].upper()] + [p.lower() for p in parts[2:]])
@@ -116,7 +129,8 @@ def parse_kind(kind):
   """Kind -> (scope, overrides of config.model)."""
   parts = normalize_kind(kind).split('-')
   head = len(parts) == 4 and parts[3] == SMPL_PARAM_SUFFIX
-  if head:
+  hand = len(parts) == 4 and parts[3] == HAND_SUFFIX
+  if head or hand:
     parts = parts[:3]
   if parts[-1] == 'imagenet':
     bb = '-'.join(parts[:-1])
@@ -129,7 +143,13 @@ def parse_kind(kind):
   elif len(parts) == 3 and _backbone_of_tag(parts[2]):
     name, size, tag = parts
     backbone, width = _backbone_of_tag(tag)
-    overrides = {'name': name, 'backbone': backbone, 'smpl_param_regressor': head}
+    overrides = {
+        'name': name,
+        'backbone': backbone,
+        'smpl_param_regressor': head,
+        'hand': hand,
+        'num_joints': HAND_JOINTS if hand else BODY_JOINTS,
+    }
     if backbone == 'hrnet':
       overrides['hrnet_width'] = width
     if name == 'fastmetro' and size in FASTMETRO_SIZES:
@@ -139,7 +159,7 @@ def parse_kind(kind):
   raise ValueError(
       f'unknown checkpoint kind {kind!r}; kinds look like resnet50-imagenet, '
       'fastmetro-{S,M,L}-{r50,h64}, coarsemetro-S-{r50,h64}, '
-      f'fastmetro-L-h64-{SMPL_PARAM_SUFFIX}'
+      f'fastmetro-L-h64-{SMPL_PARAM_SUFFIX}, fastmetro-L-h64-{HAND_SUFFIX}'
   )
 
 
@@ -168,6 +188,7 @@ def candidate_kinds(config):
   for tag in tags:
     models = [f'fastmetro-{s}-{tag}' for s in FASTMETRO_SIZES] + [f'coarsemetro-S-{tag}']
     kinds += models + [f'{m}-{SMPL_PARAM_SUFFIX}' for m in models]
+    kinds += [f'{m}-{HAND_SUFFIX}' for m in models]
   kinds += ['resnet50-imagenet', 'hrnet-w64-imagenet']
   if config.model.backbone == 'resnet':
     kinds.append('resnet-imagenet')
@@ -195,8 +216,39 @@ def detect_kind(keys, config):
 
   When several match (a parametric FastMETRO file also fits the plain kind,
   which carries the regressor), the kind that converts the most keys wins.
+  Given the state dict itself (key -> array) rather than its keys, the token
+  embeddings' row counts must also be those of the kind's network (hand or
+  body): a body file that lacks only its learned up-sampling layer has a hand
+  network's keys, and is refused in one line.
   """
-  keys = set(keys)
+  shapes = (
+      {k: np.shape(v) for k, v in keys.items()} if isinstance(keys, collections.abc.Mapping) else {}
+  )
+  kind = _detect_by_keys(set(keys), config)
+  _check_token_rows(kind, shapes)
+  return kind
+
+
+def _check_token_rows(kind, shapes):
+  """ValueError when a model file's token embeddings do not fit `kind`'s network."""
+  scope, overrides = parse_kind(kind)
+  if scope != 'model' or 'joint_token_embed.weight' not in shapes:
+    return
+  want = {'joint_token_embed.weight': overrides['num_joints']}
+  if overrides['hand'] and 'vertex_token_embed.weight' in shapes:  # FastMETRO's
+    want['vertex_token_embed.weight'] = mesh_topology.HAND_LEVELS[-1]
+  got = {k: (shapes[k] or (None,))[0] for k in want}
+  if got != want:
+    rows = lambda d: ', '.join(f'{k} {v}' for k, v in d.items())
+    network = 'hand' if overrides['hand'] else 'body'
+    raise ValueError(
+        f'the keys are those of {kind}, but the token embeddings are not a {network} '
+        f"network's: rows {rows(got)}, expected {rows(want)}"
+    )
+
+
+def _detect_by_keys(keys, config):
+  """The kind whose table matches `keys` exactly (see `detect_kind`)."""
   scores, exact = [], []
   for kind in candidate_kinds(config):
     missing, unexpected, carried = _mismatch(keys, kind_table(kind, config))
@@ -245,9 +297,11 @@ def shape_topology(num_vertices=mesh_topology.SMPL_LEVELS):
 
 def config_topology(config):
   """Level sizes of the config's hierarchy (placeholder arrays)."""
+  hand = tables.is_hand(config.model)
   if config.topology.hierarchy:
-    return shape_topology(mesh_topology.load_topology(config.topology.hierarchy).num_vertices)
-  return shape_topology()
+    load = mesh_topology.load_hand_topology if hand else mesh_topology.load_topology
+    return shape_topology(load(config.topology.hierarchy).num_vertices)
+  return shape_topology(mesh_topology.HAND_LEVELS if hand else mesh_topology.SMPL_LEVELS)
 
 
 def abstract_variables(config, scope='model', topology=None):

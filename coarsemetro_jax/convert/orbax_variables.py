@@ -43,6 +43,8 @@ _HEAD = smpl_param_table.FLAX_PREFIX.rstrip('/')
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'  # orbax's per-checkpoint metadata
 MAX_REASON_CHARS = 300
+# Every body network has this learned up-sampling layer; no hand network has it.
+UPSAMPLE_MODULE = 'coarse2intermediate_upsample'
 ORBAX_CODE = f'{os.sep}orbax{os.sep}checkpoint{os.sep}'  # in paths of orbax's source files
 
 
@@ -293,6 +295,27 @@ def _frames(tb, attr):
   return out
 
 
+def mesh_network(paths):
+  """'body' or 'hand' for the '/'-joined variable paths of a whole network, else None.
+
+  Paths are 'params/<module>/...' (`state_dict.flatten` of {'params': ...});
+  a backbone alone (no token embeddings) is neither.
+  """
+  modules = {p.split('/')[1] for p in paths if p.startswith('params/') and p.count('/') > 1}
+  if 'joint_token_embed' not in modules:
+    return None
+  return 'body' if UPSAMPLE_MODULE in modules else 'hand'
+
+
+def check_same_network(got, want, name, kind):
+  """One-line ValueError when a checkpoint's network (hand/body) is not the config's."""
+  if got and want and got != want:
+    raise ValueError(
+        f'{name} ({kind}) holds a {got} network, but the config builds a {want} network '
+        f'(config.model.hand={want == "hand"}): use a {want} checkpoint, or a {got} config'
+    )
+
+
 def fit_variables(loaded, metadata, variables, name):
   """Places checkpoint arrays into a model's variables (see `restore_into`).
 
@@ -320,6 +343,9 @@ def fit_variables(loaded, metadata, variables, name):
     want = {p: v for p, v in flat_want.items() if p.split('/')[1] == 'backbone'}
   elif scope == 'model':
     want = flat_want
+    check_same_network(
+        mesh_network(flat_got), mesh_network(flat_want), name, metadata.get('kind', 'unknown kind')
+    )
   else:
     raise ValueError(f'{name}: unknown conversion scope {scope!r}')
   problems = []

@@ -35,9 +35,13 @@ layer1-4), which the ResNet rows spell out.
 FastMETRO's released state dicts (`FastMETRO_Body_Network`, no `module.`
 prefix) map key for key onto models/fastmetro.py, the parametric checkpoints'
 `smpl_parameter_regressor.*` onto its SMPL-parameter head
-(`config.model.smpl_param_regressor`; `smpl_param_table`). CoarseMETRO has no released PyTorch code; its
-PyTorch layout is defined here, in FastMETRO's naming style, from the Flax
-module names of models/coarsemetro.py (S stages, s = 1..S; E_s = stage_dims):
+(`config.model.smpl_param_regressor`; `smpl_param_table`). The hand
+network's state dicts (`FastMETRO_Hand_Network`, config.model.hand) have the
+same keys without `coarse2intermediate_upsample` (it up-samples with a fixed
+matrix), with 21 joint and 195 vertex token rows; CoarseMETRO-Hand's likewise
+drop that layer. CoarseMETRO has no released PyTorch code; its PyTorch layout
+is defined here, in FastMETRO's naming style, from the Flax module names of
+models/coarsemetro.py (S stages, s = 1..S; E_s = stage_dims):
 
   backbone.*                          as FastMETRO (ResNet-50: backbone.0/.1/.4-.7)
   conv_1x1.{weight,bias}              Conv2d(C_backbone -> E_1, 1x1)
@@ -55,10 +59,10 @@ module names of models/coarsemetro.py (S stages, s = 1..S; E_s = stage_dims):
                                       nn.ModuleList of Linear(E_{k+1} -> E_{k+2}), one entry
                                       per stage transition k whose width changes
   vertex_upsample.k.{weight,bias}     nn.ModuleList: Linear(V_{k+1} -> V_{k+2}) along the
-                                      token axis, k = 0..S-1 (the last maps V_S -> 431
-                                      on xyz coordinates)
+                                      token axis, k = 0..S-1 (the last maps V_S -> 431,
+                                      or 195 for the hand, on xyz coordinates)
   cam_predictor.*, xyz_regressor.*    Linear(E_S -> 3)
-  coarse2intermediate_upsample.*      Linear(431 -> 1723) along the vertex axis
+  coarse2intermediate_upsample.*      Linear(431 -> 1723) along the vertex axis (body only)
   smpl_parameter_regressor.*          with config.model.smpl_param_regressor: FastMETRO's
                                       SMPL-parameter regressor on the 1723 mesh
 
@@ -345,13 +349,23 @@ def smpl_param_head(model_config):
   """
   if model_config.get('smpl_param_regressor', False):
     return smpl_param_table()
-  if model_config.name == 'fastmetro':
+  if model_config.name == 'fastmetro' and not is_hand(model_config):
     return Table([row('optional', smpl_param_listing.TORCH_PREFIX.rstrip('.'))])
   return Table([])
 
 
+def is_hand(model_config):
+  """The hand network (`config.model.hand`; absent in older configs and metadata = body)."""
+  return bool(model_config.get('hand', False))
+
+
+def learned_upsample(model_config):
+  """The body networks' learned 431 -> 1723 layer; the hand networks have none."""
+  return [] if is_hand(model_config) else [row('linear', 'coarse2intermediate_upsample')]
+
+
 def fastmetro_table(model_config):
-  """`FastMETRO_Body_Network` in its module registration (state-dict) order."""
+  """`FastMETRO_Body_Network` (or `_Hand_Network`) in its registration (state-dict) order."""
   table = backbone_table(model_config, 'backbone.', 'backbone/')
   for t in (1, 2):
     table += transformer_table(f'transformer_{t}', model_config.fastmetro_layers)
@@ -365,8 +379,8 @@ def fastmetro_table(model_config):
           row('linear', 'xyz_regressor'),
           row('linear', 'cam_predictor'),
           row('conv_bias', 'conv_1x1'),
-          row('linear', 'coarse2intermediate_upsample'),
       ]
+      + learned_upsample(model_config)
   )
   return table + smpl_param_head(model_config)
 
@@ -399,8 +413,8 @@ def coarsemetro_table(model_config):
           row('linear', 'cam_predictor'),
           row('linear', 'xyz_regressor'),
           row('linear', f'vertex_upsample.{len(dims) - 1}'),
-          row('linear', 'coarse2intermediate_upsample'),
       ]
+      + learned_upsample(model_config)
   )
   return table + smpl_param_head(model_config)
 

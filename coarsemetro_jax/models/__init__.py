@@ -48,7 +48,11 @@ def build_backbone(model_config):
 
 
 def build_model(model_config, topology):
-  """CoarseMETRO or FastMETRO for `config.model`, on the given mesh hierarchy."""
+  """CoarseMETRO or FastMETRO for `config.model`, on the given mesh hierarchy.
+
+  `config.model.hand` asks for the hand network (on a hand hierarchy); a config
+  without the field builds the body network.
+  """
   dtype = compute_dtype(model_config)
   backbone = build_backbone(model_config)
   if model_config.name == 'coarsemetro':
@@ -67,6 +71,7 @@ def build_model(model_config, topology):
         num_joints=model_config.num_joints,
         upsample_init=model_config.upsample_init,
         smpl_param_regressor=model_config.smpl_param_regressor,
+        hand=model_config.get('hand', False),
         dtype=dtype,
     )
   if model_config.name == 'fastmetro':
@@ -81,6 +86,7 @@ def build_model(model_config, topology):
         num_joints=model_config.num_joints,
         upsample_init=model_config.upsample_init,
         smpl_param_regressor=model_config.smpl_param_regressor,
+        hand=model_config.get('hand', False),
         dtype=dtype,
     )
   raise ValueError(

@@ -22,6 +22,12 @@ Forward pass:
   6890 up-sampling as FastMETRO; optionally FastMETRO's SMPL-parameter head
   on the 1723 mesh (`smpl_param_regressor`, fastmetro.smpl_param_outputs).
 
+CoarseMETRO-Hand (`hand=True`, on a 778 / 195 hand hierarchy) runs the same
+stages from 21 joint tokens (config.model.vertex_tokens: configs/hand_r50.py
+gives its counts and why); the last `vertex_upsample` maps to the 195-vertex
+coarse mesh, and the fixed U[0] to the 778 of the full mesh, as
+FastMETRO-Hand (no learned 431 -> 1723 layer).
+
 Choices where the paper is silent are config fields (configs/r50.py documents
 the values picked to reproduce Table 1 and why):
   stage_dims / stage_ffn_dims   per-stage width and FFN width
@@ -71,11 +77,15 @@ class CoarseMETRO(nn.Module):
   num_joints: int = 14
   upsample_init: str = 'random'  # 'random' | 'hierarchy' (mesh_outputs)
   smpl_param_regressor: bool = False  # FastMETRO's SMPL-parameter head
+  hand: bool = False  # hand network: 195 coarse vertices, fixed up-sampling to 778
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, train=False):
     # images [B, H, W, 3] ImageNet-normalised.
+    fastmetro.check_mesh_options(
+        self.topology, self.hand, self.upsample_init, self.smpl_param_regressor
+    )
     if not (len(self.stage_dims) == len(self.stage_ffn_dims) == len(self.vertex_tokens)):
       raise ValueError(
           f'stage_dims {self.stage_dims}, stage_ffn_dims {self.stage_ffn_dims} and '
@@ -142,7 +152,9 @@ class CoarseMETRO(nn.Module):
         name=f'vertex_upsample_{len(self.stage_dims) - 1}',
     )(
         xyz_regressor(vertices)
-    )  # [B, 431, 3]
+    )  # [B, V_c, 3]: 431 (body) or 195 (hand)
+    if self.hand:
+      return fastmetro.hand_mesh_outputs(self.topology, pred_cam, pred_joints, coarse)
     outputs = fastmetro.mesh_outputs(
         self.topology, pred_cam, pred_joints, coarse, self.dtype, self.upsample_init
     )

@@ -1,4 +1,4 @@
-"""FastMETRO-S/M/L (`FastMETRO_Body_Network`, released layout), in Flax.
+"""FastMETRO-S/M/L (`FastMETRO_Body_Network`, `FastMETRO_Hand_Network`), in Flax.
 
 Forward pass of the released PyTorch code (`FastMETRO_Body_Network.forward`):
 backbone -> conv_1x1 -> 49 image tokens; transformer_1 (width 512) over
@@ -9,6 +9,13 @@ S/M/L differ only in layers per transformer (1/2/3). With
 `smpl_param_regressor` (the released `use_smpl_param_regressor`), the
 SMPL-parameter head reads the raw intermediate mesh and adds pred_rotmat and
 pred_betas (`smpl_param_outputs`).
+
+The hand network (`hand=True`, on a 778 / 195 hand hierarchy) is the same
+with 21 joint tokens and 195 vertex tokens, the 195-vertex mesh graph as the
+decoder mask, and no learned up-sampling layer: the 195 coarse vertices go to
+the 778 of the full mesh through the hierarchy's fixed U[0]
+(`hand_mesh_outputs`); its state-dict keys are the body network's without
+`coarse2intermediate_upsample`.
 """
 
 import flax.linen as nn
@@ -51,11 +58,13 @@ class FastMETRO(nn.Module):
   num_joints: int = 14
   upsample_init: str = 'random'  # 'random' | 'hierarchy' (mesh_outputs)
   smpl_param_regressor: bool = False  # the SMPL-parameter head (smpl_param_outputs)
+  hand: bool = False  # FastMETRO_Hand_Network: fixed coarse -> full up-sampling
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, train=False):
     # images [B, H, W, 3] ImageNet-normalised.
+    check_mesh_options(self.topology, self.hand, self.upsample_init, self.smpl_param_regressor)
     deterministic = not train
     d1, d2 = self.dims
     features = self.backbone(images, train)  # [B, h, w, C]
@@ -104,6 +113,10 @@ class FastMETRO(nn.Module):
     )
     pred_cam = tfm.TorchDense(3, dtype=self.dtype, name='cam_predictor')(cam)[:, 0]  # [B, 3]
     xyz = tfm.TorchDense(3, dtype=self.dtype, name='xyz_regressor')(jv)  # [B, J+V, 3]
+    if self.hand:
+      return hand_mesh_outputs(
+          self.topology, pred_cam, xyz[:, : self.num_joints], xyz[:, self.num_joints :]
+      )
     outputs = mesh_outputs(
         self.topology,
         pred_cam,
@@ -116,6 +129,48 @@ class FastMETRO(nn.Module):
 
 
 UPSAMPLE_INITS = ('random', 'hierarchy')
+
+
+def check_mesh_options(topology, hand, upsample_init, smpl_param_regressor):
+  """Raises a one-line ValueError when the model's mesh options contradict each other."""
+  levels = topology.num_vertices
+  if hand and len(levels) != 2:
+    raise ValueError(
+        f'the hand network needs a 2-level hand hierarchy (778 / 195 vertices), got levels '
+        f'{levels} from {topology.source or "the given topology"}'
+    )
+  if not hand and len(levels) != 3:
+    raise ValueError(
+        f'the body network needs a 3-level body hierarchy (6890 / 1723 / 431 vertices), got '
+        f'levels {levels} from {topology.source or "the given topology"}'
+        + (' (a hand hierarchy: set config.model.hand)' if len(levels) == 2 else '')
+    )
+  if hand and upsample_init != 'random':
+    raise ValueError(
+        f'config.model.upsample_init={upsample_init!r} sets the start of the learned 431 -> '
+        "1723 layer, which the hand network does not have; leave it 'random'"
+    )
+  if hand and smpl_param_regressor:
+    raise ValueError(
+        'config.model.smpl_param_regressor: the SMPL-parameter head belongs to the body '
+        'network; the hand network has none'
+    )
+
+
+def hand_mesh_outputs(topology, pred_cam, joints, coarse):
+  """The hand network's outputs: fixed up-sampling of the coarse mesh to the full one.
+
+  coarse [B, 195, 3] -> pred_3d_vertices_fine [B, 778, 3] through U[0], as a
+  gather of its 3 non-zeros per row (`MeshTopology.upsample`): the same
+  numbers as the dense [778, 195] product.
+  """
+  f32 = lambda x: x.astype(jnp.float32)
+  return {
+      'pred_cam': f32(pred_cam),
+      'pred_3d_joints': f32(joints),
+      'pred_3d_vertices_coarse': f32(coarse),
+      'pred_3d_vertices_fine': topology.upsample(f32(coarse), from_level=1),
+  }
 
 
 def mesh_outputs(topology, pred_cam, joints, coarse, dtype, upsample_init='random'):
