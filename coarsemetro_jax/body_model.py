@@ -162,7 +162,7 @@ def forward(body, pose, betas):
   """SMPL linear blend skinning without translation.
 
   Args:
-    body: BodyModel.
+    body: BodyModel (or hand_model.HandModel: the same fields, 16 joints).
     pose: [B, 72] (or [B, 24, 3]) axis-angle; joint 0 is the global orientation.
     betas: [B, K'] shape coefficients, K' <= body.num_betas.
 
@@ -453,12 +453,29 @@ class _SmplUnpickler(pickle.Unpickler):
     if module.startswith('scipy.sparse') and name == 'csc_matrix':
       return _CscStub
     raise pickle.UnpicklingError(
-        f'refusing to unpickle {module}.{name}: an SMPL model holds only numpy '
-        'arrays, chumpy arrays and a scipy csc_matrix'
+        f'refusing to unpickle {module}.{name}: an SMPL or MANO model holds only '
+        'numpy arrays, chumpy arrays and a scipy csc_matrix'
     )
 
 
-def _to_array(value, key, path):
+def unpickle_model(path, kind='SMPL', error=BodyModelError):
+  """The dict of an SMPL-family model pickle (SMPL, MANO), without chumpy.
+
+  Raises `error` with one line naming the file when it is not such a pickle
+  or holds any class other than numpy's, chumpy's and scipy's csc_matrix.
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    model = _SmplUnpickler(io.BytesIO(data), encoding='latin1').load()
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
+    raise error(f'{path!r}: not a readable {kind} model pickle: {e}') from e
+  if not isinstance(model, dict):
+    raise error(f'{path!r}: expected a dict, got {type(model)}')
+  return model
+
+
+def pickled_array(value, key, path, error=BodyModelError):
   """numpy array from an ndarray, a chumpy stand-in or a csc stand-in."""
   if isinstance(value, np.ndarray):
     return value
@@ -466,7 +483,7 @@ def _to_array(value, key, path):
     state = value.state if isinstance(value.state, dict) else {}
     if isinstance(state.get('x'), np.ndarray):
       return state['x']
-    raise BodyModelError(
+    raise error(
         f'{path!r}: key {key!r} is a chumpy object without '
         "its array ('x'); re-save the model with plain arrays"
     )
@@ -479,18 +496,11 @@ def _to_array(value, key, path):
     return dense
   if hasattr(value, 'toarray'):
     return np.asarray(value.toarray())
-  raise BodyModelError(f'{path!r}: key {key!r} has unexpected type {type(value)}')
+  raise error(f'{path!r}: key {key!r} has unexpected type {type(value)}')
 
 
 def _read_smpl_pkl(path):
-  with open(path, 'rb') as f:
-    data = f.read()
-  try:
-    model = _SmplUnpickler(io.BytesIO(data), encoding='latin1').load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
-    raise BodyModelError(f'{path!r}: not a readable SMPL model pickle: {e}') from e
-  if not isinstance(model, dict):
-    raise BodyModelError(f'{path!r}: expected a dict, got {type(model)}')
+  model = unpickle_model(path)
   keys = {
       'v_template': 'v_template',
       'shapedirs': 'shapedirs',
@@ -501,17 +511,17 @@ def _read_smpl_pkl(path):
   missing = [k for k in keys if k not in model]
   if missing:
     raise BodyModelError(f'{path!r}: SMPL pickle lacks keys {missing}; found ' f'{sorted(model)}')
-  arrays = {ours: _to_array(model[theirs], theirs, path) for theirs, ours in keys.items()}
+  arrays = {ours: pickled_array(model[theirs], theirs, path) for theirs, ours in keys.items()}
   if 'posedirs' in model:
-    arrays['posedirs'] = _to_array(model['posedirs'], 'posedirs', path)
+    arrays['posedirs'] = pickled_array(model['posedirs'], 'posedirs', path)
   if 'kintree_table' in model:
-    arrays['parents'] = _parents_from_kintree(
-        _to_array(model['kintree_table'], 'kintree_table', path)
+    arrays['parents'] = parents_from_kintree(
+        pickled_array(model['kintree_table'], 'kintree_table', path)
     )
   return arrays
 
 
-def _parents_from_kintree(kintree):
-  """SMPL's kintree_table [2, 24] (row 0 parents, root = 2**32-1) -> parents."""
+def parents_from_kintree(kintree):
+  """SMPL's / MANO's kintree_table [2, J] (row 0 parents, root = 2**32-1) -> parents."""
   ids = {int(j): i for i, j in enumerate(kintree[1])}
   return [-1 if i == 0 else ids[int(p)] for i, p in enumerate(kintree[0])]

@@ -22,6 +22,7 @@ CORE = {
     'coarsemetro_jax.models',
     'coarsemetro_jax.mesh_topology',
     'coarsemetro_jax.body_model',
+    'coarsemetro_jax.hand_model',
     'coarsemetro_jax.joints',
     'coarsemetro_jax.losses',
     'coarsemetro_jax.smpl_param_loss',

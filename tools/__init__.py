@@ -3,5 +3,7 @@
 python -m tools.build_body_assets   the embedded body model and mesh
                                     hierarchy (coarsemetro_jax/assets/) from
                                     CC0 MakeHuman data; see its docstring
-mesh_decimation                     its triangle-mesh geometry (a library)
+python -m tools.build_hand_assets   the embedded MANO-format hand and its
+                                    778 / 195 hierarchy, from the same data
+mesh_decimation                     their triangle-mesh geometry (a library)
 """

@@ -285,13 +285,13 @@ def rodrigues(rotvec):
   return np.eye(3) + s * cross + (1 - c) * cross @ cross
 
 
-def lbs(verts, joints, weights, rotmats):
-  """verts [V,3], joints [24,3], weights [V,24], rotmats [24,3,3] -> posed."""
+def lbs(verts, joints, weights, rotmats, parents=PARENTS):
+  """verts [V,3], joints [J,3], weights [V,J], rotmats [J,3,3] -> posed."""
   rot = np.empty_like(rotmats)
   pos = np.empty_like(joints)
   rot[0], pos[0] = rotmats[0], joints[0]
-  for j in range(1, len(PARENTS)):
-    p = PARENTS[j]
+  for j in range(1, len(parents)):
+    p = parents[j]
     rot[j] = rot[p] @ rotmats[j]
     pos[j] = pos[p] + rot[p] @ (joints[j] - joints[p])
   trans = pos - np.einsum('jab,jb->ja', rot, joints)
@@ -300,21 +300,21 @@ def lbs(verts, joints, weights, rotmats):
   return np.einsum('vab,vb->va', blend[:, :, :3], verts) + blend[:, :, 3], pos
 
 
-def fit_regressor(posed_verts, posed_joints, weights, ridge):
-  """Sum-to-one ridge regressor [24, V] over each joint's local vertices.
+def fit_regressor(posed_verts, posed_joints, weights, ridge, parents=PARENTS):
+  """Sum-to-one ridge regressor [J, V] over each joint's local vertices.
 
-  posed_verts [S, V, 3], posed_joints [S, 24, 3]. Row j uses the vertices
+  posed_verts [S, V, 3], posed_joints [S, J, 3]. Row j uses the vertices
   skinned to j, its parent or its children; normal equations with a
   Lagrange row for the sum-to-one constraint.
   """
   num_v = posed_verts.shape[1]
   x = posed_verts.transpose(0, 2, 1).reshape(-1, num_v)  # [S*3, V]
-  y = posed_joints.transpose(0, 2, 1).reshape(-1, len(PARENTS))  # [S*3, 24]
-  reg = np.zeros((len(PARENTS), num_v))
-  for j in range(len(PARENTS)):
-    near = [j] + [c for c in range(len(PARENTS)) if PARENTS[c] == j]
-    if PARENTS[j] >= 0:
-      near.append(PARENTS[j])
+  y = posed_joints.transpose(0, 2, 1).reshape(-1, len(parents))  # [S*3, J]
+  reg = np.zeros((len(parents), num_v))
+  for j in range(len(parents)):
+    near = [j] + [c for c in range(len(parents)) if parents[c] == j]
+    if parents[j] >= 0:
+      near.append(parents[j])
     support = np.nonzero(weights[:, near].sum(1) > 0.05)[0]
     a = x[:, support]
     gram = a.T @ a

@@ -1,8 +1,12 @@
-"""Generic triangle-mesh geometry for the offline body-asset build.
+"""Generic triangle-mesh geometry for the offline body- and hand-asset builds.
 
-Used by tools/build_body_assets.py (NumPy and SciPy only, float64):
+Used by tools/build_body_assets.py and tools/build_hand_assets.py (NumPy and
+SciPy only, float64):
 
   largest_component      vertex ids of the largest edge-connected component
+  component_containing   faces of the component that holds a given vertex
+  boundary_loop          the ordered boundary of a disc-like surface
+  cap_hole               closes that boundary with a fan around a new vertex
   decimate               subset quadric edge collapse to an exact vertex count
   check_closed_manifold  closed, consistently oriented, genus-0 check
   closest_points         closest point on a mesh (face id, barycentrics)
@@ -21,17 +25,60 @@ import numpy as np
 # Connectivity.
 
 
-def largest_component(tris, num_vertices):
-  """Vertex ids (sorted) of the largest edge-connected component."""
+def _component_labels(tris, num_vertices):
   from scipy.sparse import coo_matrix
   from scipy.sparse.csgraph import connected_components
 
   e = np.concatenate([tris[:, [0, 1]], tris[:, [1, 2]], tris[:, [2, 0]]])
   graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(num_vertices, num_vertices))
-  _, labels = connected_components(graph, directed=False)
+  return connected_components(graph, directed=False)[1]
+
+
+def largest_component(tris, num_vertices):
+  """Vertex ids (sorted) of the largest edge-connected component."""
+  labels = _component_labels(tris, num_vertices)
   used = np.unique(tris)
   best = np.bincount(labels[used]).argmax()
   return used[labels[used] == best]
+
+
+def component_containing(tris, num_vertices, vertex):
+  """Faces [F', 3] of the edge-connected component that holds `vertex`."""
+  labels = _component_labels(tris, num_vertices)
+  if vertex not in tris:
+    raise RuntimeError(f'vertex {vertex} is in no face')
+  return tris[labels[tris[:, 0]] == labels[vertex]]
+
+
+def boundary_loop(tris):
+  """Vertex ids of the single boundary loop of a surface, in edge order.
+
+  The loop follows the faces' own orientation: each (loop[i], loop[i + 1]) is
+  a directed edge of some face. Raises unless the boundary is one simple loop.
+  """
+  f = np.asarray(tris, np.int64)
+  directed = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+  present = set(map(tuple, directed.tolist()))
+  border = sorted((a, b) for a, b in present if (b, a) not in present)
+  following = dict(border)
+  if not border or len(following) != len(border):
+    raise RuntimeError(f'expected one simple boundary loop; {len(border)} boundary edges')
+  loop = [border[0][0]]
+  while following[loop[-1]] != loop[0]:
+    loop.append(following[loop[-1]])
+    if len(loop) > len(border):
+      raise RuntimeError('boundary edges do not form a loop')
+  if len(loop) != len(border):
+    raise RuntimeError(f'{len(border)} boundary edges form more than one loop')
+  return np.asarray(loop, np.int64)
+
+
+def cap_hole(loop, center):
+  """Faces closing `loop` (from `boundary_loop`) with a fan around vertex id
+  `center`; each cap face runs its boundary edge backwards, so the closed
+  surface keeps a consistent orientation. Returns [len(loop), 3]."""
+  loop = np.asarray(loop, np.int64)
+  return np.stack([np.roll(loop, -1), loop, np.full(len(loop), center)], 1)
 
 
 # ----------------------------------------------------------------------------
