@@ -23,7 +23,7 @@ into it.
 
 Flexion at the MCP, PIP and DIP joints (and the thumb's MCP and IP) is measured
 from the straight finger (`rest_flexion`): a rest mesh whose fingers are
-already bent (the embedded hand's are, by 10-25 degrees) keeps the anatomical
+already bent (the embedded hand's are, by up to 20 degrees) keeps the anatomical
 limits. The thumb's CMC joint has no straight reference; its angles are from
 the rest pose. Global orientation (joint 0) is uniform over all rotations:
 hands are photographed from every side.
@@ -102,7 +102,7 @@ MODE_PROBS = (0.6, 0.2, 0.2)
 DIP_PER_PIP = 2.0 / 3.0
 # MCP and PIP flexion of a closed fist: the palm stops the fingers before
 # their joint limits (at the limits the fingertips would be inside the palm).
-FIST_DEG = (75.0, 95.0)
+FIST_DEG = (70.0, 90.0)
 # Finger penetration: the centre lines of two fingers closer than this (m) pass
 # through each other (an adult finger is 15-20 mm thick; touching fingers are
 # 15 mm apart or more); a finger point less than this above the palm plane,
