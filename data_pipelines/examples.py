@@ -43,8 +43,14 @@ class Layout:
     return cls(int(data_config.image_size), bool(data_config.get('hand', False)))
 
 
+def as_layout(layout):
+  """A Layout; a bare crop size (the functions below take either) is a body's."""
+  return layout if isinstance(layout, Layout) else Layout(int(layout))
+
+
 def example_spec(layout):
   """Per-example fields before batching: name -> (shape, dtype)."""
+  layout = as_layout(layout)
   size = layout.size
   joints = metro_labels.NUM_HAND_JOINTS if layout.hand else metro_labels.NUM_J24
   spec = {
@@ -88,6 +94,7 @@ def _crop(data_config, train):
 
 def _process(jpeg, label, params, layout, where):
   """Decodes, crops and augments one example; raises BadRowError naming `where`."""
+  layout = as_layout(layout)
   image = augment.decode_jpeg(jpeg)
   if image is None:
     raise metro_labels.BadRowError(f'{where}: JPEG does not decode')
