@@ -23,6 +23,7 @@ MPVPE 0.00 on H36M, whose labels have no SMPL); its count is 0.
 
 from clu import metrics as clu_metrics
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -139,6 +140,74 @@ def mean_pose_baseline(train_joints, test_joints):
   pred = np.broadcast_to(procrustes_mean(train_joints), test.shape).astype(np.float32)
   mm = lambda fn: MM_PER_M * float(np.asarray(fn(pred, test)).mean())
   return {'mpjpe': mm(mpjpe), 'pa_mpjpe': mm(pa_mpjpe), 'count': int(len(test))}
+
+
+def hand_mean_pose_baseline(train, test, iterations=5, chunk=32):
+  """FreiHAND's metrics of always predicting the training set's mean hand.
+
+  The mean hand is the generalised Procrustes mean (rotations only, as
+  `procrustes_mean`) of the training hands, each its 21 joints and its
+  vertices together, after mirroring the left hands (x -> -x) into right
+  ones; a left test hand is predicted by the mirrored mean. A similarity
+  alignment cannot turn a right hand into a left one, so without this a
+  baseline would lose by chirality alone, which a model reads off the image.
+
+  Args:
+    train, test: (joints [N, 21, 3], vertices [N, V, 3], is_left [N]) in
+      metres, any centring (`data_pipelines.datasets.hand_targets`).
+    iterations: Procrustes iterations.
+    chunk: test examples per F-score call (its distance matrix is [chunk, V, V]).
+
+  Returns:
+    {'pa_mpjpe', 'pa_mpvpe': mm, 'f5', 'f15': mean F-scores at 5 and 15 mm of
+    the Procrustes-aligned vertices, 'count': test examples}.
+  """
+  flip_x = lambda points, left: np.where(
+      np.asarray(left, bool)[:, None, None], points * np.array([-1.0, 1.0, 1.0]), points
+  )
+  joints, verts, left = train
+  if not len(joints) or not len(test[0]):
+    raise ValueError('hand_mean_pose_baseline needs training and test hands')
+  num_joints = np.shape(joints)[1]
+  hands = flip_x(np.concatenate([joints, verts], 1).astype(np.float64), left)  # [N, J + V, 3]
+  centred = hands - hands.mean(1, keepdims=True)
+  mean = centred[0]
+  for _ in range(iterations):
+    mean = np.einsum('nja,nab->jb', centred, _best_rotation(centred, mean)) / len(centred)
+  mean = mean - mean[0]  # at the wrist (joint 0)
+  test_joints, test_verts, test_left = (np.asarray(x) for x in test)
+  pred = flip_x(np.broadcast_to(mean, (len(test_joints),) + mean.shape), test_left)
+  pred = pred.astype(np.float32)
+  pred_joints, pred_verts = pred[:, :num_joints], pred[:, num_joints:]
+  gt_joints, gt_verts = test_joints.astype(np.float32), test_verts.astype(np.float32)
+
+  @jax.jit
+  def errors(pred_joints, gt_joints, pred_verts, gt_verts):  # [C, ...] -> [4, C]
+    aligned = similarity_procrustes(pred_verts, gt_verts)
+    return jnp.stack(
+        [
+            pa_mpjpe(pred_joints, gt_joints),
+            _mean_distance(aligned, gt_verts),
+            f_score(aligned, gt_verts, 0.005),
+            f_score(aligned, gt_verts, 0.015),
+        ]
+    )
+
+  count = len(gt_joints)
+  sums = np.zeros(4)
+  for s in range(0, count, chunk):
+    # The last chunk is padded (with its last example) to one compiled shape.
+    part = np.minimum(np.arange(s, s + chunk), count - 1)
+    e = np.asarray(errors(pred_joints[part], gt_joints[part], pred_verts[part], gt_verts[part]))
+    sums += e[:, : count - s].sum(1)
+  pa_mpjpe_m, pa_mpvpe_m, f5, f15 = (float(x) for x in sums / count)
+  return {
+      'pa_mpjpe': MM_PER_M * pa_mpjpe_m,
+      'pa_mpvpe': MM_PER_M * pa_mpvpe_m,
+      'f5': f5,
+      'f15': f15,
+      'count': int(count),
+  }
 
 
 @flax.struct.dataclass

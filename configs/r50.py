@@ -88,6 +88,9 @@ def get_config():
   config.data.tfds_train_split = 'train'
   config.data.tfds_eval_split = 'validation'
   config.data.image_size = 224
+  # Hand rows (FreiHAND's 21 joints, MANO; data_pipelines/__init__.py): one
+  # value shared with config.model.hand, so setting either sets both.
+  config.data.hand = config.model.get_ref('hand')
   config.data.image_dtype = 'float32'  # 'float32' | 'bfloat16'
   # How image and 2D joints are cropped: 'metro' (the released METRO/FastMETRO
   # crop: integer box, cv2.resize, truncated keypoints) or 'continuous' (one

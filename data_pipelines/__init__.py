@@ -18,7 +18,8 @@ usable without TensorFlow):
   tfds_metro      TFDS builder (`Metro`) that stores a METRO dataset as
                   ArrayRecord (default) or TFRecord shards; config.data.source
                   = 'tfds' reads it.
-  synthetic/      embedded-body synthetic dataset writer (same TSV format).
+  synthetic/      embedded-body and embedded-hand synthetic dataset writer
+                  (same TSV format).
 
 Batch dict (every pipeline, every source; B = host-local batch until
 `to_global_batch` makes it global; S = config.data.image_size):
@@ -37,4 +38,25 @@ Batch dict (every pipeline, every source; B = host-local batch until
                  [B] float32 in {0, 1}: which supervision the example carries.
   mask           [B] float32: 1 for real examples, 0 for eval padding and, in
                  training, for a bad row that keeps its slot (all-zero fields).
+
+Hand batch dict (`config.data.hand`, one value with config.model.hand: METRO's
+FreiHAND rows; joints in FreiHAND's order, `hand_model.HAND_JOINT_NAMES`:
+wrist, thumb 1-4, index 1-4, middle 1-4, ring 1-4, pinky 1-4). The same keys
+and conventions as the body's, except:
+  joints_2d      [B, 21, 3] float32.
+  joints_3d      [B, 21, 4] float32, root-centred at the wrist (joint 0), as
+                 METRO's hand dataset.
+  pose           [B, 48] float32 MANO axis-angle, global orientation in the
+                 camera frame (turned with the image).
+  betas          [B, 10] float32 MANO shape.
+  has_smpl       [B]: the example has MANO parameters.
+  is_left        [B] float32 in {0, 1}: a left hand, whose pose and betas drive
+                 the mirrored hand model: its vertices are
+                 forward(hand_model.mirror(hand), pose, betas) =
+                 forward(hand, hand_model.mirror_pose(pose), betas) * (-1, 1, 1).
+                 FreiHAND has right hands only (0); the synthetic hands are
+                 half left.
+Training augments hands as METRO's hand training (scale, rotation by
+config.data.rot_factor (METRO's hand value is 90), colour noise) and never
+flips them.
 """

@@ -21,6 +21,13 @@ float), i.e. rounded to the nearest level before the colour noise.
 `config.data.crop = 'metro'` (data_pipelines/metro_crop.py) repeats METRO's
 arithmetic for the image and 2D joints instead; `label_targets` then gives the
 rest of the example with the same parameters.
+
+Hands (`hand=True`, METRO's `HandMeshTSVDataset`): the same crop, scale,
+rotation and colour noise, sampled by `sample_hand_params` (METRO's hand
+order, and its rotation factor is 90 degrees: rotations up to 180), and never
+a flip: FreiHAND has right hands only, and a flipped right hand would be a
+left hand with a right hand's MANO label. 3D joints are centred at the wrist
+(joint 0).
 """
 
 import dataclasses
@@ -37,6 +44,8 @@ ROT_FACTOR = 30.0  # rot ~ clip(N(0, 30), -60, 60) degrees
 NOISE_FACTOR = 0.4  # pn ~ U[0.6, 1.4] per channel
 FLIP_PROB = 0.5
 ROT_ZERO_PROB = 0.6  # rotation is set to 0 with this probability
+HAND_ROT_FACTOR = 90.0  # METRO's HandMeshTSVDataset: rot ~ clip(N(0, 90), -180, 180)
+HAND_ROOT = 0  # the wrist, the root of the 21 hand joints
 
 # The input pipeline decodes, augments and normalises an example through this
 # module; these steps are the core's `image_ops`, shared with inference.
@@ -71,6 +80,18 @@ def sample_params(
   return AugParams(flip=bool(flip), rot=float(rot), sc=float(sc), pn=tuple(float(p) for p in pn))
 
 
+def sample_hand_params(
+    rng, *, scale_factor=SCALE_FACTOR, rot_factor=HAND_ROT_FACTOR, noise_factor=NOISE_FACTOR
+):
+  """Samples hand training parameters like METRO's hand `augm_params` (same order, no flip)."""
+  pn = rng.uniform(1 - noise_factor, 1 + noise_factor, 3)
+  rot = min(2 * rot_factor, max(-2 * rot_factor, rng.standard_normal() * rot_factor))
+  sc = min(1 + scale_factor, max(1 - scale_factor, rng.standard_normal() * scale_factor + 1))
+  if rng.uniform() <= ROT_ZERO_PROB:
+    rot = 0.0
+  return AugParams(flip=False, rot=float(rot), sc=float(sc), pn=tuple(float(p) for p in pn))
+
+
 def transform_joints_2d(joints_2d, matrix, size, flip=False):
   """[24, 3] pixel joints -> crop joints normalised to [-1, 1] (+ visibility).
 
@@ -83,10 +104,10 @@ def transform_joints_2d(joints_2d, matrix, size, flip=False):
   return out.astype(np.float32)
 
 
-def transform_joints_3d(joints_3d, rot=0.0, flip=False):
-  """[24, 4] camera-frame joints: centre at the J24 pelvis, rotate, flip."""
+def transform_joints_3d(joints_3d, rot=0.0, flip=False, root=joints.J24_PELVIS):
+  """[24, 4] camera-frame joints: centre at the J24 pelvis (or joint `root`), rotate, flip."""
   out = np.array(joints_3d, np.float64)
-  out[:, :3] -= out[joints.J24_PELVIS, :3]
+  out[:, :3] -= out[root, :3]
   out[:, :2] = out[:, :2] @ image_ops.rotation_2d(rot).T
   if flip:
     out = out[list(joints.J24_FLIP_PERM)]
@@ -121,24 +142,31 @@ def transform_pose(pose, rot=0.0, flip=False):
   return out.astype(np.float32)
 
 
-def label_targets(label, params):
+def label_targets(label, params, hand=False):
   """The targets that do not depend on the crop, rotated and flipped by `params`.
 
   Returns:
     dict: joints_3d [24, 4], pose [72], betas [10], has_2d_joints,
-    has_3d_joints, has_smpl (float32).
+    has_3d_joints, has_smpl (float32). With hand=True (a hand label):
+    joints_3d [21, 4] centred at the wrist, pose [48], and is_left.
   """
-  return {
-      'joints_3d': transform_joints_3d(label['joints_3d'], params.rot, params.flip),
+  if hand and params.flip:
+    raise ValueError('hand examples are never flipped (a flipped right hand is a left hand)')
+  root = HAND_ROOT if hand else joints.J24_PELVIS
+  out = {
+      'joints_3d': transform_joints_3d(label['joints_3d'], params.rot, params.flip, root),
       'pose': transform_pose(label['pose'], params.rot, params.flip),
       'betas': np.asarray(label['betas'], np.float32),
       'has_2d_joints': np.float32(label['has_2d_joints']),
       'has_3d_joints': np.float32(label['has_3d_joints']),
       'has_smpl': np.float32(label['has_smpl']),
   }
+  if hand:
+    out['is_left'] = np.float32(label['is_left'])
+  return out
 
 
-def process_example(image, label, params, size):
+def process_example(image, label, params, size, hand=False):
   """Crops (continuously) and augments one example.
 
   Args:
@@ -146,6 +174,7 @@ def process_example(image, label, params, size):
     label: `metro_labels.parse_label` dict.
     params: AugParams (AugParams() at test time); `params.crop` is not read.
     size: crop side S.
+    hand: a hand label (`label_targets`).
 
   Returns:
     dict: image uint8 [S, S, 3] (the crop, before `color_normalize`), pn [3]
@@ -158,5 +187,5 @@ def process_example(image, label, params, size):
       'image': image_ops.warp_image(image, matrix, size),
       'pn': np.asarray(params.pn, np.float32),
       'joints_2d': transform_joints_2d(label['joints_2d'], matrix, size, params.flip),
-      **label_targets(label, params),
+      **label_targets(label, params, hand),
   }

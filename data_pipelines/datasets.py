@@ -7,11 +7,17 @@
                METRO TSV format), which the run prepares first with
                `prepare_synthetic`.
 
+`config.data.hand` (the same value as config.model.hand) makes them hand
+datasets: FreiHAND-format rows (21 joints, MANO), and 'synthetic' renders the
+embedded CC0 hand (data_pipelines/synthetic/hand_render.py). Hands are read
+from TSVs only (the TFDS build stores body labels).
+
 A synthetic dataset lives in a directory of its own under
-`config.data.synthetic.dir`, named after its generation parameters, so that
-datasets made with other parameters never replace each other. A finished one
-(it has a `synthetic_done.json` marker) is reused; the only thing ever removed
-is this dataset's own unfinished render (`<name>.partial`).
+`config.data.synthetic.dir`, named after its generation parameters (hands:
+`hand_train<N>_test<N>_seed<S>_<P>px`), so that datasets made with other
+parameters, or of the other kind, never replace each other. A finished one (it
+has a `synthetic_done.json` marker) is reused; the only thing ever removed is
+this dataset's own unfinished render (`<name>.partial`).
 """
 
 import contextlib
@@ -26,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from coarsemetro_jax import joints as joint_tables
+from coarsemetro_jax import metrics
 from data_pipelines import bad_rows as bad_rows_lib
 from data_pipelines import examples
 from data_pipelines import input_pipeline
@@ -54,6 +61,14 @@ def check_config(data_config):
   source = data_config.source
   if source not in SOURCES:
     raise DataConfigError(f'config.data.source must be one of {list(SOURCES)}, ' f'got {source!r}')
+  hand = data_config.get('hand', False)
+  if not isinstance(hand, bool):
+    raise DataConfigError(f'config.data.hand must be True or False, got {hand!r}')
+  if hand and source == 'tfds':
+    raise DataConfigError(
+        "config.data.hand with config.data.source='tfds': the TFDS build stores body labels; "
+        "read hand data from METRO TSVs (source='tsv') or use source='synthetic'"
+    )
   for key in ('crop', 'train_crop'):
     if data_config.get(key) not in examples.CROPS:
       raise DataConfigError(
@@ -106,6 +121,21 @@ def _yaml_rows(key, path):
     raise InputError(f'config.data.{key}: {e}') from e
 
 
+def _check_hand_labels(key, path):
+  """Raises InputError unless the first label of the dataset parses as a hand label."""
+  dataset = metro_tsv.MetroDataset(path, hand=True)
+  source, row = (int(v) for v in dataset.rows[0])
+  label_file = dataset.label_files[source]
+  try:
+    fields = label_file.read_row(row)
+    metro_labels.parse_label_text(fields[1] if len(fields) > 1 else b'', hand=True)
+  except ValueError as e:
+    raise InputError(
+        f'config.data.{key}: {label_file.path} row {row}: {e}; config.data.hand expects '
+        "FreiHAND's hand labels (21 joints, MANO pose [48])"
+    ) from e
+
+
 def _tfds_rows(data_config, key):
   """Examples of the TFDS split `config.data.<key>` names."""
   # Imported here: TFDS is needed only for this source.
@@ -131,29 +161,41 @@ def check_inputs(data_config):
   """
   check_config(data_config)
   if data_config.source == 'tsv':
-    return [
+    lines = [
         f'config.data.{k}: {data_config[k]} ({_yaml_rows(k, data_config[k])} rows)'
         for k in ('train_yaml', 'eval_yaml')
     ]
+    if data_config.get('hand', False):
+      for k in ('train_yaml', 'eval_yaml'):
+        _check_hand_labels(k, data_config[k])
+    return lines
   if data_config.source == 'tfds':
     return [
         f'config.data.{k}: {data_config[k]} in {data_config.tfds_data_dir} '
         f'({_tfds_rows(data_config, k)} examples)'
         for k in ('tfds_train_split', 'tfds_eval_split')
     ]
-  out = synthetic_dir(data_config.synthetic)
+  hand = data_config.get('hand', False)
+  out = synthetic_dir(data_config.synthetic, hand)
   state = 'cached' if os.path.exists(os.path.join(out, DONE_MARKER)) else 'to render'
-  return [f'config.data.source: synthetic, {out} ({state})']
+  kind = 'synthetic hands' if hand else 'synthetic'
+  return [f'config.data.source: {kind}, {out} ({state})']
 
 
 # ---------------------------------------------------------- synthetic dataset
 
 
-def synthetic_dir(synthetic_config):
-  """The directory of the synthetic dataset with these generation parameters."""
+def synthetic_dir(synthetic_config, hand=False):
+  """The directory of the synthetic dataset (of hands) with these generation parameters."""
   p = {k: synthetic_config[k] for k in SYNTHETIC_PARAMS}
   name = f"train{p['num_train']}_test{p['num_test']}_seed{p['seed']}_" f"{p['image_size']}px"
-  return os.path.join(os.path.abspath(synthetic_config.dir), name)
+  return os.path.join(os.path.abspath(synthetic_config.dir), 'hand_' + name if hand else name)
+
+
+def _synthetic_params(data_config):
+  """The generation parameters recorded in the marker (hands: also 'hand': True)."""
+  params = {k: data_config.synthetic[k] for k in SYNTHETIC_PARAMS}
+  return {**params, 'hand': True} if data_config.get('hand', False) else params
 
 
 @contextlib.contextmanager
@@ -197,8 +239,9 @@ def prepare_synthetic(data_config):
     InputError: the directory holds something other than this dataset.
   """
   synthetic = data_config.synthetic
-  params = {k: synthetic[k] for k in SYNTHETIC_PARAMS}
-  out = synthetic_dir(synthetic)
+  params = _synthetic_params(data_config)
+  hand = params.get('hand', False)
+  out = synthetic_dir(synthetic, hand)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with _exclusive(os.path.dirname(out)):  # a second run waits here, then reuses it
     if _is_finished(out, params):
@@ -214,11 +257,11 @@ def prepare_synthetic(data_config):
 
     os.makedirs(tmp)
     print(
-        f'Rendering the synthetic dataset into {out} '
+        f"Rendering the synthetic {'hand ' if hand else ''}dataset into {out} "
         f"({params['num_train']} train / {params['num_test']} test images) ...",
         flush=True,
     )
-    assets = generate.load_assets()
+    assets = generate.load_assets(hand=hand)
     workers = synthetic.workers or os.cpu_count() or 1
     for split, num in (('train', params['num_train']), ('test', params['num_test'])):
       generate.generate_split(
@@ -250,6 +293,53 @@ def j14_joints(yaml_path):
   return np.stack(out).reshape(-1, len(joint_tables.J24_TO_J14), 3)
 
 
+def hand_targets(yaml_path, hand_model_path=''):
+  """Ground truth of the hand examples with 3D joints and MANO parameters.
+
+  Returns:
+    joints [N, 21, 3] (the labels' 3D joints) and vertices [N, V, 3] (the hand
+    model of the label's pose and betas: the mirrored model for a left hand),
+    both centred at the wrist, in metres; is_left [N] bool.
+  """
+  # Imported here: only the baseline needs the hand model (skinned in NumPy:
+  # no compilation for a one-off pass over the labels).
+  from coarsemetro_jax import hand_model
+  from data_pipelines.synthetic import hand_np
+
+  right = hand_model.load_hand_model(hand_model_path)
+  models = {
+      False: hand_np.from_hand_model(right),
+      True: hand_np.from_hand_model(hand_model.mirror(right)),
+  }
+  dataset = metro_tsv.MetroDataset(yaml_path, hand=True)
+  joints, verts, left = [], [], []
+  for source, row in dataset.rows:
+    label_file = dataset.label_files[source]
+    try:
+      label = metro_labels.parse_label_text(label_file.read_row(int(row))[1], hand=True)
+    except (ValueError, IndexError) as e:
+      raise metro_labels.BadRowError(f'{label_file.path} row {row}: {e}') from e
+    if label['has_3d_joints'] and label['has_smpl']:
+      is_left = bool(label['is_left'])
+      v, j = hand_np.lbs(models[is_left], label['pose'], label['betas'])
+      joints.append(label['joints_3d'][:, :3] - label['joints_3d'][0, :3])
+      verts.append(v - j[0])
+      left.append(is_left)
+  num_joints, num_v = metro_labels.NUM_HAND_JOINTS, right.num_vertices
+  return (
+      np.asarray(joints, np.float32).reshape(-1, num_joints, 3),
+      np.asarray(verts, np.float32).reshape(-1, num_v, 3),
+      np.asarray(left, bool),
+  )
+
+
+def hand_baseline(train_yaml, eval_yaml, hand_model_path=''):
+  """`metrics.hand_mean_pose_baseline` of a hand dataset's train and eval yamls."""
+  return metrics.hand_mean_pose_baseline(
+      hand_targets(train_yaml, hand_model_path), hand_targets(eval_yaml, hand_model_path)
+  )
+
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -269,6 +359,11 @@ class Datasets:
     """The datasets of `config`; `rendered_dir`: from `prepare_synthetic`."""
     data_config = ml_collections.ConfigDict(config.data.to_dict())
     check_config(data_config)
+    if data_config.get('hand', False) != config.model.get('hand', False):
+      raise DataConfigError(
+          f'config.data.hand={data_config.get("hand", False)} but '
+          f'config.model.hand={config.model.get("hand", False)}: hand data needs the hand model'
+      )
     synthetic = data_config.source == 'synthetic'
     if synthetic:
       if rendered_dir is None:

@@ -9,6 +9,10 @@ For each row: read it, cv2 JPEG decode, the crop of `config.data.crop`
 apart from the dataset construction (sources, global order, batching) because
 it is plain per-row work on NumPy arrays outside TensorFlow's graph; only the
 chunk spec and the numpy_function bridge touch TensorFlow.
+
+What an example holds is its `Layout`: the crop side and whether the rows are
+bodies (J24 joints, SMPL) or hands (`config.data.hand`: FreiHAND's 21 joints,
+MANO, is_left; data_pipelines/__init__.py documents both batches).
 """
 
 import dataclasses
@@ -26,26 +30,50 @@ from data_pipelines import metro_labels
 ROWS_PER_CALL = 8
 
 
-def example_spec(size):
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What one example holds: a `size` x `size` crop, and a body's or a hand's labels."""
+
+  size: int
+  hand: bool = False
+
+  @classmethod
+  def of(cls, data_config):
+    """The layout of config.data: image_size, and `hand` (False when the field is absent)."""
+    return cls(int(data_config.image_size), bool(data_config.get('hand', False)))
+
+
+def as_layout(layout):
+  """A Layout; a bare crop size (the functions below take either) is a body's."""
+  return layout if isinstance(layout, Layout) else Layout(int(layout))
+
+
+def example_spec(layout):
   """Per-example fields before batching: name -> (shape, dtype)."""
-  return {
+  layout = as_layout(layout)
+  size = layout.size
+  joints = metro_labels.NUM_HAND_JOINTS if layout.hand else metro_labels.NUM_J24
+  spec = {
       'image': ((size, size, 3), tf.float32),
-      'joints_2d': ((metro_labels.NUM_J24, 3), tf.float32),
-      'joints_3d': ((metro_labels.NUM_J24, 4), tf.float32),
-      'pose': ((metro_labels.NUM_POSE,), tf.float32),
+      'joints_2d': ((joints, 3), tf.float32),
+      'joints_3d': ((joints, 4), tf.float32),
+      'pose': ((metro_labels.NUM_HAND_POSE if layout.hand else metro_labels.NUM_POSE,), tf.float32),
       'betas': ((metro_labels.NUM_BETAS,), tf.float32),
       'has_2d_joints': ((), tf.float32),
       'has_3d_joints': ((), tf.float32),
       'has_smpl': ((), tf.float32),
-      'mask': ((), tf.float32),  # 0: bad row or eval padding
   }
+  if layout.hand:
+    spec['is_left'] = ((), tf.float32)  # 1: a left hand (its pose drives the mirrored model)
+  spec['mask'] = ((), tf.float32)  # 0: bad row or eval padding
+  return spec
 
 
-def empty_example(size):
+def empty_example(layout):
   """All-zero example with mask 0 (bad rows and eval padding)."""
   return {
       name: np.zeros(shape, dtype.as_numpy_dtype)
-      for name, (shape, dtype) in example_spec(size).items()
+      for name, (shape, dtype) in example_spec(layout).items()
   }
 
 
@@ -64,14 +92,16 @@ def _crop(data_config, train):
   return value
 
 
-def _process(jpeg, label, params, size, where):
+def _process(jpeg, label, params, layout, where):
   """Decodes, crops and augments one example; raises BadRowError naming `where`."""
+  layout = as_layout(layout)
   image = augment.decode_jpeg(jpeg)
   if image is None:
     raise metro_labels.BadRowError(f'{where}: JPEG does not decode')
+  size = layout.size
   if params.crop == 'metro':
     # Already noised, clipped and ImageNet-normalised, as the released code.
-    out = augment.label_targets(label, params)
+    out = augment.label_targets(label, params, layout.hand)
     out['image'], out['joints_2d'] = metro_crop.image_and_joints_2d(
         image,
         label['center'],
@@ -83,19 +113,24 @@ def _process(jpeg, label, params, size, where):
         params.pn,
     )
   else:
-    out = augment.process_example(image, label, params, size)
+    out = augment.process_example(image, label, params, size, layout.hand)
     out['image'] = augment.color_normalize(out['image'], out.pop('pn'))
   out['mask'] = np.float32(1)
   return out
 
 
 def params_fn(data_config, seed, train):
-  """(epoch, row) -> AugParams: METRO sampling (train) or identity (eval)."""
+  """(epoch, row) -> AugParams: METRO sampling (train) or identity (eval).
+
+  Hands (config.data.hand) are sampled as METRO's hand training does
+  (`augment.sample_hand_params`: no flip).
+  """
   crop = _crop(data_config, train)
   if not train:
     return lambda epoch, row: augment.AugParams(crop=crop)
+  sample = augment.sample_hand_params if Layout.of(data_config).hand else augment.sample_params
   return lambda epoch, row: dataclasses.replace(
-      augment.sample_params(
+      sample(
           np.random.default_rng((seed, int(epoch), int(row))),
           scale_factor=data_config.scale_factor,
           rot_factor=data_config.rot_factor,
@@ -114,22 +149,22 @@ def _chunk_spec(spec):
   return [dtype for _, dtype in spec.values()] + [tf.bool]
 
 
-def _guarded(load, bad_rows, spec, size):
+def _guarded(load, bad_rows, spec, layout):
   """`load` whose outputs end with the `stop` flag; nothing is decoded past the limit."""
 
   def fn(*args):
     if bad_rows.exceeded:
-      return _stacked([empty_example(size)] * len(args[0]), spec) + (np.True_,)
+      return _stacked([empty_example(layout)] * len(args[0]), spec) + (np.True_,)
     return load(*args) + (np.bool_(bad_rows.exceeded),)
 
   return fn
 
 
-def _as_chunk(values, size):
+def _as_chunk(values, layout):
   """numpy_function outputs -> dict of [rows, ...] tensors (static trailing shapes)."""
   *values, stop = values
   out = {}
-  for value, (name, (shape, _)) in zip(values, example_spec(size).items()):
+  for value, (name, (shape, _)) in zip(values, example_spec(layout).items()):
     value.set_shape((None,) + shape)  # the last eval chunk may be short
     out[name] = value
   stop.set_shape(())
@@ -137,9 +172,9 @@ def _as_chunk(values, size):
   return out
 
 
-def tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
+def tsv_loader(dataset, bad_rows, params_fn, layout, epoch_length):
   """[rows] (counter, row index) -> dict of [rows, ...] through one numpy_function."""
-  spec = example_spec(size)
+  spec = example_spec(layout)
 
   def load_one(counter, index):
     index = int(index)
@@ -150,7 +185,7 @@ def tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
           ex['jpeg'],
           ex['label'],
           params_fn(counter // epoch_length, index),
-          size,
+          layout,
           f'{path} row {row}',
       )
     except Exception as e:
@@ -161,16 +196,16 @@ def tsv_loader(dataset, bad_rows, params_fn, size, epoch_length):
           else (f'{path} row {row}: {type(e).__name__}: {e}')
       )
       bad_rows.record((path, row), message)
-      return empty_example(size)
+      return empty_example(layout)
 
   def load(counters, indices):
     return _stacked([load_one(c, i) for c, i in zip(counters, indices)], spec)
 
   def fn(counters, indices):
     values = tf.numpy_function(
-        _guarded(load, bad_rows, spec, size), [counters, indices], _chunk_spec(spec)
+        _guarded(load, bad_rows, spec, layout), [counters, indices], _chunk_spec(spec)
     )
-    return _as_chunk(values, size)
+    return _as_chunk(values, layout)
 
   return fn
 
@@ -189,27 +224,27 @@ _TFDS_LABELS = (
 )
 
 
-def _tfds_example(jpeg, label, params, size, split, key, bad_rows):
+def _tfds_example(jpeg, label, params, layout, split, key, bad_rows):
   """One TFDS example, prepared; a failure is recorded and gives an `empty_example`."""
   try:
-    return _process(jpeg, label, params, size, f'{split} key {key}')
+    return _process(jpeg, label, params, layout, f'{split} key {key}')
   except Exception as e:
     bad_rows.record((split, key), f'{split} key {key}: {e}')
-    return empty_example(size)
+    return empty_example(layout)
 
 
-def tfds_loader(bad_rows, params_fn, size, split, epoch_length):
+def tfds_loader(bad_rows, params_fn, layout, split, epoch_length):
   """[rows] (counter, TFDS example) -> dict of [rows, ...] through one numpy_function.
 
   For examples streamed from a TFRecord build (`tfds_metro.read_split`).
   """
-  spec = example_spec(size)
+  spec = example_spec(layout)
 
   def load_one(counter, index, key, jpeg, label_values):
     key = key.decode('utf-8', 'replace')
     label = dict(zip(_TFDS_LABELS, label_values))
     params = params_fn(counter // epoch_length, index)
-    return _tfds_example(jpeg, label, params, size, split, key, bad_rows)
+    return _tfds_example(jpeg, label, params, layout, split, key, bad_rows)
 
   def load(counters, indices, keys, jpegs, *labels):
     return _stacked(
@@ -223,8 +258,8 @@ def tfds_loader(bad_rows, params_fn, size, split, epoch_length):
   def fn(counters, ex):
     inputs = [counters, ex['index'], ex['key'], ex['image']]
     inputs += [ex[n] for n in _TFDS_LABELS]
-    values = tf.numpy_function(_guarded(load, bad_rows, spec, size), inputs, _chunk_spec(spec))
-    return _as_chunk(values, size)
+    values = tf.numpy_function(_guarded(load, bad_rows, spec, layout), inputs, _chunk_spec(spec))
+    return _as_chunk(values, layout)
 
   return fn
 
@@ -246,20 +281,20 @@ def _tfds_records(source, split, records, bad_rows):
   return out
 
 
-def tfds_index_loader(source, bad_rows, params_fn, size, split, epoch_length):
+def tfds_index_loader(source, bad_rows, params_fn, layout, split, epoch_length):
   """[rows] (counter, record) -> dict of [rows, ...] through one numpy_function.
 
   For an ArrayRecord build read by index: `source` is `tfds_metro.data_source`
   of the split, record i its example i. As for the TSVs, the augmentation is
   keyed on (counter // epoch_length, the example's row in its yaml: 'index').
   """
-  spec = example_spec(size)
+  spec = example_spec(layout)
 
   def load(counters, records):
     out = []
     for counter, example in zip(counters, _tfds_records(source, split, records.tolist(), bad_rows)):
       if example is None:
-        out.append(empty_example(size))
+        out.append(empty_example(layout))
         continue
       # As the TFRecord stream gives them (the data source gives Python floats for scalars).
       label = {
@@ -270,13 +305,13 @@ def tfds_index_loader(source, bad_rows, params_fn, size, split, epoch_length):
       }
       key = example['key'].decode('utf-8', 'replace')
       params = params_fn(counter // epoch_length, example['index'])
-      out.append(_tfds_example(example['image'], label, params, size, split, key, bad_rows))
+      out.append(_tfds_example(example['image'], label, params, layout, split, key, bad_rows))
     return _stacked(out, spec)
 
   def fn(counters, records):
     values = tf.numpy_function(
-        _guarded(load, bad_rows, spec, size), [counters, records], _chunk_spec(spec)
+        _guarded(load, bad_rows, spec, layout), [counters, records], _chunk_spec(spec)
     )
-    return _as_chunk(values, size)
+    return _as_chunk(values, layout)
 
   return fn

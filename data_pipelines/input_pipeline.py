@@ -171,7 +171,7 @@ def _examples(
   slots `local_rows` of the global order; otherwise the host reads its
   `host_range`.
   """
-  size = data_config.image_size
+  layout = examples.Layout.of(data_config)  # crop size; body or hand rows
   params_fn = examples.params_fn(data_config, seed, train)
   # The map already prepares chunks in parallel; OpenCV's own thread pool on
   # crops this small only adds CPU (its hand-offs cost more than the work).
@@ -179,7 +179,7 @@ def _examples(
   parallel = data_config.num_parallel_calls
   parallel = tf.data.AUTOTUNE if parallel < 0 else parallel
   if data_config.source == 'tsv':
-    dataset = metro_tsv.MetroDataset(yaml_path)
+    dataset = metro_tsv.MetroDataset(yaml_path, hand=layout.hand)
     num_rows = len(dataset)
     start, end = host_range(num_rows, process_index, process_count)
     bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
@@ -194,10 +194,10 @@ def _examples(
           shuffle=shuffle,
           start_step=start_step,
       )
-      loader = examples.tsv_loader(dataset, bad_rows, params_fn, size, num_rows)
+      loader = examples.tsv_loader(dataset, bad_rows, params_fn, layout, num_rows)
     else:
       ds = tf.data.Dataset.range(start, end).enumerate()
-      loader = examples.tsv_loader(dataset, bad_rows, params_fn, size, end - start)
+      loader = examples.tsv_loader(dataset, bad_rows, params_fn, layout, end - start)
   elif data_config.source == 'tfds':
     ds, loader, num_rows = _tfds_examples(
         data_config,
@@ -240,7 +240,9 @@ def _tfds_examples(
   from data_pipelines import tfds_metro
 
   data_dir = data_config.tfds_data_dir
-  size = data_config.image_size
+  layout = examples.Layout.of(data_config)
+  if layout.hand:
+    raise ValueError("config.data.hand: TFDS builds hold body labels; read hands with source='tsv'")
   num_rows = tfds_metro.num_examples(data_dir, split)
   start, end = host_range(num_rows, process_index, process_count)
   bad_rows = _host_bad_rows(bad_rows, end - start, data_config)
@@ -258,7 +260,7 @@ def _tfds_examples(
       epoch_length = num_rows
     else:
       ds, epoch_length = tf.data.Dataset.range(start, end).enumerate(), end - start
-    loader = examples.tfds_index_loader(source, bad_rows, params_fn, size, split, epoch_length)
+    loader = examples.tfds_index_loader(source, bad_rows, params_fn, layout, split, epoch_length)
     return ds, loader, num_rows
   if train and process_count > 1:
     logging.warning(
@@ -282,7 +284,7 @@ def _tfds_examples(
   # here costs no decoding (the JPEGs are still undecoded bytes).
   local = len(local_rows) if train else 0
   ds = ds.enumerate().skip(start_step * local)
-  loader = examples.tfds_loader(bad_rows, params_fn, size, split, end - start)
+  loader = examples.tfds_loader(bad_rows, params_fn, layout, split, end - start)
   return ds, loader, num_rows
 
 
@@ -438,7 +440,9 @@ def create_eval_dataset(
   # Endless mask-0 padding, cut at the same length on every host (bad rows
   # that were dropped are replaced by padding too).
   padding = tf.data.Dataset.from_tensors(
-      jax.tree.map(lambda x: np.stack([x] * local), examples.empty_example(data_config.image_size))
+      jax.tree.map(
+          lambda x: np.stack([x] * local), examples.empty_example(examples.Layout.of(data_config))
+      )
   ).repeat()
   ds = ds.concatenate(padding).rebatch(local, drop_remainder=True)
   ds = ds.take(num_batches)

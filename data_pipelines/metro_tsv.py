@@ -132,7 +132,7 @@ def _write_text_atomic(path, text):
   os.replace(tmp, path)
 
 
-def write_split(out_dir, split, examples):
+def write_split(out_dir, split, examples, hand=False):
   """Writes one non-composite METRO dataset split, streaming the examples.
 
   Args:
@@ -140,6 +140,7 @@ def write_split(out_dir, split, examples):
     split: file prefix, e.g. 'train' -> train.img.tsv, ..., train.yaml.
     examples: iterable of dicts {key: str, jpeg: bytes, height: int,
       width: int, label: dict (module docstring)}.
+    hand: the labels are hand labels (metro_labels.parse_label).
 
   Returns:
     The path of the written `{split}.yaml`.
@@ -170,7 +171,7 @@ def write_split(out_dir, split, examples):
       if height <= 0 or width <= 0:
         raise ValueError(f'{where}: bad size {height}x{width}')
       try:
-        label = metro_labels.encode_label(ex['label'])
+        label = metro_labels.encode_label(ex['label'], hand)
       except ValueError as e:
         raise ValueError(f'{where}: {e}') from e
       img.write((key, base64.b64encode(jpeg).decode('ascii')))
@@ -347,14 +348,18 @@ def _read_linelist(path, composite):
 class MetroDataset:
   """A METRO yaml dataset (single or composite); examples indexed 0..N-1.
 
+  `hand=True` reads hand labels (metro_labels.parse_label).
+
   Attributes:
     yaml_path: the yaml.
+    hand: whether the labels are read as hand labels.
     img_files, label_files: one TsvFile per source (one unless composite).
     rows: [N, 2] int64, (source, row) of each example (from the linelist).
   """
 
-  def __init__(self, yaml_path):
+  def __init__(self, yaml_path, hand=False):
     self.yaml_path = os.fspath(yaml_path)
+    self.hand = bool(hand)
     cfg = load_yaml(self.yaml_path)
     root = os.path.dirname(os.path.abspath(self.yaml_path))
     self.composite = bool(cfg.get('composite', False))
@@ -440,7 +445,7 @@ class MetroDataset:
     except (binascii.Error, ValueError) as e:
       raise metro_labels.BadRowError(f'{img_tsv.path} row {row}: bad base64 ({e})') from e
     try:
-      label = metro_labels.parse_label_text(label_fields[1])
+      label = metro_labels.parse_label_text(label_fields[1], self.hand)
     except ValueError as e:
       raise metro_labels.BadRowError(f'{label_tsv.path} row {row}: {e}') from e
     return {'key': key, 'jpeg': jpeg, 'label': label}

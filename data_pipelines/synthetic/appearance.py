@@ -79,7 +79,8 @@ def vertex_parts(rest_vertices, rest_joints, weights):
   )
 
 
-def _cloth_colour(rng):
+def cloth_colour(rng):
+  """A random clothing colour [3] (sRGB in [0, 1])."""
   hsv = np.array([[[rng.uniform(0, 180), rng.uniform(0, 220), rng.uniform(30, 240)]]], np.uint8)
   return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0] / 255.0
 
@@ -87,7 +88,7 @@ def _cloth_colour(rng):
 def vertex_albedo(rng, parts):
   """[V, 3] random outfit: skin, hair, shirt (any sleeve), trousers, shoes."""
   skin = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.92, 1.05, 3)
-  shirt, pants, shoes = _cloth_colour(rng), _cloth_colour(rng), _cloth_colour(rng) * 0.6
+  shirt, pants, shoes = cloth_colour(rng), cloth_colour(rng), cloth_colour(rng) * 0.6
   hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))]
   p = parts.part
   albedo = np.tile(skin, (len(p), 1))
@@ -108,7 +109,7 @@ def vertex_albedo(rng, parts):
   if rng.uniform() < 0.35:  # Stripes or bands on the shirt.
     period = rng.uniform(0.05, 0.15)
     band = np.sin(2 * np.pi * parts.height / period + rng.uniform(0, 2 * np.pi)) > 0
-    shirt_v = np.where(band[:, None], shirt, _cloth_colour(rng))
+    shirt_v = np.where(band[:, None], shirt, cloth_colour(rng))
   else:
     shirt_v = np.broadcast_to(shirt, albedo.shape)
   albedo = np.where(in_shirt[:, None], shirt_v, albedo)

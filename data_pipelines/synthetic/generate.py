@@ -6,7 +6,10 @@ per-example math has no multi-threaded BLAS reductions, see `body_np`), and
 train and test never share a random stream. Workers are started with 'spawn'
 (the parent may have JAX loaded, which must not be forked) and receive the
 JAX-free `render.Assets` once; at most a few chunks are in flight, so memory
-stays bounded however large the split.
+stays bounded however large the split. The same code writes hand datasets:
+`load_assets(hand=True)` gives `hand_render.HandAssets`, and every function
+below renders what its assets are (`hand_render` for hands, `render` for
+bodies).
 """
 
 import collections
@@ -22,6 +25,8 @@ import numpy as np
 
 from data_pipelines import metro_tsv
 from data_pipelines.synthetic import body_np
+from data_pipelines.synthetic import hand_np
+from data_pipelines.synthetic import hand_render
 from data_pipelines.synthetic import render
 
 SPLIT_IDS = {'train': 0, 'test': 1}
@@ -47,12 +52,24 @@ J24_BONES = (
 )
 
 
-def load_assets(body_model_path=''):
-  """Render assets from the body model ('' = the embedded body)."""
-  # Imported here: the body model is JAX code; workers only get NumPy copies.
+def load_assets(model_path='', hand=False):
+  """Render assets from the body model, or with hand=True the hand model ('' = embedded)."""
+  # Imported here: the models are JAX code; workers only get NumPy copies.
+  if hand:
+    from coarsemetro_jax import hand_model
+
+    right = hand_model.load_hand_model(model_path)
+    return hand_render.make_assets(
+        hand_np.from_hand_model(right), hand_np.from_hand_model(hand_model.mirror(right))
+    )
   from coarsemetro_jax import body_model
 
-  return render.make_assets(body_np.from_body_model(body_model.load_body_model(body_model_path)))
+  return render.make_assets(body_np.from_body_model(body_model.load_body_model(model_path)))
+
+
+def is_hand(assets):
+  """True for hand assets (`load_assets(hand=True)`)."""
+  return isinstance(assets, hand_render.HandAssets)
 
 
 def example_rng(seed, split, index):
@@ -66,10 +83,15 @@ def example_rng(seed, split, index):
 def make_example(assets, seed, split, index, image_size, backend='auto'):
   """One example as metro_tsv.write_split takes it: key, jpeg, height, width, label."""
   rng = example_rng(seed, split, index)
-  out = render.render_example(assets, rng, image_size, image_size, backend)
+  if is_hand(assets):
+    out = hand_render.render_example(assets, rng, image_size, backend)
+    key = f'synthetic_hand_{split}_{index:08d}'
+  else:
+    out = render.render_example(assets, rng, image_size, image_size, backend)
+    key = f'synthetic_{split}_{index:08d}'
   jpeg = render.encode_jpeg(out['image'], rng.integers(*JPEG_QUALITY))
   return {
-      'key': f'synthetic_{split}_{index:08d}',
+      'key': key,
       'jpeg': jpeg,
       'height': image_size,
       'width': image_size,
@@ -204,7 +226,7 @@ def generate_split(
         kept.append(ex)
       yield ex
 
-  yaml_path = metro_tsv.write_split(out_dir, split, stream())
+  yaml_path = metro_tsv.write_split(out_dir, split, stream(), hand=is_hand(assets))
   return yaml_path, kept
 
 
@@ -231,7 +253,10 @@ def draw_joints(image, joints_2d):
 
 
 def contact_sheet(examples, path, cols=4, tile=None):
-  """Writes a PNG grid of examples with their 2D joints drawn; returns the path."""
+  """Writes a PNG grid of examples with their 2D joints drawn; returns the path.
+
+  Labels with 21 joints get the hand skeleton, J24 labels the body's.
+  """
   tiles = []
   for ex in examples:
     img = cv2.imdecode(np.frombuffer(ex['jpeg'], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
@@ -239,7 +264,8 @@ def contact_sheet(examples, path, cols=4, tile=None):
     if tile:  # Resize first, so the skeleton is drawn sharp at the tile size.
       j2d[:, :2] = (j2d[:, :2] + 0.5) * (tile / np.array(img.shape[1::-1])) - 0.5
       img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
-    tiles.append(draw_joints(img, j2d))
+    draw = hand_render.draw_joints if len(j2d) == hand_render.NUM_HAND_JOINTS else draw_joints
+    tiles.append(draw(img, j2d))
   if not tiles:
     raise ValueError('contact_sheet needs at least one example')
   rows = -(-len(tiles) // cols)
