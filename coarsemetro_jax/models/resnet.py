@@ -133,7 +133,12 @@ class PointwiseConv(nn.Module):
     kernel = self.param('kernel', conv_init, (1, 1, x.shape[-1], self.features))
     if self.stride > 1:
       x = x[:, :: self.stride, :: self.stride]
-    return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    b, h, w, c = x.shape
+    # A 2-D dot: the weight gradient of a dot over [B, H, W, C] contracts
+    # three dimensions, which XLA:CPU lays out as a transposed [C, B*H*W]
+    # copy of the output gradient; over [B*H*W, C] it reads it in place.
+    y = jnp.dot(x.reshape(b * h * w, c).astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    return y.reshape(b, h, w, self.features)
 
 
 class Bottleneck(nn.Module):
