@@ -128,3 +128,66 @@ def test_conv_module_equals_flax_conv(size, stride, use_bias):
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), dparams, ref_dparams
   )
+
+
+@pytest.mark.parametrize(
+    'x_shape,stride', [((2, 7, 7, 32), 1), ((2, 8, 8, 32), 2), ((1, 9, 6, 16), 2)]
+)
+def test_conv_by_taps_equals_lax(x_shape, stride):
+  x = _rand(x_shape, 0)
+  kernel = _rand((3, 3, x_shape[-1], 24), 1)
+  out_hw = [(n - 1) // stride + 1 for n in x_shape[1:3]]
+  cotangent = _rand((x_shape[0], *out_hw, 24), 2)
+  conv = lambda fn: lambda x, k: fn(x, k, stride, 1)
+  got = _lax_value_and_grads(conv(conv_ops.conv2d_by_taps), x, kernel, cotangent)
+  want = _lax_value_and_grads(conv(conv_ops.lax_conv2d), x, kernel, cotangent)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+  # bf16 in, bf16 out: the f32 sums of the same bf16 products, rounded once.
+  x16, kernel16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  y16 = conv_ops.conv2d_by_taps(x16, kernel16, stride, 1)
+  assert y16.dtype == jnp.bfloat16
+  exact = conv_ops.lax_conv2d(x16.astype(jnp.float32), kernel16.astype(jnp.float32), stride, 1)
+  np.testing.assert_allclose(
+      y16.astype(jnp.float32), exact, rtol=2**-8, atol=1e-6 * float(jnp.abs(exact).max())
+  )
+
+
+def test_matmul_rounds_the_f32_product_once():
+  x = _rand((64, 48), 0).astype(jnp.bfloat16)
+  w = _rand((48, 32), 1).astype(jnp.bfloat16)
+  y = conv_ops.matmul(x, w)
+  assert y.dtype == jnp.bfloat16
+  exact = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+  np.testing.assert_allclose(y.astype(jnp.float32), exact, rtol=2**-8, atol=1e-6)
+  # Differentiable, in the operands' dtype.
+  dx = jax.grad(lambda x: jnp.sum(conv_ops.matmul(x, w).astype(jnp.float32)))(x)
+  assert dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+      dx.astype(jnp.float32), jnp.broadcast_to(w.astype(jnp.float32).sum(1), x.shape), rtol=2**-7
+  )
+  # f32 stays a plain f32 dot.
+  np.testing.assert_array_equal(
+      conv_ops.matmul(x.astype(jnp.float32), w.astype(jnp.float32)),
+      jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)),
+  )
+
+
+def _conv_ops_in_jaxpr(x_shape, kernel_shape, stride, dtype=jnp.float32):
+  jaxpr = str(
+      jax.make_jaxpr(lambda x, k: conv_ops.conv2d(x, k, stride, 1))(
+          jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype)
+      )
+  )
+  return 'custom_vjp_call' in jaxpr, 'conv_general_dilated' in jaxpr
+
+
+def test_conv2d_low_precision_dispatch(monkeypatch):
+  small_map = ((2, 14, 14, 256), (3, 3, 256, 256), 1)
+  large_map = ((2, 56, 56, 64), (3, 3, 64, 64), 1)
+  # bf16 on CPU: tap dots on small maps, lax's convolution on large ones.
+  assert _conv_ops_in_jaxpr(*small_map, jnp.bfloat16) == (False, False)
+  assert _conv_ops_in_jaxpr(*large_map, jnp.bfloat16) == (False, True)
+  assert _conv_ops_in_jaxpr(*small_map, jnp.float32) == (False, True)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert _conv_ops_in_jaxpr(*small_map, jnp.bfloat16) == (False, True)

@@ -154,7 +154,7 @@ class PointwiseConv(nn.Module):
     # A 2-D dot: the weight gradient of a dot over [B, H, W, C] contracts
     # three dimensions, which XLA:CPU lays out as a transposed [C, B*H*W]
     # copy of the output gradient; over [B*H*W, C] it reads it in place.
-    y = jnp.dot(x.reshape(b * h * w, c).astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    y = conv_ops.matmul(x.reshape(b * h * w, c).astype(self.dtype), kernel[0, 0].astype(self.dtype))
     return y.reshape(b, h, w, self.features)
 
 
