@@ -201,8 +201,8 @@ def machine_description():
 def matmul_peaks(torch_threads, n=2048, reps=5):
   """{'JAX f32': GFLOP/s, ...}: the best of `reps` n x n x n matmuls (2 n^3 FLOPs).
 
-  f32 always, bf16 where the CPU lists avx512_bf16 or amx_bf16; JAX (all of
-  XLA's threads) and PyTorch at `torch_threads`. The machine's practical
+  f32 always, bf16 (f32 results in JAX) where the CPU lists avx512_bf16 or
+  amx_bf16; JAX (all of XLA's threads) and PyTorch at `torch_threads`. The machine's practical
   peak for dense math, measured under the same load as the benchmark.
   """
   import torch
@@ -213,7 +213,9 @@ def matmul_peaks(torch_threads, n=2048, reps=5):
   peaks = {}
   for dtype in dtypes:
     x = jax.device_put(a).astype(jax.numpy.bfloat16 if dtype == 'bf16' else jax.numpy.float32)
-    matmul = jax.jit(lambda x: x @ x).lower(x).compile()
+    # f32 results: XLA:CPU runs bf16 x bf16 -> bf16 dots at its f32 rate.
+    matmul = jax.jit(lambda x: jax.numpy.dot(x, x, preferred_element_type=jax.numpy.float32))
+    matmul = matmul.lower(x).compile()
     block_jax(matmul(x))
     best = min(timed(lambda: block_jax(matmul(x)))[0] for _ in range(reps))
     peaks[f'JAX {dtype}'] = 2 * n**3 / best / 1e9
