@@ -191,3 +191,18 @@ def test_conv2d_low_precision_dispatch(monkeypatch):
   assert _conv_ops_in_jaxpr(*small_map, jnp.float32) == (False, True)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert _conv_ops_in_jaxpr(*small_map, jnp.bfloat16) == (False, True)
+
+
+def test_dot_weight_grad_conv_under_vmap():
+  # steps.apply_train vmaps the model over BatchNorm groups; the kernel is shared.
+  x = _rand((3, 2, 8, 8, 16), 0)  # [groups, B, H, W, C]
+  kernel = _rand((3, 3, 16, 8), 1)
+  cotangent = _rand((3, 2, 4, 4, 8), 2)
+
+  def loss(fn):
+    return lambda x, k: jnp.sum(jax.vmap(lambda x: fn(x, k, 2, 1))(x) * cotangent)
+
+  dx, dk = jax.grad(loss(conv_ops.conv2d_dot_weight_grad), argnums=(0, 1))(x, kernel)
+  ref_dx, ref_dk = jax.grad(loss(conv_ops.lax_conv2d), argnums=(0, 1))(x, kernel)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_dk).max()))
