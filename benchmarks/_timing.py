@@ -157,23 +157,79 @@ def load_average():
   return '{:.2f} / {:.2f} / {:.2f}'.format(*os.getloadavg())
 
 
+# /proc/cpuinfo flags that decide the CPU's matmul peak: vector width, FMA, bf16/int8 units.
+VECTOR_FLAG_PREFIXES = ('avx512', 'amx', 'avx_vnni', 'avx2', 'fma')
+
+
+def _cpuinfo_field(field):
+  """First value of `field` in /proc/cpuinfo, or '' (not Linux)."""
+  if not os.path.exists('/proc/cpuinfo'):
+    return ''
+  with open('/proc/cpuinfo') as f:
+    for line in f:
+      if line.split(':', 1)[0].strip() == field:
+        return line.split(':', 1)[1].strip()
+  return ''
+
+
+def cpu_flags():
+  """The CPU's vector and matrix flags (avx512*, amx*, ...), sorted."""
+  flags = _cpuinfo_field('flags').split()
+  return sorted(f for f in flags if f.startswith(VECTOR_FLAG_PREFIXES))
+
+
+def has_bf16_units():
+  return any(f in ('avx512_bf16', 'amx_bf16') for f in cpu_flags())
+
+
 def machine_description():
-  """One markdown paragraph: date, CPU, cores, load, library versions."""
-  cpu = platform.processor() or 'unknown CPU'
-  if os.path.exists('/proc/cpuinfo'):
-    with open('/proc/cpuinfo') as f:
-      names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
-    cpu = names[0] if names else cpu
+  """One markdown paragraph: date, CPU and its vector flags, cores, load, library versions."""
+  cpu = _cpuinfo_field('model name') or platform.processor() or 'unknown CPU'
   import torch
 
   return (
       f'{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; '
-      f'{cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform.upper()} '
+      f'{cpu} ({" ".join(cpu_flags()) or "no vector flags listed"}), '
+      f'{os.cpu_count()} cores, {jax.devices()[0].platform.upper()} '
       f'({jax.device_count()} JAX devices); load average (1/5/15 min) '
       f'{load_average()}; jax {jax.__version__}, torch {torch.__version__} '
       f'({torch.get_num_threads()} threads); XLA_FLAGS='
       f"{os.environ.get('XLA_FLAGS', '')!r}"
   )
+
+
+def matmul_peaks(torch_threads, n=2048, reps=5):
+  """{'JAX f32': GFLOP/s, ...}: the best of `reps` n x n x n matmuls (2 n^3 FLOPs).
+
+  f32 always, bf16 (f32 results in JAX) where the CPU lists avx512_bf16 or
+  amx_bf16; JAX (all of XLA's threads) and PyTorch at `torch_threads`. The machine's practical
+  peak for dense math, measured under the same load as the benchmark.
+  """
+  import torch
+
+  dtypes = ['f32'] + (['bf16'] if has_bf16_units() else [])
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((n, n)).astype(np.float32)
+  peaks = {}
+  for dtype in dtypes:
+    x = jax.device_put(a).astype(jax.numpy.bfloat16 if dtype == 'bf16' else jax.numpy.float32)
+    # f32 results: XLA:CPU runs bf16 x bf16 -> bf16 dots at its f32 rate.
+    matmul = jax.jit(lambda x: jax.numpy.dot(x, x, preferred_element_type=jax.numpy.float32))
+    matmul = matmul.lower(x).compile()
+    block_jax(matmul(x))
+    best = min(timed(lambda: block_jax(matmul(x)))[0] for _ in range(reps))
+    peaks[f'JAX {dtype}'] = 2 * n**3 / best / 1e9
+    t = torch.from_numpy(a).to(torch.bfloat16 if dtype == 'bf16' else torch.float32)
+    torch.set_num_threads(torch_threads)
+    with torch.inference_mode():
+      torch.mm(t, t)
+      best = min(timed(lambda: torch.mm(t, t))[0] for _ in range(reps))
+    peaks[f'PyTorch {dtype} ({torch_threads} thr)'] = 2 * n**3 / best / 1e9
+  return peaks
+
+
+def format_peaks(peaks):
+  return ', '.join(f'{k} {v:.0f}' for k, v in peaks.items())
 
 
 # ----------------------------------------------------------------------------
@@ -388,8 +444,12 @@ def run_tables(title, header, bench_part, args):
   """
   print(machine_description(), flush=True)
   torch_setup()
+  n = 512 if args.tiny else 2048  # --tiny: a smoke run
+  peaks = matmul_peaks(max(args.torch_threads), n)
+  print(f'Matmul peak ({n}^3, GFLOP/s): {format_peaks(peaks)}', flush=True)
   topology = load_topology(args.topology, args.tiny)
   pairs = {name: build_pair(name, topology, args.tiny, args.dtype) for name in MODELS}
+  args.peaks = peaks
   rows = []
   for part in args.parts:
     for batch in args.batch_sizes:
@@ -399,7 +459,8 @@ def run_tables(title, header, bench_part, args):
   table = markdown(header, rows)
   print(
       f'\n## {title}, {args.dtype}, {"tiny" if args.tiny else "R50 224 px"}, '
-      f'{args.reps} rounds (load average after: {load_average()})\n'
+      f'{args.reps} rounds (load average after: {load_average()}; matmul peak GFLOP/s at '
+      f'the start, {n}^3: {format_peaks(peaks)})\n'
   )
   print(table)
   return table

@@ -26,6 +26,10 @@ autocast for the forward pass with --dtype=bf16, at each --torch_threads
 count; speed-ups are against the fastest PyTorch FastMETRO-S of each round.
 "transformer" rows train the part after the backbone on fixed backbone
 features. Timing as benchmarks/inference.py (interleaved rounds, medians).
+GFLOP/s: XLA's FLOP count of the compiled JAX step (2 per multiply-add;
+forward, backward, loss and optimizer) over the median step time, for the
+PyTorch rows of the same model too; "% of matmul peak" is against the best
+f32 2048^3 matmul (JAX or PyTorch) measured at the start of the same run.
 """
 
 import contextlib
@@ -139,6 +143,14 @@ def torch_train_step(module, batch, regressor, pair, dtype):
   return step
 
 
+def step_flops(compiled):
+  """XLA's FLOP count of a compiled step (2 per multiply-add), or None if it gives none."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # one entry per program in older jax
+    analysis = analysis[0] if analysis else None
+  return (analysis or {}).get('flops') or None
+
+
 # ----------------------------------------------------------------------------
 # Benchmark.
 
@@ -158,6 +170,7 @@ def candidates(pairs, part, batch, args):
     compile_s, compiled = _timing.timed(
         lambda: jax_train_step(pair, part, regressor).lower(state, data_jax, rng).compile()
     )
+    flops = step_flops(compiled)
     holder = {'state': state}
 
     def call(compiled=compiled, holder=holder, data_jax=data_jax):
@@ -165,7 +178,7 @@ def candidates(pairs, part, batch, args):
       return _timing.block_jax((holder['state'], loss))[1]
 
     first_s, loss = _timing.timed(call)
-    out[(name, 'JAX')] = (call, {'compile_s': compile_s, 'first_s': first_s}, loss)
+    out[(name, 'JAX')] = (call, {'compile_s': compile_s, 'first_s': first_s, 'flops': flops}, loss)
 
   for name, threads in _timing.torch_runs(args):
     pair = pairs[name]
@@ -196,16 +209,27 @@ HEADER = [
     'compile s',
     'first step s',
     'first loss',
+    'GFLOP/step (XLA)',
+    'GFLOP/s',
+    '% of matmul peak',
 ]
 
 
 def bench_part(pairs, part, batch, args):
   cands = candidates(pairs, part, batch, args)
   times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps)
+  # The PyTorch rows run the same model, so they get the FLOPs XLA counted for it.
+  flops = {name: warm['flops'] for (name, _), (_, warm, _) in cands.items() if warm.get('flops')}
+  peak = max(v for k, v in args.peaks.items() if 'f32' in k)
   rows = []
   for key, (_, warm, loss) in cands.items():
     name, framework = key
     compile_s = f"{warm['compile_s']:.1f}" if 'compile_s' in warm else '-'
+    if name in flops:
+      rate = flops[name] / np.median(times[key]) / 1e9
+      rates = [f'{flops[name] / 1e9:.4g}', f'{rate:.3g}', f'{100 * rate / peak:.2g} %']
+    else:
+      rates = ['-', '-', '-']
     rows.append(
         [
             part,
@@ -218,6 +242,7 @@ def bench_part(pairs, part, batch, args):
             compile_s,
             f"{warm['first_s']:.2f}",
             f'{float(loss):.4g}',
+            *rates,
         ]
     )
   return rows, times

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from coarsemetro_jax.models import conv_ops
+
 RESNET50_DEPTHS = (3, 4, 6, 3)
 EXPANSION = 4  # Bottleneck output channels = 4 x planes.
 
@@ -35,18 +37,33 @@ def batch_norm(train, name, dtype=jnp.float32, scale_init=nn.initializers.ones):
   )
 
 
+class Conv(nn.Module):
+  """nn.Conv with a square kernel and PyTorch's symmetric padding, through `conv_ops.conv2d`.
+
+  Same parameters ('kernel' [k, k, C_in, C_out], 'bias'), init and value as
+  nn.Conv(features, (k, k), (stride, stride), padding=((k//2, k//2),) * 2);
+  conv_ops picks a weight gradient that suits XLA:CPU where it helps.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    # x [B, H, W, C_in] -> [B, ceil(H/stride), ceil(W/stride), features] (odd kernels)
+    k = self.kernel_size
+    kernel = self.param('kernel', conv_init, (k, k, x.shape[-1], self.features))
+    y = conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, k // 2)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    return y
+
+
 def conv(features, kernel, stride, name, dtype=jnp.float32, use_bias=False):
-  pad = kernel // 2
-  return nn.Conv(
-      features,
-      (kernel, kernel),
-      (stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      use_bias=use_bias,
-      kernel_init=conv_init,
-      dtype=dtype,
-      name=name,
-  )
+  return Conv(features, kernel, stride, use_bias, dtype, name=name)
 
 
 def _pool_windows(x):
@@ -133,7 +150,12 @@ class PointwiseConv(nn.Module):
     kernel = self.param('kernel', conv_init, (1, 1, x.shape[-1], self.features))
     if self.stride > 1:
       x = x[:, :: self.stride, :: self.stride]
-    return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    b, h, w, c = x.shape
+    # A 2-D dot: the weight gradient of a dot over [B, H, W, C] contracts
+    # three dimensions, which XLA:CPU lays out as a transposed [C, B*H*W]
+    # copy of the output gradient; over [B*H*W, C] it reads it in place.
+    y = conv_ops.matmul(x.reshape(b * h * w, c).astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    return y.reshape(b, h, w, self.features)
 
 
 class Bottleneck(nn.Module):

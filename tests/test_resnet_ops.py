@@ -1,0 +1,208 @@
+"""ResNet's CPU-shaped convolutions against lax/Flax's plain convolutions: values and gradients."""
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coarsemetro_jax.models import conv_ops
+from coarsemetro_jax.models import resnet
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def _value_and_grads(module, params, x, cotangent):
+  """(y, d<y, cotangent>/dparams, d<y, cotangent>/dx) of a stateless Flax module."""
+  y = module.apply({'params': params}, x)
+  loss = lambda p, x: jnp.sum(module.apply({'params': p}, x) * cotangent)
+  dparams, dx = jax.grad(loss, argnums=(0, 1))(params, x)
+  return y, dparams, dx
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pointwise_conv_equals_1x1_conv(stride):
+  x = _rand((2, 6, 5, 8), 0)  # odd width: the strided slice keeps ceil(5/2) columns
+  out_shape = (2, -(-6 // stride), -(-5 // stride), 12)
+  cotangent = _rand(out_shape, 1)
+  params = {'kernel': _rand((1, 1, 8, 12), 2)}  # nn.Conv's parameter tree and shape
+  y, dparams, dx = _value_and_grads(resnet.PointwiseConv(12, stride), params, x, cotangent)
+  ref = resnet.conv(12, 1, stride, 'conv')
+  ref_y, ref_dparams, ref_dx = _value_and_grads(ref, params, x, cotangent)
+  assert y.shape == out_shape
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dparams['kernel'], ref_dparams['kernel'], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+
+
+def _lax_value_and_grads(fn, x, kernel, cotangent):
+  y, vjp = jax.vjp(fn, x, kernel)
+  return (y, *vjp(cotangent))
+
+
+@pytest.mark.parametrize(
+    'x_shape,size,stride',
+    [
+        ((2, 9, 9, 16), 3, 1),
+        ((2, 8, 8, 16), 3, 2),  # even input: PyTorch's padding, ceil(H/2) outputs
+        ((2, 9, 7, 16), 3, 2),  # odd and non-square
+        ((2, 12, 12, 3), 7, 2),  # the stem's 7x7/2 over 3 channels
+        ((1, 5, 5, 8), 1, 1),
+    ],
+)
+def test_dot_weight_grad_conv_equals_lax(x_shape, size, stride):
+  padding = size // 2
+  x = _rand(x_shape, 0)
+  kernel = _rand((size, size, x_shape[-1], 24), 1)
+  out_hw = [(n + 2 * padding - size) // stride + 1 for n in x_shape[1:3]]
+  cotangent = _rand((x_shape[0], *out_hw, 24), 2)
+
+  conv = lambda fn: lambda x, k: fn(x, k, stride, padding)
+  y, dx, dk = _lax_value_and_grads(conv(conv_ops.conv2d_dot_weight_grad), x, kernel, cotangent)
+  ref_y, ref_dx, ref_dk = _lax_value_and_grads(conv(conv_ops.lax_conv2d), x, kernel, cotangent)
+  np.testing.assert_array_equal(y, ref_y)
+  np.testing.assert_array_equal(dx, ref_dx)
+  # The same sums in another order: f32 rounding only.
+  np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_dk).max()))
+
+
+def test_dot_weight_grad_keeps_the_kernel_dtype():
+  x = _rand((2, 8, 8, 16), 0).astype(jnp.bfloat16)
+  kernel = _rand((3, 3, 16, 8), 1).astype(jnp.bfloat16)
+  loss = lambda fn: lambda k: jnp.sum(fn(x, k, 2, 1).astype(jnp.float32))
+  dk = jax.grad(loss(conv_ops.conv2d_dot_weight_grad))(kernel)
+  ref_dk = jax.grad(loss(conv_ops.lax_conv2d))(kernel)
+  assert dk.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dk.astype(np.float32), ref_dk.astype(np.float32), rtol=2e-2, atol=0.5)
+
+
+def _uses_dot_weight_grad(x_shape, kernel_shape, stride):
+  jaxpr = jax.make_jaxpr(lambda x, k: conv_ops.conv2d(x, k, stride, 1))(
+      jnp.zeros(x_shape), jnp.zeros(kernel_shape)
+  )
+  return 'custom_vjp_call' in str(jaxpr)
+
+
+def test_conv2d_dispatch(monkeypatch):
+  strided = ((2, 56, 56, 64), (3, 3, 64, 64), 2)
+  stride_1_28 = ((2, 28, 28, 128), (3, 3, 128, 128), 1)
+  stride_1_14 = ((2, 14, 14, 256), (3, 3, 256, 256), 1)
+  stem = ((2, 224, 224, 3), (7, 7, 3, 64), 2)
+  assert jax.default_backend() == 'cpu'
+  assert _uses_dot_weight_grad(*strided)
+  assert _uses_dot_weight_grad(*stride_1_28)
+  assert not _uses_dot_weight_grad(*stride_1_14)
+  assert not _uses_dot_weight_grad(*stem)
+  # Other backends keep lax's convolution and its autodiff.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert not _uses_dot_weight_grad(*strided)
+  assert not _uses_dot_weight_grad(*stride_1_28)
+
+
+@pytest.mark.parametrize('size,stride,use_bias', [(3, 1, False), (3, 2, True), (7, 2, False)])
+def test_conv_module_equals_flax_conv(size, stride, use_bias):
+  x = _rand((2, 10, 10, 16), 0)
+  module = resnet.Conv(8, size, stride, use_bias)
+  pad = size // 2
+  ref = nn.Conv(
+      8,
+      (size, size),
+      (stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=use_bias,
+      kernel_init=resnet.conv_init,
+  )
+  params = module.init(jax.random.key(3), x)['params']
+  ref_params = ref.init(jax.random.key(3), x)['params']
+  # Same names, shapes and initial values: checkpoints convert unchanged.
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  if use_bias:  # a nonzero bias, to see it added
+    params = {**params, 'bias': _rand((8,), 4)}
+  cotangent = _rand(ref.apply({'params': params}, x).shape, 5)
+  y, dparams, dx = _value_and_grads(module, params, x, cotangent)
+  ref_y, ref_dparams, ref_dx = _value_and_grads(ref, params, x, cotangent)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), dparams, ref_dparams
+  )
+
+
+@pytest.mark.parametrize(
+    'x_shape,stride', [((2, 7, 7, 32), 1), ((2, 8, 8, 32), 2), ((1, 9, 6, 16), 2)]
+)
+def test_conv_by_taps_equals_lax(x_shape, stride):
+  x = _rand(x_shape, 0)
+  kernel = _rand((3, 3, x_shape[-1], 24), 1)
+  out_hw = [(n - 1) // stride + 1 for n in x_shape[1:3]]
+  cotangent = _rand((x_shape[0], *out_hw, 24), 2)
+  conv = lambda fn: lambda x, k: fn(x, k, stride, 1)
+  got = _lax_value_and_grads(conv(conv_ops.conv2d_by_taps), x, kernel, cotangent)
+  want = _lax_value_and_grads(conv(conv_ops.lax_conv2d), x, kernel, cotangent)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+  # bf16 in, bf16 out: the f32 sums of the same bf16 products, rounded once.
+  x16, kernel16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  y16 = conv_ops.conv2d_by_taps(x16, kernel16, stride, 1)
+  assert y16.dtype == jnp.bfloat16
+  exact = conv_ops.lax_conv2d(x16.astype(jnp.float32), kernel16.astype(jnp.float32), stride, 1)
+  np.testing.assert_allclose(
+      y16.astype(jnp.float32), exact, rtol=2**-8, atol=1e-6 * float(jnp.abs(exact).max())
+  )
+
+
+def test_matmul_rounds_the_f32_product_once():
+  x = _rand((64, 48), 0).astype(jnp.bfloat16)
+  w = _rand((48, 32), 1).astype(jnp.bfloat16)
+  y = conv_ops.matmul(x, w)
+  assert y.dtype == jnp.bfloat16
+  exact = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+  np.testing.assert_allclose(y.astype(jnp.float32), exact, rtol=2**-8, atol=1e-6)
+  # Differentiable, in the operands' dtype.
+  dx = jax.grad(lambda x: jnp.sum(conv_ops.matmul(x, w).astype(jnp.float32)))(x)
+  assert dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+      dx.astype(jnp.float32), jnp.broadcast_to(w.astype(jnp.float32).sum(1), x.shape), rtol=2**-7
+  )
+  # f32 stays a plain f32 dot.
+  np.testing.assert_array_equal(
+      conv_ops.matmul(x.astype(jnp.float32), w.astype(jnp.float32)),
+      jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)),
+  )
+
+
+def _conv_ops_in_jaxpr(x_shape, kernel_shape, stride, dtype=jnp.float32):
+  jaxpr = str(
+      jax.make_jaxpr(lambda x, k: conv_ops.conv2d(x, k, stride, 1))(
+          jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype)
+      )
+  )
+  return 'custom_vjp_call' in jaxpr, 'conv_general_dilated' in jaxpr
+
+
+def test_conv2d_low_precision_dispatch(monkeypatch):
+  small_map = ((2, 14, 14, 256), (3, 3, 256, 256), 1)
+  large_map = ((2, 56, 56, 64), (3, 3, 64, 64), 1)
+  # bf16 on CPU: tap dots on small maps, lax's convolution on large ones.
+  assert _conv_ops_in_jaxpr(*small_map, jnp.bfloat16) == (False, False)
+  assert _conv_ops_in_jaxpr(*large_map, jnp.bfloat16) == (False, True)
+  assert _conv_ops_in_jaxpr(*small_map, jnp.float32) == (False, True)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert _conv_ops_in_jaxpr(*small_map, jnp.bfloat16) == (False, True)
+
+
+def test_dot_weight_grad_conv_under_vmap():
+  # steps.apply_train vmaps the model over BatchNorm groups; the kernel is shared.
+  x = _rand((3, 2, 8, 8, 16), 0)  # [groups, B, H, W, C]
+  kernel = _rand((3, 3, 16, 8), 1)
+  cotangent = _rand((3, 2, 4, 4, 8), 2)
+
+  def loss(fn):
+    return lambda x, k: jnp.sum(jax.vmap(lambda x: fn(x, k, 2, 1))(x) * cotangent)
+
+  dx, dk = jax.grad(loss(conv_ops.conv2d_dot_weight_grad), argnums=(0, 1))(x, kernel)
+  ref_dx, ref_dk = jax.grad(loss(conv_ops.lax_conv2d), argnums=(0, 1))(x, kernel)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_dk).max()))
