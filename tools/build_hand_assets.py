@@ -45,11 +45,11 @@ if __name__ == '__main__':
   for _var in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
     os.environ[_var] = '1'
 
-import numpy as np  # noqa: E402 (after the thread settings)
+import numpy as np  # after the thread settings
 
-from coarsemetro_jax import mesh_topology  # noqa: E402
-from tools import build_body_assets as body_assets  # noqa: E402
-from tools import mesh_decimation  # noqa: E402
+from coarsemetro_jax import mesh_topology
+from tools import build_body_assets as body_assets
+from tools import mesh_decimation
 
 LEVELS = (778, 195)
 NUM_BETAS = 10
