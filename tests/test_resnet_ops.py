@@ -78,27 +78,35 @@ def test_dot_weight_grad_keeps_the_kernel_dtype():
   np.testing.assert_allclose(dk.astype(np.float32), ref_dk.astype(np.float32), rtol=2e-2, atol=0.5)
 
 
-def _uses_dot_weight_grad(x_shape, kernel_shape, stride):
-  jaxpr = jax.make_jaxpr(lambda x, k: conv_ops.conv2d(x, k, stride, 1))(
-      jnp.zeros(x_shape), jnp.zeros(kernel_shape)
-  )
-  return 'custom_vjp_call' in str(jaxpr)
+def _lowered_ops(fn, platform, *args):
+  """Whether `fn`'s lowering for `platform` has a dot and a convolution."""
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  return 'stablehlo.dot_general' in text, 'stablehlo.convolution' in text
 
 
-def test_conv2d_dispatch(monkeypatch):
+def _uses_dot_weight_grad(x_shape, kernel_shape, stride, platform='cpu'):
+  # The kernel gradient alone: dots for `weight_grad_by_dots`, else lax's
+  # weight-gradient convolution.
+  kernel_grad = jax.grad(lambda x, k: jnp.sum(conv_ops.conv2d(x, k, stride, 1)), argnums=1)
+  dots, convs = _lowered_ops(kernel_grad, platform, jnp.zeros(x_shape), jnp.zeros(kernel_shape))
+  assert dots != convs
+  return dots
+
+
+def test_conv2d_dispatch():
   strided = ((2, 56, 56, 64), (3, 3, 64, 64), 2)
   stride_1_28 = ((2, 28, 28, 128), (3, 3, 128, 128), 1)
   stride_1_14 = ((2, 14, 14, 256), (3, 3, 256, 256), 1)
   stem = ((2, 224, 224, 3), (7, 7, 3, 64), 2)
-  assert jax.default_backend() == 'cpu'
   assert _uses_dot_weight_grad(*strided)
   assert _uses_dot_weight_grad(*stride_1_28)
   assert not _uses_dot_weight_grad(*stride_1_14)
   assert not _uses_dot_weight_grad(*stem)
-  # Other backends keep lax's convolution and its autodiff.
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert not _uses_dot_weight_grad(*strided)
-  assert not _uses_dot_weight_grad(*stride_1_28)
+  # Lowered for other platforms (an AOT compile for TPU or an export for CUDA
+  # made on this CPU): lax's convolution and its autodiff.
+  for platform in ('tpu', 'cuda'):
+    assert not _uses_dot_weight_grad(*strided, platform=platform)
+    assert not _uses_dot_weight_grad(*stride_1_28, platform=platform)
 
 
 @pytest.mark.parametrize('size,stride,use_bias', [(3, 1, False), (3, 2, True), (7, 2, False)])
@@ -173,24 +181,29 @@ def test_matmul_rounds_the_f32_product_once():
   )
 
 
-def _conv_ops_in_jaxpr(x_shape, kernel_shape, stride, dtype=jnp.float32):
-  jaxpr = str(
-      jax.make_jaxpr(lambda x, k: conv_ops.conv2d(x, k, stride, 1))(
-          jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype)
-      )
-  )
-  return 'custom_vjp_call' in jaxpr, 'conv_general_dilated' in jaxpr
+def _forward_ops(x_shape, kernel_shape, stride, dtype=jnp.float32, platform='cpu'):
+  conv = lambda x, k: conv_ops.conv2d(x, k, stride, 1)
+  return _lowered_ops(conv, platform, jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype))
 
 
-def test_conv2d_low_precision_dispatch(monkeypatch):
+def test_conv2d_low_precision_dispatch():
   small_map = ((2, 14, 14, 256), (3, 3, 256, 256), 1)
   large_map = ((2, 56, 56, 64), (3, 3, 64, 64), 1)
   # bf16 on CPU: tap dots on small maps, lax's convolution on large ones.
-  assert _conv_ops_in_jaxpr(*small_map, jnp.bfloat16) == (False, False)
-  assert _conv_ops_in_jaxpr(*large_map, jnp.bfloat16) == (False, True)
-  assert _conv_ops_in_jaxpr(*small_map, jnp.float32) == (False, True)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert _conv_ops_in_jaxpr(*small_map, jnp.bfloat16) == (False, True)
+  assert _forward_ops(*small_map, jnp.bfloat16) == (True, False)
+  assert _forward_ops(*large_map, jnp.bfloat16) == (False, True)
+  assert _forward_ops(*small_map, jnp.float32) == (False, True)
+  for platform in ('tpu', 'cuda'):
+    assert _forward_ops(*small_map, jnp.bfloat16, platform=platform) == (False, True)
+
+
+def test_matmul_dispatch():
+  # bf16 on CPU: f32 results rounded once; elsewhere the plain bf16 dot.
+  x, w = jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((8, 2), jnp.bfloat16)
+  f32_result = 'tensor<4x2xf32>'
+  lowered = lambda p: jax.jit(conv_ops.matmul).trace(x, w).lower(lowering_platforms=(p,)).as_text()
+  assert f32_result in lowered('cpu')
+  assert f32_result not in lowered('tpu')
 
 
 def test_dot_weight_grad_conv_under_vmap():

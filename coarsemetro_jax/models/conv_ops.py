@@ -21,7 +21,10 @@ rounds once, and 3x3 convolutions on small maps run as k*k such dots
 (`conv2d_by_taps`).
 
 Other backends, and the shapes where XLA:CPU's own convolution was as fast,
-keep lax's convolution and its autodiff.
+keep lax's convolution and its autodiff. The choice is made when the step is
+lowered, for the platform it is lowered for (`lax.platform_dependent`), not for
+the machine that traces it: an ahead-of-time compile for a TPU slice or a
+`jax.export` for CUDA made on a CPU gets lax's convolutions.
 """
 
 import functools
@@ -94,8 +97,12 @@ def _bwd(stride, padding, residuals, g):
 conv2d_dot_weight_grad.defvjp(_fwd, _bwd)
 
 
-def _low_precision_on_cpu(dtype):
-  return jax.default_backend() == 'cpu' and jnp.dtype(dtype).itemsize < 4
+def _low_precision(dtype):
+  return jnp.dtype(dtype).itemsize < 4
+
+
+def _dot_f32_result(x, w):
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def matmul(x, w):
@@ -106,8 +113,8 @@ def matmul(x, w):
   AMX: 2-5x the f32 rate at ResNet's 1x1 shapes); so the product is asked for
   in f32 and rounded to the operands' dtype once, the value XLA's upcast gives.
   """
-  if _low_precision_on_cpu(x.dtype):
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  if _low_precision(x.dtype):
+    return lax.platform_dependent(x, w, cpu=_dot_f32_result, default=jnp.dot)
   return jnp.dot(x, w)
 
 
@@ -156,18 +163,29 @@ def taps_beat_lax(x_shape, kernel_shape, stride):
   return size > 1 and c_in >= 128 and out_h <= 16
 
 
+def cpu_conv2d_fn(x_shape, kernel_shape, stride, dtype):
+  """The convolution function XLA:CPU runs fastest for these shapes: fn(x, kernel, stride, padding)."""
+  if _low_precision(dtype):
+    if taps_beat_lax(x_shape, kernel_shape, stride):
+      return conv2d_by_taps
+  elif dots_beat_lax(x_shape, kernel_shape, stride):
+    return conv2d_dot_weight_grad
+  return lax_conv2d
+
+
 def conv2d(x, kernel, stride=1, padding=0):
   """x [B, H, W, Cin], kernel [k, k, Cin, Cout] -> [B, Ho, Wo, Cout], lax's value.
 
-  On TPU and GPU: lax's convolution. On XLA:CPU: `conv2d_by_taps` for bf16/f16
-  where it is faster, `conv2d_dot_weight_grad` for f32 where its weight
-  gradient is faster, lax's convolution elsewhere.
+  Lowered for TPU and GPU: lax's convolution. Lowered for XLA:CPU:
+  `conv2d_by_taps` for bf16/f16 where it is faster, `conv2d_dot_weight_grad`
+  for f32 where its weight gradient is faster, lax's convolution elsewhere.
   """
-  if jax.default_backend() != 'cpu':
+  cpu_fn = cpu_conv2d_fn(x.shape, kernel.shape, stride, x.dtype)
+  if cpu_fn is lax_conv2d:
     return lax_conv2d(x, kernel, stride, padding)
-  if _low_precision_on_cpu(x.dtype):
-    if taps_beat_lax(x.shape, kernel.shape, stride):
-      return conv2d_by_taps(x, kernel, stride, padding)
-  elif dots_beat_lax(x.shape, kernel.shape, stride):
-    return conv2d_dot_weight_grad(x, kernel, stride, padding)
-  return lax_conv2d(x, kernel, stride, padding)
+  return lax.platform_dependent(
+      x,
+      kernel,
+      cpu=lambda x, k: cpu_fn(x, k, stride, padding),
+      default=lambda x, k: lax_conv2d(x, k, stride, padding),
+  )
