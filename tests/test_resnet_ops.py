@@ -219,3 +219,90 @@ def test_dot_weight_grad_conv_under_vmap():
   ref_dx, ref_dk = jax.grad(loss(conv_ops.lax_conv2d), argnums=(0, 1))(x, kernel)
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_dk).max()))
+
+
+def _flax_batch_norm(train, dtype=jnp.float32):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+
+
+def _bn_apply(module, variables, x, cotangent, train):
+  """(y, new batch_stats or None, d<y, cotangent>/d(params, x))."""
+
+  def loss(params, x):
+    out = module.apply(
+        {**variables, 'params': params}, x, mutable=['batch_stats'] if train else False
+    )
+    y, state = out if train else (out, {})
+    return jnp.sum(y.astype(jnp.float32) * cotangent), (y, state.get('batch_stats'))
+
+  (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      variables['params'], x
+  )
+  return y, stats, grads
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_equals_flax(train):
+  x = 3.0 + 2.0 * _rand((4, 5, 3, 16), 0)  # off-centre, as activations are
+  cotangent = _rand(x.shape, 1)
+  module = resnet.batch_norm(train, 'bn')
+  variables = module.init(jax.random.key(0), x)
+  ref_variables = _flax_batch_norm(train).init(jax.random.key(0), x)
+  # The same variable tree and initial values: checkpoints convert unchanged.
+  jax.tree.map(np.testing.assert_array_equal, variables, ref_variables)
+  # Non-trivial parameters and running statistics.
+  variables = {
+      'params': {'scale': 1 + 0.1 * _rand((16,), 2), 'bias': _rand((16,), 3)},
+      'batch_stats': {'mean': _rand((16,), 4), 'var': 1 + jnp.abs(_rand((16,), 5))},
+  }
+  y, stats, (dparams, dx) = _bn_apply(module, variables, x, cotangent, train)
+  ref_y, ref_stats, (ref_dparams, ref_dx) = _bn_apply(
+      _flax_batch_norm(train), variables, x, cotangent, train
+  )
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), stats, ref_stats
+  )
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-5)
+  for k in ('scale', 'bias'):
+    np.testing.assert_allclose(dparams[k], ref_dparams[k], rtol=1e-5, atol=1e-4)
+
+
+def test_batch_norm_bf16_and_vmap_equal_flax():
+  # bf16 compute (stats in f32, output bf16) under vmap over BatchNorm groups.
+  x = (1.0 + _rand((2, 4, 3, 3, 8), 0)).astype(jnp.bfloat16)  # [groups, B, H, W, C]
+  cotangent = _rand(x.shape, 1)
+  variables = {
+      'params': {'scale': 1 + 0.1 * _rand((8,), 2), 'bias': _rand((8,), 3)},
+      'batch_stats': {'mean': jnp.zeros(8), 'var': jnp.ones(8)},
+  }
+
+  def run(module):
+    def loss(params, x):
+      apply = lambda x: module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])[0]
+      y = jax.vmap(apply)(x)
+      return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(variables['params'], x)
+
+  (dparams, dx), y = run(resnet.batch_norm(True, 'bn', jnp.bfloat16))
+  (ref_dparams, ref_dx), ref_y = run(_flax_batch_norm(True, jnp.bfloat16))
+  assert y.dtype == dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y.astype(np.float32), ref_y.astype(np.float32), rtol=2**-7, atol=1e-2)
+  np.testing.assert_allclose(
+      dx.astype(np.float32), ref_dx.astype(np.float32), rtol=2**-6, atol=2e-2
+  )
+  for k in ('scale', 'bias'):
+    np.testing.assert_allclose(dparams[k], ref_dparams[k], rtol=1e-3, atol=1e-3)
+
+
+def test_batch_norm_uses_its_vjp_on_cpu_only(monkeypatch):
+  x = _rand((2, 3, 3, 4), 0)
+  module = resnet.batch_norm(True, 'bn')
+  variables = module.init(jax.random.key(0), x)
+  jaxpr = lambda: str(
+      jax.make_jaxpr(lambda v, x: module.apply(v, x, mutable=['batch_stats']))(variables, x)
+  )
+  assert 'custom_vjp_call' in jaxpr()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert 'custom_vjp_call' not in jaxpr()

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from coarsemetro_jax.models import batch_norm as batch_norm_lib
 from coarsemetro_jax.models import conv_ops
 
 RESNET50_DEPTHS = (3, 4, 6, 3)
@@ -27,14 +28,8 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def batch_norm(train, name, dtype=jnp.float32, scale_init=nn.initializers.ones):
-  return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=dtype,
-      scale_init=scale_init,
-      name=name,
-  )
+  """nn.BatchNorm's variables and value; a shorter backward on XLA:CPU (models/batch_norm.py)."""
+  return batch_norm_lib.BatchNorm(not train, 0.9, 1e-5, dtype, scale_init, name=name)
 
 
 class Conv(nn.Module):
