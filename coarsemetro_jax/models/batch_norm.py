@@ -10,8 +10,8 @@ on XLA:CPU, the normalisation has a custom VJP:
 
 two reductions and one elementwise pass, where XLA:CPU's autodiff of the
 forward materialises x - mean in the forward pass and makes three reductions
-and two more full-size passes in the backward. Other backends, and eval mode,
-use the plain formula and its autodiff.
+and two more full-size passes in the backward. Lowered for other platforms,
+and in eval mode, the plain formula and its autodiff.
 """
 
 import functools
@@ -89,10 +89,13 @@ class BatchNorm(nn.Module):
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    if jax.default_backend() == 'cpu':
-      # Recomputes the statistics above (XLA merges the reductions) so that
-      # its backward pass can be written as one.
-      y = normalize_batch(x, scale, bias, self.epsilon)
-    else:
-      y = normalize(x, mean, var, scale, bias, self.epsilon)
+    # Lowered for XLA:CPU, `normalize_batch` recomputes the statistics above
+    # (XLA merges the reductions) so that its backward pass can be written as one.
+    y = lax.platform_dependent(
+        x,
+        scale,
+        bias,
+        cpu=lambda x, scale, bias: normalize_batch(x, scale, bias, self.epsilon),
+        default=lambda x, scale, bias: normalize(x, mean, var, scale, bias, self.epsilon),
+    )
     return y.astype(self.dtype)
