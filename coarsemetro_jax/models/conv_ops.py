@@ -106,7 +106,7 @@ def _dot_f32_result(x, w):
 
 
 def matmul(x, w):
-  """x [N, K] @ w [K, M] in their dtype (the same for both).
+  """x [..., K] @ w [K, M] in their dtype (the same for both).
 
   On XLA:CPU a bf16 x bf16 -> bf16 dot is computed by upcasting both operands
   to f32, while bf16 x bf16 -> f32 runs the CPU's bf16 units (AVX512-BF16 /

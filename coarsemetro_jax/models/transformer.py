@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coarsemetro_jax.models import conv_ops
 from coarsemetro_jax.models import dropout as dropout_lib
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
@@ -48,7 +49,7 @@ class TorchDense(nn.Module):
         'bias', zeros if self.zero_bias else torch_linear_init(fan_in), (self.features,)
     )
     x = x.astype(self.dtype)
-    return jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return conv_ops.matmul(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 class TokenLinear(nn.Module):
@@ -93,7 +94,8 @@ class PackedInProjection(nn.Module):
 
     def proj(x, i):
       return (
-          jnp.dot(x.astype(self.dtype), kernel[:, i * e : (i + 1) * e]) + bias[i * e : (i + 1) * e]
+          conv_ops.matmul(x.astype(self.dtype), kernel[:, i * e : (i + 1) * e])
+          + bias[i * e : (i + 1) * e]
       )
 
     return proj(query, 0), proj(key, 1), proj(value, 2)
@@ -121,7 +123,11 @@ class MultiHeadAttention(nn.Module):
     q = q.reshape(b, lq, self.num_heads, head_dim) * (head_dim**-0.5)
     k = k.reshape(b, lk, self.num_heads, head_dim)
     v = v.reshape(b, lk, self.num_heads, head_dim)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)  # [B, H, Lq, Lk]
+    # f32 results: what the softmax needs, and on XLA:CPU the form that runs
+    # bf16 operands on the CPU's bf16 units (a bf16-result dot is upcast to f32).
+    logits = jnp.einsum(
+        'bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32
+    )  # [B, H, Lq, Lk]
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     if self.is_mutable_collection('intermediates'):
@@ -132,8 +138,10 @@ class MultiHeadAttention(nn.Module):
     unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
     denominator = unnormalized.sum(-1).transpose(0, 2, 1)[..., None]  # [B, Lq, H, 1]
     unnormalized = dropout_lib.Dropout(self.dropout)(unnormalized, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', unnormalized.astype(self.dtype), v)
-    out = (out / denominator.astype(self.dtype)).reshape(b, lq, e)
+    out = jnp.einsum(
+        'bhqk,bkhd->bqhd', unnormalized.astype(self.dtype), v, preferred_element_type=jnp.float32
+    )
+    out = (out / denominator).astype(self.dtype).reshape(b, lq, e)
     return TorchDense(e, xavier=True, zero_bias=True, dtype=self.dtype, name='out_proj')(out)
 
 
