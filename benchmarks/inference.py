@@ -50,6 +50,8 @@ def torch_context(dtype):
 
 
 def _rel_diff(got, want):
+  if hasattr(want, 'float'):  # a torch tensor; NumPy has no bf16 to take it as
+    want = want.float()
   want = np.asarray(want, np.float32)
   return float(np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max())
 
