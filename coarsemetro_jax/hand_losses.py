@@ -24,7 +24,11 @@ training does:
   mean L1 over N_has_smpl * V * 3 at 195 / 778; there is no intermediate level.
 * 2D re-projection (L_J^2D): as the body's, of both joint sets, over all
   B * 21 * 2 entries (`use_has_2d_joints` as the body's).
-* Optional `joints_3d_pa` (mesh joints after Procrustes, losses.py).
+* Optional `joints_3d_pa` (mesh joints after Procrustes, losses.py) and
+  `vertices_pa` (in neither paper): L1 of the 778 mesh after a similarity
+  Procrustes onto the GT mesh (PA-MPVPE's alignment), mean over
+  N_has_smpl * V * 3; the rotation and scale are solved on stopped predictions
+  as `losses.procrustes_keypoint_3d_loss` does.
 * Edge length / normal (`use_edge_normal`; FastMETRO's hand training always
   has them) on the 778 mesh and its faces: `edge_gt` x mean |edge length - GT|
   over the 3 edges of every face (FastMETRO's EdgeLengthGTLoss), plus
@@ -34,6 +38,7 @@ training does:
 Availability flags, eval padding and empty subsets as in losses.py.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,8 +47,9 @@ from coarsemetro_jax import losses
 
 _F32 = jnp.float32
 WRIST = hand_model_lib.HAND_JOINT_NAMES.index('wrist')  # 0
-# Batch key of the hand side: [B] float, 1 = left hand (optional; absent = right hands).
-LEFT_KEY = 'left'
+# Batch key of the hand side (data_pipelines/__init__.py): [B] float, 1 = left
+# hand; a batch without it holds right hands.
+LEFT_KEY = 'is_left'
 _MIRROR_X = np.asarray([-1.0, 1.0, 1.0], np.float32)
 
 
@@ -127,6 +133,13 @@ def keypoint_3d_loss(pred, gt, has_3d):
   return losses.masked_mean(err, has_3d, jnp.sum(has_3d > 0))
 
 
+def procrustes_vertices_loss(pred, gt, has_smpl):
+  """Mean L1 of pred [B, V, 3] after its similarity Procrustes onto gt [B, V, 3] (has_smpl [B])."""
+  sr, mu_t = losses.similarity_transform(jax.lax.stop_gradient(pred), gt)
+  aligned = jnp.einsum('bij,bnj->bni', sr, pred - pred.mean(1, keepdims=True)) + mu_t
+  return losses.vertices_loss(aligned, gt, has_smpl)
+
+
 def face_edges(faces):
   """The 3 edges of every face, [3F, 2]: FastMETRO's edge loss averages over these."""
   faces = np.asarray(faces, np.int32)
@@ -175,6 +188,10 @@ def compute_loss(outputs, batch, gt_vertices_fine, gt_mesh_joints, hand, topolog
   terms['vertices'] = (
       c.vertices_coarse * terms['vertices_coarse'] + c.vertices_fine * terms['vertices_fine']
   )
+  if c.vertices_pa:
+    terms['vertices_pa'] = procrustes_vertices_loss(
+        pred['vertices_fine'], gt['vertices_fine'], has_smpl
+    )
   gt_2d = gt['joints_2d'].at[..., 2].multiply(mask_2d[:, None])  # [B, 21, 3]
   gt_2d = jnp.where(gt_2d[..., 2:] > 0, gt_2d, 0.0)
   for name in ('token', 'mesh'):
@@ -187,8 +204,9 @@ def compute_loss(outputs, batch, gt_vertices_fine, gt_mesh_joints, hand, topolog
       + c.vertices * terms['vertices']
       + c.joints_2d * terms['joints_2d']
   )
-  if 'joints_3d_pa' in terms:
-    total = total + c.joints_3d_pa * terms['joints_3d_pa']
+  for name in ('joints_3d_pa', 'vertices_pa'):
+    if name in terms:
+      total = total + c[name] * terms[name]
   if c.use_edge_normal:
     faces = topology.faces[0]
     p, g = pred['vertices_fine'], gt['vertices_fine']

@@ -472,12 +472,6 @@ def _log_train(writer, step, metrics, config, force=False):
   return {k: float(v) for k, v in values.items()}
 
 
-def _hand_mean_pose_baseline(data):
-  """PLACEHOLDER until the synthetic hand data lands."""
-  del data
-  return None
-
-
 def _final_eval(run, writer, state, step, eval_step, no_flip_step=None, train_metrics=None):
   """Full evaluation, metrics table (+ mean-pose baseline) and the picture.
 
@@ -493,7 +487,9 @@ def _final_eval(run, writer, state, step, eval_step, no_flip_step=None, train_me
   hand = build_lib.is_hand(config)
   baseline = None
   if data.synthetic and hand:
-    baseline = _hand_mean_pose_baseline(data)
+    baseline = datasets.hand_baseline(
+        data.data_config.train_yaml, data.data_config.eval_yaml, config.hand_model.path
+    )
   elif data.synthetic:
     baseline = metrics_lib.mean_pose_baseline(
         datasets.j14_joints(data.data_config.train_yaml),

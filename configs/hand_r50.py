@@ -86,6 +86,10 @@ def make_hand(config, network):
   config.loss.edge_gt = 1.0
   config.loss.edge_self = 0.0
   config.loss.normal = 0.1
+  config.loss.vertices_pa = 0.0  # 778 mesh after Procrustes, L1 (not in FastMETRO)
+  # Left hands as they come (FreiHAND has right hands only); True mirrors them
+  # into right hands first (coarsemetro_jax/hand_steps.py).
+  config.mirror_left_hands = False
   # FastMETRO's FreiHAND schedule: 200 epochs at lr 1e-4.
   config.num_epochs = 200
   config.optim.lr = 1e-4

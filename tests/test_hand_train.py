@@ -106,20 +106,20 @@ def test_regressed_joints_are_freihands_order(hand):
 def test_left_rows_get_the_left_hands_mesh(hand):
   batch = hand_batch(hand, 4, left=[0, 1, 0, 1])
   vertices, joints = hand_losses.ground_truth_mesh(hand, batch)
-  for i, side in enumerate(batch['left']):
+  for i, side in enumerate(batch[hand_losses.LEFT_KEY]):
     model = hand_model.mirror(hand) if side else hand
     v, j = hand_model.forward(model, batch['pose'][i : i + 1], batch['betas'][i : i + 1])
     np.testing.assert_allclose(vertices[i], v[0], atol=1e-6)
     np.testing.assert_allclose(joints[i], j[0], atol=1e-6)
   # The same pose as a left hand is the right hand's mirror image only for
   # the mirrored pose, so a left row differs from its right-hand reading.
-  right = dict(batch, left=np.zeros(4, np.float32))
+  right = {**batch, hand_losses.LEFT_KEY: np.zeros(4, np.float32)}
   assert (
       np.abs(np.asarray(hand_losses.ground_truth_mesh(hand, right)[0][1] - vertices[1])).max()
       > 1e-2
   )
   # Without the key every row is a right hand.
-  no_key = {k: v for k, v in batch.items() if k != 'left'}
+  no_key = {k: v for k, v in batch.items() if k != hand_losses.LEFT_KEY}
   np.testing.assert_array_equal(
       hand_losses.ground_truth_mesh(hand, no_key)[0], hand_losses.ground_truth_mesh(hand, right)[0]
   )
@@ -138,7 +138,7 @@ def np_hand_loss(out, batch, hand_, topology, c):
   o = {k: np.asarray(v, np.float64)[keep] for k, v in out.items()}
   gt_v, gt_j = [], []
   for i in range(len(b['pose'])):
-    model = hand_model.mirror(hand_) if b['left'][i] else hand_
+    model = hand_model.mirror(hand_) if b[hand_losses.LEFT_KEY][i] else hand_
     pose = np.nan_to_num(b['pose'][i : i + 1]).astype(np.float32)
     v, j = hand_model.forward(model, pose, np.nan_to_num(b['betas'][i : i + 1]).astype(np.float32))
     gt_v.append(np.asarray(v[0], np.float64))
@@ -269,6 +269,68 @@ def test_hand_loss_without_edge_terms_and_with_edge_self(hand, hand_topology):
   np.testing.assert_allclose(terms['edge_self'], mean_length, rtol=1e-4)
   edge_normal = c.edge_gt * terms['edge_gt'] + c.normal * terms['normal'] + 0.5 * mean_length
   np.testing.assert_allclose(total, plain + c.edge_normal * edge_normal, rtol=1e-4)
+
+
+def test_procrustes_vertex_loss_matches_numpy(hand, hand_topology):
+  batch = hand_batch(hand, 4, left=[0, 1, 1, 0])
+  batch['has_smpl'][2] = 0
+  out = random_outputs(hand, hand_topology, 4, seed=4)
+  gt = hand_losses.ground_truth_mesh(hand, batch)
+  c = loss_config(vertices_pa=7.0)
+  total, terms = hand_losses.compute_loss(out, batch, *gt, hand, hand_topology, c)
+  plain, _ = hand_losses.compute_loss(out, batch, *gt, hand, hand_topology, loss_config())
+  pred = np.asarray(hand_losses.centre_predictions(out, hand)['vertices_fine'], np.float64)
+  target = np.asarray(gt[0], np.float64) - np.asarray(gt[1], np.float64)[:, :1]
+  errors = [
+      np.abs(np_procrustes(pred[i], target[i]) - target[i]).mean()
+      for i in range(4)
+      if batch['has_smpl'][i]
+  ]
+  np.testing.assert_allclose(terms['vertices_pa'], np.mean(errors), rtol=1e-3)
+  np.testing.assert_allclose(total, plain + 7.0 * terms['vertices_pa'], rtol=1e-5)
+
+
+def test_left_rows_mirrored_into_right_hands(hand, hand_topology):
+  batch = hand_batch(hand, 4, left=[0, 1, 1, 0])
+  right, left = hand_steps.to_right_hands(batch)
+  np.testing.assert_array_equal(left, [False, True, True, False])
+  assert not np.asarray(right[hand_losses.LEFT_KEY]).any()
+  np.testing.assert_array_equal(right['image'][1], batch['image'][1, :, ::-1])
+  np.testing.assert_array_equal(right['image'][0], batch['image'][0])
+  np.testing.assert_array_equal(right['joints_3d'][2, :, 0], -batch['joints_3d'][2, :, 0])
+  np.testing.assert_array_equal(right['joints_2d'][2, :, 1:], batch['joints_2d'][2, :, 1:])
+  # Its GT mesh is the left hand's mirror image, vertex for vertex.
+  m = np.array([-1.0, 1.0, 1.0], np.float32)
+  np.testing.assert_allclose(
+      hand_losses.ground_truth_mesh(hand, right)[0],
+      hand_losses.ground_truth_mesh(hand, batch)[0] * np.where(left[:, None, None], m, 1),
+      atol=1e-6,
+  )
+  # Every loss term is the same for outputs mirrored with their rows.
+  out = random_outputs(hand, hand_topology, 4)
+  mirrored = {
+      **{k: out[k] * np.where(left[:, None, None], m, 1) for k in out if k != 'pred_cam'},
+      'pred_cam': out['pred_cam'] * np.where(left[:, None], [1, -1, 1], 1).astype(np.float32),
+  }
+  c = loss_config(vertices_pa=3.0, joints_3d_pa=2.0)
+  loss = lambda o, b: hand_losses.compute_loss(
+      o, b, *hand_losses.ground_truth_mesh(hand, b), hand, hand_topology, c
+  )
+  (total, terms), (total_r, terms_r) = loss(out, batch), loss(mirrored, right)
+  for name, value in terms.items():
+    np.testing.assert_allclose(terms_r[name], value, rtol=2e-4, atol=1e-7, err_msg=name)
+  np.testing.assert_allclose(total_r, total, rtol=2e-4)
+
+
+def test_camera_bias_init(hand_topology):
+  config = tiny_hand.get_config()
+  config.data.image_size = 32
+  config.model.cam_bias_init = (10.0, 0.5, -0.25)
+  model = build.build(config, body=False).model
+  mesh = steps.make_device_mesh(jax.devices()[:1])
+  state, _ = steps.create_train_state(config, model, jax.random.key(0), mesh, (32, 32, 3), 1)
+  np.testing.assert_array_equal(state.params['cam_predictor']['bias'], [10.0, 0.5, -0.25])
+  del hand_topology
 
 
 # ---------------------------------------------------------------------------
@@ -429,6 +491,7 @@ def test_aot_batch_is_the_hand_contract():
   shapes = {k: v.shape[1:] for k, v in batch.items()}
   assert shapes['joints_2d'] == (21, 3) and shapes['joints_3d'] == (21, 4)
   assert shapes['pose'] == (48,) and shapes['betas'] == (10,) and shapes['mask'] == ()
+  assert shapes['is_left'] == ()
   assert aot.abstract_batch(4, 64, 'float32', steps.batch_sharding(mesh))['pose'].shape == (4, 72)
 
 
@@ -553,3 +616,27 @@ def test_infer_hand_writes_a_778_vertex_mesh(trained_hand, hand, tmp_path):
 
   with pytest.raises(ValueError, match=r'--hand needs a hand config \(config.model.hand\)'):
     infer.run(tiny.get_config(), workdir, [str(image)], str(out), hand=True, progress=False)
+
+
+def test_tiny_hand_on_rendered_synthetic_hands(tmp_path, capsys):
+  """The whole path: render synthetic hands, train, evaluate next to the mean-pose baseline."""
+  from coarsemetro_jax import train
+  from data_pipelines import datasets
+
+  if not hasattr(datasets, 'hand_baseline'):
+    pytest.skip('this tree has no synthetic hand data (data_pipelines: hand rows, hand_baseline)')
+  config = hand_run_config()
+  config.data.source = 'synthetic'
+  config.data.synthetic.dir = str(tmp_path / 'synthetic')
+  config.data.synthetic.num_train = NUM_TRAIN
+  config.data.synthetic.num_test = NUM_TEST
+  config.data.synthetic.image_size = 48
+  config.data.synthetic.workers = 1
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  baseline = summary['mean_pose_baseline']
+  assert baseline['count'] == NUM_TEST and baseline['pa_mpvpe'] > 0
+  assert 0 < baseline['f5'] < baseline['f15'] <= 1
+  assert summary['eval']['pa_mpvpe_count'] == NUM_TEST
+  printed = capsys.readouterr().out
+  assert '| mean-pose baseline | ' in printed and '| F@5 mm | F@15 mm |' in printed
+  assert os.path.exists(summary['picture'])
