@@ -55,7 +55,12 @@ _MIRROR_X = np.asarray([-1.0, 1.0, 1.0], np.float32)
 
 def regress_joints(hand, vertices):
   """The 21 hand joints of meshes: J_regressor's 16 plus the 5 tips. [B, V, 3] -> [B, 21, 3]."""
-  mano = jnp.einsum('jv,bvc->bjc', hand.j_regressor.astype(vertices.dtype), vertices)
+  mano = jnp.einsum(  # [B, 16, 3]
+      'jv,bvc->bjc',
+      hand.j_regressor.astype(vertices.dtype),
+      vertices,
+      precision=jax.lax.Precision.HIGHEST,
+  )
   return hand_model_lib.hand_joints(hand, vertices, mano)
 
 

@@ -477,6 +477,22 @@ def test_build_loads_the_hand_model(hand_topology):
   del topology, hand_topology
 
 
+@pytest.mark.parametrize('name', ['hand_embedded.py', 'tiny_hand.py', 'tiny_hand.py:fastmetro-S'])
+def test_hand_recipe_files_load_and_build(name):
+  from coarsemetro_jax import config_files
+
+  config = config_files.load(os.path.join(os.path.dirname(tiny_hand.__file__), name))
+  assert config.model.hand and config.hand_model.path == ''
+  assert config.loss.use_edge_normal and config.loss.vertices_fine == 0.5
+  model = build.build(config, body=False).model
+  size = config.data.image_size
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x), images)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, images)
+  assert out['pred_3d_vertices_fine'].shape == (2, 778, 3)
+  assert out['pred_3d_joints'].shape == (2, 21, 3)
+
+
 def test_aot_compiles_the_tiny_hand_for_8_cpu_devices(capsys):
   argv = ['aot', f'--config={tiny_hand.__file__}', '--topology=cpu:8', '--per_chip_batch=2']
   assert aot.main(argv) == 0
