@@ -25,7 +25,14 @@ def get_config():
   # dropout or joint masking, the renders' own variety instead of METRO's
   # augmentations, lr 1e-3 (backbone x 3) with warm-up and a linear decay,
   # whole-batch BatchNorm, batch 32.
+  body = embedded.get_config()
   config = hand_r50.make_hand(embedded.get_config(), 'coarsemetro')
+  # make_hand sets the FreiHAND fine-tuning schedule (lr 1e-4) and METRO's hand
+  # rotations; a run from scratch keeps the embedded body's lr 1e-3 (at 1e-4
+  # it stayed at the mean hand), and the renders already cover every
+  # orientation.
+  config.optim.lr = body.optim.lr
+  config.data.rot_factor = body.data.rot_factor
   config.model.upsample_init = 'random'  # the hand network has no learned up-sampling
   # The camera head starts at the synthetic hands' weak-perspective scale (the
   # labels' s: 7-14, median 10; the wrist is near the crop centre on average).

@@ -31,7 +31,8 @@ from it, and it must be the hierarchy's 778-vertex mesh.
 
 Training follows FastMETRO's FreiHAND run: 200 epochs at lr 1e-4 (AdamW, the
 body recipe's optimiser, clipping and batch of 16 x 4 GPUs are assumed the
-same), and its hand loss (coarsemetro_jax/hand_losses.py): the body's weights
+same), METRO's hand augmentation (rotations with rot_factor 90, no flip), and
+its hand loss (coarsemetro_jax/hand_losses.py): the body's weights
 for 3D joints (1000), vertices (100) and 2D joints (100), vertices 0.5 / 0.5 at
 195 / 778, and the edge-length (1.0) and normal (0.1) terms on the 778 mesh at
 weight 100, always on. Evaluation: PA-MPJPE, PA-MPVPE, F@5 mm and F@15 mm
@@ -93,6 +94,9 @@ def make_hand(config, network):
   # FastMETRO's FreiHAND schedule: 200 epochs at lr 1e-4.
   config.num_epochs = 200
   config.optim.lr = 1e-4
+  # METRO's FreiHAND augmentation rotates by N(0, 90) degrees clipped to +-180
+  # (the body's 30): hands are seen at every in-plane angle.
+  config.data.rot_factor = 90.0
   return config
 
 

@@ -656,3 +656,19 @@ def test_tiny_hand_on_rendered_synthetic_hands(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert '| mean-pose baseline | ' in printed and '| F@5 mm | F@15 mm |' in printed
   assert os.path.exists(summary['picture'])
+
+
+def test_hand_recipes_schedules_and_rotations():
+  from configs import embedded
+  from configs import hand_embedded
+  from configs import hand_h64
+  from configs import hand_r50
+
+  # FreiHAND fine-tuning: FastMETRO's lr, METRO's hand rotations (rot_factor 90).
+  for module in (hand_r50, hand_h64):
+    config = module.get_config()
+    assert config.optim.lr == 1e-4 and config.data.rot_factor == 90.0
+  # From scratch on the renders: the embedded body's lr and augmentation.
+  body, config = embedded.get_config(), hand_embedded.get_config()
+  assert config.optim.lr == body.optim.lr == 1e-3
+  assert config.data.rot_factor == body.data.rot_factor == 0.0
