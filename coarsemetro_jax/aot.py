@@ -4,6 +4,7 @@ r"""Ahead-of-time compile of the train and eval steps for a TPU slice, from any 
   python -m coarsemetro_jax.aot --config=configs/h64.py --topology=v5e:4x4 \
       --config.model.compute_dtype=bfloat16 --config.param_sharding=fsdp
   python -m coarsemetro_jax.aot --config=configs/tiny.py --topology=cpu:8
+  python -m coarsemetro_jax.aot --config=configs/hand_r50.py --topology=cpu:8
 
 TPU topologies (`v5e:4x4`, `v5p:2x2x2`, `v4:2x2x1`, `v6e:16x16`, ...) need
 libtpu (`pip install -r requirements-tpu.txt`), but no TPU: libtpu's
@@ -38,6 +39,7 @@ import numpy as np
 from coarsemetro_jax import body_model
 from coarsemetro_jax import build
 from coarsemetro_jax import config_files
+from coarsemetro_jax import hand_steps
 from coarsemetro_jax import mirror
 from coarsemetro_jax import profile
 from coarsemetro_jax import steps
@@ -207,8 +209,8 @@ def abstract_state(config, model, device_mesh, image_shape):
   return _with_shardings(state, sharding), sharding
 
 
-def abstract_batch(batch_size, image_size, image_dtype, sharding):
-  """The batch dict of data_pipelines/__init__.py as ShapeDtypeStructs [B, ...]."""
+def abstract_batch(batch_size, image_size, image_dtype, sharding, hand=False):
+  """The batch dict of data_pipelines/__init__.py as ShapeDtypeStructs [B, ...] (a hand's)."""
   f32 = jnp.float32
   shapes = {
       'image': ((image_size, image_size, 3), jnp.dtype(image_dtype)),
@@ -221,6 +223,8 @@ def abstract_batch(batch_size, image_size, image_dtype, sharding):
       'has_smpl': ((), f32),
       'mask': ((), f32),
   }
+  if hand:
+    shapes.update({k: (shape, f32) for k, shape in hand_steps.LABEL_SHAPES.items()})
   return {
       k: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
       for k, (shape, dtype) in shapes.items()
@@ -333,14 +337,21 @@ def compile_steps(config, target, per_chip_batch, step_names=STEP_NAMES):
   repl = steps.replicated(device_mesh)
   state, state_sharding = abstract_state(config, model, device_mesh, (image_size, image_size, 3))
   batch_sharding = steps.batch_sharding(device_mesh)
-  batch = abstract_batch(global_batch, image_size, config.data.image_dtype, batch_sharding)
+  hand = build.is_hand(config)
+  batch = abstract_batch(global_batch, image_size, config.data.image_dtype, batch_sharding, hand)
   body_abstract = _with_shardings(body, jax.tree.map(lambda _: repl, body))
+  step_lib = hand_steps if hand else steps
 
   def lowered(name):
     if name == 'train':
       rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=repl)
-      step = steps.jit_train_step(config, model, topology, state_sharding, batch_sharding)
+      step = step_lib.jit_train_step(config, model, topology, state_sharding, batch_sharding)
       return step.lower(state, batch, rng, body_abstract)
+    if hand:  # the hand's flip test permutes nothing
+      step = hand_steps.jit_eval_step(
+          config, model, topology, state_sharding, batch_sharding, config.eval_flip
+      )
+      return step.lower(state, batch, body_abstract)
     flip_perm = None
     if config.eval_flip:
       flip_perm = mirror.mirror_permutation(body.v_template)

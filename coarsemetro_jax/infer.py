@@ -4,6 +4,8 @@ r"""Runs a trained model on image files: meshes, joints, overlays, attention map
       --images photo.jpg --bbox=120,40,200,380 --output_dir=out
   python -m coarsemetro_jax.infer --config=configs/tiny.py --checkpoint=runs/tiny \
       --images 'data/*.png' more_images/ --bboxes=boxes.json --attention
+  python -m coarsemetro_jax.infer --hand --config=configs/hand_embedded.py \
+      --checkpoint=runs/hand_embedded --images hand.jpg --output_dir=out
 
 `--images` takes files, folders (their image files) and globs; paths after it
 (without a flag) are images too. Each image is cropped to a square around its
@@ -21,6 +23,12 @@ the SMPL-parameter head also the SMPL pose as axis-angle and rotation
 matrices, and the betas),
 <name>.png (crop | mesh overlay | side view) and, with --attention,
 <name>_attention.png. An image that cannot be used is reported and skipped.
+
+A hand config (config.model.hand; `--hand` checks the config is one) writes
+the hand instead: the 778-vertex mesh with the faces of the config's hand
+model, centred at the wrist of the 21 joints regressed from it (MANO's 16
+plus the 5 fingertips, FreiHAND's order), and those 21 joints in the JSON.
+The crop is the box as for a body (a hand box, or an image the hand fills).
 """
 
 import dataclasses
@@ -36,6 +44,8 @@ import numpy as np
 from coarsemetro_jax import attention_maps
 from coarsemetro_jax import build as build_lib
 from coarsemetro_jax import checkpoints
+from coarsemetro_jax import hand_model
+from coarsemetro_jax import hand_steps
 from coarsemetro_jax import image_crops
 from coarsemetro_jax import image_ops
 from coarsemetro_jax import joints as joint_tables
@@ -136,8 +146,11 @@ def load_h36m_regressor(config):
   return np.asarray(body.h36m_regressor, np.float32)
 
 
-def make_predict_fn(model, h36m_regressor=None, attention=None):
+def make_predict_fn(model, h36m_regressor=None, attention=None, hand=None):
   """`predict(variables, images [B, S, S, 3]) -> dict`, ready for jax.jit.
+
+  With a hand model (`hand`, a hand network's), `hand_steps.predictions`
+  instead: the 778 mesh and its 21 joints centred at that wrist.
 
   `steps.predictions` of the model outputs, the same as the eval's: with the
   H36M regressor [17, V], the mesh is centred at its regressed pelvis (as
@@ -158,7 +171,10 @@ def make_predict_fn(model, h36m_regressor=None, attention=None):
       outputs = model.apply(variables, images, train=False)
     else:
       outputs, state = model.apply(variables, images, train=False, mutable=['intermediates'])
-    result = steps.predictions(outputs, regress)
+    if hand is not None:
+      result = hand_steps.predictions(outputs, hand)
+    else:
+      result = steps.predictions(outputs, regress)
     if attention is not None:
       result['attention'] = attention_maps.select(
           state['intermediates'], attention, model.num_joints
@@ -237,10 +253,10 @@ def smpl_param_record(pred):
   }
 
 
-def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True):
-  """Mesh files, JSON, picture (and attention panel) of one image."""
+def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True, hand=False):
+  """Mesh files, JSON, picture (and attention panel) of one image (`hand`: a hand's)."""
   base = os.path.join(out_dir, stem)
-  comment = f'CoarseMETRO mesh, {MESH_FRAME}'
+  comment = f"CoarseMETRO {'hand ' if hand else ''}mesh, {MESH_FRAME}"
   mesh_io.write_obj(base + '.obj', pred['pred_vertices'], faces, comment)
   mesh_io.write_ply(base + '.ply', pred['pred_vertices'], faces, comment)
   visualize.save_png(
@@ -263,7 +279,7 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True
           'ty': ty,
           'model': 'weak perspective: x2d = s * (X[:2] + [tx, ty]) in [-1, 1] ' 'crop coordinates',
       },
-      'joint_names': list(joint_tables.J14_NAMES),
+      'joint_names': list(hand_model.HAND_JOINT_NAMES if hand else joint_tables.J14_NAMES),
       'joints_3d': np.asarray(pred['pred_3d_joints']).tolist(),
       'joints_2d_crop': np.asarray(pred['pred_2d_joints']).tolist(),
       'joints_2d_image': image_crops.crop_to_image(pred['pred_2d_joints'], crop).tolist(),
@@ -273,9 +289,7 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True
           'vertices': int(len(pred['pred_vertices'])),
           'faces': int(len(faces)),
           'frame': MESH_FRAME,
-          'origin': 'H36M pelvis of the mesh'
-          if centred
-          else 'model output (no body ' 'model: not centred)',
+          'origin': _mesh_origin(centred, hand),
       },
       'notes': crop.notes,
   }
@@ -288,6 +302,12 @@ def write_outputs(out_dir, stem, crop, pred, faces, attention=None, centred=True
         + ',\n'.join(f' {json.dumps(k)}: {json.dumps(v)}' for k, v in record.items())
         + '\n}\n'
     )
+
+
+def _mesh_origin(centred, hand):
+  if hand:
+    return 'wrist of the hand joints regressed from the mesh'
+  return 'H36M pelvis of the mesh' if centred else 'model output (no body model: not centred)'
 
 
 # ----------------------------------------------------------------------------
@@ -314,14 +334,25 @@ def run(
     attention=None,
     h36m_regressor='config',
     progress=True,
+    hand=None,
 ):
   """Inference over `image_specs`; see the module docstring. Returns Result.
 
   `bbox`: boxes 'x,y,w,h' (one for all images or one per image);
-  `h36m_regressor`: array, None, or 'config' (from config.body_model).
+  `h36m_regressor`: array, None, or 'config' (from config.body_model; not
+  used by a hand config); `hand`: True (--hand) requires a hand config, None
+  takes the config's network as it is.
   """
   if batch_size < 1:
     raise ValueError(f'--batch_size must be >= 1, got {batch_size}')
+  is_hand = build_lib.is_hand(config)
+  if hand and not is_hand:
+    raise ValueError(
+        f'--hand needs a hand config (config.model.hand), e.g. configs/hand_r50.py; '
+        f'this config builds the body network {config.model.name}'
+    )
+  if is_hand and attention is not None:
+    raise ValueError('--attention labels the body joint tokens; it has no hand version')
   paths, problems = image_crops.collect_images(image_specs)
   failures = [(p.rsplit(': ', 1)[0], p) for p in problems]
   for problem in problems:
@@ -341,10 +372,15 @@ def run(
     boxes.update(image_crops.read_bboxes_json(bboxes_json))
   topology, _, model = build_lib.build(config, body=False)
   variables = load_variables(config, model, checkpoint)
-  if isinstance(h36m_regressor, str):
-    h36m_regressor = load_h36m_regressor(config)
-  predict = jax.jit(make_predict_fn(model, h36m_regressor, attention))
   size, faces = config.data.image_size, topology.faces[0]
+  if is_hand:  # its faces, joint regressor and fingertips
+    hand_mesh = build_lib.load_hand_model(config, topology)
+    h36m_regressor, faces = None, np.asarray(hand_mesh.faces)
+    predict = jax.jit(make_predict_fn(model, hand=hand_mesh))
+  else:
+    if isinstance(h36m_regressor, str):
+      h36m_regressor = load_h36m_regressor(config)
+    predict = jax.jit(make_predict_fn(model, h36m_regressor, attention))
   os.makedirs(output_dir, exist_ok=True)
   written, used, pending = [], set(), []
 
@@ -362,7 +398,8 @@ def run(
           jax.tree.map(lambda x, i=i: x[i], out),
           faces,
           attention,
-          centred=h36m_regressor is not None,
+          centred=is_hand or h36m_regressor is not None,
+          hand=is_hand,
       )
       written.append(stem)
     pending.clear()
@@ -422,6 +459,7 @@ def _define_flags():
   flags.DEFINE_integer('batch_size', 8, 'Images per forward pass.')
   flags.DEFINE_float('max_megapixels', image_crops.MAX_MEGAPIXELS, 'Refuse larger images.')
   flags.DEFINE_bool('attention', False, 'Also write <name>_attention.png (Figs. 5-7).')
+  flags.DEFINE_bool('hand', False, 'The config is a hand network: write hand meshes.')
   flags.DEFINE_list(
       'vertex_tokens',
       [str(i) for i in attention_maps.DEFAULT_VERTEX_TOKENS],
@@ -466,6 +504,7 @@ def main(argv):
         padding=flags.bbox_padding,
         max_megapixels=flags.max_megapixels,
         attention=spec,
+        hand=flags.hand or None,
     )
   except (ValueError, OSError) as e:  # bad flags, boxes, checkpoint: one clear line
     raise SystemExit(f'error: {e}') from e

@@ -52,7 +52,7 @@ def hip_centre(joints_j14):
   return 0.5 * (joints_j14[:, joint_tables.J14_R_HIP] + joints_j14[:, joint_tables.J14_L_HIP])
 
 
-def _masked_mean(values, example_mask, num_examples):
+def masked_mean(values, example_mask, num_examples):
   """sum(values over selected examples) / (num_examples * per-example size).
 
   `jnp.where` (not a product) keeps NaN/inf of unselected examples out of the
@@ -79,7 +79,7 @@ def keypoint_3d_loss(pred, gt, has_3d):
   gt = gt[..., :3] - hip_centre(gt[..., :3])[:, None]
   pred = pred - hip_centre(pred)[:, None]
   err = conf * jnp.abs(pred - gt)  # [B, 14, 3]
-  return _masked_mean(err, has_3d, jnp.sum(has_3d > 0))
+  return masked_mean(err, has_3d, jnp.sum(has_3d > 0))
 
 
 def keypoint_2d_loss(pred, gt, mask):
@@ -92,7 +92,7 @@ def keypoint_2d_loss(pred, gt, mask):
       B * 14 * 2 entries, visibility only gates the numerator).
   """
   err = gt[..., 2:] * jnp.abs(pred - gt[..., :2])  # [B, 14, 2]
-  return _masked_mean(err, mask, jnp.sum(mask > 0))
+  return masked_mean(err, mask, jnp.sum(mask > 0))
 
 
 def similarity_transform(source, target):
@@ -138,12 +138,12 @@ def procrustes_keypoint_3d_loss(pred, gt, has_3d):
   centred = pred - pred.mean(1, keepdims=True)  # [B, 14, 3]
   aligned = jnp.einsum('bij,bnj->bni', sr, centred) + mu_t
   err = conf * jnp.abs(aligned - gt)  # [B, 14, 3]
-  return _masked_mean(err, has_3d, jnp.sum(has_3d > 0))
+  return masked_mean(err, has_3d, jnp.sum(has_3d > 0))
 
 
 def vertices_loss(pred, gt, has_smpl):
   """Mean L1 over N_has_smpl * V * 3. [B, V, 3] x2, [B] -> scalar."""
-  return _masked_mean(jnp.abs(pred - gt), has_smpl, jnp.sum(has_smpl > 0))
+  return masked_mean(jnp.abs(pred - gt), has_smpl, jnp.sum(has_smpl > 0))
 
 
 def _edge_lengths(vertices, edges):
@@ -159,12 +159,12 @@ def _normalize(v):
 def edge_length_gt_loss(pred, gt, edges, has_smpl):
   """Pose2Mesh/FastMETRO `EdgeLengthGTLoss` (uniform): mean |len_pred - len_gt|."""
   diff = jnp.abs(_edge_lengths(pred, edges) - _edge_lengths(gt, edges))
-  return _masked_mean(diff, has_smpl, jnp.sum(has_smpl > 0))
+  return masked_mean(diff, has_smpl, jnp.sum(has_smpl > 0))
 
 
 def edge_length_self_loss(pred, edges, has_smpl):
   """FastMETRO `EdgeLengthSelfLoss`: mean predicted edge length."""
-  return _masked_mean(_edge_lengths(pred, edges), has_smpl, jnp.sum(has_smpl > 0))
+  return masked_mean(_edge_lengths(pred, edges), has_smpl, jnp.sum(has_smpl > 0))
 
 
 def edge_triangles(edges, num_vertices):
@@ -192,7 +192,7 @@ def normal_vector_loss(pred, gt, faces, has_smpl):
   normal_gt = _normalize(jnp.cross(edge(gt, 0, 1), edge(gt, 0, 2)))
   cos = [jnp.abs(jnp.sum(edge(pred, i, j) * normal_gt, -1)) for i, j in ((0, 1), (0, 2), (1, 2))]
   cos = jnp.stack(cos, -1)  # [B, F, 3]
-  return _masked_mean(cos, has_smpl, jnp.sum(has_smpl > 0))
+  return masked_mean(cos, has_smpl, jnp.sum(has_smpl > 0))
 
 
 # ----------------------------------------------------------------------------

@@ -234,3 +234,84 @@ class EvalMetrics(clu_metrics.Collection):
 def eval_metrics(errors):
   """Collection of one batch from the dict of `errors_from_arrays`; jit-safe."""
   return EvalMetrics.single_from_model_output(**errors)
+
+
+# ----------------------------------------------------------------------------
+# Hands: FreiHAND's protocol (METRO / FastMETRO report it for FreiHAND).
+#
+# Per example: predicted 21 joints = those regressed from the predicted 778
+# mesh (hand_losses.regress_joints), joints and mesh centred at that wrist; GT
+# joints = joints_3d minus joint 0, GT mesh = the hand model's of (pose, betas)
+# centred at its wrist (hand_losses.ground_truth). PA-MPJPE: joints aligned to
+# the GT by a similarity Procrustes; PA-MPVPE: the vertices aligned on their
+# own the same way; F@5 mm and F@15 mm (`f_score`) of the aligned vertices.
+# Averages: PA-MPJPE over has_3d_joints, the vertex metrics over has_smpl (has
+# MANO), eval padding excluded; F-scores are averaged per example, as
+# FreiHAND's evaluation does.
+
+F_SCORE_THRESHOLDS_MM = (5.0, 15.0)
+
+
+def hand_errors_from_arrays(
+    pred_joints, gt_joints, pred_vertices, gt_vertices, has_3d_joints, has_smpl, mask
+):
+  """Per-example hand metrics and their masks, ready for `HandEvalMetrics`.
+
+  pred_joints, gt_joints [B, 21, 3]; pred_vertices, gt_vertices [B, V, 3]
+  (metres, centred); has_3d_joints, has_smpl, mask [B]. Returns pa_mpjpe,
+  pa_mpvpe (mm), f5, f15 (fractions in [0, 1]) and the two masks.
+  """
+  aligned = similarity_procrustes(pred_vertices, gt_vertices)  # [B, V, 3]
+  real = mask > 0
+  errors = {
+      'pa_mpjpe': MM_PER_M * pa_mpjpe(pred_joints, gt_joints),
+      'pa_mpvpe': MM_PER_M * _mean_distance(aligned, gt_vertices),
+      'joints_mask': real & (has_3d_joints > 0),
+      'vertices_mask': real & (has_smpl > 0),
+  }
+  for mm in F_SCORE_THRESHOLDS_MM:
+    errors[f'f{mm:g}'] = f_score(aligned, gt_vertices, mm / MM_PER_M)
+  return errors
+
+
+@flax.struct.dataclass
+class HandEvalMetrics(clu_metrics.Collection):
+  """Hand metrics accumulated over padded eval batches (merge, then compute)."""
+
+  pa_mpjpe: _average('pa_mpjpe', 'joints_mask')
+  pa_mpvpe: _average('pa_mpvpe', 'vertices_mask')
+  f5: _average('f5', 'vertices_mask')
+  f15: _average('f15', 'vertices_mask')
+
+
+# The metrics whose example counts an evaluation reports ('<name>_count').
+HAND_COUNTED = ('pa_mpjpe', 'pa_mpvpe')
+
+
+def hand_eval_metrics(errors):
+  """HandEvalMetrics of one batch from `hand_errors_from_arrays`; jit-safe."""
+  return HandEvalMetrics.single_from_model_output(**errors)
+
+
+def hand_metrics_table(results, baseline=None):
+  """Markdown table of hand eval metrics, with a mean-pose baseline row if given.
+
+  results: [(name, metrics dict of an evaluation)]; baseline: a dict with some
+  of pa_mpjpe, pa_mpvpe (mm), f5, f15 and count ('-' for a missing one).
+  """
+  lines = [
+      '| model | PA-MPJPE (mm) | PA-MPVPE (mm) | F@5 mm | F@15 mm | examples |',
+      '|---|---|---|---|---|---|',
+  ]
+
+  def row(name, r, count):
+    cell = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else '-'
+    return (
+        f"| {name} | {cell('pa_mpjpe', '.1f')} | {cell('pa_mpvpe', '.1f')} | "
+        f"{cell('f5', '.3f')} | {cell('f15', '.3f')} | {count} |"
+    )
+
+  lines += [row(name, r, r['pa_mpvpe_count']) for name, r in results]
+  if baseline is not None:
+    lines.append(row('mean-pose baseline', baseline, baseline.get('count', '-')))
+  return '\n'.join(lines)

@@ -64,13 +64,16 @@ def mirror_permutation(vertices, max_distance=MAX_MIRROR_DISTANCE):
   return partner.astype(np.int32)
 
 
-def unflip_outputs(outputs, vertex_perm):
+def unflip_outputs(outputs, vertex_perm, joint_perm=joint_tables.J14_FLIP_PERM):
   """Outputs on a mirrored image mapped back to the original one (`FLIPPED_KEYS`).
 
   Args:
     outputs: model output dict with pred_3d_vertices_fine [B, V, 3],
-      pred_3d_joints [B, 14, 3] and pred_cam [B, 3].
-    vertex_perm: int [V], `mirror_permutation` of the fine template.
+      pred_3d_joints [B, J, 3] and pred_cam [B, 3].
+    vertex_perm: int [V], `mirror_permutation` of the fine template; None for
+      none (a hand: the mirror image of a right hand is a left hand with the
+      same vertex order, `hand_flip_test`).
+    joint_perm: the joint tokens' left-right swap (J14's); None for none.
   Returns:
     dict of `FLIPPED_KEYS`.
   """
@@ -78,23 +81,38 @@ def unflip_outputs(outputs, vertex_perm):
   def mirror(x):
     return x * jnp.asarray(_MIRROR_X, x.dtype)
 
+  def permute(x, perm):
+    return x if perm is None else x[:, perm]
+
   cam = outputs['pred_cam']
   return {
-      'pred_3d_vertices_fine': mirror(outputs['pred_3d_vertices_fine'][:, vertex_perm]),
-      'pred_3d_joints': mirror(outputs['pred_3d_joints'][:, joint_tables.J14_FLIP_PERM]),
+      'pred_3d_vertices_fine': mirror(permute(outputs['pred_3d_vertices_fine'], vertex_perm)),
+      'pred_3d_joints': mirror(permute(outputs['pred_3d_joints'], joint_perm)),
       'pred_cam': cam * jnp.asarray((1.0, -1.0, 1.0), cam.dtype),
   }
 
 
-def flip_averaged_outputs(apply_fn, images, vertex_perm):
+def flip_averaged_outputs(apply_fn, images, vertex_perm, joint_perm=joint_tables.J14_FLIP_PERM):
   """`apply_fn(images)` with `FLIPPED_KEYS` averaged with the mirrored image's.
 
   The other outputs (the coarser mesh levels) are the plain prediction's.
   Args:
     apply_fn: images [B, H, W, 3] -> model output dict.
     images: [B, H, W, 3].
-    vertex_perm: `mirror_permutation` of the fine template.
+    vertex_perm, joint_perm: as `unflip_outputs`.
   """
   plain = apply_fn(images)
-  mirrored = unflip_outputs(apply_fn(images[:, :, ::-1]), vertex_perm)
+  mirrored = unflip_outputs(apply_fn(images[:, :, ::-1]), vertex_perm, joint_perm)
   return {**plain, **{k: 0.5 * (plain[k] + mirrored[k]) for k in FLIPPED_KEYS}}
+
+
+def hand_flip_test(apply_fn, images):
+  """The flip test of a hand network that predicts both hands.
+
+  The mirrored image shows the other hand; its predicted mesh mirrored in x
+  is this hand's, vertex for vertex and joint for joint (the left hand is the
+  right one mirrored, hand_model.mirror), so nothing is permuted. A network
+  trained on right hands only (FreiHAND) sees a left hand in the mirrored
+  image, outside what it learnt.
+  """
+  return flip_averaged_outputs(apply_fn, images, None, None)

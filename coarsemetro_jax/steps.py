@@ -260,6 +260,18 @@ def state_sharding(abstract_state, device_mesh, param_sharding='replicated', fsd
   return jax.tree.map(spec, abstract_state)
 
 
+def with_camera_bias(params, cam_bias):
+  """params with the camera head's bias set to `cam_bias` (s, tx, ty).
+
+  `config.model.cam_bias_init`: a run from scratch starts at the data's
+  typical camera, as a hand's (its weak-perspective scale is about 10, which
+  Adam's lr-sized steps would take most of a short run to reach from 0).
+  """
+  cam = dict(params['cam_predictor'])
+  cam['bias'] = jnp.asarray(cam_bias, cam['bias'].dtype).reshape(cam['bias'].shape)
+  return {**params, 'cam_predictor': cam}
+
+
 def create_train_state(config, model, rng, device_mesh, image_shape, steps_per_epoch=None):
   """Initialises params, batch_stats and AdamW state directly sharded.
 
@@ -280,9 +292,12 @@ def create_train_state(config, model, rng, device_mesh, image_shape, steps_per_e
 
   def init(rng):
     variables = model.init({'params': rng}, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables['params']
+    if config.model.get('cam_bias_init'):
+      params = with_camera_bias(params, config.model.cam_bias_init)
     return TrainState.create(
         apply_fn=model.apply,
-        params=variables['params'],
+        params=params,
         tx=tx,
         batch_stats=variables.get('batch_stats', {}),
         lr_fn=lr_fn,

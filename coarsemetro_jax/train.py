@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 from coarsemetro_jax import body_model as body_model_lib
 from coarsemetro_jax import build as build_lib
 from coarsemetro_jax import checkpoints
+from coarsemetro_jax import hand_model as hand_model_lib
+from coarsemetro_jax import hand_steps
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import metrics as metrics_lib
 from coarsemetro_jax import steps
@@ -109,6 +111,8 @@ def check_model_inputs(config):
       ('body_model.h36m_regressor', body_model_lib.BodyModelError, 'H36M regressor'),
       ('topology.hierarchy', mesh_topology.TopologyError, 'mesh hierarchy'),
   )
+  if build_lib.is_hand(config):  # the hand model replaces the body model's files
+    files = (('hand_model.path', hand_model_lib.HandModelError, 'hand model'),) + files[2:]
   for key, error, what in files:
     section, name = key.split('.')
     path = config[section][name]
@@ -244,7 +248,9 @@ def evaluate(eval_step, state, data, batch_sharding, max_batches=None):
     if first is None:
       first = jax.tree.map(_local_rows, {'batch': batch, 'predictions': predictions})
   result = {k: float(v) for k, v in collection.compute().items()}
-  result.update({f'{k}_count': int(getattr(collection, k).count) for k in ('mpjpe', 'mpve')})
+  hand = isinstance(collection, metrics_lib.HandEvalMetrics)
+  counted = metrics_lib.HAND_COUNTED if hand else ('mpjpe', 'mpve')
+  result.update({f'{k}_count': int(getattr(collection, k).count) for k in counted})
   return result, first
 
 
@@ -349,7 +355,7 @@ class _Run:
   config: ml_collections.ConfigDict
   workdir: str
   topology: mesh_topology.MeshTopology
-  body: body_model_lib.BodyModel
+  body: body_model_lib.BodyModel | hand_model_lib.HandModel  # the hand's for hand configs
   model: nn.Module
   data: datasets.Datasets
   device_mesh: jax.sharding.Mesh
@@ -372,10 +378,11 @@ def _train_or_eval(run, mode):
       config, model, steps_per_epoch, run.device_mesh, manager, mode
   )
   start_step = int(jax.device_get(state.step))
-  eval_step = steps.make_eval_step(config, model, body, topology, state_sharding, batch_sharding)
+  step_lib = hand_steps if build_lib.is_hand(config) else steps
+  eval_step = step_lib.make_eval_step(config, model, body, topology, state_sharding, batch_sharding)
   # With the flip test on, the final table also has the single-view protocol.
   no_flip_step = (
-      steps.make_eval_step(
+      step_lib.make_eval_step(
           config, model, body, topology, state_sharding, batch_sharding, flip=False
       )
       if config.eval_flip
@@ -394,7 +401,9 @@ def _train_or_eval(run, mode):
       steps_per_epoch,
   )
   writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
-  train_step = steps.make_train_step(config, model, body, topology, state_sharding, batch_sharding)
+  train_step = step_lib.make_train_step(
+      config, model, body, topology, state_sharding, batch_sharding
+  )
   rng = jax.random.key(config.seed + 1)
   report = periodic_actions.ReportProgress(
       num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
@@ -475,8 +484,13 @@ def _final_eval(run, writer, state, step, eval_step, no_flip_step=None, train_me
   config, data, batch_sharding = run.config, run.data, run.batch_sharding
   result, first = evaluate(eval_step, state, data, batch_sharding)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+  hand = build_lib.is_hand(config)
   baseline = None
-  if data.synthetic:
+  if data.synthetic and hand:
+    baseline = datasets.hand_baseline(
+        data.data_config.train_yaml, data.data_config.eval_yaml, config.hand_model.path
+    )
+  elif data.synthetic:
     baseline = metrics_lib.mean_pose_baseline(
         datasets.j14_joints(data.data_config.train_yaml),
         datasets.j14_joints(data.data_config.eval_yaml),
@@ -489,7 +503,7 @@ def _final_eval(run, writer, state, step, eval_step, no_flip_step=None, train_me
     writer.write_scalars(step, {f'eval_no_flip/{k}': v for k, v in single.items()})
     summary['eval_no_flip'] = single
     rows = [(name, single), (f'{name} + flip test', result)]
-  table = metrics_table(rows, baseline)
+  table = (metrics_lib.hand_metrics_table if hand else metrics_table)(rows, baseline)
   if train_metrics is not None:
     summary['train'] = train_metrics  # the last step's loss terms
   summary['skipped_rows'] = data.skipped_rows()

@@ -23,9 +23,20 @@ and, optionally, FastMETRO's `mano_195_adjmat_{indices,values,size}.pt`
 (`adjmat_prefix`; the same graph as the hierarchy's 195-vertex level plus
 self-loops).
 
+Hand model: `hand_model.path` '' is the embedded CC0 hand (the embedded
+hierarchy's mesh); with MANO's hierarchy, point it at MANO's `MANO_RIGHT.pkl`
+(`--config.hand_model.path=/data/mano/MANO_RIGHT.pkl`): the GT meshes, the 21
+joints regressed from a mesh (MANO's 16 plus 5 fingertips) and the faces come
+from it, and it must be the hierarchy's 778-vertex mesh.
+
 Training follows FastMETRO's FreiHAND run: 200 epochs at lr 1e-4 (AdamW, the
 body recipe's optimiser, clipping and batch of 16 x 4 GPUs are assumed the
-same). Data paths are the user's (FreiHAND in METRO's TSV format).
+same), METRO's hand augmentation (rotations with rot_factor 90, no flip), and
+its hand loss (coarsemetro_jax/hand_losses.py): the body's weights
+for 3D joints (1000), vertices (100) and 2D joints (100), vertices 0.5 / 0.5 at
+195 / 778, and the edge-length (1.0) and normal (0.1) terms on the 778 mesh at
+weight 100, always on. Evaluation: PA-MPJPE, PA-MPVPE, F@5 mm and F@15 mm
+(FreiHAND's). Data paths are the user's (FreiHAND in METRO's TSV format).
 
 CoarseMETRO-Hand's stage vertex-token counts (`vertex_tokens`) keep the body
 recipe's token density per stage relative to the coarse mesh: the body's
@@ -38,6 +49,8 @@ like the body's 384 -> 431. Widths are the body recipe's (512 -> 128 -> 64):
 FastMETRO's hand network keeps its body widths too. `python -m
 coarsemetro_jax.profile` gives CoarseMETRO-Hand-S-R50 next to FastMETRO-Hand.
 """
+
+import ml_collections
 
 from configs import r50
 
@@ -63,9 +76,27 @@ def make_hand(config, network):
   # '' = the embedded hand; the real MANO files as in the module docstring.
   config.topology.hierarchy = ''
   config.topology.adjmat_prefix = ''
+  config.hand_model = ml_collections.ConfigDict()
+  config.hand_model.path = ''  # '' = the embedded hand; MANO_RIGHT.pkl
+  # FastMETRO's hand loss (module docstring); no intermediate mesh level.
+  config.loss.vertices_coarse = 0.5  # 195
+  config.loss.vertices_intermediate = 0.0
+  config.loss.vertices_fine = 0.5  # 778
+  config.loss.use_edge_normal = True
+  config.loss.edge_normal = 100.0
+  config.loss.edge_gt = 1.0
+  config.loss.edge_self = 0.0
+  config.loss.normal = 0.1
+  config.loss.vertices_pa = 0.0  # 778 mesh after Procrustes, L1 (not in FastMETRO)
+  # Left hands as they come (FreiHAND has right hands only); True mirrors them
+  # into right hands first (coarsemetro_jax/hand_steps.py).
+  config.mirror_left_hands = False
   # FastMETRO's FreiHAND schedule: 200 epochs at lr 1e-4.
   config.num_epochs = 200
   config.optim.lr = 1e-4
+  # METRO's FreiHAND augmentation rotates by N(0, 90) degrees clipped to +-180
+  # (the body's 30): hands are seen at every in-plane angle.
+  config.data.rot_factor = 90.0
   return config
 
 

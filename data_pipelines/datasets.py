@@ -14,7 +14,7 @@ from TSVs only (the TFDS build stores body labels).
 
 A synthetic dataset lives in a directory of its own under
 `config.data.synthetic.dir`, named after its generation parameters (hands:
-`hand_train<N>_test<N>_seed<S>_<P>px`), so that datasets made with other
+`hand2_train<N>_test<N>_seed<S>_<P>px`), so that datasets made with other
 parameters, or of the other kind, never replace each other. A finished one (it
 has a `synthetic_done.json` marker) is reused; the only thing ever removed is
 this dataset's own unfinished render (`<name>.partial`).
@@ -43,6 +43,11 @@ from data_pipelines import ordering
 DONE_MARKER = 'synthetic_done.json'
 SOURCES = ('tsv', 'tfds', 'synthetic')
 SYNTHETIC_PARAMS = ('num_train', 'num_test', 'seed', 'image_size')
+# Synthetic hands, version 2: palm or back towards the camera
+# (hand_pose_sampler.MAX_PALM_TILT_DEG); version 1 (directories `hand_*`,
+# marker 'hand': true) drew every orientation.
+HAND_VERSION = 2
+HAND_PREFIX = 'hand2_'
 
 
 class DataConfigError(ValueError):
@@ -189,13 +194,13 @@ def synthetic_dir(synthetic_config, hand=False):
   """The directory of the synthetic dataset (of hands) with these generation parameters."""
   p = {k: synthetic_config[k] for k in SYNTHETIC_PARAMS}
   name = f"train{p['num_train']}_test{p['num_test']}_seed{p['seed']}_" f"{p['image_size']}px"
-  return os.path.join(os.path.abspath(synthetic_config.dir), 'hand_' + name if hand else name)
+  return os.path.join(os.path.abspath(synthetic_config.dir), HAND_PREFIX + name if hand else name)
 
 
 def _synthetic_params(data_config):
-  """The generation parameters recorded in the marker (hands: also 'hand': True)."""
+  """The generation parameters recorded in the marker (hands: also 'hand': HAND_VERSION)."""
   params = {k: data_config.synthetic[k] for k in SYNTHETIC_PARAMS}
-  return {**params, 'hand': True} if data_config.get('hand', False) else params
+  return {**params, 'hand': HAND_VERSION} if data_config.get('hand', False) else params
 
 
 @contextlib.contextmanager

@@ -255,7 +255,8 @@ def test_build_loads_the_hand_hierarchy(hand_hierarchy):
   config.topology.hierarchy = hand_hierarchy[0]
   topology, body, model = build_lib.build(config, body=False)
   assert topology.num_vertices == (778, 195) and body is None and model.hand
-  with pytest.raises(ValueError, match='need the hand model'):
+  # The embedded hand model is not this random hierarchy's mesh.
+  with pytest.raises(ValueError, match='is not the mesh of the hand hierarchy'):
     build_lib.build(config)
 
 

@@ -23,6 +23,8 @@ CORE = {
     'coarsemetro_jax.mesh_topology',
     'coarsemetro_jax.body_model',
     'coarsemetro_jax.hand_model',
+    'coarsemetro_jax.hand_losses',
+    'coarsemetro_jax.hand_steps',
     'coarsemetro_jax.joints',
     'coarsemetro_jax.losses',
     'coarsemetro_jax.smpl_param_loss',

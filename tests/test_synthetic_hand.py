@@ -164,6 +164,18 @@ def test_sampler_stays_within_the_limits_and_covers_them(assets):
   assert np.abs(mean_rot).max() < 0.12
 
 
+def test_global_orientation_shows_the_palm_or_the_back(rest21):
+  rng = np.random.default_rng(0)
+  palm = hps.palm_normal(rest21)
+  tilt = lambda rotvec: np.degrees(np.arccos(abs(Rotation.from_rotvec(rotvec).apply(palm)[2])))
+  tilts = np.array([tilt(hps.sample_pose(rng, rest21)[:3]) for _ in range(200)])
+  assert tilts.max() <= hps.MAX_PALM_TILT_DEG and tilts.min() < 10.0
+  # Uniform over those rotations: the normal's |z| is uniform in [cos 60, 1].
+  assert abs(np.mean(np.cos(np.radians(tilts))) - 0.75) < 0.03
+  anywhere = [tilt(hps.sample_global_orientation(rng)) for _ in range(200)]
+  assert max(anywhere) > 80.0
+
+
 def test_penetration_test(assets, rest21):
   right, betas = assets.right, np.zeros(10)
   joints = lambda angles: hand_np.lbs(right, hps.angles_to_pose(rest21, angles), betas)[1]
@@ -204,7 +216,9 @@ def test_label_projects_its_joints_and_matches_the_image(assets):
     rel = j3d[:, :3] - j3d[0, :3]
     a = np.c_[rel[:, :2].reshape(-1, 1), np.tile(np.eye(2), (21, 1))]
     fit, *_ = np.linalg.lstsq(a, j2d[:, :2].reshape(-1), rcond=None)
-    assert np.abs(a @ fit - j2d[:, :2].reshape(-1)).max() < 0.5  # px
+    # Its error is about the joints' offset from the image centre (up to ~50 px)
+    # times the hand's depth spread over the camera distance (~2 %): under 1 px.
+    assert np.abs(a @ fit - j2d[:, :2].reshape(-1)).max() < 1.0  # px
     # Joints lie inside the hand: most project onto its pixels.
     px = np.clip(np.round(j2d[:, :2]).astype(int), 0, size - 1)
     assert np.mean(out['face_id'][px[:, 1], px[:, 0]] >= 0) > 0.8
@@ -288,7 +302,7 @@ def test_synthetic_hands_are_cached_apart_from_bodies(tmp_path):
   assert data.hand  # one value with config.model.hand
   body_dir = datasets.synthetic_dir(data.synthetic)
   hand_dir = datasets.synthetic_dir(data.synthetic, hand=True)
-  assert os.path.basename(hand_dir) == 'hand_train4_test2_seed0_48px'
+  assert os.path.basename(hand_dir) == 'hand2_train4_test2_seed0_48px'
   # A body dataset with the same parameters (and a file of the user's) is left alone.
   os.makedirs(body_dir)
   with open(os.path.join(body_dir, datasets.DONE_MARKER), 'w') as f:
@@ -301,7 +315,7 @@ def test_synthetic_hands_are_cached_apart_from_bodies(tmp_path):
   out = datasets.prepare_synthetic(data)
   assert out == hand_dir
   with open(os.path.join(out, datasets.DONE_MARKER)) as f:
-    assert json.load(f)['hand'] is True
+    assert json.load(f)['hand'] == datasets.HAND_VERSION == 2
   with open(os.path.join(body_dir, 'sentinel')) as f:
     assert f.read() == 'user data'
   stamp = os.stat(os.path.join(out, 'train.img.tsv')).st_mtime_ns

@@ -25,8 +25,11 @@ Flexion at the MCP, PIP and DIP joints (and the thumb's MCP and IP) is measured
 from the straight finger (`rest_flexion`): a rest mesh whose fingers are
 already bent (the embedded hand's are, by up to 20 degrees) keeps the anatomical
 limits. The thumb's CMC joint has no straight reference; its angles are from
-the rest pose. Global orientation (joint 0) is uniform over all rotations:
-hands are photographed from every side.
+the rest pose. Global orientation (joint 0) is uniform over the rotations
+that show the palm or the back of the hand to the camera: the palm normal
+within MAX_PALM_TILT_DEG of the viewing axis, at any roll about it (as in
+FreiHAND's photographs, where the fingers are seldom seen end on);
+`max_palm_tilt=None` draws from all rotations.
 
 A pose is drawn from a small mixture: 'grasp' (one closing amount for the
 hand, each finger near it: open hands, relaxed hands, fists and grips),
@@ -96,6 +99,9 @@ LIMITS_DEG = {
 }
 # Joints whose flexion is measured from the straight finger (all but the CMC).
 FROM_STRAIGHT = tuple(j for j in range(1, NUM_JOINTS) if j != 13)
+# Largest angle (degrees) between the palm normal and the camera axis (either
+# way): the palm or the back of the hand faces the camera.
+MAX_PALM_TILT_DEG = 60.0
 MODES = ('grasp', 'gesture', 'uniform')
 MODE_PROBS = (0.6, 0.2, 0.2)
 # The DIP follows the PIP (the coupling of the two flexor tendons): about 2/3.
@@ -242,10 +248,19 @@ def sample_angles(rng):
   return angles
 
 
-def sample_global_orientation(rng):
-  """Uniformly distributed rotation, as an axis-angle [3] (a normalised 4D Gaussian quaternion)."""
-  q = rng.standard_normal(4)
-  return Rotation.from_quat(q / np.linalg.norm(q)).as_rotvec()
+def sample_global_orientation(rng, palm=None, max_palm_tilt=None):
+  """A random global orientation, as an axis-angle [3].
+
+  Uniform over all rotations (a normalised 4D Gaussian quaternion), or, with
+  the rest palm normal `palm` [3] and `max_palm_tilt` (degrees), uniform over
+  those that turn it to within that angle of the camera axis z or of -z
+  (rejection sampling).
+  """
+  while True:
+    q = rng.standard_normal(4)
+    rot = Rotation.from_quat(q / np.linalg.norm(q))
+    if max_palm_tilt is None or abs(rot.apply(palm)[2]) >= np.cos(np.radians(max_palm_tilt)):
+      return rot.as_rotvec()
 
 
 def _segment_points(a, b, n):
@@ -298,7 +313,7 @@ def penetrates(hand_joints):
   return False
 
 
-def sample_pose(rng, rest21, hand_joints_fn=None, max_tries=20):
+def sample_pose(rng, rest21, hand_joints_fn=None, max_tries=20, max_palm_tilt=MAX_PALM_TILT_DEG):
   """Samples a right-hand pose within the joint limits.
 
   Args:
@@ -307,9 +322,10 @@ def sample_pose(rng, rest21, hand_joints_fn=None, max_tries=20):
     hand_joints_fn: optional pose [48] -> posed 21 joints [21, 3]; when given,
       poses that `penetrates` are redrawn (after max_tries the last is kept).
     max_tries: draws before giving up on a penetration-free pose.
+    max_palm_tilt: `sample_global_orientation`'s (None: any orientation).
 
   Returns:
-    [48] MANO axis-angle pose (joint 0: a uniformly random global orientation).
+    [48] MANO axis-angle pose (joint 0: the global orientation).
   """
   frames = joint_frames(rest21)
   flex0 = rest_flexion(rest21, frames)
@@ -322,7 +338,7 @@ def sample_pose(rng, rest21, hand_joints_fn=None, max_tries=20):
     pose = Rotation.from_matrix(rot).as_rotvec().reshape(3 * NUM_JOINTS)
     if hand_joints_fn is None or not penetrates(hand_joints_fn(pose)):
       break
-  pose[:3] = sample_global_orientation(rng)
+  pose[:3] = sample_global_orientation(rng, palm_normal(rest21), max_palm_tilt)
   return pose
 
 
