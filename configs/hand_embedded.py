@@ -40,14 +40,15 @@ def get_config():
   # projected hands were a fraction of the real ones and the 2D loss pulled
   # the 3D joints apart.
   config.model.cam_bias_init = (10.0, 0.0, 0.0)
-  # Half the synthetic hands are left hands under any rotation: a network this
+  # Half the synthetic hands are left hands: a network this
   # small could not tell the sides apart and predicted a flat hand between
   # them (its PA-MPVPE was the same for its mesh and that mesh mirrored). The
   # side is known (as a hand detector gives it, and as the mean-pose baseline
   # is told it), so left hands are mirrored into right ones.
   config.mirror_left_hands = True
-  # The metric aligns rotation and scale away, and the global orientation,
-  # uniform over all rotations in these renders, is the hardest part to learn:
+  # The metric aligns rotation and scale away, and the global orientation
+  # (any roll, palm or back within 60 degrees of the view axis in these
+  # renders) is the hardest part to learn:
   # Procrustes-aligned joint and vertex losses reward the articulation itself,
   # and the camera-frame joint loss gets a tenth of FastMETRO's weight.
   config.loss.joints_3d = 100.0
