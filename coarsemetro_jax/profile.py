@@ -94,25 +94,46 @@ def _eqn_counts(eqn):
   return Counts()
 
 
-def count_jaxpr(jaxpr, by_scope=None, scope_depth=2):
+def _scope_of(eqn, prefix):
+  return (prefix + str(eqn.source_info.name_stack)).strip('/')
+
+
+def count_jaxpr(jaxpr, by_scope=None, scope_depth=2, scope_prefix=''):
   """Sums fvcore-style counts over a (closed) jaxpr, recursing into sub-jaxprs.
 
   If `by_scope` (a defaultdict(Counts)) is given, counts are also accumulated
   per name-stack prefix of `scope_depth` components (e.g. 'CoarseMETRO/backbone').
+  A cond's branches are traced with their own name stacks: `scope_prefix` is
+  the cond's.
   """
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   total = Counts()
   for eqn in jaxpr.eqns:
     subs = list(_sub_jaxprs(eqn))
+    if eqn.primitive.name == 'cond':
+      # One branch runs (lax.platform_dependent's branches compute the same
+      # function for different backends): count one, not their sum; the
+      # largest, and of equals the one with the fewest outputs (a convolution
+      # rather than its per-tap dots).
+      branches = []
+      for sub in subs:
+        scoped = collections.defaultdict(Counts) if by_scope is not None else None
+        prefix = _scope_of(eqn, scope_prefix)
+        branches.append((count_jaxpr(sub, scoped, scope_depth, prefix + '/'), scoped))
+      counts, scoped = max(branches, key=lambda b: (b[0].flops, -b[0].activations))
+      total = total + counts
+      for scope, c in (scoped or {}).items():
+        by_scope[scope] = by_scope[scope] + c
+      continue
     if subs:
       for sub in subs:
-        total = total + count_jaxpr(sub, by_scope, scope_depth)
+        total = total + count_jaxpr(sub, by_scope, scope_depth, scope_prefix)
       continue
     c = _eqn_counts(eqn)
     if c.flops or c.activations:
       total = total + c
       if by_scope is not None:
-        scope = '/'.join(str(eqn.source_info.name_stack).split('/')[:scope_depth])
+        scope = '/'.join(_scope_of(eqn, scope_prefix).split('/')[:scope_depth])
         by_scope[scope] = by_scope[scope] + c
   return total
 
