@@ -44,6 +44,7 @@ import numpy as np
 
 from coarsemetro_jax import build
 from coarsemetro_jax import config_files
+from coarsemetro_jax.models import batch_norm
 
 EXCLUDED_FROM_TRANSFORMER_PARAMS = ('coarse2intermediate_upsample',)
 # Paper Table 1: transformer params (M), GFLOPs, activations (M), overall params (M).
@@ -144,7 +145,8 @@ def _norm_flops(model, variables, images):
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == '__call__' and isinstance(module, (nn.LayerNorm, nn.BatchNorm)):
+    norms = (nn.LayerNorm, nn.BatchNorm, batch_norm.BatchNorm)
+    if context.method_name == '__call__' and isinstance(module, norms):
       per_element = 5 if isinstance(module, nn.LayerNorm) else 2
       top = module.path[0] if module.path else ''
       flops[top] += per_element * int(np.prod(args[0].shape))

@@ -45,3 +45,15 @@ def test_resnet50_forward_is_4_1_gmac():
   # All of it under the module's name, including convolutions inside the
   # platform branches (traced with their own name stacks).
   assert set(by_scope) == {'ResNet'} and by_scope['ResNet'].flops == total.flops
+
+
+def test_resnet_batch_norms_counted_two_per_element():
+  # Every ResNet convolution feeds exactly one BatchNorm (2 FLOPs per element
+  # in eval, fvcore's convention), so the norms count twice the convolutions'
+  # output elements.
+  model = resnet.ResNet(depths=(1, 1, 1, 1), width=16)
+  images = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images)
+  norms = profile._norm_flops(model, variables, images)
+  assert sum(norms.values()) == 2 * profile.count_jaxpr(jaxpr).activations > 0
