@@ -23,7 +23,6 @@ Hand batches are the body's dict with joints_2d [B, 21, 3], joints_3d
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from coarsemetro_jax import hand_losses
 from coarsemetro_jax import hand_model as hand_model_lib
@@ -86,29 +85,14 @@ def jit_train_step(config, model, topology, state_sharding_, batch_sharding_):
   def train_step(state, batch, rng, hand):
     if config.get('mirror_left_hands', False):
       batch, _ = to_right_hands(batch)
-    rngs = steps.step_rngs(rng, state.step)
     gt_vertices, gt_joints = hand_losses.ground_truth_mesh(hand, batch)
 
-    def loss_fn(params):
-      params = steps.stop_frozen_gradients(params, config.optim)
-      variables = {'params': params, 'batch_stats': state.batch_stats}
-      outputs, new_stats = steps.apply_train(
-          model, variables, batch['image'], rngs, config.bn_group_size
-      )
-      loss, terms = hand_losses.compute_loss(
+    def loss_of_outputs(outputs):
+      return hand_losses.compute_loss(
           outputs, batch, gt_vertices, gt_joints, hand, topology, config.loss
       )
-      return loss, (terms, new_stats)
 
-    (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-    out = {
-        'loss': loss,
-        'grad_norm': optax.tree.norm(grads),
-        'lr': jnp.asarray(state.lr_fn(state.step), jnp.float32),
-    }
-    out.update({f'loss_{k}': v for k, v in terms.items()})
-    return new_state, out
+    return steps.gradient_step(config, model, state, batch['image'], rng, loss_of_outputs)
 
   return jax.jit(
       train_step,

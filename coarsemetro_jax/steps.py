@@ -369,6 +369,34 @@ def make_train_step(config, model, body, topology, state_sharding_, batch_shardi
   return lambda state, batch, rng: jitted(state, batch, rng, body)
 
 
+def gradient_step(config, model, state, images, rng, loss_of_outputs):
+  """One optimiser step on `images` [B, S, S, 3]: the body's and the hand's train steps.
+
+  The forward pass runs in train mode (per-step dropout keys from `rng`,
+  BatchNorm groups), `loss_of_outputs(outputs) -> (loss, {term: value})`
+  scores it, and AdamW applies the gradient (frozen groups stopped).
+  Returns (new_state, {'loss', 'grad_norm', 'lr', 'loss_<term>', ...}).
+  """
+  rngs = step_rngs(rng, state.step)
+
+  def loss_fn(params):
+    params = stop_frozen_gradients(params, config.optim)
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    outputs, new_stats = apply_train(model, variables, images, rngs, config.bn_group_size)
+    loss, terms = loss_of_outputs(outputs)
+    return loss, (terms, new_stats)
+
+  (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+  out = {
+      'loss': loss,
+      'grad_norm': optax.tree.norm(grads),
+      'lr': jnp.asarray(state.lr_fn(state.step), jnp.float32),
+  }
+  out.update({f'loss_{k}': v for k, v in terms.items()})
+  return new_state, out
+
+
 def jit_train_step(config, model, topology, state_sharding_, batch_sharding_):
   """`make_train_step`'s step as `jitted(state, batch, rng, body)`.
 
@@ -378,30 +406,18 @@ def jit_train_step(config, model, topology, state_sharding_, batch_sharding_):
   repl = replicated(batch_sharding_.mesh)
 
   def train_step(state, batch, rng, body):
-    rngs = step_rngs(rng, state.step)
     regress = functools.partial(body_model.h36m_joints, body)
     gt_vertices = _ground_truth_mesh(body, batch)
 
-    def loss_fn(params):
-      params = stop_frozen_gradients(params, config.optim)
-      variables = {'params': params, 'batch_stats': state.batch_stats}
-      outputs, new_stats = apply_train(model, variables, batch['image'], rngs, config.bn_group_size)
+    def loss_of_outputs(outputs):
       loss, terms = losses.compute_loss(outputs, batch, gt_vertices, regress, topology, config.loss)
       if config.model.smpl_param_regressor:
         loss, terms = with_smpl_param_loss(
             loss, terms, outputs, batch, gt_vertices, regress, topology, body, config.loss
         )
-      return loss, (terms, new_stats)
+      return loss, terms
 
-    (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-    out = {
-        'loss': loss,
-        'grad_norm': optax.tree.norm(grads),
-        'lr': jnp.asarray(state.lr_fn(state.step), jnp.float32),
-    }
-    out.update({f'loss_{k}': v for k, v in terms.items()})
-    return new_state, out
+    return gradient_step(config, model, state, batch['image'], rng, loss_of_outputs)
 
   return jax.jit(
       train_step,
