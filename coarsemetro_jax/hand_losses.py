@@ -173,11 +173,7 @@ def compute_loss(outputs, batch, gt_vertices_fine, gt_mesh_joints, hand, topolog
   has_smpl = flag('has_smpl') * mask
   mask_2d = mask * (flag('has_2d_joints') if c.use_has_2d_joints else 1.0)
 
-  # Labels of examples without them may hold anything; keep NaN out (losses.py).
-  gt['joints_3d'] = jnp.where(has_3d[:, None, None] > 0, gt['joints_3d'], 0.0)
-  for level in ('coarse', 'fine'):
-    key = f'vertices_{level}'
-    gt[key] = jnp.where(has_smpl[:, None, None] > 0, gt[key], 0.0)
+  gt = losses.zero_missing_labels(gt, has_3d, has_smpl, ('coarse', 'fine'))
 
   terms = {}
   terms['joints_3d_token'] = keypoint_3d_loss(pred['token_joints'], gt['joints_3d'], has_3d)

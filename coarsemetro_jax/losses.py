@@ -256,6 +256,20 @@ def centre_predictions(outputs, regress_h36m):
 # Total loss.
 
 
+def zero_missing_labels(gt, has_3d, has_smpl, levels):
+  """`gt` with 'joints_3d' zeroed where has_3d [B] is 0 and 'vertices_<level>' where has_smpl is.
+
+  Labels of examples without them may hold anything (even NaN); zeroing them
+  keeps 0 * NaN out of the loss value and its gradient.
+  """
+  gt = dict(gt)
+  gt['joints_3d'] = jnp.where(has_3d[:, None, None] > 0, gt['joints_3d'], 0.0)
+  for level in levels:
+    key = f'vertices_{level}'
+    gt[key] = jnp.where(has_smpl[:, None, None] > 0, gt[key], 0.0)
+  return gt
+
+
 def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology, loss_config):
   """The weighted total loss and its unweighted terms.
 
@@ -279,13 +293,7 @@ def compute_loss(outputs, batch, gt_vertices_fine, regress_h36m, topology, loss_
   has_smpl = flag('has_smpl') * mask
   mask_2d = mask * (flag('has_2d_joints') if c.use_has_2d_joints else 1.0)
 
-  # Labels of examples without them may hold anything (even NaN); zero them so
-  # nothing leaks through 0 * NaN in the value or the gradient.
-  gt = dict(gt)
-  gt['joints_3d'] = jnp.where(has_3d[:, None, None] > 0, gt['joints_3d'], 0.0)
-  for level in ('coarse', 'intermediate', 'fine'):
-    key = f'vertices_{level}'
-    gt[key] = jnp.where(has_smpl[:, None, None] > 0, gt[key], 0.0)
+  gt = zero_missing_labels(gt, has_3d, has_smpl, ('coarse', 'intermediate', 'fine'))
 
   terms = {}
   terms['joints_3d_token'] = keypoint_3d_loss(pred['token_joints'], gt['joints_3d'], has_3d)
