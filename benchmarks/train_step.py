@@ -41,6 +41,7 @@ import numpy as np
 
 from benchmarks import _timing
 from coarsemetro_jax import losses
+from coarsemetro_jax import optimizer
 from coarsemetro_jax import steps
 
 NUM_H36M = 17
@@ -102,8 +103,8 @@ def jax_train_step(pair, part, regressor):
 
 
 def new_state(config, variables):
-  """TrainState (AdamW of steps.make_optimizer) over {'params', 'batch_stats'}."""
-  tx, _ = steps.make_optimizer(config.optim)
+  """TrainState (AdamW of optimizer.make_optimizer) over {'params', 'batch_stats'}."""
+  tx, _ = optimizer.make_optimizer(config.optim)
   return steps.TrainState.create(
       apply_fn=None, params=variables['params'], tx=tx, batch_stats=variables.get('batch_stats', {})
   )

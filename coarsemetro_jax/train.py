@@ -37,6 +37,7 @@ from coarsemetro_jax import hand_model as hand_model_lib
 from coarsemetro_jax import hand_steps
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import metrics as metrics_lib
+from coarsemetro_jax import optimizer
 from coarsemetro_jax import steps
 from data_pipelines import bad_rows
 from data_pipelines import datasets
@@ -332,7 +333,7 @@ def train_and_evaluate(config, workdir, mode='train'):
   data = datasets.Datasets.create(config, rendered)
   device_mesh = steps.make_device_mesh()
   batch_sharding = steps.batch_sharding(device_mesh)
-  num_steps = steps.total_train_steps(config, data.steps_per_epoch)
+  num_steps = optimizer.total_train_steps(config, data.steps_per_epoch)
   manager = checkpoints.make_manager(
       workdir, config.checkpoint_every_steps, config.keep_checkpoints
   )

@@ -9,7 +9,7 @@ import pytest
 from coarsemetro_jax import config_files
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
-from coarsemetro_jax import steps
+from coarsemetro_jax import optimizer
 from configs import embedded
 from configs import fastmetro
 from configs import h64
@@ -75,7 +75,7 @@ def test_embedded_recipe_token_grid_and_schedule():
   assert features.shape == (2, 3, 3, 512)
   # Warm-up to lr, then a straight line to 0 at the last step.
   assert config.optim.schedule == 'linear'
-  _, lr_fn = steps.make_optimizer(config.optim, total_steps=steps.total_train_steps(config))
+  _, lr_fn = optimizer.make_optimizer(config.optim, total_steps=optimizer.total_train_steps(config))
   warmup, total = config.optim.warmup_steps, config.num_train_steps
   assert float(lr_fn(0)) == 0.0
   assert float(lr_fn(warmup)) == pytest.approx(config.optim.lr)

@@ -30,6 +30,7 @@ CORE = {
     'coarsemetro_jax.smpl_param_loss',
     'coarsemetro_jax.metrics',
     'coarsemetro_jax.steps',
+    'coarsemetro_jax.optimizer',
     'coarsemetro_jax.image_ops',
     'coarsemetro_jax.rasterizer',
     'coarsemetro_jax.mirror',

@@ -13,6 +13,7 @@ import pytest
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
+from coarsemetro_jax import optimizer
 from coarsemetro_jax import steps
 from configs import r50
 
@@ -224,7 +225,7 @@ def test_train_step_same_on_8_devices_as_on_1(one_device_reference, eight_device
 
 def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
   config = r50.get_config().optim
-  up = steps.UPSAMPLE_MODULE
+  up = optimizer.UPSAMPLE_MODULE
   params = {
       'backbone': {'w': jnp.float32([1, 2])},
       'head': {'w': jnp.float32([3])},
@@ -232,7 +233,7 @@ def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
   }
 
   def loss(p, c):
-    p = steps.stop_frozen_gradients(p, c)
+    p = optimizer.stop_frozen_gradients(p, c)
     return sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
 
   expected = jax.tree.map(lambda x: 2 * x, params)  # d/dx sum(x^2)
@@ -244,8 +245,8 @@ def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
   expected['backbone']['w'] = jnp.zeros(2)
   assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
   # Everything but the SMPL-parameter head frozen: only the head moves.
-  params[steps.SMPL_HEAD_MODULE] = {'w': jnp.float32([6])}
-  expected[steps.SMPL_HEAD_MODULE] = {'w': jnp.float32([12])}
+  params[optimizer.SMPL_HEAD_MODULE] = {'w': jnp.float32([6])}
+  expected[optimizer.SMPL_HEAD_MODULE] = {'w': jnp.float32([12])}
   config.rest_lr_mult = 0.0
   expected['head']['w'] = jnp.zeros(1)
   assert_trees_close(jax.grad(loss)(params, config), expected, 0, 0)
@@ -264,7 +265,7 @@ def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
     state, out = train_step(state, jax.device_put(make_batch(), batch_sharding), jax.random.key(7))
   after = jax.device_get(state.params)
   np.testing.assert_allclose(out['loss'], out_ref['loss'], rtol=1e-6)
-  for name in ('backbone', steps.UPSAMPLE_MODULE):
+  for name in ('backbone', optimizer.UPSAMPLE_MODULE):
     assert_trees_close(after[name], before[name], 0, 0)
   # The reference's first AdamW moments are (1 - b1) * the clipped gradient:
   # the frozen step's norm is the reference's without these groups'.
@@ -274,7 +275,7 @@ def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
       if '.mu' in jax.tree_util.keystr(path)
       and any(
           f"['{name}']" in jax.tree_util.keystr(path)
-          for name in ('backbone', steps.UPSAMPLE_MODULE)
+          for name in ('backbone', optimizer.UPSAMPLE_MODULE)
       )
   ]
   num_frozen = len(jax.tree.leaves(before['backbone'])) + 2  # + kernel, bias
@@ -473,14 +474,14 @@ def test_optimizer_clipping_group_multipliers_and_step_decay():
   config = r50.get_config().optim
   config.backbone_lr_mult = 0.1
   config.upsample_lr_mult = 0.5
-  up = steps.UPSAMPLE_MODULE
+  up = optimizer.UPSAMPLE_MODULE
   params = {'backbone': {'w': jnp.ones(3)}, 'head': {'w': jnp.ones(2)}, up: {'kernel': jnp.ones(1)}}
   grads = {
       'backbone': {'w': jnp.float32([3, 0, 4])},
       'head': {'w': jnp.float32([0, 0])},
       up: {'kernel': jnp.float32([0])},
   }
-  tx, lr_fn = steps.make_optimizer(config)
+  tx, lr_fn = optimizer.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   # Reference: clip to norm 0.3, then plain AdamW with the group's lr (the
   # zero-gradient groups still get the decoupled weight decay, lr * 1e-4).
@@ -494,8 +495,8 @@ def test_optimizer_clipping_group_multipliers_and_step_decay():
   assert float(lr_fn(10**6)) == pytest.approx(1e-4)  # constant by default
   config.lr_drop_epochs = 2
   with pytest.raises(ValueError, match='steps_per_epoch'):
-    steps.make_optimizer(config)
-  _, lr_fn = steps.make_optimizer(config, steps_per_epoch=10)
+    optimizer.make_optimizer(config)
+  _, lr_fn = optimizer.make_optimizer(config, steps_per_epoch=10)
   np.testing.assert_allclose(
       [lr_fn(s) for s in (0, 19, 20, 39, 40)], [1e-4, 1e-4, 1e-5, 1e-5, 1e-6], rtol=1e-5
   )
@@ -506,7 +507,7 @@ def test_grad_clip_norm_zero_turns_clipping_off():
   config.grad_clip_norm = 0.0
   params = {'w': jnp.ones(2)}
   grads = {'w': jnp.float32([30.0, -40.0])}  # norm 50, far above 0.3
-  tx, _ = steps.make_optimizer(config)
+  tx, _ = optimizer.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   ref = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
   ref_updates, _ = ref.update(grads, ref.init(params), params)
@@ -518,7 +519,7 @@ def test_grad_clip_norm_zero_turns_clipping_off():
   np.testing.assert_allclose(state[0].mu['w'], [3.0, -4.0], rtol=1e-6)
   config.grad_clip_norm = -1.0
   with pytest.raises(ValueError, match='grad_clip_norm'):
-    steps.make_optimizer(config)
+    optimizer.make_optimizer(config)
 
 
 def test_cosine_schedule_with_warmup():
@@ -528,7 +529,7 @@ def test_cosine_schedule_with_warmup():
   config.optim.warmup_steps = 10
   config.num_train_steps = 110
   # Hand-computed: linear 0 -> lr over 10 steps, then lr/2 (1 + cos(pi t/100)).
-  _, lr_fn = steps.make_optimizer(config.optim, total_steps=steps.total_train_steps(config))
+  _, lr_fn = optimizer.make_optimizer(config.optim, total_steps=optimizer.total_train_steps(config))
   np.testing.assert_allclose(
       [float(lr_fn(s)) for s in (0, 5, 10, 35, 60, 110)],
       [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 5e-4, 0.0],
@@ -537,12 +538,12 @@ def test_cosine_schedule_with_warmup():
   # Over num_epochs when num_train_steps is unset.
   config.num_train_steps = -1
   config.num_epochs = 2
-  assert steps.total_train_steps(config, steps_per_epoch=55) == 110
+  assert optimizer.total_train_steps(config, steps_per_epoch=55) == 110
   with pytest.raises(ValueError, match='total steps'):
-    steps.make_optimizer(config.optim)
+    optimizer.make_optimizer(config.optim)
   config.optim.schedule = 'exponential'
   with pytest.raises(ValueError, match="'step', 'cosine' or 'linear'"):
-    steps.make_optimizer(config.optim, total_steps=100)
+    optimizer.make_optimizer(config.optim, total_steps=100)
 
 
 def test_linear_schedule_with_warmup():
@@ -551,14 +552,14 @@ def test_linear_schedule_with_warmup():
   config.optim.schedule = 'linear'
   config.optim.warmup_steps = 10
   # Hand-computed: linear 0 -> lr over 10 steps, then lr (1 - t/100) to 0.
-  _, lr_fn = steps.make_optimizer(config.optim, total_steps=110)
+  _, lr_fn = optimizer.make_optimizer(config.optim, total_steps=110)
   np.testing.assert_allclose(
       [float(lr_fn(s)) for s in (0, 5, 10, 35, 60, 109, 110, 200)],
       [0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 1e-5, 0.0, 0.0],
       atol=1e-9,
   )
   with pytest.raises(ValueError, match="'linear' needs the run's total steps"):
-    steps.make_optimizer(config.optim)
+    optimizer.make_optimizer(config.optim)
 
 
 def test_fsdp_spec_rule():
