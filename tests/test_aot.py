@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from coarsemetro_jax import aot
+from coarsemetro_jax import compile_targets
 from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import steps
@@ -71,7 +72,7 @@ def needs_libtpu(monkeypatch):
 
 def test_tiny_compiles_for_8_cpu_devices():
   config = tiny.get_config()
-  target = aot.make_target('cpu:8')
+  target = compile_targets.make_target('cpu:8')
   report = aot.compile_steps(config, target, PER_CHIP_BATCH)
   assert target.chip is None and report.fits() is None
   check_report(report, config, 8)
@@ -83,7 +84,7 @@ def test_fsdp_shards_params_and_optimizer_state():
   config = tiny.get_config()
   config.param_sharding = 'fsdp'
   config.fsdp_min_size = 2**10
-  target = aot.make_target('cpu:8')
+  target = compile_targets.make_target('cpu:8')
   state, _ = aot.abstract_state(
       config,
       models.build_model(config.model, mesh_topology.load_topology()),
@@ -103,8 +104,8 @@ def test_fsdp_shards_params_and_optimizer_state():
 def test_tiny_compiles_for_a_v5e_slice(monkeypatch):
   needs_libtpu(monkeypatch)
   config = tiny.get_config()
-  target = aot.make_target('v5e:2x2')
-  assert target.chip is aot.CHIPS['v5e'] and target.num_chips == 4
+  target = compile_targets.make_target('v5e:2x2')
+  assert target.chip is compile_targets.CHIPS['v5e'] and target.num_chips == 4
   report = aot.compile_steps(config, target, PER_CHIP_BATCH)
   assert report.fits() is True
   assert report.params == tiny_params_bytes(config)
@@ -125,16 +126,16 @@ def test_tiny_compiles_for_a_v5e_slice(monkeypatch):
 )
 def test_tpu_topologies_count_chips(name, devices, chips, kind, monkeypatch):
   needs_libtpu(monkeypatch)
-  target = aot.make_target(name)
+  target = compile_targets.make_target(name)
   assert len(target.devices) == devices and target.num_chips == chips
-  assert target.chip is aot.CHIPS[kind]
+  assert target.chip is compile_targets.CHIPS[kind]
 
 
 def test_local_devices_without_topology():
-  target = aot.make_target('')
+  target = compile_targets.make_target('')
   assert len(target.devices) == jax.device_count() and target.devices_per_chip == 1
   assert target.chip is None  # CPU: no published HBM or peak
-  assert aot.make_target('', peak_tflops=2.0).chip.peak_bf16_flops == 2e12
+  assert compile_targets.make_target('', peak_tflops=2.0).chip.peak_bf16_flops == 2e12
 
 
 @pytest.mark.parametrize(
