@@ -27,10 +27,10 @@ already bent (the embedded hand's are, by up to 20 degrees) keeps the anatomical
 limits. The thumb's CMC joint has no straight reference; its angles are from
 the rest pose. Global orientation (joint 0) is uniform over the rotations
 that show the palm or the back of the hand to the camera: the palm normal
-within MAX_PALM_TILT_DEG of the viewing axis, at any roll about it (as in
-FreiHAND's photographs, where the fingers are seldom seen end on), and with
-the hand's long axis (wrist to middle knuckle) within MAX_ROLL_DEG of the
-image's up direction; `max_palm_tilt=None` draws from all rotations.
+within MAX_PALM_TILT_DEG of the viewing axis (as in FreiHAND's photographs,
+where the fingers are seldom seen end on), and the hand's long axis (wrist to
+middle knuckle) within MAX_ROLL_DEG of the image's up direction;
+`max_palm_tilt=None, max_roll=None` draws from all rotations.
 
 A pose is drawn from a small mixture: 'grasp' (one closing amount for the
 hand, each finger near it: open hands, relaxed hands, fists and grips),
@@ -105,11 +105,11 @@ FROM_STRAIGHT = tuple(j for j in range(1, NUM_JOINTS) if j != 13)
 MAX_PALM_TILT_DEG = 60.0
 # Largest angle (degrees) in the image between the hand's long axis (wrist to
 # middle knuckle) and the image's up direction: a hand held up in front of the
-# camera. At any roll, a network of the embedded recipe's size (2 cores, ten
-# minutes) learned neither the in-plane orientation nor, since the vertices
-# are predicted in camera axes, the fingers' articulation. Real-data recipes
-# add METRO's rotation augmentation (rot_factor) on top of whatever the data
-# shows.
+# camera. The network predicts vertices in camera axes, so it has to read the
+# orientation before the articulation can lower its loss; at any roll, the
+# embedded recipe's network stayed nearer the mean hand (docs/hand_recipe.md).
+# Real-data recipes add METRO's rotation augmentation (rot_factor) to whatever
+# the data shows.
 MAX_ROLL_DEG = 60.0
 MODES = ('grasp', 'gesture', 'uniform')
 MODE_PROBS = (0.6, 0.2, 0.2)
