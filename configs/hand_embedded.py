@@ -47,8 +47,9 @@ def get_config():
   # is told it), so left hands are mirrored into right ones.
   config.mirror_left_hands = True
   # The metric aligns rotation and scale away, and the global orientation
-  # (any roll, palm or back within 60 degrees of the view axis in these
-  # renders) is the hardest part to learn:
+  # (palm or back within 60 degrees of the view axis, fingers up within 60
+  # degrees of the image's up direction, in these renders) is the hardest
+  # part to learn:
   # Procrustes-aligned joint and vertex losses reward the articulation itself,
   # and the camera-frame joint loss gets a tenth of FastMETRO's weight.
   config.loss.joints_3d = 100.0

@@ -14,7 +14,7 @@ from TSVs only (the TFDS build stores body labels).
 
 A synthetic dataset lives in a directory of its own under
 `config.data.synthetic.dir`, named after its generation parameters (hands:
-`hand2_train<N>_test<N>_seed<S>_<P>px`), so that datasets made with other
+`hand3_train<N>_test<N>_seed<S>_<P>px`), so that datasets made with other
 parameters, or of the other kind, never replace each other. A finished one (it
 has a `synthetic_done.json` marker) is reused; the only thing ever removed is
 this dataset's own unfinished render (`<name>.partial`).
@@ -43,11 +43,12 @@ from data_pipelines import ordering
 DONE_MARKER = 'synthetic_done.json'
 SOURCES = ('tsv', 'tfds', 'synthetic')
 SYNTHETIC_PARAMS = ('num_train', 'num_test', 'seed', 'image_size')
-# Synthetic hands, version 2: palm or back towards the camera
-# (hand_pose_sampler.MAX_PALM_TILT_DEG); version 1 (directories `hand_*`,
-# marker 'hand': true) drew every orientation.
-HAND_VERSION = 2
-HAND_PREFIX = 'hand2_'
+# Synthetic hands, version 3: palm or back towards the camera
+# (hand_pose_sampler.MAX_PALM_TILT_DEG), the fingers up within
+# hand_pose_sampler.MAX_ROLL_DEG. Version 2 (`hand2_*`) had any roll; version 1
+# (`hand_*`, marker 'hand': true) drew every orientation.
+HAND_VERSION = 3
+HAND_PREFIX = 'hand3_'
 
 
 class DataConfigError(ValueError):

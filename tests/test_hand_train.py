@@ -512,51 +512,14 @@ def test_aot_batch_is_the_hand_contract():
 
 
 # ---------------------------------------------------------------------------
-# The training loop end to end (hand rows made with the hand model), infer.
+# The training loop end to end (rendered synthetic hands), infer.
 
 NUM_TRAIN, NUM_TEST, NUM_STEPS = 16, 11, 3
-
-
-class HandRows:
-  """train.py's view of a dataset (datasets.Datasets), over hand-model rows in memory."""
-
-  def __init__(self, config, hand_):
-    self.config = self.data_config = config.data
-    self.synthetic = False
-    left = np.arange(NUM_TRAIN + NUM_TEST) % 2
-    rows = hand_batch(
-        hand_, NUM_TRAIN + NUM_TEST, seed=5, left=left, image_size=config.data.image_size
-    )
-    rows['has_3d_joints'][NUM_TRAIN + 1] = 0
-    self.train = {k: v[:NUM_TRAIN] for k, v in rows.items()}
-    self.test = {k: v[NUM_TRAIN:] for k, v in rows.items()}
-
-  @property
-  def steps_per_epoch(self):
-    return NUM_TRAIN // self.config.batch_size
-
-  def train_batches(self, sharding, start_step=0):
-    b = self.config.batch_size
-    for step in range(start_step, 10**6):
-      rows = np.arange(step * b, (step + 1) * b) % NUM_TRAIN
-      yield jax.device_put({k: v[rows] for k, v in self.train.items()}, sharding)
-
-  def eval_batches(self, sharding):
-    b = self.config.eval_batch_size
-    for start in range(0, NUM_TEST, b):
-      batch = {k: v[start : start + b] for k, v in self.test.items()}
-      n = len(batch['mask'])
-      pad = lambda x, n=n: np.concatenate([x, np.zeros((b - n,) + x.shape[1:], x.dtype)])
-      yield jax.device_put({k: pad(v) for k, v in batch.items()}, sharding)
-
-  def skipped_rows(self):
-    return {'train': {}, 'eval': {}}
 
 
 def hand_run_config():
   config = tiny_hand.get_config()
   config.data.image_size = 32
-  config.data.source = 'tsv'  # read by HandRows, not the TSV reader
   config.num_train_steps = NUM_STEPS
   config.checkpoint_every_steps = 2
   config.log_every_steps = 1
@@ -567,18 +530,25 @@ def hand_run_config():
 
 
 @pytest.fixture(scope='module')
-def trained_hand(hand, tmp_path_factory):
-  """A tiny hand network trained NUM_STEPS steps by train.train_and_evaluate."""
+def trained_hand(tmp_path_factory):
+  """A tiny hand network trained NUM_STEPS steps on rendered synthetic hands.
+
+  The whole path of configs/hand_embedded.py, small: render the synthetic
+  hands, train, evaluate next to the mean-pose baseline, then evaluate the
+  saved checkpoint again (mode='eval').
+  """
   from coarsemetro_jax import train
-  from data_pipelines import datasets
 
   config = hand_run_config()
+  config.data.source = 'synthetic'
+  config.data.synthetic.dir = str(tmp_path_factory.mktemp('synthetic'))
+  config.data.synthetic.num_train = NUM_TRAIN
+  config.data.synthetic.num_test = NUM_TEST
+  config.data.synthetic.image_size = 48
+  config.data.synthetic.workers = 1
   workdir = str(tmp_path_factory.mktemp('hand_run'))
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(datasets, 'check_inputs', lambda data_config: [])
-    patch.setattr(datasets.Datasets, 'create', lambda config, rendered: HandRows(config, hand))
-    summary = train.train_and_evaluate(config, workdir)
-    again = train.train_and_evaluate(config, workdir, mode='eval')
+  summary = train.train_and_evaluate(config, workdir)
+  again = train.train_and_evaluate(config, workdir, mode='eval')
   return config, workdir, summary, again
 
 
@@ -588,18 +558,23 @@ def test_tiny_hand_trains_and_evaluates_end_to_end(trained_hand):
   assert summary['step'] == NUM_STEPS
   for result in (summary['eval'], summary['eval_no_flip']):
     assert set(result) == {'pa_mpjpe', 'pa_mpvpe', 'f5', 'f15', 'pa_mpjpe_count', 'pa_mpvpe_count'}
-    assert result['pa_mpjpe_count'] == NUM_TEST - 1 and result['pa_mpvpe_count'] == NUM_TEST
+    assert result['pa_mpjpe_count'] == result['pa_mpvpe_count'] == NUM_TEST
     assert 0 < result['pa_mpvpe'] < 200 and 0 <= result['f5'] <= result['f15'] <= 1
   assert {'loss_edge_gt', 'loss_normal', 'loss_vertices_fine'} <= set(summary['train'])
   assert all(np.isfinite(v) for v in summary['train'].values())
   # The eval of the saved checkpoint gives the same numbers.
   for key, value in summary['eval'].items():
     assert again['eval'][key] == pytest.approx(value, rel=1e-5), key
+  # The mean-pose baseline: the training set's mean hand, on the same test rows.
+  baseline = summary['mean_pose_baseline']
+  assert baseline['count'] == NUM_TEST and baseline['pa_mpvpe'] > 0
+  assert 0 < baseline['f5'] < baseline['f15'] <= 1
   table = open(os.path.join(workdir, 'eval_results.md')).read().splitlines()
   assert table[0] == '| model | PA-MPJPE (mm) | PA-MPVPE (mm) | F@5 mm | F@15 mm | examples |'
   assert table[2].startswith(f'| coarsemetro step {NUM_STEPS} | ')
   assert table[3].startswith(f'| coarsemetro step {NUM_STEPS} + flip test | ')
   assert table[3].endswith(f'| {NUM_TEST} |')
+  assert table[4].startswith('| mean-pose baseline | ')
   picture = cv2.imread(summary['picture'])
   assert picture.shape == (2 * 32, 3 * 32, 3)
   with open(os.path.join(workdir, 'eval_results.json')) as f:
@@ -632,30 +607,6 @@ def test_infer_hand_writes_a_778_vertex_mesh(trained_hand, hand, tmp_path):
 
   with pytest.raises(ValueError, match=r'--hand needs a hand config \(config.model.hand\)'):
     infer.run(tiny.get_config(), workdir, [str(image)], str(out), hand=True, progress=False)
-
-
-def test_tiny_hand_on_rendered_synthetic_hands(tmp_path, capsys):
-  """The whole path: render synthetic hands, train, evaluate next to the mean-pose baseline."""
-  from coarsemetro_jax import train
-  from data_pipelines import datasets
-
-  if not hasattr(datasets, 'hand_baseline'):
-    pytest.skip('this tree has no synthetic hand data (data_pipelines: hand rows, hand_baseline)')
-  config = hand_run_config()
-  config.data.source = 'synthetic'
-  config.data.synthetic.dir = str(tmp_path / 'synthetic')
-  config.data.synthetic.num_train = NUM_TRAIN
-  config.data.synthetic.num_test = NUM_TEST
-  config.data.synthetic.image_size = 48
-  config.data.synthetic.workers = 1
-  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  baseline = summary['mean_pose_baseline']
-  assert baseline['count'] == NUM_TEST and baseline['pa_mpvpe'] > 0
-  assert 0 < baseline['f5'] < baseline['f15'] <= 1
-  assert summary['eval']['pa_mpvpe_count'] == NUM_TEST
-  printed = capsys.readouterr().out
-  assert '| mean-pose baseline | ' in printed and '| F@5 mm | F@15 mm |' in printed
-  assert os.path.exists(summary['picture'])
 
 
 def test_hand_recipes_schedules_and_rotations():

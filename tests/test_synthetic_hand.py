@@ -150,7 +150,7 @@ def test_sampler_stays_within_the_limits_and_covers_them(assets):
     rest = right.rest_hand_joints(betas)
     pose = hps.sample_pose(rng, rest, lambda p, b=betas: hand_np.lbs(right, p, b)[1])
     angles.append(hps.pose_to_angles(rest, pose))
-    orient.append(pose[:3])
+    orient.append(hps.sample_global_orientation(rng))
   angles = np.stack(angles)  # [N, 16, 3]
   for j, limits in hps.LIMITS_DEG.items():
     for axis, (lo, hi) in enumerate(limits):
@@ -159,7 +159,8 @@ def test_sampler_stays_within_the_limits_and_covers_them(assets):
       span = hi - lo
       if span:  # every limit is reached (to within 5 % of the range)
         assert a.min() < lo + 0.05 * span and a.max() > hi - 0.05 * span, (j, axis)
-  # Global orientation: uniform over rotations (the mean rotation matrix is ~0).
+  # Unrestricted global orientation: uniform over rotations (the mean rotation
+  # matrix is ~0). The restricted ones are tested below.
   mean_rot = Rotation.from_rotvec(np.stack(orient)).as_matrix().mean(0)
   assert np.abs(mean_rot).max() < 0.12
 
@@ -174,6 +175,27 @@ def test_global_orientation_shows_the_palm_or_the_back(rest21):
   assert abs(np.mean(np.cos(np.radians(tilts))) - 0.75) < 0.03
   anywhere = [tilt(hps.sample_global_orientation(rng)) for _ in range(200)]
   assert max(anywhere) > 80.0
+
+
+def test_global_orientation_holds_the_fingers_up(rest21):
+  rng = np.random.default_rng(1)
+  up = rest21[9] - rest21[hps.WRIST]
+  up = up / np.linalg.norm(up)
+
+  def roll(rotvec):  # image angle of the long axis from -y (camera axes: y down)
+    x, y = Rotation.from_rotvec(rotvec).apply(up)[:2]
+    return np.degrees(np.arctan2(x, -y))
+
+  rolls = np.array([roll(hps.sample_pose(rng, rest21)[:3]) for _ in range(300)])
+  assert np.abs(rolls).max() <= hps.MAX_ROLL_DEG
+  # Both ways, out to the limit.
+  assert rolls.min() < -0.8 * hps.MAX_ROLL_DEG and rolls.max() > 0.8 * hps.MAX_ROLL_DEG
+  # A hand turned 90 degrees in the image plane (fingers to the right) is a roll of 90.
+  quarter = Rotation.from_rotvec([0.0, 0.0, np.pi / 2]).as_rotvec()
+  rot_up = Rotation.align_vectors([[0.0, -1.0, 0.0]], [up])[0]
+  assert abs(abs(roll((Rotation.from_rotvec(quarter) * rot_up).as_rotvec())) - 90.0) < 1e-6
+  unlimited = [roll(hps.sample_global_orientation(rng)) for _ in range(300)]
+  assert np.abs(unlimited).max() > 150.0
 
 
 def test_penetration_test(assets, rest21):
@@ -302,7 +324,7 @@ def test_synthetic_hands_are_cached_apart_from_bodies(tmp_path):
   assert data.hand  # one value with config.model.hand
   body_dir = datasets.synthetic_dir(data.synthetic)
   hand_dir = datasets.synthetic_dir(data.synthetic, hand=True)
-  assert os.path.basename(hand_dir) == 'hand2_train4_test2_seed0_48px'
+  assert os.path.basename(hand_dir) == 'hand3_train4_test2_seed0_48px'
   # A body dataset with the same parameters (and a file of the user's) is left alone.
   os.makedirs(body_dir)
   with open(os.path.join(body_dir, datasets.DONE_MARKER), 'w') as f:
@@ -315,7 +337,7 @@ def test_synthetic_hands_are_cached_apart_from_bodies(tmp_path):
   out = datasets.prepare_synthetic(data)
   assert out == hand_dir
   with open(os.path.join(out, datasets.DONE_MARKER)) as f:
-    assert json.load(f)['hand'] == datasets.HAND_VERSION == 2
+    assert json.load(f)['hand'] == datasets.HAND_VERSION == 3
   with open(os.path.join(body_dir, 'sentinel')) as f:
     assert f.read() == 'user data'
   stamp = os.stat(os.path.join(out, 'train.img.tsv')).st_mtime_ns

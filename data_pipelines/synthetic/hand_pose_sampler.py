@@ -27,9 +27,10 @@ already bent (the embedded hand's are, by up to 20 degrees) keeps the anatomical
 limits. The thumb's CMC joint has no straight reference; its angles are from
 the rest pose. Global orientation (joint 0) is uniform over the rotations
 that show the palm or the back of the hand to the camera: the palm normal
-within MAX_PALM_TILT_DEG of the viewing axis, at any roll about it (as in
-FreiHAND's photographs, where the fingers are seldom seen end on);
-`max_palm_tilt=None` draws from all rotations.
+within MAX_PALM_TILT_DEG of the viewing axis (as in FreiHAND's photographs,
+where the fingers are seldom seen end on), and the hand's long axis (wrist to
+middle knuckle) within MAX_ROLL_DEG of the image's up direction;
+`max_palm_tilt=None, max_roll=None` draws from all rotations.
 
 A pose is drawn from a small mixture: 'grasp' (one closing amount for the
 hand, each finger near it: open hands, relaxed hands, fists and grips),
@@ -102,6 +103,14 @@ FROM_STRAIGHT = tuple(j for j in range(1, NUM_JOINTS) if j != 13)
 # Largest angle (degrees) between the palm normal and the camera axis (either
 # way): the palm or the back of the hand faces the camera.
 MAX_PALM_TILT_DEG = 60.0
+# Largest angle (degrees) in the image between the hand's long axis (wrist to
+# middle knuckle) and the image's up direction: a hand held up in front of the
+# camera. The network predicts vertices in camera axes, so it has to read the
+# orientation before the articulation can lower its loss; at any roll, the
+# embedded recipe's network stayed nearer the mean hand (docs/hand_recipe.md).
+# Real-data recipes add METRO's rotation augmentation (rot_factor) to whatever
+# the data shows.
+MAX_ROLL_DEG = 60.0
 MODES = ('grasp', 'gesture', 'uniform')
 MODE_PROBS = (0.6, 0.2, 0.2)
 # The DIP follows the PIP (the coupling of the two flexor tendons): about 2/3.
@@ -248,19 +257,30 @@ def sample_angles(rng):
   return angles
 
 
-def sample_global_orientation(rng, palm=None, max_palm_tilt=None):
+def roll_deg(rot, up):
+  """Angle (degrees) in the image between the rotated axis `up` [3] and the image's up (-y)."""
+  x, y = rot.apply(up)[:2]
+  return float(np.degrees(np.arctan2(abs(x), -y)))
+
+
+def sample_global_orientation(rng, palm=None, max_palm_tilt=None, up=None, max_roll=None):
   """A random global orientation, as an axis-angle [3].
 
-  Uniform over all rotations (a normalised 4D Gaussian quaternion), or, with
-  the rest palm normal `palm` [3] and `max_palm_tilt` (degrees), uniform over
-  those that turn it to within that angle of the camera axis z or of -z
-  (rejection sampling).
+  Uniform over all rotations (a normalised 4D Gaussian quaternion), restricted
+  by rejection sampling: with the rest palm normal `palm` [3] and
+  `max_palm_tilt` (degrees), to those that turn it to within that angle of the
+  camera axis z or of -z; with the rest long axis `up` [3] and `max_roll`
+  (degrees), to those that show it within that angle of the image's up
+  direction (camera axes: x right, y down).
   """
   while True:
     q = rng.standard_normal(4)
     rot = Rotation.from_quat(q / np.linalg.norm(q))
-    if max_palm_tilt is None or abs(rot.apply(palm)[2]) >= np.cos(np.radians(max_palm_tilt)):
-      return rot.as_rotvec()
+    if max_palm_tilt is not None and abs(rot.apply(palm)[2]) < np.cos(np.radians(max_palm_tilt)):
+      continue
+    if max_roll is not None and roll_deg(rot, up) > max_roll:
+      continue
+    return rot.as_rotvec()
 
 
 def _segment_points(a, b, n):
@@ -313,7 +333,14 @@ def penetrates(hand_joints):
   return False
 
 
-def sample_pose(rng, rest21, hand_joints_fn=None, max_tries=20, max_palm_tilt=MAX_PALM_TILT_DEG):
+def sample_pose(
+    rng,
+    rest21,
+    hand_joints_fn=None,
+    max_tries=20,
+    max_palm_tilt=MAX_PALM_TILT_DEG,
+    max_roll=MAX_ROLL_DEG,
+):
   """Samples a right-hand pose within the joint limits.
 
   Args:
@@ -322,7 +349,9 @@ def sample_pose(rng, rest21, hand_joints_fn=None, max_tries=20, max_palm_tilt=MA
     hand_joints_fn: optional pose [48] -> posed 21 joints [21, 3]; when given,
       poses that `penetrates` are redrawn (after max_tries the last is kept).
     max_tries: draws before giving up on a penetration-free pose.
-    max_palm_tilt: `sample_global_orientation`'s (None: any orientation).
+    max_palm_tilt: `sample_global_orientation`'s (None: any tilt).
+    max_roll: `sample_global_orientation`'s, about the wrist -> middle
+      knuckle axis (None: any roll).
 
   Returns:
     [48] MANO axis-angle pose (joint 0: the global orientation).
@@ -338,7 +367,8 @@ def sample_pose(rng, rest21, hand_joints_fn=None, max_tries=20, max_palm_tilt=MA
     pose = Rotation.from_matrix(rot).as_rotvec().reshape(3 * NUM_JOINTS)
     if hand_joints_fn is None or not penetrates(hand_joints_fn(pose)):
       break
-  pose[:3] = sample_global_orientation(rng, palm_normal(rest21), max_palm_tilt)
+  up = _unit(rest21[9] - rest21[WRIST])
+  pose[:3] = sample_global_orientation(rng, palm_normal(rest21), max_palm_tilt, up, max_roll)
   return pose
 
 

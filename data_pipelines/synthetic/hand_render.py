@@ -16,9 +16,9 @@ within a fraction of a pixel.
 Hands: the pose sampler draws a right-hand pose p; with probability
 LEFT_FRACTION the example is a left hand: `hand_model.mirror` of the hand
 driven by `mirror_pose(p)`, whose vertices are the right hand's (driven by p)
-with x negated. The global orientation (palm or back towards the camera at any
-roll, `hand_pose_sampler.sample_global_orientation`) is already the
-camera-frame orientation (x right, y down, z forward).
+with x negated. The global orientation (palm or back towards the camera, fingers
+up within hand_pose_sampler.MAX_ROLL_DEG; `sample_global_orientation`) is
+already the camera-frame orientation (x right, y down, z forward).
 
 Label (METRO's FreiHAND format, see data_pipelines/metro_labels.py): center,
 scale, 2d_joints [21, 3] (projected joints in pixels, visibility 1 inside the
