@@ -149,6 +149,11 @@ def palm_normal(rest21):
   return _unit(np.cross(rest21[5] - rest21[WRIST], rest21[17] - rest21[WRIST]))
 
 
+def long_axis(rest21):
+  """Unit axis [3] of a hand's length, from the wrist to the middle-finger knuckle."""
+  return _unit(rest21[9] - rest21[WRIST])
+
+
 def joint_frames(rest21):
   """[16, 3, 3] anatomical frames (columns x, y, z; module docstring) of a right hand."""
   rest21 = np.asarray(rest21, np.float64)
@@ -367,8 +372,9 @@ def sample_pose(
     pose = Rotation.from_matrix(rot).as_rotvec().reshape(3 * NUM_JOINTS)
     if hand_joints_fn is None or not penetrates(hand_joints_fn(pose)):
       break
-  up = _unit(rest21[9] - rest21[WRIST])
-  pose[:3] = sample_global_orientation(rng, palm_normal(rest21), max_palm_tilt, up, max_roll)
+  pose[:3] = sample_global_orientation(
+      rng, palm_normal(rest21), max_palm_tilt, long_axis(rest21), max_roll
+  )
   return pose
 
 

@@ -82,8 +82,7 @@ def make_assets(right, left):
   faces = {side: _outward(h.v_template, h.faces) for side, h in (('right', right), ('left', left))}
   incidence = render.vertex_face_incidence(len(rest_v), faces['right'])
   normals = render.vertex_normals(render.face_normals(rest_v, faces['right']), incidence)
-  axis = rest21[9] - rest21[hand_pose_sampler.WRIST]
-  axis = axis / np.linalg.norm(axis)
+  axis = hand_pose_sampler.long_axis(rest21)
   return HandAssets(
       right=right,
       left=left,
