@@ -17,10 +17,7 @@ Loads either
 SMPL layer does.
 """
 
-import codecs
-import io
 import os
-import pickle
 
 import flax.struct
 import jax
@@ -29,6 +26,7 @@ import numpy as np
 
 from coarsemetro_jax import joints as joints_lib
 from coarsemetro_jax import mesh_topology
+from coarsemetro_jax import model_pickle
 
 EMBEDDED_BODY = os.path.join(mesh_topology.ASSETS_DIR, 'body_model.npz')
 NUM_JOINTS = joints_lib.NUM_SMPL_JOINTS
@@ -400,107 +398,8 @@ def _assemble(arrays, path, dtype):
   )
 
 
-# ----------------------------------------------------------------------------
-# SMPL's Python 2 pickle, without chumpy.
-
-
-class _Stub:
-  """Inert stand-in for a pickled chumpy / scipy object: keeps its state."""
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-    self.state = None
-
-  def __setstate__(self, state):
-    self.state = state
-
-
-class _ChStub(_Stub):
-  """chumpy.ch.Ch (and its subclasses): the array is in state['x']."""
-
-
-class _CscStub(_Stub):
-  """scipy.sparse csc_matrix: data / indices / indptr / shape in the state."""
-
-
-class _SmplUnpickler(pickle.Unpickler):
-  """Rebuilds numpy arrays and stand-ins; refuses any other global."""
-
-  _ALLOWED = {
-      ('numpy.core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
-      ('numpy._core.multiarray', '_reconstruct'): np._core.multiarray._reconstruct,
-      ('numpy.core.multiarray', 'scalar'): np._core.multiarray.scalar,
-      ('numpy._core.multiarray', 'scalar'): np._core.multiarray.scalar,
-      ('numpy', 'ndarray'): np.ndarray,
-      ('numpy', 'dtype'): np.dtype,
-      ('copy_reg', '_reconstructor'): None,
-      ('copyreg', '_reconstructor'): None,
-      ('__builtin__', 'object'): object,
-      ('builtins', 'object'): object,
-      # Protocol-2 pickles written by Python 3 store bytes this way.
-      ('_codecs', 'encode'): codecs.encode,
-  }
-
-  def find_class(self, module, name):
-    if (module, name) in self._ALLOWED:
-      if name == '_reconstructor':
-        import copyreg
-
-        return copyreg._reconstructor
-      return self._ALLOWED[(module, name)]
-    if module.split('.')[0] == 'chumpy':
-      return _ChStub
-    if module.startswith('scipy.sparse') and name == 'csc_matrix':
-      return _CscStub
-    raise pickle.UnpicklingError(
-        f'refusing to unpickle {module}.{name}: an SMPL or MANO model holds only '
-        'numpy arrays, chumpy arrays and a scipy csc_matrix'
-    )
-
-
-def unpickle_model(path, kind='SMPL', error=BodyModelError):
-  """The dict of an SMPL-family model pickle (SMPL, MANO), without chumpy.
-
-  Raises `error` with one line naming the file when it is not such a pickle
-  or holds any class other than numpy's, chumpy's and scipy's csc_matrix.
-  """
-  with open(path, 'rb') as f:
-    data = f.read()
-  try:
-    model = _SmplUnpickler(io.BytesIO(data), encoding='latin1').load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
-    raise error(f'{path!r}: not a readable {kind} model pickle: {e}') from e
-  if not isinstance(model, dict):
-    raise error(f'{path!r}: expected a dict, got {type(model)}')
-  return model
-
-
-def pickled_array(value, key, path, error=BodyModelError):
-  """numpy array from an ndarray, a chumpy stand-in or a csc stand-in."""
-  if isinstance(value, np.ndarray):
-    return value
-  if isinstance(value, _ChStub):
-    state = value.state if isinstance(value.state, dict) else {}
-    if isinstance(state.get('x'), np.ndarray):
-      return state['x']
-    raise error(
-        f'{path!r}: key {key!r} is a chumpy object without '
-        "its array ('x'); re-save the model with plain arrays"
-    )
-  if isinstance(value, _CscStub):
-    s = value.state
-    shape = tuple(int(d) for d in s.get('_shape', s.get('shape')))
-    dense = np.zeros(shape)
-    cols = np.repeat(np.arange(shape[1]), np.diff(s['indptr']))
-    np.add.at(dense, (np.asarray(s['indices']), cols), np.asarray(s['data']))
-    return dense
-  if hasattr(value, 'toarray'):
-    return np.asarray(value.toarray())
-  raise error(f'{path!r}: key {key!r} has unexpected type {type(value)}')
-
-
 def _read_smpl_pkl(path):
-  model = unpickle_model(path)
+  model = model_pickle.load_model(path, 'SMPL', BodyModelError)
   keys = {
       'v_template': 'v_template',
       'shapedirs': 'shapedirs',
@@ -511,12 +410,15 @@ def _read_smpl_pkl(path):
   missing = [k for k in keys if k not in model]
   if missing:
     raise BodyModelError(f'{path!r}: SMPL pickle lacks keys {missing}; found ' f'{sorted(model)}')
-  arrays = {ours: pickled_array(model[theirs], theirs, path) for theirs, ours in keys.items()}
+  arrays = {
+      ours: model_pickle.array(model[theirs], theirs, path, BodyModelError)
+      for theirs, ours in keys.items()
+  }
   if 'posedirs' in model:
-    arrays['posedirs'] = pickled_array(model['posedirs'], 'posedirs', path)
+    arrays['posedirs'] = model_pickle.array(model['posedirs'], 'posedirs', path, BodyModelError)
   if 'kintree_table' in model:
     arrays['parents'] = parents_from_kintree(
-        pickled_array(model['kintree_table'], 'kintree_table', path)
+        model_pickle.array(model['kintree_table'], 'kintree_table', path, BodyModelError)
     )
   return arrays
 

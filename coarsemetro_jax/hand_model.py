@@ -8,7 +8,7 @@ Loads either
   see assets/NOTICE). Its 778 / 195 hierarchy is `EMBEDDED_HAND_HIERARCHY`;
 * a `.npz` with MANO's key names (the embedded file's layout);
 * MANO's own `MANO_RIGHT.pkl`, a Python 2 pickle of chumpy arrays and a scipy
-  sparse J_regressor, through body_model's restricted unpickler (neither
+  sparse J_regressor, through model_pickle's restricted unpickler (neither
   chumpy nor old scipy is needed; any other class is refused).
 
 MANO's 16 joints, kinematic order: wrist 0; index 1-3, middle 4-6, pinky 7-9,
@@ -30,6 +30,7 @@ import numpy as np
 
 from coarsemetro_jax import body_model
 from coarsemetro_jax import mesh_topology
+from coarsemetro_jax import model_pickle
 
 EMBEDDED_HAND = os.path.join(mesh_topology.ASSETS_DIR, 'hand_model.npz')
 EMBEDDED_HAND_HIERARCHY = os.path.join(mesh_topology.ASSETS_DIR, 'hand_downsampling.npz')
@@ -233,12 +234,12 @@ def _read_npz(path):
 
 
 def _read_mano_pkl(path):
-  model = body_model.unpickle_model(path, kind='MANO', error=HandModelError)
+  model = model_pickle.load_model(path, 'MANO', HandModelError)
   missing = [k for k in _REQUIRED if k not in model]
   if missing:
     raise HandModelError(f'{path!r}: MANO pickle lacks keys {missing}; found {sorted(model)}')
   return {
-      k: body_model.pickled_array(model[k], k, path, HandModelError)
+      k: model_pickle.array(model[k], k, path, HandModelError)
       for k in _REQUIRED + _OPTIONAL
       if k in model
   }

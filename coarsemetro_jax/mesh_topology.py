@@ -39,6 +39,8 @@ import zipfile
 
 import numpy as np
 
+from coarsemetro_jax import model_pickle
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 EMBEDDED_HIERARCHY = os.path.join(ASSETS_DIR, 'mesh_downsampling.npz')
 EMBEDDED_HAND_HIERARCHY = os.path.join(ASSETS_DIR, 'hand_downsampling.npz')
@@ -214,39 +216,6 @@ class _Csc:
     return dense
 
 
-class _CscStub:
-  """Stand-in for scipy's csc_matrix while unpickling: only stores its state."""
-
-  def __setstate__(self, state):
-    self.state = state
-
-
-class _SafeUnpickler(pickle.Unpickler):
-  """Rebuilds numpy arrays and csc_matrix fields only; refuses anything else."""
-
-  _NUMPY = {
-      ('numpy.core.multiarray', '_reconstruct'),
-      ('numpy._core.multiarray', '_reconstruct'),
-      ('numpy', 'ndarray'),
-      ('numpy', 'dtype'),
-  }
-  _CSC = {('scipy.sparse.csc', 'csc_matrix'), ('scipy.sparse._csc', 'csc_matrix')}
-
-  def find_class(self, module, name):
-    if (module, name) in self._NUMPY:
-      return (
-          np.ndarray
-          if name == 'ndarray'
-          else (np.dtype if name == 'dtype' else np._core.multiarray._reconstruct)
-      )
-    if (module, name) in self._CSC:
-      return _CscStub
-    raise pickle.UnpicklingError(
-        f'refusing to unpickle {module}.{name}: only numpy arrays and '
-        'scipy csc matrices are expected in a mesh hierarchy file'
-    )
-
-
 def _read_pickled_member(zf, key, path):
   """Reads an object-array member (list of csc matrices or arrays)."""
   with zf.open(key + '.npy') as f:
@@ -258,23 +227,15 @@ def _read_pickled_member(zf, key, path):
     payload = f.read()
   if dtype != np.dtype(object):
     return list(np.load(io.BytesIO(_npy_bytes(zf, key)), allow_pickle=False))
+  expected = 'only numpy arrays and scipy csc matrices are expected in a mesh hierarchy file'
   try:
-    items = _SafeUnpickler(io.BytesIO(payload), encoding='latin1').load()
-  except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    items = model_pickle.loads(payload, expected)
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
     raise TopologyError(f'{path!r}: cannot read key {key!r}: {e}') from e
   out = []
   for item in items:
-    if isinstance(item, _CscStub):
-      s = item.state
-      shape = s.get('_shape', s.get('shape'))
-      out.append(
-          _Csc(
-              np.asarray(s['data']),
-              np.asarray(s['indices']),
-              np.asarray(s['indptr']),
-              tuple(int(d) for d in shape),
-          )
-      )
+    if isinstance(item, model_pickle.CscStub):
+      out.append(_Csc(*item.fields()))
     else:
       out.append(np.asarray(item))
   return out

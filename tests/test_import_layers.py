@@ -21,6 +21,7 @@ CORE = {
     'coarsemetro_jax',
     'coarsemetro_jax.models',
     'coarsemetro_jax.mesh_topology',
+    'coarsemetro_jax.model_pickle',
     'coarsemetro_jax.body_model',
     'coarsemetro_jax.hand_model',
     'coarsemetro_jax.hand_losses',
