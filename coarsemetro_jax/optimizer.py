@@ -7,6 +7,8 @@ import flax
 import jax
 import optax
 
+from coarsemetro_jax.models import fastmetro
+
 
 def total_train_steps(config, steps_per_epoch=None):
   """config.num_train_steps if > 0, else num_epochs * steps_per_epoch (or None)."""
@@ -63,8 +65,8 @@ def learning_rate_fn(optim_config, steps_per_epoch=None, total_steps=None):
   )
 
 
-# The learned mesh up-sampling (431 -> 1723): `optim.upsample_lr_mult` scales its lr.
-UPSAMPLE_MODULE = 'coarse2intermediate_upsample'
+# `optim.upsample_lr_mult` scales the lr of the learned mesh up-sampling
+# (431 -> 1723, `fastmetro.UPSAMPLE_MODULE`).
 # The SMPL-parameter head: its own group, so that it can train on an otherwise
 # frozen network (`optim.rest_lr_mult` = backbone = upsample = 0).
 SMPL_HEAD_MODULE = 'smpl_parameter_regressor'
@@ -74,7 +76,7 @@ def param_labels(params):
   """Optimizer group of every leaf.
 
   'backbone' under a module named 'backbone', 'upsample' under the learned
-  mesh up-sampling (`UPSAMPLE_MODULE`), 'smpl_head' under the SMPL-parameter
+  mesh up-sampling (`fastmetro.UPSAMPLE_MODULE`), 'smpl_head' under the SMPL-parameter
   head (`SMPL_HEAD_MODULE`), else 'rest'.
   """
 
@@ -83,7 +85,7 @@ def param_labels(params):
       return 'backbone'
     if SMPL_HEAD_MODULE in path:
       return 'smpl_head'
-    return 'upsample' if UPSAMPLE_MODULE in path else 'rest'
+    return 'upsample' if fastmetro.UPSAMPLE_MODULE in path else 'rest'
 
   return flax.traverse_util.path_aware_map(label, params)
 

@@ -45,8 +45,9 @@ import numpy as np
 from coarsemetro_jax import build
 from coarsemetro_jax import config_files
 from coarsemetro_jax.models import batch_norm
+from coarsemetro_jax.models import fastmetro
 
-EXCLUDED_FROM_TRANSFORMER_PARAMS = ('coarse2intermediate_upsample',)
+EXCLUDED_FROM_TRANSFORMER_PARAMS = (fastmetro.UPSAMPLE_MODULE,)
 # Paper Table 1: transformer params (M), GFLOPs, activations (M), overall params (M).
 PAPER_TABLE1 = {
     'FastMETRO-S-R50': (9.2, 2.2, 7.6, 32.7),

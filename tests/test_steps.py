@@ -15,6 +15,7 @@ from coarsemetro_jax import mesh_topology
 from coarsemetro_jax import models
 from coarsemetro_jax import optimizer
 from coarsemetro_jax import steps
+from coarsemetro_jax.models import fastmetro
 from configs import r50
 
 B, S = 8, 32
@@ -225,7 +226,7 @@ def test_train_step_same_on_8_devices_as_on_1(one_device_reference, eight_device
 
 def test_stop_frozen_gradients_zeroes_exactly_the_frozen_groups():
   config = r50.get_config().optim
-  up = optimizer.UPSAMPLE_MODULE
+  up = fastmetro.UPSAMPLE_MODULE
   params = {
       'backbone': {'w': jnp.float32([1, 2])},
       'head': {'w': jnp.float32([3])},
@@ -265,7 +266,7 @@ def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
     state, out = train_step(state, jax.device_put(make_batch(), batch_sharding), jax.random.key(7))
   after = jax.device_get(state.params)
   np.testing.assert_allclose(out['loss'], out_ref['loss'], rtol=1e-6)
-  for name in ('backbone', optimizer.UPSAMPLE_MODULE):
+  for name in ('backbone', fastmetro.UPSAMPLE_MODULE):
     assert_trees_close(after[name], before[name], 0, 0)
   # The reference's first AdamW moments are (1 - b1) * the clipped gradient:
   # the frozen step's norm is the reference's without these groups'.
@@ -275,7 +276,7 @@ def test_frozen_groups_are_left_out_of_the_step(one_device_reference):
       if '.mu' in jax.tree_util.keystr(path)
       and any(
           f"['{name}']" in jax.tree_util.keystr(path)
-          for name in ('backbone', optimizer.UPSAMPLE_MODULE)
+          for name in ('backbone', fastmetro.UPSAMPLE_MODULE)
       )
   ]
   num_frozen = len(jax.tree.leaves(before['backbone'])) + 2  # + kernel, bias
@@ -474,7 +475,7 @@ def test_optimizer_clipping_group_multipliers_and_step_decay():
   config = r50.get_config().optim
   config.backbone_lr_mult = 0.1
   config.upsample_lr_mult = 0.5
-  up = optimizer.UPSAMPLE_MODULE
+  up = fastmetro.UPSAMPLE_MODULE
   params = {'backbone': {'w': jnp.ones(3)}, 'head': {'w': jnp.ones(2)}, up: {'kernel': jnp.ones(1)}}
   grads = {
       'backbone': {'w': jnp.float32([3, 0, 4])},

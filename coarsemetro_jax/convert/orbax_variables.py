@@ -35,6 +35,7 @@ from coarsemetro_jax import checksums as checksums_lib
 from coarsemetro_jax.convert import smpl_param_table
 from coarsemetro_jax.convert import state_dict as state_dict_lib
 from coarsemetro_jax.convert import torch_file
+from coarsemetro_jax.models import fastmetro
 
 METADATA_KEY = 'coarsemetro_convert'
 CARRIED = 'carried'  # tree entry of the carried source tensors, nested at the key's dots
@@ -43,8 +44,6 @@ _HEAD = smpl_param_table.FLAX_PREFIX.rstrip('/')
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'module')
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'  # orbax's per-checkpoint metadata
 MAX_REASON_CHARS = 300
-# Every body network has this learned up-sampling layer; no hand network has it.
-UPSAMPLE_MODULE = 'coarse2intermediate_upsample'
 ORBAX_CODE = f'{os.sep}orbax{os.sep}checkpoint{os.sep}'  # in paths of orbax's source files
 
 
@@ -304,7 +303,7 @@ def mesh_network(paths):
   modules = {p.split('/')[1] for p in paths if p.startswith('params/') and p.count('/') > 1}
   if 'joint_token_embed' not in modules:
     return None
-  return 'body' if UPSAMPLE_MODULE in modules else 'hand'
+  return 'body' if fastmetro.UPSAMPLE_MODULE in modules else 'hand'
 
 
 def check_same_network(got, want, name, kind):

@@ -25,6 +25,10 @@ from coarsemetro_jax import mesh_topology
 from coarsemetro_jax.models import smpl_param_regressor as spr
 from coarsemetro_jax.models import transformer as tfm
 
+# The body networks' learned 431 -> 1723 up-sampling (PyTorch attribute name);
+# the hand networks have none.
+UPSAMPLE_MODULE = 'coarse2intermediate_upsample'
+
 EMBED_INIT = nn.initializers.normal(1.0)  # torch nn.Embedding: N(0, 1)
 
 
@@ -192,7 +196,7 @@ def mesh_outputs(topology, pred_cam, joints, coarse, dtype, upsample_init='rando
         'bias_init': nn.initializers.zeros,
     }
   intermediate = tfm.TokenLinear(
-      topology.num_vertices[1], dtype=dtype, name='coarse2intermediate_upsample', **init
+      topology.num_vertices[1], dtype=dtype, name=UPSAMPLE_MODULE, **init
   )(
       coarse
   )  # [B, 1723, 3]
