@@ -17,6 +17,7 @@ import test_infer
 from coarsemetro_jax import body_model
 from coarsemetro_jax import build
 from coarsemetro_jax import infer
+from coarsemetro_jax import infer_outputs
 from coarsemetro_jax import joints as joint_tables
 from coarsemetro_jax import losses
 from coarsemetro_jax import metrics
@@ -219,20 +220,22 @@ def test_rotmat_to_axis_angle_matches_scipy():
   edge = Rotation.from_rotvec(axes * np.array(angles)[:, None])
   rotvecs = np.concatenate([rotations.as_rotvec(), edge.as_rotvec()])
   matrices = Rotation.from_rotvec(rotvecs).as_matrix()
-  ours = infer.rotmat_to_axis_angle(matrices)
+  ours = infer_outputs.rotmat_to_axis_angle(matrices)
   np.testing.assert_allclose(ours, Rotation.from_matrix(matrices).as_rotvec(), atol=1e-9)
-  np.testing.assert_array_equal(infer.rotmat_to_axis_angle(np.eye(3)), np.zeros(3))
+  np.testing.assert_array_equal(infer_outputs.rotmat_to_axis_angle(np.eye(3)), np.zeros(3))
   # Tiny angles keep their relative precision.
   np.testing.assert_allclose(ours[-5], rotvecs[-5], rtol=1e-6, atol=0)
   # At exactly pi either sign is the rotation; the angle is pi.
   half_turn = Rotation.from_rotvec(np.pi * axes).as_matrix()
-  got = infer.rotmat_to_axis_angle(half_turn)
+  got = infer_outputs.rotmat_to_axis_angle(half_turn)
   np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.pi, atol=1e-9)
   np.testing.assert_allclose(Rotation.from_rotvec(got).as_matrix(), half_turn, atol=1e-9)
   # A float32 network rotation (not exactly orthogonal) stays consistent.
   noisy = matrices.astype(np.float32)
   np.testing.assert_allclose(
-      Rotation.from_rotvec(infer.rotmat_to_axis_angle(noisy)).as_matrix(), matrices, atol=1e-5
+      Rotation.from_rotvec(infer_outputs.rotmat_to_axis_angle(noisy)).as_matrix(),
+      matrices,
+      atol=1e-5,
   )
 
 
