@@ -196,26 +196,6 @@ def _with_adjmat(topology, adjmat, adjmat_source):
   return dataclasses.replace(topology, coarse_adjacency=adjacency)
 
 
-@dataclasses.dataclass
-class _Csc:
-  """Fields of a compressed sparse column matrix."""
-
-  data: np.ndarray
-  indices: np.ndarray
-  indptr: np.ndarray
-  shape: tuple[int, int]
-
-  def to_coo(self):
-    cols = np.repeat(np.arange(self.shape[1]), np.diff(self.indptr))
-    return self.indices.astype(np.int64), cols, self.data
-
-  def to_dense(self):
-    dense = np.zeros(self.shape, np.float64)
-    rows, cols, vals = self.to_coo()
-    np.add.at(dense, (rows, cols), vals)
-    return dense
-
-
 def _read_pickled_member(zf, key, path):
   """Reads an object-array member (list of csc matrices or arrays)."""
   with zf.open(key + '.npy') as f:
@@ -235,7 +215,7 @@ def _read_pickled_member(zf, key, path):
   out = []
   for item in items:
     if isinstance(item, model_pickle.CscStub):
-      out.append(_Csc(*item.fields()))
+      out.append(item.csc())
     else:
       out.append(np.asarray(item))
   return out
@@ -258,7 +238,7 @@ def _read_plain_members(zf, names, path):
         int(n[1 : -len('_data')]) for n in names if n.startswith(key) and n.endswith('_data')
     )
     mats[key] = [
-        _Csc(
+        model_pickle.Csc(
             arr(f'{key}{l}_data'),
             arr(f'{key}{l}_indices'),
             arr(f'{key}{l}_indptr'),

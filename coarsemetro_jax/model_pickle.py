@@ -10,6 +10,7 @@ global: no code from the file can run.
 
 import codecs
 import copyreg
+import dataclasses
 import io
 import pickle
 
@@ -31,21 +32,34 @@ class ChumpyStub(Stub):
   """chumpy.ch.Ch (and its subclasses): the array is in state['x']."""
 
 
+@dataclasses.dataclass
+class Csc:
+  """Fields of a compressed sparse column matrix (scipy's csc_matrix, without scipy)."""
+
+  data: np.ndarray
+  indices: np.ndarray
+  indptr: np.ndarray
+  shape: tuple[int, int]
+
+  def to_coo(self):
+    cols = np.repeat(np.arange(self.shape[1]), np.diff(self.indptr))
+    return self.indices.astype(np.int64), cols, self.data
+
+  def to_dense(self):
+    dense = np.zeros(self.shape, np.float64)
+    rows, cols, vals = self.to_coo()
+    np.add.at(dense, (rows, cols), vals)
+    return dense
+
+
 class CscStub(Stub):
   """scipy.sparse csc_matrix: data / indices / indptr / shape in the state."""
 
-  def fields(self):
-    """(data, indices, indptr, shape) of the pickled matrix."""
+  def csc(self):
+    """The pickled matrix's fields."""
     s = self.state
     shape = tuple(int(d) for d in s.get('_shape', s.get('shape')))
-    return np.asarray(s['data']), np.asarray(s['indices']), np.asarray(s['indptr']), shape
-
-  def to_dense(self):
-    data, indices, indptr, shape = self.fields()
-    dense = np.zeros(shape)
-    cols = np.repeat(np.arange(shape[1]), np.diff(indptr))
-    np.add.at(dense, (indices, cols), data)
-    return dense
+    return Csc(np.asarray(s['data']), np.asarray(s['indices']), np.asarray(s['indptr']), shape)
 
 
 _GLOBALS = {
@@ -130,7 +144,5 @@ def array(value, key, path, error):
         're-save the model with plain arrays'
     )
   if isinstance(value, CscStub):
-    return value.to_dense()
-  if hasattr(value, 'toarray'):
-    return np.asarray(value.toarray())
+    return value.csc().to_dense()
   raise error(f'{path!r}: key {key!r} has unexpected type {type(value)}')
