@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coarsemetro_jax.models import conv_ops
+from coarsemetro_jax.models import dropout as dropout_lib
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
 
@@ -136,7 +137,7 @@ class MultiHeadAttention(nn.Module):
     # matmul directly and the division runs on [B, Lq, H, d], not [B, H, Lq, Lk].
     unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
     denominator = unnormalized.sum(-1).transpose(0, 2, 1)[..., None]  # [B, Lq, H, 1]
-    unnormalized = nn.Dropout(self.dropout)(unnormalized, deterministic=deterministic)
+    unnormalized = dropout_lib.Dropout(self.dropout)(unnormalized, deterministic)
     out = jnp.einsum(
         'bhqk,bkhd->bqhd', unnormalized.astype(self.dtype), v, preferred_element_type=jnp.float32
     )
@@ -156,7 +157,7 @@ def _ffn(x, hidden_dim, dropout, deterministic, dtype):
   """
   e = x.shape[-1]
   h = TorchDense(hidden_dim, xavier=True, dtype=dtype, name='linear1')(x)
-  h = nn.Dropout(dropout, name='dropout')(nn.relu(h), deterministic=deterministic)
+  h = dropout_lib.Dropout(dropout, name='dropout')(nn.relu(h), deterministic)
   return TorchDense(e, xavier=True, dtype=dtype, name='linear2')(h)
 
 
@@ -171,7 +172,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, pos, *, deterministic):
     # x [B, L, E]; pos [L, E] (zeros for the camera token).
-    drop = lambda y, name: nn.Dropout(self.dropout, name=name)(y, deterministic=deterministic)
+    drop = lambda y, name: dropout_lib.Dropout(self.dropout, name=name)(y, deterministic)
     s = layer_norm('norm1')(x)
     qk = s + pos.astype(s.dtype)
     attn = MultiHeadAttention(
@@ -202,7 +203,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, t, memory, memory_pos, self_mask=None, vertex_memory=None, *, deterministic):
     # t [B, Lt, E]; memory [B, Lm, E]; memory_pos [Lm, E]; self_mask [Lt, Lt];
     # vertex_memory [B, Lv, E] (previous-resolution vertex tokens).
-    drop = lambda y, name: nn.Dropout(self.dropout, name=name)(y, deterministic=deterministic)
+    drop = lambda y, name: dropout_lib.Dropout(self.dropout, name=name)(y, deterministic)
     mha = lambda name: MultiHeadAttention(
         num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype, name=name
     )
