@@ -80,12 +80,30 @@ def fused_bits_apply(key, shape):
   return (
       str(jax.random.key_impl(key)) == 'threefry2x32'
       and jax.config.jax_threefry_partitionable
+      and all(isinstance(n, int) for n in shape)
       and math.prod(shape) < 2**32
   )
 
 
-def _mask_fused(key, shape, keep_prob):
-  return (random_bits(key, shape) >> np.uint32(9)) < np.uint32(keep_threshold(keep_prob))
+def fused_keep_mask(key, shape, keep_prob):
+  """`jax.random.bernoulli(key, keep_prob, shape)` as elementwise ops (`fused_bits_apply`)."""
+  bits = random_bits(key, shape) >> np.uint32(9)
+  return bits < np.uint32(keep_threshold(keep_prob))
+
+
+def keep_mask(key, shape, keep_prob):
+  """`jax.random.bernoulli(key, keep_prob, shape)`; `fused_keep_mask` when lowered for XLA:CPU."""
+  bernoulli = lambda key: jax.random.bernoulli(key, p=keep_prob, shape=shape)
+  if not fused_bits_apply(key, shape):
+    return bernoulli(key)
+  return lax.platform_dependent(
+      key, cpu=lambda key: fused_keep_mask(key, shape, keep_prob), default=bernoulli
+  )
+
+
+def drop(inputs, mask, keep_prob):
+  """nn.Dropout's value: kept elements scaled by 1 / keep_prob, the others zero."""
+  return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 class Dropout(nn.Module):
@@ -102,12 +120,4 @@ class Dropout(nn.Module):
       return jnp.zeros_like(inputs)
     keep_prob = 1.0 - self.rate
     key = self.make_rng('dropout')
-    shape = inputs.shape
-    bernoulli = lambda key: jax.random.bernoulli(key, p=keep_prob, shape=shape)
-    if fused_bits_apply(key, shape):
-      mask = lax.platform_dependent(
-          key, cpu=lambda key: _mask_fused(key, shape, keep_prob), default=bernoulli
-      )
-    else:
-      mask = bernoulli(key)
-    return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+    return drop(inputs, keep_mask(key, inputs.shape, keep_prob), keep_prob)

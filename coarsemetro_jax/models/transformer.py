@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coarsemetro_jax.models import attention
 from coarsemetro_jax.models import conv_ops
 from coarsemetro_jax.models import dropout as dropout_lib
 
@@ -123,25 +124,16 @@ class MultiHeadAttention(nn.Module):
     q = q.reshape(b, lq, self.num_heads, head_dim) * (head_dim**-0.5)
     k = k.reshape(b, lk, self.num_heads, head_dim)
     v = v.reshape(b, lk, self.num_heads, head_dim)
-    # f32 results: what the softmax needs, and on XLA:CPU the form that runs
-    # bf16 operands on the CPU's bf16 units (a bf16-result dot is upcast to f32).
-    logits = jnp.einsum(
-        'bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32
-    )  # [B, H, Lq, Lk]
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     if self.is_mutable_collection('intermediates'):
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
       self.sow('intermediates', 'attention_weights', jax.nn.softmax(logits, axis=-1))
-    # Softmax normalised after the value product (dropout is elementwise, so
-    # dropout(e) / sum(e) = dropout(e / sum(e))): the exponentials feed the
-    # matmul directly and the division runs on [B, Lq, H, d], not [B, H, Lq, Lk].
-    unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    denominator = unnormalized.sum(-1).transpose(0, 2, 1)[..., None]  # [B, Lq, H, 1]
-    unnormalized = dropout_lib.Dropout(self.dropout)(unnormalized, deterministic)
-    out = jnp.einsum(
-        'bhqk,bkhd->bqhd', unnormalized.astype(self.dtype), v, preferred_element_type=jnp.float32
-    )
-    out = (out / denominator).astype(self.dtype).reshape(b, lq, e)
+    drop = None
+    if self.dropout and not deterministic:
+      drop = lambda w: dropout_lib.Dropout(self.dropout)(w, deterministic)
+    out = attention.attention(q, k, v, mask, drop)  # [B, Lq, H, d]
+    out = out.astype(self.dtype).reshape(b, lq, e)
     return TorchDense(e, xavier=True, zero_bias=True, dtype=self.dtype, name='out_proj')(out)
 
 
