@@ -50,7 +50,7 @@ TINY_LEVELS = (60, 24, 10)  # mesh hierarchy of --tiny runs (as the parity tests
 # Command line and machine.
 
 
-def parser(description, batch_sizes, reps):
+def parser(description, batch_sizes, reps, warm=False):
   """Flags shared by the benchmark scripts."""
   p = argparse.ArgumentParser(description=description)
   p.add_argument('--batch_sizes', default=batch_sizes, help='comma-separated batch sizes')
@@ -68,6 +68,12 @@ def parser(description, batch_sizes, reps):
       help='JAX models to run (PyTorch FastMETRO-S, the baseline, always runs)',
   )
   p.add_argument('--quick', action='store_true', help='2 rounds: a smoke run')
+  p.add_argument(
+      '--warm',
+      action=argparse.BooleanOptionalAction,
+      default=warm,
+      help='an untimed call before each timed one: each candidate is timed as in its own loop',
+  )
   p.add_argument(
       '--tiny',
       action='store_true',
@@ -243,16 +249,21 @@ def timed(fn):
   return time.perf_counter() - start, out
 
 
-def interleave(fns, reps):
+def interleave(fns, reps, warm=False):
   """{name: [seconds per round]}: each round calls every fn once.
 
   The order alternates between rounds (forward, reversed) so that the
-  position in a round, and slow drifts of the machine load, even out.
+  position in a round, and slow drifts of the machine load, even out. With
+  `warm`, every timed call follows an untimed call of the same fn, so each is
+  timed as it runs back to back in its own loop rather than right after
+  another candidate (see `--warm`).
   """
   names = list(fns)
   times = {name: [] for name in names}
   for r in range(reps):
-    for name in (names if r % 2 == 0 else names[::-1]):
+    for name in names if r % 2 == 0 else names[::-1]:
+      if warm:
+        fns[name]()
       times[name].append(timed(fns[name])[0])
   return {name: np.asarray(t) for name, t in times.items()}
 

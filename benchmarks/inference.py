@@ -101,7 +101,7 @@ def candidates(pairs, part, batch, args):
 def bench_part(pairs, part, batch, args):
   """Markdown rows and per-candidate round times for one (part, batch)."""
   cands = candidates(pairs, part, batch, args)
-  times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps)
+  times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps, args.warm)
   base = _timing.baseline(times)
   rows = []
   for key, (_, warm, result) in cands.items():

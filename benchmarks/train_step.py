@@ -25,7 +25,13 @@ PyTorch: eager reference modules in train mode, `optimizer.zero_grad`,
 autocast for the forward pass with --dtype=bf16, at each --torch_threads
 count; speed-ups are against the fastest PyTorch FastMETRO-S of each round.
 "transformer" rows train the part after the backbone on fixed backbone
-features. Timing as benchmarks/inference.py (interleaved rounds, medians).
+features. Timing as benchmarks/inference.py (interleaved rounds, medians),
+except that each timed step follows an untimed step of the same candidate
+(`--no-warm` to drop it). XLA:CPU maps a step's temporaries (3.5 GB for
+FastMETRO-S-R50) fresh from the kernel at every call; right after a PyTorch
+step has freed its memory, that cost 3-4x the step's time on a 2-core VM
+(docs/benchmarks.md), which a training loop never sees: it runs its own step
+back to back.
 GFLOP/s: XLA's FLOP count of the compiled JAX step (2 per multiply-add;
 forward, backward, loss and optimizer) over the median step time, for the
 PyTorch rows of the same model too; "% of matmul peak" is against the best
@@ -218,7 +224,7 @@ HEADER = [
 
 def bench_part(pairs, part, batch, args):
   cands = candidates(pairs, part, batch, args)
-  times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps)
+  times = _timing.interleave({k: c[0] for k, c in cands.items()}, args.reps, args.warm)
   # The PyTorch rows run the same model, so they get the FLOPs XLA counted for it.
   flops = {name: warm['flops'] for (name, _), (_, warm, _) in cands.items() if warm.get('flops')}
   peak = max(v for k, v in args.peaks.items() if 'f32' in k)
@@ -250,7 +256,7 @@ def bench_part(pairs, part, batch, args):
 
 
 def main(argv=None):
-  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='16', reps=3)
+  p = _timing.parser(__doc__.splitlines()[0], batch_sizes='16', reps=3, warm=True)
   args = _timing.parse(p, argv)
   return _timing.run_tables('Training step', HEADER, bench_part, args)
 
