@@ -27,17 +27,23 @@ MIN_BLOCKED_BYTES = 16 * 2**20
 BLOCK_EXAMPLES = 2
 
 
+def masked_logits(q, k, mask=None):
+  """f32 [B, H, Lq, Lk] q.k per head, masked-out pairs at the f32 minimum (q, k, mask as `attend`)."""
+  # f32 results: what the softmax needs, and on XLA:CPU the form that runs
+  # bf16 operands on the CPU's bf16 units (a bf16-result dot is upcast to f32).
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
 def attend(q, k, v, mask=None, drop=None):
   """softmax(q k^T + mask) v per head: q [B, Lq, H, d], k, v [B, Lk, H, d] -> f32 [B, Lq, H, d].
 
   q is already scaled by 1 / sqrt(d). mask [Lq, Lk] bool, True = attend.
   drop: None, or fn(weights [B, H, Lq, Lk]) -> the same with dropout applied.
   """
-  # f32 results: what the softmax needs, and on XLA:CPU the form that runs
-  # bf16 operands on the CPU's bf16 units (a bf16-result dot is upcast to f32).
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  logits = masked_logits(q, k, mask)
   unnormalized = jnp.exp(logits - lax.stop_gradient(logits.max(-1, keepdims=True)))
   denominator = unnormalized.sum(-1).transpose(0, 2, 1)[..., None]  # [B, Lq, H, 1]
   if drop is not None:

@@ -125,10 +125,8 @@ class MultiHeadAttention(nn.Module):
     k = k.reshape(b, lk, self.num_heads, head_dim)
     v = v.reshape(b, lk, self.num_heads, head_dim)
     if self.is_mutable_collection('intermediates'):
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      self.sow('intermediates', 'attention_weights', jax.nn.softmax(logits, axis=-1))
+      weights = jax.nn.softmax(attention.masked_logits(q, k, mask), axis=-1)
+      self.sow('intermediates', 'attention_weights', weights)
     drop = None
     if self.dropout and not deterministic:
       drop = lambda w: dropout_lib.Dropout(self.dropout)(w, deterministic)
