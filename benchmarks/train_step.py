@@ -29,9 +29,9 @@ features. Timing as benchmarks/inference.py (interleaved rounds, medians),
 except that each timed step follows an untimed step of the same candidate
 (`--no-warm` to drop it). XLA:CPU maps a step's temporaries (3.5 GB for
 FastMETRO-S-R50) fresh from the kernel at every call; right after a PyTorch
-step has freed its memory, that cost 3-4x the step's time on a 2-core VM
-(docs/benchmarks.md), which a training loop never sees: it runs its own step
-back to back.
+step had freed its memory, a step took 12-18 s against 4.5 s back to back on
+a 2-core VM (docs/benchmarks.md). A training loop never sees that: it runs its
+own step back to back.
 GFLOP/s: XLA's FLOP count of the compiled JAX step (2 per multiply-add;
 forward, backward, loss and optimizer) over the median step time, for the
 PyTorch rows of the same model too; "% of matmul peak" is against the best

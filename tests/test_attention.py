@@ -1,4 +1,4 @@
-"""models/attention.py: blocked attention equals the whole-batch arithmetic, dropout included."""
+"""models/attention.py: attention equals softmax attention, in blocks or whole; MultiHeadAttention keeps nn.Dropout's mask."""
 
 import flax.linen as nn
 import jax
