@@ -200,7 +200,8 @@ def machine_description():
       f'({jax.device_count()} JAX devices); load average (1/5/15 min) '
       f'{load_average()}; jax {jax.__version__}, torch {torch.__version__} '
       f'({torch.get_num_threads()} threads); XLA_FLAGS='
-      f"{os.environ.get('XLA_FLAGS', '')!r}"
+      f"{os.environ.get('XLA_FLAGS', '')!r}; GLIBC_TUNABLES="
+      f"{os.environ.get('GLIBC_TUNABLES', '(unset)')!r}"
   )
 
 

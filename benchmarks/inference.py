@@ -17,18 +17,22 @@ interleaved rounds; the table shows medians and [min-max] over rounds, and
 speed-ups as medians of per-round ratios against the fastest PyTorch-eager
 FastMETRO-S of the round. On a shared machine, run it niced
 (`nice -n -15 python -m benchmarks.inference`) so that other jobs disturb
-the measurement less.
+the measurement less. Like main.py, the script re-executes itself under
+glibc's huge-page tunable (coarsemetro_jax/huge_pages.py); `GLIBC_TUNABLES=`
+(empty) opts out.
 The "max rel. diff" column checks the JAX outputs against PyTorch on the same
 input (max |JAX - PyTorch| / max |PyTorch| over the fine mesh).
 """
 
 import contextlib
 import functools
+import os
 
 import jax
 import numpy as np
 
 from benchmarks import _timing
+from coarsemetro_jax import huge_pages
 
 CHECKED_OUTPUT = 'pred_3d_vertices_fine'
 
@@ -157,4 +161,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  # Under main.py's glibc tunable, as training and evaluation run
+  # (`GLIBC_TUNABLES=` opts out, as for main.py).
+  if exec_args := huge_pages.exec_args(os.environ):
+    os.execve(*exec_args)
   main()

@@ -31,7 +31,10 @@ except that each timed step follows an untimed step of the same candidate
 FastMETRO-S-R50) fresh from the kernel at every call; right after a PyTorch
 step had freed its memory, a step took 12-18 s against 4.5 s back to back on
 a 2-core VM (docs/benchmarks.md). A training loop never sees that: it runs its
-own step back to back.
+own step back to back. Like main.py, the script re-executes itself under
+glibc's huge-page tunable (coarsemetro_jax/huge_pages.py), so that both
+frameworks run as main.py trains; `GLIBC_TUNABLES=` (empty) opts out. The
+header line says which was in force.
 GFLOP/s: XLA's FLOP count of the compiled JAX step (2 per multiply-add;
 forward, backward, loss and optimizer) over the median step time, for the
 PyTorch rows of the same model too; "% of matmul peak" is against the best
@@ -40,12 +43,14 @@ f32 2048^3 matmul (JAX or PyTorch) measured at the start of the same run.
 
 import contextlib
 import copy
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _timing
+from coarsemetro_jax import huge_pages
 from coarsemetro_jax import losses
 from coarsemetro_jax import optimizer
 from coarsemetro_jax import steps
@@ -262,4 +267,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  # Under main.py's glibc tunable, as training and evaluation run
+  # (`GLIBC_TUNABLES=` opts out, as for main.py).
+  if exec_args := huge_pages.exec_args(os.environ):
+    os.execve(*exec_args)
   main()
