@@ -25,8 +25,8 @@ import sys
 
 from coarsemetro_jax import huge_pages
 
-if __name__ == '__main__' and (_exec_args := huge_pages.exec_args(os.environ)):
-  os.execve(*_exec_args)  # before anything heavy is imported or allocated
+if __name__ == '__main__':
+  huge_pages.reexecute()  # before anything heavy is imported or allocated
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

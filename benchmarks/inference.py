@@ -26,7 +26,6 @@ input (max |JAX - PyTorch| / max |PyTorch| over the fine mesh).
 
 import contextlib
 import functools
-import os
 
 import jax
 import numpy as np
@@ -161,8 +160,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  # Under main.py's glibc tunable, as training and evaluation run
-  # (`GLIBC_TUNABLES=` opts out, as for main.py).
-  if exec_args := huge_pages.exec_args(os.environ):
-    os.execve(*exec_args)
+  huge_pages.reexecute()  # as main.py trains and evaluates; `GLIBC_TUNABLES=` opts out
   main()

@@ -43,7 +43,6 @@ f32 2048^3 matmul (JAX or PyTorch) measured at the start of the same run.
 
 import contextlib
 import copy
-import os
 
 import jax
 import jax.numpy as jnp
@@ -267,8 +266,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  # Under main.py's glibc tunable, as training and evaluation run
-  # (`GLIBC_TUNABLES=` opts out, as for main.py).
-  if exec_args := huge_pages.exec_args(os.environ):
-    os.execve(*exec_args)
+  huge_pages.reexecute()  # as main.py trains and evaluates; `GLIBC_TUNABLES=` opts out
   main()

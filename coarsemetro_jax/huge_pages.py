@@ -30,3 +30,9 @@ def exec_args(environ, platform=sys.platform):
       [sys.executable] + sys.orig_argv[1:],
       {**environ, 'GLIBC_TUNABLES': TUNABLE},
   )
+
+
+def reexecute():
+  """Replaces this process by one under TUNABLE where `exec_args` gives one; else returns."""
+  if args := exec_args(os.environ):
+    os.execve(*args)

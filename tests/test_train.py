@@ -390,6 +390,17 @@ def test_main_reexecutes_once_with_the_huge_pages_tunable():
   assert huge_pages.exec_args(env, platform='darwin') is None
 
 
+def test_reexecute_replaces_the_process_only_without_tunables(monkeypatch):
+  calls = []
+  monkeypatch.setattr(huge_pages.os, 'execve', lambda *args: calls.append(args))
+  monkeypatch.setenv('GLIBC_TUNABLES', '')
+  huge_pages.reexecute()
+  assert calls == []
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  huge_pages.reexecute()
+  assert [env['GLIBC_TUNABLES'] for _, _, env in calls] == ['glibc.malloc.hugetlb=1']
+
+
 def _free_port():
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
