@@ -1,4 +1,4 @@
-"""Re-execution with glibc's transparent-huge-page tunable (used by main.py).
+"""Re-execution with glibc's transparent-huge-page tunable (main.py and the speed benchmarks).
 
 XLA:CPU takes each step's temporaries as one large block, which glibc maps
 fresh from the kernel and unmaps again every step, so every step faults in each
