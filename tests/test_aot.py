@@ -17,7 +17,7 @@ from configs import tiny
 PER_CHIP_BATCH = 2
 # XLA counts every operation of the step (element-wise ops, BatchNorm, losses,
 # the body model, AdamW, and on XLA:CPU the integer operations of the dropout
-# masks' threefry hash, about a hundred per mask element: models/dropout.py);
+# masks' threefry hash, 20 rounds of add, rotate and xor: models/dropout.py);
 # profile.py counts the model's convolutions and matmuls only, times 3 for
 # forward and backward. For the tiny config the hash is a large share, so
 # XLA's count must lie between the analytic one and this many times it
