@@ -7,6 +7,7 @@ import test_benchmarks  # tests/ is on sys.path under pytest
 from benchmarks import hand_2d
 from configs import hand_embedded
 from data_pipelines import datasets
+from data_pipelines import metro_tsv
 
 
 @pytest.fixture(name='hand_dir', scope='module')
@@ -35,7 +36,7 @@ def test_mirrored_2d_and_3d_joints_agree(hand_dir):
   # only in 2D, or only in 3D, would need a reflection instead.
   crops, uv, px, xyz, crop_px = hand_2d.load_split(f'{hand_dir}/train.yaml', 96)
   assert crops.shape == (24, 96, 96, 3) and uv.shape == (24, 21, 2) and xyz.shape == (24, 21, 3)
-  labels = hand_2d.metro_tsv.MetroDataset(f'{hand_dir}/train.yaml', hand=True)
+  labels = metro_tsv.MetroDataset(f'{hand_dir}/train.yaml', hand=True)
   left = [bool(labels.read(i)['label']['is_left']) for i in range(len(labels))]
   assert 0 < sum(left) < len(left)
   for a, b in ((uv, xyz[..., :2]), (px, xyz[..., :2])):
