@@ -146,16 +146,17 @@ def lifting_rows(train, test, noise_px, steps, seed):
   rows = [('mean hand (no 2D)', None, mean_mm)]
   model = LiftingMLP()
   to_crop = test[4][:, None]
+  y_train = 10.0 * train[3]  # decimetres: outputs near unit size
+
+  def loss_fn(params, extra, batch):
+    x, y = batch
+    return jnp.abs(model.apply(params, x) - y).mean(), extra
+
   for noise in noise_px:
     noises = [rng.normal(0.0, noise, s[2].shape) for s in (train, test)]
     noisy = [normalised_2d(s[2] + n).reshape(len(s[2]), -1) for s, n in zip((train, test), noises)]
     x_train, x_test = (n.astype(np.float32) for n in noisy)
-    y_train = 10.0 * train[3]  # decimetres: outputs near unit size
     params = model.init(jax.random.key(seed), x_train[:1])
-
-    def loss_fn(params, extra, batch):
-      x, y = batch
-      return jnp.abs(model.apply(params, x) - y).mean(), extra
 
     def batches(i):
       idx = rng.integers(0, len(x_train), 128)
