@@ -2,10 +2,13 @@ r"""How much of the embedded hand recipe's error comes from locating the 2D join
 
   python -m benchmarks.hand_2d [--parts=lifting,localisation] [--noise_px=0,1,2,4]
       [--steps=2400] [--num_train=10000] [--num_test=500]
+  python -m benchmarks.hand_2d --parts=model --checkpoint=runs/hand_embedded
 
-Two measurements on configs/hand_embedded.py's synthetic hands (rendered first
-if they are not cached), left hands mirrored into right ones as the recipe
-does:
+Measurements on configs/hand_embedded.py's synthetic hands (rendered first if
+they are not cached), left hands mirrored into right ones as the recipe does.
+Each 2D result also gets a "true depth" figure: the PA-MPJPE of its 2D joints
+made 3D with the ground truth's depth (`with_true_depth`), no learned lifting,
+so what the 2D error alone costs in 3D.
 
   * lifting: an MLP (2 hidden layers of 512) from the ground-truth 2D joints
     (wrist-relative, scaled to unit size) to the wrist-relative 3D joints,
@@ -22,6 +25,12 @@ does:
     warm-up and cosine decay, batch 32, no augmentation). It prints the mean
     pixel error on the test split and on 500 training crops at each quarter of
     --steps, next to the mean-2D-joints baseline.
+  * model: a trained hand model of the recipe's config (--checkpoint: a
+    workdir, a step or a converted checkpoint) on the test split: the mean
+    pixel error of its joints' weak-perspective projection (the 2D the loss
+    trains), the PA-MPJPE of its 3D joints, and that of its 2D with the true
+    depth. Where the two PA-MPJPEs are close, the model's 3D error is its 2D
+    error, not its depth.
 
 It prints one markdown table per part. Nothing here is timed.
 """
@@ -38,6 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from coarsemetro_jax import build
+from coarsemetro_jax import checkpoints
+from coarsemetro_jax import hand_steps
+from coarsemetro_jax import infer
 from coarsemetro_jax import metrics
 from coarsemetro_jax.models import resnet
 from configs import hand_embedded
@@ -46,7 +59,7 @@ from data_pipelines import datasets
 from data_pipelines import metro_crop
 from data_pipelines import metro_tsv
 
-_PARTS = flags.DEFINE_list('parts', ['lifting', 'localisation'], 'lifting and/or localisation')
+_PARTS = flags.DEFINE_list('parts', ['lifting', 'localisation'], 'lifting, localisation, model')
 _NOISE = flags.DEFINE_list('noise_px', ['0', '1', '2', '4'], '2D noise (px, stored images)')
 _LIFT_STEPS = flags.DEFINE_integer('lifting_steps', 10_000, 'MLP steps (batch 128)')
 _STEPS = flags.DEFINE_integer('steps', 2400, 'localisation steps (batch 32)')
@@ -54,6 +67,7 @@ _NUM_TRAIN = flags.DEFINE_integer('num_train', None, "training images (None: the
 _NUM_TEST = flags.DEFINE_integer('num_test', None, "test images (None: the recipe's)")
 _DIR = flags.DEFINE_string('synthetic_dir', None, "where the hands are (None: the recipe's)")
 _SEED = flags.DEFINE_integer('seed', 0, 'initialisation and batch order')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, "the model part's trained hand model")
 _SCORED = 500  # training crops scored for the localisation's training error
 
 
@@ -109,6 +123,35 @@ def pa_mpjpe_mm(pred, gt):
   return 1000.0 * float(jnp.mean(metrics.pa_mpjpe(jnp.asarray(pred), jnp.asarray(gt))))
 
 
+def camera_fit(uv, xyz):
+  """Each example's weak-perspective camera, fitted to its true joints: uv ~ s * xy + c.
+
+  Least squares over the 21 joints (the renders' camera is near-orthographic,
+  so the fit is exact to a fraction of a pixel). uv [N, 21, 2] in any 2D unit,
+  xyz [N, 21, 3] -> s [N], c [N, 2] in that unit.
+  """
+  n, j, _ = uv.shape
+  design = np.concatenate(
+      [np.asarray(xyz, np.float64)[..., :2].reshape(n, 2 * j, 1), np.tile(np.eye(2), (n, j, 1))],
+      -1,
+  )  # [N, 2J, 3]: columns s, c_x, c_y
+  target = np.asarray(uv, np.float64).reshape(n, 2 * j)
+  coef = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(design, target)])
+  return coef[:, 0], coef[:, 1:]
+
+
+def with_true_depth(pred_uv, uv, xyz):
+  """Predicted 2D joints made 3D with the true depth: no learned lifting. -> [N, 21, 3].
+
+  x and y are pred_uv taken back through the camera that maps the true 3D
+  joints onto the true 2D joints (`camera_fit`); z is the true z. Its
+  PA-MPJPE is what the 2D error alone costs in 3D.
+  """
+  s, c = camera_fit(uv, xyz)
+  xy = (np.asarray(pred_uv, np.float64) - c[:, None]) / s[:, None, None]
+  return np.concatenate([xy, np.asarray(xyz, np.float64)[..., 2:]], -1)
+
+
 class LiftingMLP(nn.Module):
   """[B, 42] normalised 2D joints -> [B, 21, 3] wrist-relative joints in decimetres."""
 
@@ -137,13 +180,13 @@ def fit(loss_fn, params, batches, lr, steps, extra=None):
 
 
 def lifting_rows(train, test, noise_px, steps, seed):
-  """[(2D input, its mean error in crop px, PA-MPJPE mm)]: the lifting MLP and the mean hand."""
+  """[(2D input, its mean error in crop px, PA-MPJPE mm, with the true depth)]: MLP and mean hand."""
   rng = np.random.default_rng(seed)
   # procrustes_mean centres its mean at the body's hips (two hand joints
   # here); PA-MPJPE aligns translation away, so the baseline does not see it.
   mean_hand = metrics.procrustes_mean(train[3])
   mean_mm = pa_mpjpe_mm(np.broadcast_to(mean_hand, test[3].shape), test[3])
-  rows = [('mean hand (no 2D)', None, mean_mm)]
+  rows = [('mean hand (no 2D)', None, mean_mm, None)]
   model = LiftingMLP()
   to_crop = test[4][:, None]
   y_train = 10.0 * train[3]  # decimetres: outputs near unit size
@@ -165,7 +208,8 @@ def lifting_rows(train, test, noise_px, steps, seed):
     ((_, params, _),) = collections.deque(fit(loss_fn, params, batches, 1e-3, steps), maxlen=1)
     pred = np.asarray(model.apply(params, x_test)) / 10.0
     crop_err = float((np.linalg.norm(noises[1], axis=-1) * to_crop).mean())
-    rows.append((f'sigma {noise:g} px', crop_err, pa_mpjpe_mm(pred, test[3])))
+    true_depth = pa_mpjpe_mm(with_true_depth(test[2] + noises[1], test[2], test[3]), test[3])
+    rows.append((f'sigma {noise:g} px', crop_err, pa_mpjpe_mm(pred, test[3]), true_depth))
   return rows
 
 
@@ -183,11 +227,13 @@ class Localiser(nn.Module):
 
 
 def localisation_rows(config, train, test, steps, seed):
-  """[(step, test px, train px)] of the 2D regressor, and the mean-2D-joints baseline."""
+  """[(step, test px, train px, test PA-MPJPE mm with the true depth)], mean 2D joints first."""
   size = config.data.image_size
   to_px = lambda uv: uv * size / 2.0
   err = lambda pred, gt: float(np.linalg.norm(to_px(pred - gt), axis=-1).mean())
-  rows = [('mean 2D joints', err(train[1].mean(0, keepdims=True), test[1]), None)]
+  true_depth = lambda pred: pa_mpjpe_mm(with_true_depth(pred, test[1], test[3]), test[3])
+  mean_2d = np.broadcast_to(train[1].mean(0, keepdims=True), test[1].shape)
+  rows = [('mean 2D joints', err(mean_2d, test[1]), None, true_depth(mean_2d))]
   model = Localiser(tuple(config.model.resnet_depths), config.model.resnet_width)
   variables = model.init(jax.random.key(seed), train[0][:2])
   rng = np.random.default_rng(seed)
@@ -205,23 +251,55 @@ def localisation_rows(config, train, test, steps, seed):
 
   predict = jax.jit(lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, x))
 
-  def score(params, batch_stats, split, num):
+  def predict_all(params, batch_stats, split, num):
     pred = [predict(params, batch_stats, split[0][k : k + 100]) for k in range(0, num, 100)]
-    return err(np.concatenate(pred), split[1][:num])
+    return np.concatenate(pred)
 
   scored = min(_SCORED, len(train[0]))
   checkpoints = {max(1, steps * q // 4) for q in range(1, 5)}
-  run = fit(loss_fn, variables['params'], batches, config.optim.lr, steps, variables['batch_stats'])
+  lr = config.optim.lr * config.optim.backbone_lr_mult  # the recipe's backbone trains at this
+  run = fit(loss_fn, variables['params'], batches, lr, steps, variables['batch_stats'])
   for step, params, batch_stats in run:
     if step in checkpoints:
+      on_test = predict_all(params, batch_stats, test, len(test[0]))
+      on_train = predict_all(params, batch_stats, train, scored)
       rows.append(
           (
               f'step {step}',
-              score(params, batch_stats, test, len(test[0])),
-              score(params, batch_stats, train, scored),
+              err(on_test, test[1]),
+              err(on_train, train[1][:scored]),
+              true_depth(on_test),
           )
       )
   return rows
+
+
+def model_predictions(config, checkpoint, images):
+  """A trained hand model's joints on `images` [N, R, R, 3] (ImageNet-normalised right hands).
+
+  Returns uv [N, 21, 2], the weak-perspective projection of its wrist-centred
+  3D joints in [-1, 1] crop units (as its 2D loss sees them), and xyz
+  [N, 21, 3], those 3D joints (regressed from its 778-vertex mesh, as the
+  recipe's metrics take them).
+  """
+  built = build.build(config)  # with the hand model, for the mesh's joint regressor
+  variables = infer.load_variables(config, built.model, checkpoint)
+
+  @jax.jit
+  def run(x):
+    outputs = built.model.apply(variables, x, train=False)
+    pred = hand_steps.predictions(outputs, built.body)
+    return pred['pred_2d_joints'], pred['pred_3d_joints']
+
+  out = [run(images[k : k + 100]) for k in range(0, len(images), 100)]
+  return tuple(np.concatenate([np.asarray(o[i]) for o in out]) for i in range(2))
+
+
+def model_row(config, pred_uv, pred_xyz, test):
+  """(2D error in crop px, PA-MPJPE mm, PA-MPJPE mm of its 2D with the true depth) on `test`."""
+  px = float(np.linalg.norm((pred_uv - test[1]) * config.data.image_size / 2.0, axis=-1).mean())
+  true_depth = pa_mpjpe_mm(with_true_depth(pred_uv, test[1], test[3]), test[3])
+  return px, pa_mpjpe_mm(pred_xyz, test[3]), true_depth
 
 
 def main(argv):
@@ -231,45 +309,68 @@ def main(argv):
   for name, value in (('num_train', _NUM_TRAIN), ('num_test', _NUM_TEST), ('dir', _DIR)):
     if value.value is not None:
       synthetic[name] = value.value
-  unknown = set(_PARTS.value) - {'lifting', 'localisation'}
+  parts = set(_PARTS.value)
+  unknown = parts - {'lifting', 'localisation', 'model'}
   if unknown:
-    raise app.UsageError(f'--parts: unknown {sorted(unknown)}; use lifting and/or localisation')
+    raise app.UsageError(f'--parts: unknown {sorted(unknown)}; use lifting, localisation, model')
+  if 'model' in parts and not _CHECKPOINT.value:
+    raise app.UsageError('--parts=model needs --checkpoint (a workdir, a step or a converted one)')
   try:
     root = datasets.prepare_synthetic(config.data)
   except datasets.InputError as e:  # another dataset in the way: one line, nothing removed
     raise SystemExit(f'benchmarks.hand_2d: {e}') from None
   start = time.time()
-  train, test = (
-      load_split(os.path.join(root, f'{split}.yaml'), config.data.image_size)
-      for split in ('train', 'test')
-  )
+  splits = ('train', 'test') if parts - {'model'} else ('test',)
+  loaded = {s: load_split(os.path.join(root, f'{s}.yaml'), config.data.image_size) for s in splits}
+  train, test = loaded.get('train'), loaded['test']
   print(
-      f'{len(train[0])} train / {len(test[0])} test hands from {root}, '
+      f'{len(train[0]) if train else 0} train / {len(test[0])} test hands from {root}, '
       f'{config.data.image_size}-px crops of {synthetic.image_size}-px images '
       f'(loaded in {time.time() - start:.0f} s)\n'
   )
-  if 'lifting' in _PARTS.value:
+  fmt = lambda v, spec: '-' if v is None else format(v, spec)
+  crop = f'{config.data.image_size}-px crop px'
+  if 'lifting' in parts:
     noise = [float(n) for n in _NOISE.value]
     print(f'Lifting: MLP from 2D joints with noise to 3D joints, {_LIFT_STEPS.value} steps\n')
     print(
         f'| 2D input (Gaussian noise per coordinate, {synthetic.image_size}-px image) '
-        f'| its mean error ({config.data.image_size}-px crop px) | held-out PA-MPJPE (mm) |'
+        f'| its mean error ({crop}) | held-out PA-MPJPE (mm) | with the true depth instead (mm) |'
     )
-    print('|---|---|---|')
-    for name, crop_err, value in lifting_rows(train, test, noise, _LIFT_STEPS.value, _SEED.value):
-      print(f"| {name} | {'-' if crop_err is None else f'{crop_err:.2f}'} | {value:.1f} |")
+    print('|---|---|---|---|')
+    for name, crop_err, value, true_depth in lifting_rows(
+        train, test, noise, _LIFT_STEPS.value, _SEED.value
+    ):
+      print(f"| {name} | {fmt(crop_err, '.2f')} | {value:.1f} | {fmt(true_depth, '.1f')} |")
     print()
-  if 'localisation' in _PARTS.value:
+  if 'localisation' in parts:
     print(
         f'Localisation: ResNet depths {tuple(config.model.resnet_depths)}, width '
         f'{config.model.resnet_width}, linear head, {_STEPS.value} steps\n'
     )
-    print(f'| 2D joints | held-out error ({config.data.image_size}-px crop px) | training error |')
-    print('|---|---|---|')
-    for name, test_px, train_px in localisation_rows(
+    print(
+        f'| 2D joints | held-out error ({crop}) | training error '
+        '| held-out PA-MPJPE with the true depth (mm) |'
+    )
+    print('|---|---|---|---|')
+    for name, test_px, train_px, true_depth in localisation_rows(
         config, train, test, _STEPS.value, _SEED.value
     ):
-      print(f"| {name} | {test_px:.2f} | {'-' if train_px is None else f'{train_px:.2f}'} |")
+      print(f"| {name} | {test_px:.2f} | {fmt(train_px, '.2f')} | {true_depth:.1f} |")
+    print()
+  if 'model' in parts:
+    try:
+      pred_uv, pred_xyz = model_predictions(config, _CHECKPOINT.value, test[0])
+    except checkpoints.CheckpointError as e:  # not a model of this recipe: one line
+      raise SystemExit(f'benchmarks.hand_2d: {e}') from None
+    px, pa, true_depth = model_row(config, pred_uv, pred_xyz, test)
+    print(f'Model: {_CHECKPOINT.value}\n')
+    print(
+        f'| 2D error of its joints ({crop}) | its PA-MPJPE (mm) '
+        '| PA-MPJPE of its 2D with the true depth (mm) |'
+    )
+    print('|---|---|---|')
+    print(f'| {px:.2f} | {pa:.1f} | {true_depth:.1f} |')
 
 
 if __name__ == '__main__':

@@ -30,14 +30,14 @@ SMOKE = [
 TORCH = 'PyTorch eager (1 thr)'
 
 
-def run_benchmark(name, argv):
-  """Stdout of `python -m benchmarks.<name> argv` run from the repository root."""
+def run_benchmark_result(name, argv):
+  """`python -m benchmarks.<name> argv` run from the repository root: its CompletedProcess."""
   env = dict(os.environ)
   # As tests/conftest.py does in this process: cheaper compiles, same numerics
   # to the tolerances used here.
   env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  result = subprocess.run(
+  return subprocess.run(
       [sys.executable, '-m', f'benchmarks.{name}', *argv],
       cwd=ROOT,
       env=env,
@@ -46,6 +46,11 @@ def run_benchmark(name, argv):
       timeout=600,
       check=False,
   )
+
+
+def run_benchmark(name, argv):
+  """Stdout of `python -m benchmarks.<name> argv`, which must succeed."""
+  result = run_benchmark_result(name, argv)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
