@@ -1,13 +1,13 @@
 """benchmarks/hand_2d.py: its inputs on real renders, the true-depth measure, a smoke run."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_benchmarks  # tests/ is on sys.path under pytest
 
 from benchmarks import hand_2d
 from coarsemetro_jax import build
+from coarsemetro_jax import infer
 from coarsemetro_jax.convert import orbax_variables
 from configs import hand_embedded
 from data_pipelines import datasets
@@ -93,9 +93,20 @@ def fixture_random_hand_checkpoint(tmp_path):
   """The recipe's hand network at random weights, as a converted checkpoint."""
   config = hand_embedded.get_config()
   model = build.build(config, body=False).model
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)), train=False)
+  # Shapes only (an eager init of the whole network costs seconds): small
+  # random weights, BatchNorm statistics at mean 0 and variance 1.
+  abstract = infer.abstract_variables(model, config.data.image_size)
+  rng = np.random.default_rng(0)
+  variables = {
+      'params': jax.tree.map(
+          lambda a: rng.normal(0.0, 0.02, a.shape).astype(a.dtype), abstract['params']
+      ),
+      'batch_stats': jax.tree_util.tree_map_with_path(
+          lambda path, a: np.full(a.shape, float(path[-1].key == 'var'), a.dtype),
+          abstract['batch_stats'],
+      ),
+  }
   path = str(tmp_path / 'random_hand')
-  variables = jax.tree.map(np.asarray, variables)
   orbax_variables.save_converted(
       path, variables, {'kind': 'test', 'scope': 'model', 'model': config.model.to_dict()}
   )
