@@ -21,8 +21,9 @@ so what the 2D error alone costs in 3D.
   * localisation: the recipe's backbone (`config.model.resnet_depths` and
     `resnet_width`), from random weights, with a linear layer on its flattened
     feature map regressing the 21 2D joints of the recipe's crops (L1 in
-    [-1, 1] crop units, as the recipe's 2D loss; Adam, the recipe's lr with
-    warm-up and cosine decay, batch 32, no augmentation). It prints the mean
+    [-1, 1] crop units, as the recipe's 2D loss; Adam at the lr the recipe
+    gives its backbone, lr x backbone_lr_mult, with warm-up and cosine decay,
+    batch 32, no augmentation). It prints the mean
     pixel error on the test split and on 500 training crops at each quarter of
     --steps, next to the mean-2D-joints baseline.
   * model: a trained hand model of the recipe's config (--checkpoint: a
