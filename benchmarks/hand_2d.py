@@ -303,6 +303,16 @@ def model_row(config, pred_uv, pred_xyz, test):
   return px, pa_mpjpe_mm(pred_xyz, test[3]), true_depth
 
 
+def print_table(header, rows, specs):
+  """A markdown table and a blank line: a cell of None prints as '-', others by `specs`."""
+  print('| ' + ' | '.join(header) + ' |')
+  print('|' + '---|' * len(header))
+  for row in rows:
+    cells = ('-' if v is None else format(v, spec) for v, spec in zip(row, specs))
+    print('| ' + ' | '.join(cells) + ' |')
+  print()
+
+
 def main(argv):
   del argv
   config = hand_embedded.get_config()
@@ -329,49 +339,50 @@ def main(argv):
       f'{config.data.image_size}-px crops of {synthetic.image_size}-px images '
       f'(loaded in {time.time() - start:.0f} s)\n'
   )
-  fmt = lambda v, spec: '-' if v is None else format(v, spec)
   crop = f'{config.data.image_size}-px crop px'
   if 'lifting' in parts:
     noise = [float(n) for n in _NOISE.value]
     print(f'Lifting: MLP from 2D joints with noise to 3D joints, {_LIFT_STEPS.value} steps\n')
-    print(
-        f'| 2D input (Gaussian noise per coordinate, {synthetic.image_size}-px image) '
-        f'| its mean error ({crop}) | held-out PA-MPJPE (mm) | with the true depth instead (mm) |'
+    print_table(
+        (
+            f'2D input (Gaussian noise per coordinate, {synthetic.image_size}-px image)',
+            f'its mean error ({crop})',
+            'held-out PA-MPJPE (mm)',
+            'with the true depth instead (mm)',
+        ),
+        lifting_rows(train, test, noise, _LIFT_STEPS.value, _SEED.value),
+        ('s', '.2f', '.1f', '.1f'),
     )
-    print('|---|---|---|---|')
-    for name, crop_err, value, true_depth in lifting_rows(
-        train, test, noise, _LIFT_STEPS.value, _SEED.value
-    ):
-      print(f"| {name} | {fmt(crop_err, '.2f')} | {value:.1f} | {fmt(true_depth, '.1f')} |")
-    print()
   if 'localisation' in parts:
     print(
         f'Localisation: ResNet depths {tuple(config.model.resnet_depths)}, width '
         f'{config.model.resnet_width}, linear head, {_STEPS.value} steps\n'
     )
-    print(
-        f'| 2D joints | held-out error ({crop}) | training error '
-        '| held-out PA-MPJPE with the true depth (mm) |'
+    print_table(
+        (
+            '2D joints',
+            f'held-out error ({crop})',
+            'training error',
+            'held-out PA-MPJPE with the true depth (mm)',
+        ),
+        localisation_rows(config, train, test, _STEPS.value, _SEED.value),
+        ('s', '.2f', '.2f', '.1f'),
     )
-    print('|---|---|---|---|')
-    for name, test_px, train_px, true_depth in localisation_rows(
-        config, train, test, _STEPS.value, _SEED.value
-    ):
-      print(f"| {name} | {test_px:.2f} | {fmt(train_px, '.2f')} | {true_depth:.1f} |")
-    print()
   if 'model' in parts:
     try:
       pred_uv, pred_xyz = model_predictions(config, _CHECKPOINT.value, test[0])
     except checkpoints.CheckpointError as e:  # not a model of this recipe: one line
       raise SystemExit(f'benchmarks.hand_2d: {e}') from None
-    px, pa, true_depth = model_row(config, pred_uv, pred_xyz, test)
     print(f'Model: {_CHECKPOINT.value}\n')
-    print(
-        f'| 2D error of its joints ({crop}) | its PA-MPJPE (mm) '
-        '| PA-MPJPE of its 2D with the true depth (mm) |'
+    print_table(
+        (
+            f'2D error of its joints ({crop})',
+            'its PA-MPJPE (mm)',
+            'PA-MPJPE of its 2D with the true depth (mm)',
+        ),
+        [model_row(config, pred_uv, pred_xyz, test)],
+        ('.2f', '.1f', '.1f'),
     )
-    print('|---|---|---|')
-    print(f'| {px:.2f} | {pa:.1f} | {true_depth:.1f} |')
 
 
 if __name__ == '__main__':
