@@ -23,9 +23,9 @@ so what the 2D error alone costs in 3D.
     feature map regressing the 21 2D joints of the recipe's crops (L1 in
     [-1, 1] crop units, as the recipe's 2D loss; Adam at the lr the recipe
     gives its backbone, lr x backbone_lr_mult, with warm-up and cosine decay,
-    batch 32, no augmentation). It prints the mean
-    pixel error on the test split and on 500 training crops at each quarter of
-    --steps, next to the mean-2D-joints baseline.
+    batch 32, no augmentation). It prints the mean pixel error on the test
+    split and on 500 training crops at each quarter of --steps, next to the
+    mean-2D-joints baseline.
   * model: a trained hand model of the recipe's config (--checkpoint: a
     workdir, a step or a converted checkpoint) on the test split: the mean
     pixel error of its joints' weak-perspective projection (the 2D the loss
@@ -122,6 +122,11 @@ def load_split(yaml_path, crop_size):
 def pa_mpjpe_mm(pred, gt):
   """Mean PA-MPJPE in mm of [N, 21, 3] predictions."""
   return 1000.0 * float(jnp.mean(metrics.pa_mpjpe(jnp.asarray(pred), jnp.asarray(gt))))
+
+
+def crop_px_error(pred, gt, crop_size):
+  """Mean 2D joint distance in crop pixels of [N, 21, 2] joints in [-1, 1] crop units."""
+  return float(np.linalg.norm((pred - gt) * crop_size / 2.0, axis=-1).mean())
 
 
 def camera_fit(uv, xyz):
@@ -229,9 +234,7 @@ class Localiser(nn.Module):
 
 def localisation_rows(config, train, test, steps, seed):
   """[(step, test px, train px, test PA-MPJPE mm with the true depth)], mean 2D joints first."""
-  size = config.data.image_size
-  to_px = lambda uv: uv * size / 2.0
-  err = lambda pred, gt: float(np.linalg.norm(to_px(pred - gt), axis=-1).mean())
+  err = lambda pred, gt: crop_px_error(pred, gt, config.data.image_size)
   true_depth = lambda pred: pa_mpjpe_mm(with_true_depth(pred, test[1], test[3]), test[3])
   mean_2d = np.broadcast_to(train[1].mean(0, keepdims=True), test[1].shape)
   rows = [('mean 2D joints', err(mean_2d, test[1]), None, true_depth(mean_2d))]
@@ -298,7 +301,7 @@ def model_predictions(config, checkpoint, images):
 
 def model_row(config, pred_uv, pred_xyz, test):
   """(2D error in crop px, PA-MPJPE mm, PA-MPJPE mm of its 2D with the true depth) on `test`."""
-  px = float(np.linalg.norm((pred_uv - test[1]) * config.data.image_size / 2.0, axis=-1).mean())
+  px = crop_px_error(pred_uv, test[1], config.data.image_size)
   true_depth = pa_mpjpe_mm(with_true_depth(pred_uv, test[1], test[3]), test[3])
   return px, pa_mpjpe_mm(pred_xyz, test[3]), true_depth
 
